@@ -1,0 +1,98 @@
+# QuantumFlow: one image for every service (`docker compose`) and for Fly.io.
+#
+#   docker build -t quantumflow:local .            # default target: non-root, ENTRYPOINT qf, CMD up
+#   docker run --rm -p 8000:8000 quantumflow:local # the whole stack in one container (`qf up`)
+#   docker run --rm quantumflow:local marketdata   # one service (what docker-compose.yml does)
+#
+# Dependencies are installed one of two ways, chosen at build time:
+#   * normal (users, CI): requirements.txt from the package index;
+#   * offline: put pre-built wheels for requirements.txt *and* the build backend
+#     (setuptools, pinned in pyproject.toml) in ./wheels/ of the build context,
+#     e.g. `pip download --only-binary=:all: -d wheels -r requirements.txt setuptools==80.9.0`
+#     (from another platform add `--platform manylinux2014_x86_64 --python-version 3.11`);
+#     the build then installs with `--no-index --find-links` and needs no network.
+#     Another directory: `--build-arg WHEELS_DIR=path/in/context` (and let it
+#     through .dockerignore, which admits only `wheels/`).
+# The base image is a build argument so a mirror or a pre-pulled tag can be used
+# (docker-compose.yml passes $QUANTUMFLOW_BASE_IMAGE).
+# Only plain Dockerfile features: Debian's docker-compose 1.29 builds with the classic builder.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: a virtualenv with the pinned dependencies and the project ----------
+FROM ${BASE_IMAGE} AS build
+
+ARG WHEELS_DIR=wheels
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# The wildcard makes the wheels directory optional: when it is missing only
+# requirements.txt is copied. A directory matched this way has its *contents*
+# copied, so any wheels land next to requirements.txt in /tmp/qf-build.
+COPY requirements.txt ${WHEELS_DIR}* /tmp/qf-build/
+# Offline when wheels were provided: PIP_NO_INDEX/PIP_FIND_LINKS also apply to
+# the build-isolation environment that builds the project below.
+RUN if ls /tmp/qf-build/*.whl >/dev/null 2>&1; then \
+        echo "installing from pre-built wheels (offline)"; \
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/qf-build; \
+    fi \
+ && pip install -r /tmp/qf-build/requirements.txt
+
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+COPY shared/ shared/
+COPY services/ services/
+RUN if ls /tmp/qf-build/*.whl >/dev/null 2>&1; then \
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/qf-build; \
+    fi \
+ && pip install --no-deps . \
+ && qf --help >/dev/null
+
+# ---- app: the runtime image (default target, see the last stage) ----------------
+FROM ${BASE_IMAGE} AS app
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    QF_DB=/data/quantumflow.db \
+    QF_API_BIND=0.0.0.0:8000
+
+# A fixed uid/gid so files on the /data volume keep one owner across rebuilds.
+RUN groupadd --system --gid 10001 qf \
+ && useradd --system --no-log-init --uid 10001 --gid qf --home-dir /home/qf --create-home qf \
+ && mkdir -p /data \
+ && chown qf:qf /data
+
+COPY --from=build /opt/venv /opt/venv
+
+WORKDIR /app
+# The capture behind the replay profile (QF_FEED=replay:/app/tests/data/...), with its source note.
+COPY tests/data/binance-spot-btcusdt-20240808.jsonl.gz tests/data/SOURCES.md /app/tests/data/
+
+# SQLite (WAL) lives here; docker-compose.yml mounts the named volume `qfdata`.
+# A new named volume takes this directory's owner (qf), so the non-root services can write.
+VOLUME /data
+EXPOSE 8000
+
+# Numeric, so the runtime can check it is not root without reading /etc/passwd.
+USER 10001:10001
+ENTRYPOINT ["qf"]
+CMD ["up"]
+
+# ---- fly: the same image for Fly.io (fly.toml: build-target = "fly") -------------
+# Fly mounts a volume as a root-owned ext4 filesystem, which the non-root `qf` user
+# cannot write. This entrypoint starts as root only to chown /data, then drops to
+# `qf` before exec'ing `qf <command>`; nothing of QuantumFlow ever runs as root.
+FROM app AS fly
+COPY deploy/fly_entrypoint.py /usr/local/bin/qf-fly-entrypoint
+# hadolint ignore=DL3002
+USER 0:0
+ENTRYPOINT ["/opt/venv/bin/python", "/usr/local/bin/qf-fly-entrypoint"]
+CMD ["up"]
+
+# ---- default target: the non-root runtime image ----------------------------------
+FROM app

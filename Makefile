@@ -1,0 +1,39 @@
+# QuantumFlow — the two commands a newcomer needs: `make up` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FEED   ?=
+PYTEST_ARGS ?=
+
+.PHONY: up test bench venv sysdeps clean lint
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+# Debian packages the test suite drives for real (installed only when missing, as root).
+SYSDEPS := docker-compose:docker-compose prometheus:prometheus
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (install them, or the tests that need them will be skipped)"; fi; fi
+
+up: $(STAMP)
+	$(BIN)/qf up $(if $(FEED),--feed $(FEED))
+
+test: $(STAMP) sysdeps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

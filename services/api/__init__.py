@@ -1,0 +1,1 @@
+"""API: REST and Prometheus views over the SQLite database, served by gunicorn."""

@@ -1,0 +1,81 @@
+"""Runs the API app under gunicorn (sync workers, key=value logs, quick graceful stop)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+from services.api.app import create_app
+from shared.config import Config
+
+log = logging.getLogger("qf.api")
+
+GRACEFUL_TIMEOUT_S = 5  # SIGTERM → workers get this long to finish a request, then are killed
+WORKER_TIMEOUT_S = 30  # a worker silent this long is restarted
+
+
+class KeyValueLogger(GunicornLogger):
+    """gunicorn's logger, but its lines go through the root logger (key=value on
+    stdout) when one is configured, instead of gunicorn's own stderr format."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        if logging.getLogger().handlers:
+            for handler in [h for h in self.error_log.handlers if getattr(h, "_gunicorn", False)]:
+                self.error_log.removeHandler(handler)
+            self.error_log.propagate = True
+
+
+def gunicorn_options(cfg: Config) -> dict[str, Any]:
+    """gunicorn settings for `cfg`: bind, worker count, sync workers, no access log."""
+    return {
+        "bind": cfg.api.bind,
+        "workers": cfg.api.workers,
+        "worker_class": "sync",
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        "timeout": WORKER_TIMEOUT_S,
+        "accesslog": None,  # request counts belong in metrics, not in one log line per request
+        "loglevel": cfg.common.log_level.lower(),
+        "logger_class": KeyValueLogger,
+        "proc_name": "qf-api",
+        # no preload: the app (and its database) is created in each worker after the fork
+        "preload_app": False,
+    }
+
+
+class ApiApplication(BaseApplication):
+    """gunicorn application whose workers each build `create_app(cfg)`."""
+
+    def __init__(self, cfg: Config, options: dict[str, Any] | None = None) -> None:
+        self.qf_cfg = cfg
+        self.options = gunicorn_options(cfg) if options is None else options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+        # gunicorn ≥ 25.1 opens a control socket in $HOME by default: one per host
+        # user, so two APIs (or a test run beside a real one) would fight over it
+        if "control_socket_disable" in self.cfg.settings:
+            self.cfg.set("control_socket_disable", True)
+
+    def load(self):
+        return create_app(self.qf_cfg)
+
+
+def run_api(cfg: Config) -> None:
+    """Serve the API on `cfg.api.bind` with `cfg.api.workers` workers; blocks until
+    gunicorn's master stops (SIGTERM/SIGINT: graceful, at most GRACEFUL_TIMEOUT_S)."""
+    log.info("api_starting", extra={"bind": cfg.api.bind, "workers": cfg.api.workers})
+    master = os.getpid()
+    try:
+        ApiApplication(cfg).run()
+    except SystemExit as exc:
+        # the arbiter exits on halt: in the master a clean halt becomes a return; a
+        # worker's exit (it unwinds through here after the fork) must stay an exit
+        if os.getpid() != master or exc.code not in (0, None):
+            raise
+    log.info("api_stopped")

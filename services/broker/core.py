@@ -1,0 +1,296 @@
+"""Pure paper-broker core: order state machine, book walking, fees, cash and positions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from enum import Enum
+from typing import Iterable, Mapping, Sequence
+
+from shared.enums import (OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce)
+from shared.errors import InvalidTransition
+from shared.messages import Ack, Fill, OrderEvent, OrderRequest
+
+STEP = Decimal("1e-8")  # Binance's finest price/qty step
+ZERO = Decimal(0)
+# Products of 8-decimal prices, quantities and fee rates need ~35 digits at
+# the extremes; 50 keeps every notional and fee exact (the default is 28).
+MONEY = Context(prec=50)
+
+# Longest suffixes first where one ends another (FDUSD before USD-like ones).
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR")
+
+# Reasons the broker gives (Ack.reason / OrderRow.reason).
+NO_BOOK = "NO_BOOK"
+NO_LIQUIDITY = "NO_LIQUIDITY"
+IOC_REMAINDER = "IOC_REMAINDER"
+BAD_ORDER = "BAD_ORDER"
+NOT_OPEN = "not open"
+CANCELLED_BY_CLIENT = "CANCELLED_BY_CLIENT"
+
+
+class Trigger(str, Enum):
+    """What happened to an order; the transition table maps (status, trigger) to the next status."""
+    PARTIAL_FILL = "PARTIAL_FILL"
+    FILL = "FILL"  # the fill that completes the order
+    CANCEL = "CANCEL"
+    REJECT = "REJECT"
+
+
+S = OrderStatus
+TRANSITIONS: dict[tuple[OrderStatus, Trigger], OrderStatus] = {
+    (S.PENDING, Trigger.PARTIAL_FILL): S.PARTIALLY_FILLED,
+    (S.PENDING, Trigger.FILL): S.FILLED,
+    (S.PENDING, Trigger.CANCEL): S.CANCELLED,
+    (S.PENDING, Trigger.REJECT): S.REJECTED,
+    (S.PARTIALLY_FILLED, Trigger.PARTIAL_FILL): S.PARTIALLY_FILLED,
+    (S.PARTIALLY_FILLED, Trigger.FILL): S.FILLED,
+    (S.PARTIALLY_FILLED, Trigger.CANCEL): S.CANCELLED,
+}
+
+
+def next_status(status: OrderStatus, trigger: Trigger) -> OrderStatus:
+    """The status after `trigger`; raises InvalidTransition when the table has no entry."""
+    try:
+        return TRANSITIONS[(status, trigger)]
+    except KeyError:
+        raise InvalidTransition(f"{status.value} --{trigger.value}--> ?") from None
+
+
+def quote_asset(symbol: str) -> str:
+    """'BTCUSDT' -> 'USDT'. Raises ValueError for a symbol with no known quote suffix."""
+    sym = symbol.upper()
+    for quote in QUOTE_ASSETS:
+        if sym.endswith(quote) and len(sym) > len(quote):
+            return quote
+    raise ValueError(f"no known quote asset in symbol {symbol!r}")
+
+
+def canonical(d: Decimal) -> Decimal:
+    """The same value without trailing zeros or an exponent: '100.5', not '100.50000000' or '1E+2'."""
+    n = d.normalize(MONEY)
+    return n.quantize(Decimal(1), context=MONEY) if n.as_tuple().exponent > 0 else n
+
+
+def to_decimal(x: float | int) -> Decimal:
+    """A book float (≤ 15 significant digits, as Binance sends) -> exact Decimal on the 1e-8 grid."""
+    return canonical(Decimal(repr(x)).quantize(STEP))
+
+
+def fee(price: Decimal, qty: Decimal, rate: Decimal) -> Decimal:
+    """Fee in the quote asset for one fill: price * qty * rate, exact (not rounded)."""
+    return canonical(MONEY.multiply(MONEY.multiply(price, qty), rate))
+
+
+def walk_book(side: Side, qty: Decimal, levels: Sequence[Sequence],
+              limit: Decimal | None = None) -> list[tuple[Decimal, Decimal]]:
+    """Take `qty` from `levels` (the side being consumed: asks for a BUY, bids
+    for a SELL; `[price, qty]` best first, wire floats or Decimals), never past `limit`.
+
+    Returns `[(price, qty), ...]` per level taken, Decimals; their qtys sum to
+    at most `qty` (less when the book or the limit runs out). Levels with a
+    non-positive price or size are skipped."""
+    out: list[tuple[Decimal, Decimal]] = []
+    left = qty
+    for lvl in levels:
+        if left <= 0:
+            break
+        price, size = _dec(lvl[0]), _dec(lvl[1])
+        if price <= 0 or size <= 0:
+            continue
+        if limit is not None and (price > limit if side is Side.BUY else price < limit):
+            break  # levels are sorted best first: nothing further can cross either
+        take = min(left, size)
+        out.append((price, take))
+        left -= take
+    return out
+
+
+def _dec(x) -> Decimal:
+    return x if isinstance(x, Decimal) else to_decimal(x)
+
+
+def unconsumed(levels: Sequence[Sequence], taken: Mapping[Decimal, Decimal]
+               ) -> tuple[list[tuple[Decimal, Decimal]], dict[Decimal, Decimal]]:
+    """A book side less what our paper fills already took at each price.
+
+    Paper fills do not move the real book, so without this an unchanged book
+    would fill the same liquidity again and again. A price that has left the
+    book is forgotten (its liquidity, if it returns, is new). Takes `levels`
+    (wire floats, best first) and `taken` (price -> qty); returns the levels
+    still available and the pruned `taken` (a new dict)."""
+    out, kept = [], {}
+    for lvl in levels:
+        price, size = to_decimal(lvl[0]), to_decimal(lvl[1])
+        used = taken.get(price)
+        if used is not None:
+            kept[price] = used
+            size -= used
+        if size > 0:
+            out.append((price, size))
+    return out, kept
+
+
+def vwap(slices: Iterable[tuple[Decimal, Decimal]]) -> Decimal | None:
+    """Volume-weighted price of `(price, qty)` slices, rounded half-even to 1e-8; None if empty."""
+    notional, total = ZERO, ZERO
+    with localcontext(MONEY):
+        for price, qty in slices:
+            notional += price * qty
+            total += qty
+        return canonical((notional / total).quantize(STEP, ROUND_HALF_EVEN)) if total else None
+
+
+@dataclass(slots=True)
+class Order:
+    """One order as the broker tracks it. Mutated only through fill/cancel/reject,
+    each checked against TRANSITIONS (InvalidTransition leaves it unchanged)."""
+    order_id: str
+    client_order_id: str
+    strategy: str
+    symbol: str
+    side: Side
+    kind: OrderKind
+    tif: TimeInForce
+    qty: Decimal
+    price: Decimal | None
+    created_ts: int
+    status: OrderStatus = OrderStatus.PENDING
+    filled_qty: Decimal = ZERO
+    notional: Decimal = ZERO  # sum of price * qty over fills, exact
+    fill_count: int = 0  # numbers fill ids `{order_id}-{n}`
+    reason: str = ""
+    updated_ts: int = 0
+
+    @classmethod
+    def from_request(cls, req: OrderRequest, order_id: str, now_ns: int) -> "Order":
+        """A new PENDING order for `req`. Raises ValueError for qty ≤ 0 or a LIMIT without a positive price."""
+        if req.qty <= 0:
+            raise ValueError(f"qty must be positive, got {req.qty}")
+        if req.kind is OrderKind.LIMIT and (req.price is None or req.price <= 0):
+            raise ValueError("a LIMIT order needs a positive price")
+        price = req.price if req.kind is OrderKind.LIMIT else None
+        return cls(order_id=order_id, client_order_id=req.client_order_id, strategy=req.strategy,
+                   symbol=req.symbol, side=req.side, kind=req.kind, tif=req.tif, qty=req.qty,
+                   price=price, created_ts=now_ns, updated_ts=now_ns)
+
+    @classmethod
+    def rejected(cls, req: OrderRequest, order_id: str, now_ns: int, reason: str) -> "Order":
+        """A REJECTED order for a request that cannot even become a PENDING order (kept for idempotency)."""
+        order = cls(order_id=order_id, client_order_id=req.client_order_id, strategy=req.strategy,
+                    symbol=req.symbol, side=req.side, kind=req.kind, tif=req.tif, qty=req.qty,
+                    price=req.price, created_ts=now_ns, updated_ts=now_ns)
+        order.reject(reason, now_ns)
+        return order
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.qty - self.filled_qty
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    @property
+    def avg_price(self) -> Decimal | None:
+        """Average fill price rounded half-even to 1e-8; None before any fill."""
+        if not self.filled_qty:
+            return None
+        with localcontext(MONEY):
+            return canonical((self.notional / self.filled_qty).quantize(STEP, ROUND_HALF_EVEN))
+
+    def fill(self, price: Decimal, qty: Decimal, ts: int) -> str:
+        """Apply one fill; returns its fill id. Raises InvalidTransition for a
+        terminal order, qty ≤ 0, a price ≤ 0, or qty beyond what remains."""
+        if qty <= 0 or price <= 0:
+            raise InvalidTransition(f"fill of {qty} @ {price} on {self.order_id}")
+        if qty > self.remaining:
+            raise InvalidTransition(f"fill of {qty} > remaining {self.remaining} on {self.order_id}")
+        trigger = Trigger.FILL if qty == self.remaining else Trigger.PARTIAL_FILL
+        self.status = next_status(self.status, trigger)
+        self.filled_qty += qty
+        with localcontext(MONEY):
+            self.notional += price * qty
+        self.fill_count += 1
+        self.updated_ts = ts
+        return f"{self.order_id}-{self.fill_count}"
+
+    def cancel(self, reason: str, ts: int) -> None:
+        """PENDING/PARTIALLY_FILLED -> CANCELLED; raises InvalidTransition otherwise."""
+        self.status = next_status(self.status, Trigger.CANCEL)
+        self.reason, self.updated_ts = reason, ts
+
+    def reject(self, reason: str, ts: int) -> None:
+        """PENDING -> REJECTED; raises InvalidTransition otherwise."""
+        self.status = next_status(self.status, Trigger.REJECT)
+        self.reason, self.updated_ts = reason, ts
+
+
+def match(order: Order, levels: Sequence[Sequence], fee_rate: Decimal, now_ns: int,
+          exch_ts: int) -> list[Fill]:
+    """Fill what of `order` crosses `levels` (the opposite side, best first) as
+    a taker; mutates `order`. Returns the new fills (each in the quote asset's fee)."""
+    limit = order.price if order.kind is OrderKind.LIMIT else None
+    out = []
+    fee_asset = quote_asset(order.symbol)
+    for price, qty in walk_book(order.side, order.remaining, levels, limit):
+        fill_id = order.fill(price, qty, now_ns)
+        out.append(Fill(ts=now_ns, fill_id=fill_id, order_id=order.order_id,
+                        client_order_id=order.client_order_id, symbol=order.symbol, side=order.side,
+                        price=price, qty=qty, fee=fee(price, qty, fee_rate), fee_asset=fee_asset,
+                        liquidity=Liquidity.TAKER, exch_ts=exch_ts))
+    return out
+
+
+def execute_new(order: Order, levels: Sequence, fee_rate: Decimal, now_ns: int, exch_ts: int) -> list[Fill]:
+    """Run a new order against `levels` (the opposite side, best first): MARKET
+    and IOC orders fill what they can and cancel the rest (NO_LIQUIDITY when
+    nothing filled); a GTC LIMIT keeps its remainder open. Mutates `order`; returns its fills."""
+    fills = match(order, levels, fee_rate, now_ns, exch_ts)
+    if order.is_open and (order.kind is OrderKind.MARKET or order.tif is TimeInForce.IOC):
+        order.cancel(IOC_REMAINDER if fills else NO_LIQUIDITY, now_ns)
+    return fills
+
+
+def fill_dict(fill: Fill) -> dict:
+    """A Fill as the plain map carried in `Ack.fills` (Decimals as strings)."""
+    wire = fill.to_wire()
+    del wire["v"], wire["type"]
+    return wire
+
+
+def ack_for(order: Order, fills: Iterable[dict], ts: int, reason: str | None = None) -> Ack:
+    """The broker's reply for `order` with the given fill maps; `reason` overrides the order's."""
+    return Ack(ts=ts, client_order_id=order.client_order_id, order_id=order.order_id,
+               status=order.status, filled_qty=order.filled_qty, avg_price=order.avg_price,
+               fills=list(fills), reason=order.reason if reason is None else reason)
+
+
+def order_event(order: Order, ts: int) -> OrderEvent:
+    """`order.{SYMBOL}` event for the order's current state."""
+    return OrderEvent(ts=ts, order_id=order.order_id, client_order_id=order.client_order_id,
+                      symbol=order.symbol, status=order.status, filled_qty=order.filled_qty,
+                      avg_price=order.avg_price, reason=order.reason)
+
+
+@dataclass(slots=True)
+class Account:
+    """Paper cash (one quote asset) and base positions per symbol, moved only by fills."""
+    cash: Decimal
+    positions: dict[str, Decimal] = field(default_factory=dict)
+    last_price: dict[str, Decimal] = field(default_factory=dict)
+
+    def apply(self, symbol: str, side: Side, price: Decimal, qty: Decimal, fee_paid: Decimal) -> None:
+        """Book one fill: BUY pays price*qty, SELL receives it; the fee is paid either way."""
+        with localcontext(MONEY):
+            self.cash -= side.sign * price * qty + fee_paid
+            self.positions[symbol] = self.positions.get(symbol, ZERO) + side.sign * qty
+        self.last_price[symbol] = price
+
+    def equity(self, marks: Mapping[str, Decimal]) -> Decimal:
+        """Cash plus each position marked at `marks[symbol]`, else at its last fill price."""
+        total = self.cash
+        with localcontext(MONEY):
+            for symbol, pos in self.positions.items():
+                if pos:
+                    total += pos * marks.get(symbol, self.last_price.get(symbol, ZERO))
+        return total

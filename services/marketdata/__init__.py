@@ -1,0 +1,1 @@
+"""Market data: Binance order books kept in sync, their metrics, and capture files."""

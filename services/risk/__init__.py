@@ -1,0 +1,1 @@
+"""Pre-trade risk: trading state, limits, positions and P&L as risk sees them."""

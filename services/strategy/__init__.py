@@ -1,0 +1,1 @@
+"""Strategy: book imbalance signals turned into orders sent to risk."""

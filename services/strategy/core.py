@@ -1,0 +1,169 @@
+"""Pure top-of-book imbalance strategy: books and decisions in, order intents out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Iterable
+
+from shared.config import StrategyConfig
+from shared.enums import OrderKind, Side, Verdict
+from shared.messages import Book, Decision
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderIntent:
+    """An order the strategy wants sent; the shell turns it into an OrderRequest."""
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    kind: OrderKind = OrderKind.MARKET
+    confidence: float = 0.0
+    signal_ts: int = 0  # recv_ts of the triggering book (its ts when recv_ts is unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one decision did to the strategy's state (for the shell's log line)."""
+    client_order_id: str
+    symbol: str
+    verdict: Verdict
+    filled_qty: Decimal
+    avg_price: Decimal | None
+    position: Decimal
+
+
+@dataclass(slots=True)
+class _SymbolState:
+    position: Decimal = ZERO
+    in_flight: OrderIntent | None = None
+    last_order_ns: int | None = None
+
+
+@dataclass(slots=True)
+class Features:
+    """The latest book metrics per symbol; thin on purpose (issue #2)."""
+    imbalance: dict[str, float] = field(default_factory=dict)
+    mid: dict[str, float] = field(default_factory=dict)
+    books: int = 0
+
+    def update(self, book: Book) -> float:
+        """Record `book`'s metrics; returns its top-N imbalance in [-1, 1]."""
+        self.books += 1
+        self.imbalance[book.symbol] = book.imbalance
+        self.mid[book.symbol] = book.mid
+        return book.imbalance
+
+
+def _decimal(value: Any, what: str) -> Decimal:
+    """A wire decimal (string or int) → Decimal; floats are refused (money is exact)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise ValueError(f"{what}: expected a decimal string, got {type(value).__name__}")
+    try:
+        result = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{what}: {value!r} is not a decimal") from None
+    if not result.is_finite():
+        raise ValueError(f"{what}: {value!r} is not finite")
+    return result
+
+
+def fills_of(decision: Decision, side: Side) -> tuple[Decimal, Decimal | None]:
+    """(signed filled base qty, average price) from a decision's broker ack.
+
+    The fills list is authoritative; an ack without fills falls back to its
+    `filled_qty`. Raises ValueError on a malformed ack (nothing is applied)."""
+    order = decision.order or {}
+    fills = order.get("fills") or []
+    qty, notional = ZERO, ZERO
+    for i, fill in enumerate(fills):
+        q = _decimal(fill.get("qty"), f"fills[{i}].qty")
+        if q < 0:
+            raise ValueError(f"fills[{i}].qty is negative")
+        fill_side = Side(fill.get("side", side.value))
+        qty += q * fill_side.sign
+        if fill.get("price") is not None:
+            notional += q * _decimal(fill["price"], f"fills[{i}].price")
+    if not fills and order.get("filled_qty") is not None:
+        qty = _decimal(order["filled_qty"], "filled_qty") * side.sign
+    avg = order.get("avg_price")
+    if avg is not None:
+        avg = _decimal(avg, "avg_price")
+    elif fills and qty:
+        avg = notional / abs(qty)
+    return qty, avg
+
+
+class ImbalanceStrategy:
+    """Spot long/flat on top-N book imbalance.
+
+    Flat and imbalance ≥ threshold → BUY `cfg.qty` MARKET; long and
+    imbalance ≤ −threshold → SELL the whole position MARKET. At most one
+    order in flight per symbol and `cfg.cooldown_ms` between orders. Time is
+    always an argument (event time in backtests, wall clock live)."""
+
+    def __init__(self, cfg: StrategyConfig, symbols: Iterable[str], id_prefix: str | None = None) -> None:
+        self.cfg = cfg
+        self.threshold = cfg.imbalance
+        self.cooldown_ns = cfg.cooldown_ms * 1_000_000
+        # the prefix must differ between runs (the shell adds its start time):
+        # client_order_id is the idempotency key at risk and the broker
+        self.id_prefix = id_prefix or cfg.name
+        self.features = Features()
+        self._state = {s.upper(): _SymbolState() for s in symbols}
+        self._by_cid: dict[str, str] = {}
+        self._n = 0
+
+    def position(self, symbol: str) -> Decimal:
+        """The strategy's own base position in `symbol` (exact)."""
+        return self._state[symbol].position
+
+    def in_flight(self, symbol: str) -> OrderIntent | None:
+        """The order waiting for its decision in `symbol`, if any."""
+        return self._state[symbol].in_flight
+
+    def on_book(self, book: Book, now_ns: int) -> OrderIntent | None:
+        """Feed one book; returns the order to send now, or None.
+
+        A returned intent is in flight until `on_decision` gets its answer."""
+        st = self._state.get(book.symbol)
+        if st is None:
+            return None  # a symbol we were not configured for
+        imbalance = self.features.update(book)
+        if st.in_flight is not None:
+            return None
+        if st.last_order_ns is not None and now_ns - st.last_order_ns < self.cooldown_ns:
+            return None
+        if st.position == ZERO and imbalance >= self.threshold:
+            side, qty = Side.BUY, self.cfg.qty
+        elif st.position > ZERO and imbalance <= -self.threshold:
+            side, qty = Side.SELL, st.position
+        else:
+            return None
+        self._n += 1
+        intent = OrderIntent(client_order_id=f"{self.id_prefix}-{self._n}", symbol=book.symbol, side=side,
+                             qty=qty, confidence=min(abs(imbalance), 1.0),
+                             signal_ts=book.recv_ts or book.ts)
+        st.in_flight = intent
+        st.last_order_ns = now_ns
+        self._by_cid[intent.client_order_id] = book.symbol
+        return intent
+
+    def on_decision(self, decision: Decision) -> Outcome | None:
+        """Apply risk's answer to the order in flight with the same client_order_id.
+
+        Fills move the position (exact Decimal); a rejection changes nothing
+        but clears the in-flight flag. Returns None for an unknown id. Raises
+        ValueError on a malformed ack, after clearing the flag (nothing applied)."""
+        symbol = self._by_cid.pop(decision.client_order_id, None)
+        if symbol is None:
+            return None
+        st = self._state[symbol]
+        intent, st.in_flight = st.in_flight, None
+        if decision.verdict is Verdict.REJECTED or intent is None:
+            return Outcome(decision.client_order_id, symbol, decision.verdict, ZERO, None, st.position)
+        signed, avg = fills_of(decision, intent.side)
+        st.position += signed
+        return Outcome(decision.client_order_id, symbol, decision.verdict, abs(signed), avg, st.position)

@@ -1,0 +1,226 @@
+"""`qf up`: every service as a supervised OS process, with a live status line.
+
+Restarts a service that dies (exponential backoff, reset after a healthy
+minute, and says so), stops all cleanly on Ctrl-C/SIGTERM. The same `Stack`
+drives the end-to-end tests and the benchmarks, so what they measure is
+what a user runs."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Mapping
+
+import zmq
+
+from shared.bus import Subscriber
+from shared.config import Config
+from shared.errors import DecodeError
+
+# Binding sides first; marketdata last so subscribers are connected when data flows.
+SERVICES = ("broker", "risk", "api", "strategy", "marketdata")
+RESTART_BASE_S, RESTART_CAP_S, HEALTHY_AFTER_S = 0.5, 30.0, 60.0
+
+
+class Child:
+    """One service process and its restart bookkeeping."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+        self.restarts = 0
+        self.tail: collections.deque[str] = collections.deque(maxlen=300)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Stack:
+    """Starts, watches, restarts and stops the service processes."""
+
+    def __init__(self, env: Mapping[str, str], services: tuple[str, ...] = SERVICES,
+                 on_line: Callable[[str, str], None] | None = None,
+                 on_event: Callable[[str], None] | None = None, restart: bool = True) -> None:
+        self.children = [Child(n, [sys.executable, "-m", "services.cli", n], dict(env)) for n in services]
+        self.on_line = on_line or (lambda name, line: None)
+        self.on_event = on_event or (lambda text: None)
+        self.restart = restart
+        self.stopping = False
+        self._threads: list[threading.Thread] = []
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def _spawn(self, c: Child) -> None:
+        c.proc = subprocess.Popen(c.argv, env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, bufsize=1, text=True, errors="replace")
+        c.started_at = time.monotonic()
+        c.restart_at = None
+        t = threading.Thread(target=self._pump, args=(c, c.proc), daemon=True, name=f"out-{c.name}")
+        t.start()
+        self._threads.append(t)
+
+    def _pump(self, c: Child, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            c.tail.append(line)
+            self.on_line(c.name, line)
+        proc.stdout.close()
+
+    def start(self) -> None:
+        for c in self.children:
+            self._spawn(c)
+
+    def poll(self, now: float | None = None) -> None:
+        """Notice exits and restart what is due. Call it from the owner's loop."""
+        now = time.monotonic() if now is None else now
+        for c in self.children:
+            if c.proc is None or self.stopping:
+                continue
+            code = c.proc.poll()
+            if code is not None and c.restart_at is None:
+                if not self.restart:
+                    continue
+                ran = now - c.started_at
+                c.failures = 0 if ran >= HEALTHY_AFTER_S else c.failures + 1
+                delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** max(0, c.failures - 1))
+                c.restart_at = now + delay
+                self.on_event(f"{c.name} exited with code {code} after {ran:.1f}s; restarting in {delay:.1f}s")
+            elif code is not None and now >= c.restart_at:
+                c.restarts += 1
+                self.on_event(f"restarting {c.name} (restart #{c.restarts})")
+                self._spawn(c)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        c = self.child(name)
+        if c.running:
+            c.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
+        """SIGTERM every process (reverse start order), SIGKILL what is left after
+        `timeout`; returns exit codes."""
+        self.stopping = True
+        for c in reversed(self.children):
+            if c.running:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for c in reversed(self.children):
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.on_event(f"{c.name} did not stop within {timeout:.0f}s; killing it")
+                c.proc.kill()
+                c.proc.wait(5)
+        for t in self._threads:
+            t.join(timeout=2)
+        return {c.name: (c.proc.returncode if c.proc else None) for c in self.children}
+
+    @property
+    def up(self) -> int:
+        return sum(c.running for c in self.children)
+
+
+class StatusMonitor:
+    """Listens to the heartbeats on the PUB sockets and summarises them."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.subs = [Subscriber(ep, ["heartbeat."], 1000) for ep in
+                     (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub)]
+        self.stats: dict[str, dict] = {}
+        self.status: dict[str, str] = {}
+        self._rate_ref: tuple[float, int] | None = None
+        self.book_rate = 0.0
+
+    def drain(self) -> None:
+        for sub in self.subs:
+            while True:
+                try:
+                    _, msg = sub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except DecodeError:
+                    continue
+                self.stats[msg.service] = msg.stats or {}
+                self.status[msg.service] = msg.status
+        events = self.stats.get("marketdata", {}).get("book_events")
+        if isinstance(events, int):
+            now = time.monotonic()
+            if self._rate_ref and now - self._rate_ref[0] >= 1.0:
+                self.book_rate = (events - self._rate_ref[1]) / (now - self._rate_ref[0])
+                self._rate_ref = (now, events)
+            elif self._rate_ref is None or events < self._rate_ref[1]:
+                self._rate_ref = (now, events)
+
+    def line(self, up: int, total: int) -> str:
+        broker, risk = self.stats.get("broker", {}), self.stats.get("risk", {})
+        md = self.status.get("marketdata", "no heartbeat yet")
+        return (f"services {up}/{total} up | market {md} | book {self.book_rate:.1f}/s | "
+                f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')} | "
+                f"equity {risk.get('equity', broker.get('equity', '-'))} | risk {risk.get('state', '-')}")
+
+    def close(self) -> None:
+        for s in self.subs:
+            s.close()
+
+
+def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
+    """The `qf up` loop: start the stack, show status, stop on a signal."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    lock = threading.Lock()
+    status = {"line": ""}
+
+    def emit(text: str) -> None:
+        with lock:
+            if tty:
+                out.write("\r\x1b[K" + text + "\n" + status["line"])
+            else:
+                out.write(text + "\n")
+            out.flush()
+
+    stack = Stack(env, on_line=lambda n, l: emit(f"{n:<10} | {l}"),
+                  on_event=lambda t: emit(f"{'qf up':<10} | {t}"))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} (feed {cfg.md.feed}); Ctrl-C stops everything")
+    monitor = StatusMonitor(cfg)
+    stack.start()
+    last_plain = 0.0
+    try:
+        while not stop.wait(0.2):
+            stack.poll()
+            monitor.drain()
+            line = monitor.line(stack.up, len(stack.children))
+            with lock:
+                status["line"] = line
+                if tty:
+                    out.write("\r\x1b[K" + line)
+                    out.flush()
+            if not tty and time.monotonic() - last_plain >= 10:
+                last_plain = time.monotonic()
+                emit(f"{'qf up':<10} | status {line}")
+    finally:
+        emit(f"{'qf up':<10} | stopping")
+        codes = stack.stop()
+        monitor.close()
+        emit(f"{'qf up':<10} | stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
+    return 0
+
+
+def child_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """The environment for service processes: `base` (default os.environ) plus overrides."""
+    env = dict(os.environ if base is None else base)
+    env.update(overrides)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,1 @@
+"""QuantumFlow's shared library: messages, config, ZeroMQ helpers, database models, logging."""

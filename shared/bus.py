@@ -1,0 +1,179 @@
+"""ZeroMQ helpers: PUB/SUB with topic frames and sequence numbers, a ROUTER
+server for REQ clients, and a Lazy Pirate REQ client (zguide's lpclient)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable
+
+import msgpack
+import zmq
+
+from shared import messages
+from shared.errors import DecodeError, TransientError
+
+log = logging.getLogger("qf.bus")
+
+
+def context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def _prepare_ipc(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        parent = os.path.dirname(endpoint[6:])
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+
+
+class Publisher:
+    """PUB socket that sends `[topic, payload]` with a per-publisher `seq`.
+
+    The high-water mark is set on purpose: at ZeroMQ's default of 1000,
+    bursts are dropped silently (PERF-BASELINES.md)."""
+
+    def __init__(self, endpoint: str, hwm: int, ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.sock = (ctx or context()).socket(zmq.PUB)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        _prepare_ipc(endpoint)
+        self.sock.bind(endpoint)
+        self.seq = 0
+
+    def publish(self, topic: str, msg: messages.Message) -> None:
+        self.seq += 1
+        self.sock.send_multipart((topic.encode(), messages.encode(msg, self.seq)), copy=False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Subscriber:
+    """SUB socket connected to one publisher; counts sequence gaps (`missed`)."""
+
+    def __init__(self, endpoint: str, topics: Iterable[str], hwm: int,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.sock = (ctx or context()).socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for topic in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.sock.connect(endpoint)
+        self.last_seq: int | None = None
+        self.missed = 0
+        self.decode_errors = 0
+
+    def recv(self, flags: int = 0) -> tuple[str, messages.Message]:
+        """Next `(topic, message)`. Raises DecodeError (counted) on a bad frame
+        and zmq.Again with NOBLOCK when nothing is waiting."""
+        frames = self.sock.recv_multipart(flags)
+        try:
+            if len(frames) != 2:
+                raise DecodeError("bad_frames", f"{len(frames)} frames, expected 2")
+            raw = msgpack.unpackb(frames[1], raw=False) if len(frames[1]) <= messages.MAX_FRAME else None
+            if raw is None:
+                raise DecodeError("oversized", f"{len(frames[1])} bytes")
+            msg = messages.from_wire(raw, messages.EVENTS)
+        except DecodeError:
+            self.decode_errors += 1
+            raise
+        except Exception as exc:
+            self.decode_errors += 1
+            raise DecodeError("bad_msgpack", str(exc)[:80]) from None
+        seq = raw.get("seq")
+        if type(seq) is int:
+            if self.last_seq is not None and seq > self.last_seq + 1:
+                self.missed += seq - self.last_seq - 1
+            self.last_seq = seq
+        return frames[0].decode("utf-8", "replace"), msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Server:
+    """ROUTER socket answering REQ (or DEALER) clients: `[id, b"", payload]`."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.sock = (ctx or context()).socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME * 2)
+        _prepare_ipc(endpoint)
+        self.sock.bind(endpoint)
+
+    def recv(self, flags: int = 0) -> tuple[list[bytes], bytes | None]:
+        """Next request as `(envelope, payload)`; payload is None when the
+        frames are not a REQ envelope (the caller counts it; no reply possible)."""
+        frames = self.sock.recv_multipart(flags)
+        if len(frames) < 3 or frames[-2] != b"":
+            return frames, None
+        return frames[:-1], frames[-1]
+
+    def reply(self, envelope: list[bytes], payload: bytes) -> None:
+        self.sock.send_multipart([*envelope, payload])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NoReply(TransientError):
+    """The peer did not answer after every retry. The caller fails closed:
+    a rejection (risk: BROKER_UNAVAILABLE; strategy: treated as rejected)."""
+
+
+class LazyPirateClient:
+    """REQ client with a timeout: on silence it closes the socket (LINGER 0),
+    opens a fresh one and resends the *same* payload, up to `retries` times.
+    The server must be idempotent on the request (client_order_id)."""
+
+    def __init__(self, endpoint: str, timeout_ms: int, retries: int,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.ctx = ctx or context()
+        self.sock: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self.timeouts = 0
+
+    def _open(self) -> None:
+        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.endpoint)
+        self.poller.register(self.sock, zmq.POLLIN)
+
+    def _discard(self) -> None:
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def request(self, payload: bytes, timeout_ms: int | None = None, retries: int | None = None) -> bytes:
+        """Send `payload`, return the reply bytes. Raises NoReply after the
+        last retry; the socket is fresh for the next call either way."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        attempts = self.retries if retries is None else retries
+        for attempt in range(1, attempts + 1):
+            if self.sock is None:
+                self._open()
+            self.sock.send(payload)
+            deadline = time.monotonic() + timeout / 1000
+            while True:
+                left = int((deadline - time.monotonic()) * 1000)
+                if left <= 0 or not self.poller.poll(left):
+                    break
+                return self.sock.recv()
+            self.timeouts += 1
+            self._discard()
+            if attempt < attempts:
+                log.warning("no reply, retrying", extra={"endpoint": self.endpoint, "attempt": attempt,
+                                                         "timeout_ms": timeout})
+        raise NoReply(f"no reply from {self.endpoint} after {attempts} attempt(s) of {timeout} ms")
+
+    def close(self) -> None:
+        self._discard()

@@ -1,0 +1,35 @@
+"""The error tree; each docstring says who handles the error."""
+
+
+class QFError(Exception):
+    """Base of every QuantumFlow error."""
+
+
+class TransientError(QFError):
+    """Something outside us failed for now (network, exchange, peer). Handled by
+    retrying with backoff; never fatal on its own."""
+
+
+class FatalError(QFError):
+    """A condition the service cannot continue from. Handled at the top of
+    `__main__`: log it, exit non-zero, let the supervisor report it."""
+
+
+class ConfigError(FatalError):
+    """A bad or unknown `QF_*` setting. Raised at start; the process prints it
+    in one line and exits with status 2."""
+
+
+class DecodeError(QFError):
+    """A frame that is not a valid message. Handled by the receiving loop:
+    drop the frame, count it, log it; never crash a service."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class InvalidTransition(QFError):
+    """An order status change outside the transition table. A bug in the
+    caller: it propagates and is reported, the order stays where it was."""

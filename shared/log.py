@@ -1,0 +1,54 @@
+"""key=value logging: one line per event on unbuffered stdout."""
+import logging
+import sys
+import time
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def _fmt_value(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    """`ts=… level=… svc=… event=… k=v …`; extra fields come from `extra={…}`."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+        parts = [f"ts={ts}", f"level={record.levelname.lower()}", f"svc={self.service}",
+                 f"event={_fmt_value(record.getMessage())}"]
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                parts.append(f"{key}={_fmt_value(value)}")
+        if record.exc_info:
+            parts.append("exc=" + _fmt_value(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+def setup(service: str, level: str = "INFO") -> logging.Logger:
+    """Route the root logger to stdout in key=value form; returns the service logger."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(KeyValueFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # werkzeug/gunicorn chatter stays at warning unless asked for
+    logging.getLogger("websockets").setLevel(max(root.level, logging.INFO))
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+        pass
+    return logging.getLogger(f"qf.{service}")
+
+
+def kv(**fields: object) -> dict:
+    """Shorthand for `extra=`: `log.info("fill", extra=kv(qty=q))`."""
+    return fields

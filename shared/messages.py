@@ -1,0 +1,381 @@
+"""Wire messages: frozen dataclasses, MessagePack codec, typed DecodeError.
+
+Payload = msgpack map with `v`, `type`, `ts` (ns) and, on PUB/SUB, `seq`.
+Requests and events are separate registries because DESIGN.md names both
+the `order` request and the `order.{SYMBOL}` event `order`.
+"""
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, fields
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from typing import Any, ClassVar
+
+import msgpack
+
+from shared.enums import (ControlAction, Liquidity, OrderKind, OrderStatus, Side, TimeInForce,
+                          TradingState, Verdict)
+from shared.errors import DecodeError
+
+VERSION = 1
+MAX_FRAME = 1 << 20  # a bigger payload is refused before unpacking
+_MAX_DECIMAL_LEN = 40
+
+
+# -- field checkers: wire value -> python value, or DecodeError ----------------------
+
+def _bad(name: str, want: str, got: Any) -> DecodeError:
+    return DecodeError("bad_field", f"{name}: expected {want}, got {type(got).__name__} {str(got)[:40]!r}")
+
+
+def _check_int(name, x):
+    if type(x) is not int:
+        raise _bad(name, "int", x)
+    return x
+
+
+def _check_float(name, x):
+    if type(x) is float:
+        if math.isfinite(x):
+            return x
+    elif type(x) is int:
+        return float(x)
+    raise _bad(name, "finite float", x)
+
+
+def _check_str(name, x):
+    if type(x) is not str:
+        raise _bad(name, "str", x)
+    return x
+
+
+def _check_bool(name, x):
+    if type(x) is not bool:
+        raise _bad(name, "bool", x)
+    return x
+
+
+def _check_decimal(name, x):
+    if type(x) is str and len(x) <= _MAX_DECIMAL_LEN:
+        try:
+            d = Decimal(x)
+        except InvalidOperation:
+            raise _bad(name, "decimal string", x) from None
+        if d.is_finite():
+            return d
+    elif type(x) is int:
+        return Decimal(x)
+    raise _bad(name, "finite decimal string", x)
+
+
+def _check_levels(name, x):
+    if type(x) is not list:
+        raise _bad(name, "list of [price, qty]", x)
+    for lvl in x:
+        if type(lvl) is not list or len(lvl) != 2:
+            raise _bad(name, "[price, qty]", lvl)
+        _check_float(name, lvl[0]), _check_float(name, lvl[1])
+    return x
+
+
+def _check_dict(name, x):
+    if type(x) is not dict:
+        raise _bad(name, "map", x)
+    return x
+
+
+def _check_dict_list(name, x):
+    if type(x) is not list or any(type(i) is not dict for i in x):
+        raise _bad(name, "list of maps", x)
+    return x
+
+
+def _enum_checker(cls):
+    def check(name, x):
+        try:
+            return cls(x)
+        except ValueError:
+            raise _bad(name, "/".join(m.value for m in cls), x) from None
+    return check
+
+
+_CHECKERS = {int: _check_int, float: _check_float, str: _check_str, bool: _check_bool,
+             Decimal: _check_decimal, dict: _check_dict}
+Levels = list  # [[price, qty], ...] floats, best first
+DictList = typing.NewType("DictList", list)
+
+
+def _checker_for(tp):
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    if tp is DictList:
+        check = _check_dict_list
+    elif tp is list:
+        check = _check_levels
+    elif isinstance(tp, type) and issubclass(tp, Enum):
+        check = _enum_checker(tp)
+    else:
+        check = _CHECKERS[tp]
+    return optional, check
+
+
+# -- messages -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    ts: int
+
+    def to_wire(self, seq: int | None = None) -> dict:
+        """The msgpack map: enums as strings, Decimals as strings."""
+        out = {"v": VERSION, "type": self.TYPE}
+        for name in self._names:
+            value = getattr(self, name)
+            if isinstance(value, Decimal):
+                value = format(value, "f")  # never exponent notation ("1E-8")
+            elif isinstance(value, Enum):
+                value = value.value
+            out[name] = value
+        if seq is not None:
+            out["seq"] = seq
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Book(Message):
+    """`book.{SYMBOL}`: top-N levels and metrics after one applied depth event."""
+    TYPE = "book"
+    symbol: str
+    exch_ts: int
+    update_id: int
+    bids: Levels
+    asks: Levels
+    mid: float
+    spread: float
+    spread_bps: float
+    imbalance: float
+    microprice: float
+    recv_ts: int = 0  # local receive time (ns) of the depth event: the start of tick-to-trade
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trade(Message):
+    """`trade.{SYMBOL}`: one exchange trade."""
+    TYPE = "trade"
+    symbol: str
+    exch_ts: int
+    trade_id: int
+    price: Decimal
+    qty: Decimal
+    buyer_is_maker: bool
+    recv_ts: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MdStatus(Message):
+    """`status.{SYMBOL}`: the feed's state while no trustworthy book can be published."""
+    TYPE = "md_status"
+    symbol: str
+    state: str  # CONNECTING / SYNCING / SYNCED / DISCONNECTED / REPLAY_DONE
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderRequest(Message):
+    """Request `order`: strategy → risk → broker."""
+    TYPE = "order"
+    client_order_id: str
+    strategy: str
+    symbol: str
+    side: Side
+    kind: OrderKind
+    qty: Decimal
+    price: Decimal | None = None
+    tif: TimeInForce = TimeInForce.GTC
+    confidence: float = 0.0
+    signal_ts: int = 0  # recv_ts of the book event that triggered the order
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision(Message):
+    """Reply `decision`: risk's verdict, with the broker's ack when it went through."""
+    TYPE = "decision"
+    client_order_id: str
+    verdict: Verdict
+    reason: dict | None = None  # {"code": ..., "text": ...} when not APPROVED
+    qty: Decimal = Decimal(0)
+    order: dict | None = None  # broker ack: order_id, status, filled_qty, avg_price, fills
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    """Reply `ack`: the broker's answer to an order or cancel, after its commit."""
+    TYPE = "ack"
+    client_order_id: str
+    order_id: str
+    status: OrderStatus
+    filled_qty: Decimal
+    avg_price: Decimal | None = None
+    fills: DictList = ()
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        wire = self.to_wire()
+        for key in ("v", "type", "ts"):
+            del wire[key]
+        wire["fills"] = list(self.fills)
+        return wire
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Message):
+    TYPE = "cancel"
+    client_order_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Control(Message):
+    TYPE = "control"
+    action: ControlAction
+    by: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlReply(Message):
+    TYPE = "control_reply"
+    state: TradingState
+    reason: str
+    positions: dict  # symbol -> decimal string
+    equity: Decimal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    """Reply `error`: a request that could not even be read (its decode error)."""
+    TYPE = "error"
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderEvent(Message):
+    """`order.{SYMBOL}`: an order's status changed."""
+    TYPE = "order"
+    order_id: str
+    client_order_id: str
+    symbol: str
+    status: OrderStatus
+    filled_qty: Decimal
+    avg_price: Decimal | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fill(Message):
+    """`fill.{SYMBOL}`: one execution, published only after it is committed."""
+    TYPE = "fill"
+    fill_id: str
+    order_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    price: Decimal
+    qty: Decimal
+    fee: Decimal
+    fee_asset: str
+    liquidity: Liquidity
+    exch_ts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RiskState(Message):
+    """`risk.state`: the trading state and what it is based on."""
+    TYPE = "risk_state"
+    state: TradingState
+    reason: str
+    equity: Decimal
+    drawdown: Decimal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Message):
+    """`heartbeat.{service}`: liveness plus a few counters for `qf up`'s status line."""
+    TYPE = "heartbeat"
+    service: str
+    pid: int
+    started_ts: int
+    status: str
+    stats: dict | None = None
+
+
+EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in
+                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat)}
+REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in
+                                      (OrderRequest, Decision, Ack, Cancel, Control, ControlReply, Error)}
+
+
+def _prepare(cls: type[Message]) -> None:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in fields(cls):
+        optional, check = _checker_for(hints[f.name])
+        required = f.default is f.default_factory  # both MISSING
+        specs.append((f.name, required, optional, check))
+    cls._specs = tuple(specs)
+    cls._names = tuple(f.name for f in fields(cls))
+
+
+for _cls in (*EVENTS.values(), *REQUESTS.values()):
+    _prepare(_cls)
+
+
+# -- codec --------------------------------------------------------------------------
+
+def encode(msg: Message, seq: int | None = None) -> bytes:
+    """Message → msgpack bytes (`seq` added on PUB/SUB)."""
+    return msgpack.packb(msg.to_wire(seq), use_bin_type=True)
+
+
+def decode(payload: bytes, registry: dict[str, type[Message]] = EVENTS) -> Message:
+    """msgpack bytes → Message. Raises DecodeError for anything that is not a
+    valid message of `registry` (size, msgpack, version, type, fields)."""
+    if len(payload) > MAX_FRAME:
+        raise DecodeError("oversized", f"{len(payload)} bytes > {MAX_FRAME}")
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError("bad_msgpack", str(exc)[:80]) from None
+    return from_wire(raw, registry)
+
+
+def from_wire(raw: Any, registry: dict[str, type[Message]] = EVENTS) -> Message:
+    """An already unpacked map → Message; same checks as `decode`."""
+    if type(raw) is not dict:
+        raise DecodeError("not_a_map", type(raw).__name__)
+    v = raw.get("v")
+    if v != VERSION:
+        raise DecodeError("bad_version", repr(v)[:20])
+    cls = registry.get(raw.get("type")) if type(raw.get("type")) is str else None
+    if cls is None:
+        raise DecodeError("unknown_type", repr(raw.get("type"))[:40])
+    kwargs = {}
+    for name, required, optional, check in cls._specs:
+        if name not in raw:
+            if required:
+                raise DecodeError("missing_field", f"{cls.TYPE}.{name}")
+            continue
+        value = raw[name]
+        if value is None and optional:
+            kwargs[name] = None
+        else:
+            kwargs[name] = check(name, value)
+    return cls(**kwargs)
+
+
+def seq_of(payload_map: dict) -> int | None:
+    return payload_map.get("seq")

@@ -1,0 +1,196 @@
+"""API views over a real SQLite file: trades, exact positions, metrics, JSON errors."""
+from __future__ import annotations
+
+from collections import deque
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.api import queries
+from services.api.app import create_app
+from shared.config import load
+
+
+@pytest.fixture
+def client(api_config, db):
+    app = create_app(api_config)
+    yield app.test_client()
+    handle = app.extensions["qf_db"]
+    if handle.db is not None:
+        handle.db.close()
+
+
+def error_of(resp, status: int) -> dict:
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.is_json
+    body = resp.get_json()["error"]
+    assert body["code"] and body["message"]
+    return body
+
+
+def test_health_reports_a_working_database(client):
+    resp = client.get("/health")
+    assert (resp.status_code, resp.get_json()) == (200, {"status": "ok", "db": "ok"})
+
+
+def test_health_is_503_and_views_say_so_when_the_database_cannot_be_opened(tmp_path):
+    (tmp_path / "not-a-dir").write_text("a file where the database directory should be")
+    cfg = load({"QF_DB": str(tmp_path / "not-a-dir" / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run")})
+    client = create_app(cfg).test_client()
+    resp = client.get("/health")
+    assert (resp.status_code, resp.get_json()) == (503, {"status": "error", "db": "error"})
+    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_unavailable"
+
+
+def test_a_database_that_fails_mid_run_is_503_not_500(client, db):
+    assert client.get("/health").status_code == 200  # opened, tables created
+    db.execute_sql("DROP TABLE fills")
+    assert client.get("/health").status_code == 503
+    assert error_of(client.get("/api/v1/positions"), 503)["code"] == "db_unavailable"
+    assert error_of(client.get("/metrics"), 503)["code"] == "db_unavailable"
+
+
+def test_trades_newest_first_with_decimal_strings(client, add_fill):
+    add_fill("BTCUSDT", "BUY", "0.00200000", "61837.63000000", fee="0.12367526", ts=1_000)
+    add_fill("ETHUSDT", "BUY", "0.5", "2000.1", ts=2_000)
+    add_fill("BTCUSDT", "SELL", "0.001", "61900.01", ts=3_000)
+    body = client.get("/api/v1/trades").get_json()
+    assert body["count"] == 3
+    assert [t["ts"] for t in body["trades"]] == [3_000, 2_000, 1_000]
+    oldest = body["trades"][-1]
+    assert (oldest["price"], oldest["qty"], oldest["fee"]) == ("61837.63", "0.002", "0.12367526")
+    assert (oldest["symbol"], oldest["side"], oldest["fee_asset"], oldest["liquidity"]) == (
+        "BTCUSDT", "BUY", "USDT", "TAKER")
+    assert set(oldest) >= {"fill_id", "order_id", "client_order_id", "exch_ts"}
+
+
+def test_trades_filters_by_symbol_since_and_limit(client, add_fill):
+    for i in range(105):
+        add_fill("BTCUSDT" if i % 2 else "ETHUSDT", "BUY", "1", "10", ts=1_000 + i)
+    assert client.get("/api/v1/trades").get_json()["count"] == 100  # the default limit
+    btc = client.get("/api/v1/trades?symbol=btcusdt&limit=1000").get_json()["trades"]
+    assert len(btc) == 52 and {t["symbol"] for t in btc} == {"BTCUSDT"}
+    recent = client.get("/api/v1/trades?since=1100").get_json()["trades"]
+    assert [t["ts"] for t in recent] == [1_104, 1_103, 1_102, 1_101, 1_100]
+    assert len(client.get("/api/v1/trades?limit=3&symbol=ETHUSDT").get_json()["trades"]) == 3
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "limit=", "limit=-1", "since=-5",
+                                   "since=1.5", "symbol=BTC-USDT", "symbol=", "limt=5"])
+def test_bad_trade_params_are_400_json(client, query):
+    body = error_of(client.get(f"/api/v1/trades?{query}"), 400)
+    assert body["code"] == "bad_param"
+
+
+def test_unknown_path_and_wrong_method_are_json(client):
+    assert error_of(client.get("/api/v1/nope"), 404)["code"] == "not_found"
+    assert error_of(client.post("/api/v1/trades"), 405)["code"] == "method_not_allowed"
+
+
+def test_positions_are_exact_from_the_fills(client, add_fill):
+    # buy 0.002 @ 100 (fee 0.0002), sell 0.001 @ 110 (fee 0.00011):
+    # left 0.001 at cost 0.1, realized (110 - 100) × 0.001 = 0.01, fees 0.00031
+    add_fill("BTCUSDT", "BUY", "0.00200000", "100.00000000", fee="0.00020000")
+    add_fill("BTCUSDT", "SELL", "0.001", "110", fee="0.00011")
+    # a round trip that loses: (1999.9 - 2000.1) × 0.5 = -0.1
+    add_fill("ETHUSDT", "BUY", "0.5", "2000.1", fee="1.00005")
+    add_fill("ETHUSDT", "SELL", "0.5", "1999.9", fee="0.99995")
+    body = client.get("/api/v1/positions").get_json()
+    btc, eth = body["positions"]
+    assert btc == {"symbol": "BTCUSDT", "qty": "0.001", "avg_entry_price": "100", "cost_basis": "0.1",
+                   "realized_pnl": "0.01", "fees": {"USDT": "0.00031"}, "net_realized_pnl": "0.00969",
+                   "last_price": "110", "fills": 2}
+    assert (eth["qty"], eth["avg_entry_price"], eth["realized_pnl"], eth["fees"], eth["net_realized_pnl"]) == (
+        "0", None, "-0.1", {"USDT": "2"}, "-2.1")
+    only = client.get("/api/v1/positions?symbol=ethusdt").get_json()["positions"]
+    assert [p["symbol"] for p in only] == ["ETHUSDT"]
+
+
+def test_fifo_average_of_the_open_lots(client, add_fill):
+    add_fill("BTCUSDT", "BUY", "1", "100")
+    add_fill("BTCUSDT", "BUY", "2", "130")
+    add_fill("BTCUSDT", "SELL", "1.5", "120")  # closes 1 @ 100 and 0.5 @ 130: 20 - 5 = 15
+    (pos,) = client.get("/api/v1/positions").get_json()["positions"]
+    assert (pos["qty"], pos["cost_basis"], pos["avg_entry_price"], pos["realized_pnl"]) == (
+        "1.5", "195", "130", "15")
+
+
+def test_metrics_are_prometheus_text_from_the_database(client, add_fill, add_order, add_equity):
+    add_fill("BTCUSDT", "BUY", "0.002", "100")
+    add_fill("BTCUSDT", "SELL", "0.001", "110")
+    add_order("FILLED")
+    add_order("FILLED")
+    add_order("REJECTED")
+    add_equity(1, "10000", "10000")
+    add_equity(2, "10000.01", "9999.91")
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(resp.get_data(as_text=True)) for s in fam.samples}
+    assert samples[("qf_fills_total", ())] == 2
+    assert samples[("qf_orders", (("status", "FILLED"),))] == 2
+    assert samples[("qf_orders", (("status", "REJECTED"),))] == 1
+    assert samples[("qf_orders", (("status", "PENDING"),))] == 0
+    assert samples[("qf_equity", ())] == pytest.approx(10000.01)
+    assert samples[("qf_position", (("symbol", "BTCUSDT"),))] == pytest.approx(0.001)
+    assert samples[("qf_realized_pnl", (("symbol", "BTCUSDT"),))] == pytest.approx(0.01)
+
+
+def test_status_summarises_orders_equity_and_positions(client, add_fill, add_order, add_equity):
+    add_fill("BTCUSDT", "BUY", "0.002", "100")
+    add_order("FILLED")
+    add_equity(5, "10000.5", "9999.8")
+    body = client.get("/api/v1/status").get_json()
+    assert body["fills"] == 1 and body["orders"]["FILLED"] == 1 and body["orders"]["CANCELLED"] == 0
+    assert body["equity"] == {"ts": 5, "equity": "10000.5", "cash": "9999.8", "note": ""}
+    assert body["positions"] == {"BTCUSDT": "0.002"}
+
+
+def test_empty_database_gives_empty_answers(client):
+    assert client.get("/api/v1/trades").get_json() == {"trades": [], "count": 0}
+    assert client.get("/api/v1/positions").get_json() == {"positions": []}
+    assert client.get("/api/v1/status").get_json()["equity"] is None
+
+
+# -- property: FIFO positions equal a brute-force ledger of unit lots ----------------
+
+UNIT = Decimal("0.001")
+fill_seqs = st.lists(st.tuples(st.sampled_from(["BUY", "SELL"]), st.integers(1, 12),  # qty in UNITs
+                               st.integers(1, 500_000).map(lambda c: Decimal(c) / 100),  # price, 2 dp
+                               st.integers(0, 999).map(lambda c: Decimal(c) / 10**6)),  # fee
+                     max_size=40)
+
+
+def brute_force(fills):
+    """Every fill split into unit lots; each unit closes the oldest opposite unit."""
+    lots: deque = deque()  # (sign, price) per UNIT
+    realized = fees = Decimal(0)
+    for side, units, price, fee in fills:
+        sign = 1 if side == "BUY" else -1
+        for _ in range(units):
+            if lots and lots[0][0] != sign:
+                lot_sign, lot_price = lots.popleft()
+                realized += (price - lot_price) * UNIT * lot_sign
+            else:
+                lots.append((sign, price))
+        fees += fee
+    qty = sum((s * UNIT for s, _ in lots), Decimal(0))
+    cost = sum((s * UNIT * p for s, p in lots), Decimal(0))
+    return qty, cost, realized, fees
+
+
+@settings(max_examples=300, deadline=None)
+@given(fill_seqs)
+def test_positions_equal_a_brute_force_ledger(fills):
+    rows = [("BTCUSDT", side, units * UNIT, price, fee, "USDT") for side, units, price, fee in fills]
+    pos = queries.positions_from(rows).get("BTCUSDT", queries.Position("BTCUSDT"))
+    qty, cost, realized, fees = brute_force(fills)
+    assert (pos.qty, pos.cost_basis, pos.realized_pnl) == (qty, cost, realized)
+    assert pos.fees.get("USDT", Decimal(0)) == fees
+    assert pos.last_price == (fills[-1][2] if fills else None)
+    # the cash ledger balances: what was paid and received = realized P&L - open cost
+    cash = sum((-(u * UNIT) * p if s == "BUY" else u * UNIT * p for s, u, p, _ in fills), Decimal(0))
+    assert cash == pos.realized_pnl - pos.cost_basis

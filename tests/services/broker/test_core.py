@@ -1,0 +1,235 @@
+"""Broker core: transition table, book walking, fees, accounts, and state-machine properties."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.broker import core
+from services.broker.core import Account, Order, Trigger
+from shared.enums import TERMINAL_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
+from shared.errors import InvalidTransition
+from shared.messages import OrderRequest
+
+S = OrderStatus
+
+
+def request(qty="1", side=Side.BUY, kind=OrderKind.MARKET, price=None, tif=TimeInForce.GTC,
+            symbol="BTCUSDT", coid="c1") -> OrderRequest:
+    return OrderRequest(ts=1, client_order_id=coid, strategy="t", symbol=symbol, side=side, kind=kind,
+                        qty=D(qty), price=None if price is None else D(price), tif=tif)
+
+
+def new_order(qty="1", **kw) -> Order:
+    return Order.from_request(request(qty, **kw), "o1", 10)
+
+
+# -- transition table -----------------------------------------------------------------
+
+@pytest.mark.parametrize("status,trigger,target", [
+    (S.PENDING, Trigger.PARTIAL_FILL, S.PARTIALLY_FILLED), (S.PENDING, Trigger.FILL, S.FILLED),
+    (S.PENDING, Trigger.CANCEL, S.CANCELLED), (S.PENDING, Trigger.REJECT, S.REJECTED),
+    (S.PARTIALLY_FILLED, Trigger.PARTIAL_FILL, S.PARTIALLY_FILLED),
+    (S.PARTIALLY_FILLED, Trigger.FILL, S.FILLED), (S.PARTIALLY_FILLED, Trigger.CANCEL, S.CANCELLED)])
+def test_allowed_transitions(status, trigger, target):
+    assert core.next_status(status, trigger) is target
+
+
+def test_everything_else_raises():
+    allowed = set(core.TRANSITIONS)
+    for status in OrderStatus:
+        for trigger in Trigger:
+            if (status, trigger) not in allowed:
+                with pytest.raises(InvalidTransition):
+                    core.next_status(status, trigger)
+    assert not any(status in TERMINAL_STATUSES for status, _ in allowed)
+
+
+def test_partially_filled_cannot_be_rejected():
+    order = new_order("2")
+    order.fill(D("100"), D("1"), 11)
+    with pytest.raises(InvalidTransition):
+        order.reject("late", 12)
+    assert order.status is S.PARTIALLY_FILLED
+
+
+def test_overfill_and_non_positive_fills_raise_and_change_nothing():
+    order = new_order("1")
+    order.fill(D("100"), D("0.4"), 11)
+    for price, qty in ((D("100"), D("0.61")), (D("100"), D("0")), (D("100"), D("-0.1")), (D("0"), D("0.1"))):
+        with pytest.raises(InvalidTransition):
+            order.fill(price, qty, 12)
+    assert (order.status, order.filled_qty, order.fill_count) == (S.PARTIALLY_FILLED, D("0.4"), 1)
+    assert order.fill(D("101"), D("0.6"), 13) == "o1-2"
+    assert order.status is S.FILLED and order.avg_price == D("100.6")
+    with pytest.raises(InvalidTransition):
+        order.fill(D("100"), D("0.1"), 14)
+    with pytest.raises(InvalidTransition):
+        order.cancel("too late", 14)
+
+
+def test_from_request_validates():
+    with pytest.raises(ValueError):
+        Order.from_request(request("0"), "o", 1)
+    with pytest.raises(ValueError):
+        Order.from_request(request("1", kind=OrderKind.LIMIT), "o", 1)
+    rejected = Order.rejected(request("-1"), "o", 5, core.BAD_ORDER)
+    assert rejected.status is S.REJECTED and rejected.reason == core.BAD_ORDER
+    assert new_order(kind=OrderKind.MARKET, price="5").price is None  # a market order has no price
+
+
+# -- book walking, fees, quote assets ---------------------------------------------------------
+
+ASKS = [[100.5, 0.4], [101.0, 0.5], [102.0, 10.0]]
+BIDS = [[100.0, 0.3], [99.5, 0.0], [99.0, 2.0]]
+
+
+def test_walk_book_takes_levels_best_first_with_exact_decimals():
+    assert core.walk_book(Side.BUY, D("1.0"), ASKS) == [(D("100.5"), D("0.4")), (D("101"), D("0.5")),
+                                                         (D("102"), D("0.1"))]
+    # the zero-size bid level is skipped
+    assert core.walk_book(Side.SELL, D("0.5"), BIDS) == [(D("100"), D("0.3")), (D("99"), D("0.2"))]
+    assert core.walk_book(Side.BUY, D("20"), ASKS)[-1] == (D("102"), D("10"))
+    assert core.walk_book(Side.BUY, D("1"), []) == []
+
+
+def test_walk_book_stops_at_the_limit():
+    assert core.walk_book(Side.BUY, D("1"), ASKS, limit=D("101")) == [(D("100.5"), D("0.4")), (D("101"), D("0.5"))]
+    assert core.walk_book(Side.SELL, D("1"), BIDS, limit=D("100.01")) == []
+
+
+def test_unconsumed_subtracts_what_paper_fills_took_and_forgets_gone_prices():
+    levels, taken = core.unconsumed(ASKS, {D("100.5"): D("0.4"), D("101"): D("0.2"), D("99"): D("1")})
+    assert levels == [(D("101"), D("0.3")), (D("102"), D("10"))]
+    assert taken == {D("100.5"): D("0.4"), D("101"): D("0.2")}  # 99 left the book
+    assert core.walk_book(Side.BUY, D("0.5"), levels) == [(D("101"), D("0.3")), (D("102"), D("0.2"))]
+
+
+def test_to_decimal_goes_through_repr_not_binary():
+    assert core.to_decimal(0.1) == D("0.1")
+    assert core.to_decimal(61837.63) == D("61837.63")
+    assert str(core.to_decimal(3)) == "3" and str(core.to_decimal(100.50)) == "100.5"
+    assert str(core.to_decimal(1e5)) == "100000" and core.to_decimal(1e-8) == D("0.00000001")
+
+
+def test_vwap_and_fee_are_exact():
+    slices = core.walk_book(Side.BUY, D("1.0"), ASKS)
+    assert core.vwap(slices) == D("100.9")  # (40.2 + 50.5 + 10.2) / 1.0
+    assert core.vwap([]) is None
+    assert sum(core.fee(p, q, D("0.001")) for p, q in slices) == D("0.1009")
+    assert core.fee(D("61837.63"), D("0.00123"), D("0.00075")) == D("0.057045213675")
+
+
+@pytest.mark.parametrize("symbol,quote", [("BTCUSDT", "USDT"), ("BTCFDUSD", "FDUSD"), ("ETHBTC", "BTC"),
+                                          ("BNBETH", "ETH"), ("BTCTUSD", "TUSD"), ("btceur", "EUR")])
+def test_quote_asset(symbol, quote):
+    assert core.quote_asset(symbol) == quote
+
+
+@pytest.mark.parametrize("symbol", ["USDT", "BTCXYZ", ""])
+def test_unknown_quote_asset_raises(symbol):
+    with pytest.raises(ValueError):
+        core.quote_asset(symbol)
+
+
+# -- executing orders --------------------------------------------------------------------------
+
+def test_market_buy_fills_at_each_level_taken():
+    order = new_order("1.0")
+    fills = core.execute_new(order, ASKS, D("0.001"), 20, 7)
+    assert order.status is S.FILLED and order.avg_price == D("100.9")
+    assert [(f.fill_id, f.price, f.qty, f.fee) for f in fills] == [
+        ("o1-1", D("100.5"), D("0.4"), D("0.0402")), ("o1-2", D("101"), D("0.5"), D("0.0505")),
+        ("o1-3", D("102"), D("0.1"), D("0.0102"))]
+    assert [str(f.fee) for f in fills] == ["0.0402", "0.0505", "0.0102"]  # canonical on the wire
+    assert {(f.liquidity, f.fee_asset, f.exch_ts, f.ts) for f in fills} == {(Liquidity.TAKER, "USDT", 7, 20)}
+
+
+def test_market_order_cancels_what_the_book_cannot_fill():
+    order = new_order("5", side=Side.SELL)
+    fills = core.execute_new(order, BIDS, D("0.001"), 20, 7)
+    assert sum(f.qty for f in fills) == D("2.3") and order.status is S.CANCELLED
+    assert order.reason == core.IOC_REMAINDER
+    empty = new_order("1")
+    assert core.execute_new(empty, [], D("0.001"), 20, 7) == []
+    assert empty.status is S.CANCELLED and empty.reason == core.NO_LIQUIDITY
+
+
+def test_limit_orders_fill_what_crosses_and_gtc_rests():
+    gtc = new_order("1.0", kind=OrderKind.LIMIT, price="101")
+    core.execute_new(gtc, ASKS, D("0.001"), 20, 7)
+    assert gtc.status is S.PARTIALLY_FILLED and gtc.remaining == D("0.1")
+    later = core.match(gtc, [[100.9, 5.0]], D("0.001"), 30, 8)
+    assert [(f.fill_id, f.price, f.qty) for f in later] == [("o1-3", D("100.9"), D("0.1"))]
+    assert gtc.status is S.FILLED
+    ioc = new_order("1.0", kind=OrderKind.LIMIT, price="100.6", tif=TimeInForce.IOC)
+    core.execute_new(ioc, ASKS, D("0.001"), 20, 7)
+    assert ioc.status is S.CANCELLED and ioc.filled_qty == D("0.4")
+
+
+def test_ack_and_event_carry_the_order_state():
+    order = new_order("1.0")
+    fills = core.execute_new(order, ASKS, D("0.001"), 20, 7)
+    ack = core.ack_for(order, map(core.fill_dict, fills), 21)
+    assert ack.as_dict()["fills"][0] == {"ts": 20, "fill_id": "o1-1", "order_id": "o1", "client_order_id": "c1",
+                                         "symbol": "BTCUSDT", "side": "BUY", "price": "100.5", "qty": "0.4",
+                                         "fee": "0.0402", "fee_asset": "USDT", "liquidity": "TAKER",
+                                         "exch_ts": 7}
+    event = core.order_event(order, 21)
+    assert (event.status, event.filled_qty, event.avg_price) == (S.FILLED, D("1.0"), D("100.9"))
+
+
+def test_account_cash_positions_and_equity():
+    acct = Account(D("1000"))
+    acct.apply("BTCUSDT", Side.BUY, D("100"), D("2"), D("0.2"))
+    acct.apply("BTCUSDT", Side.SELL, D("110"), D("0.5"), D("0.055"))
+    assert acct.cash == D("1000") - D("200") - D("0.2") + D("55") - D("0.055")
+    assert acct.positions == {"BTCUSDT": D("1.5")}
+    assert acct.equity({}) == acct.cash + D("1.5") * D("110")  # last fill price without a book
+    assert acct.equity({"BTCUSDT": D("90")}) == acct.cash + D("135")
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+qtys = st.decimals(min_value=D("0.00000001"), max_value=D("5"), places=8)
+ops = st.lists(st.one_of(
+    st.tuples(st.just("fill"), st.decimals(min_value=D("-1"), max_value=D("5"), places=8),
+              st.decimals(min_value=D("-1"), max_value=D("1000"), places=2)),
+    st.tuples(st.just("cancel"), st.none(), st.none()),
+    st.tuples(st.just("reject"), st.none(), st.none())), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(qty=qtys, steps=ops)
+def test_state_machine_invariants(qty, steps):
+    order = new_order(str(qty))
+    for ts, (op, q, price) in enumerate(steps):
+        before = (order.status, order.filled_qty, order.notional, order.fill_count, order.reason)
+        try:
+            if op == "fill":
+                order.fill(price, q, ts)
+            elif op == "cancel":
+                order.cancel("x", ts)
+            else:
+                order.reject("x", ts)
+        except InvalidTransition:
+            assert (order.status, order.filled_qty, order.notional, order.fill_count, order.reason) == before
+        else:
+            assert before[0] not in TERMINAL_STATUSES, "left a terminal status"
+        assert D(0) <= order.filled_qty <= order.qty
+        assert (order.status is S.FILLED) == (order.filled_qty == order.qty)
+        assert (order.status is S.PARTIALLY_FILLED) == (0 < order.filled_qty < order.qty and order.is_open)
+
+
+@settings(max_examples=200, deadline=None)
+@given(qty=qtys, levels=st.lists(st.tuples(st.decimals(min_value=D("0.01"), max_value=D("100000"), places=2),
+                                           st.decimals(min_value=D("0"), max_value=D("3"), places=8)),
+                                 max_size=10))
+def test_walk_book_never_takes_more_than_asked_or_offered(qty, levels):
+    wire = [[float(p), float(q)] for p, q in levels]
+    taken = core.walk_book(Side.BUY, qty, wire)
+    assert sum((q for _, q in taken), D(0)) <= qty
+    assert sum((q for _, q in taken), D(0)) == min(qty, sum((q for _, q in levels), D(0)))
+    assert all(q > 0 for _, q in taken)

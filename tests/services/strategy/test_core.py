@@ -1,0 +1,157 @@
+"""ImbalanceStrategy: entries, exits, in-flight and cooldown rules, exact positions."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.strategy.core import ImbalanceStrategy, fills_of
+from shared.enums import OrderKind, Side, Verdict
+from shared.messages import Decision
+
+MS = 1_000_000
+
+
+def strategy(config, **env) -> ImbalanceStrategy:
+    env = {"QF_STRATEGY_IMBALANCE": "0.6", "QF_STRATEGY_QTY": "0.001", "QF_STRATEGY_COOLDOWN_MS": "250", **env}
+    return ImbalanceStrategy(config(**env).strategy, ["btcusdt", "ETHUSDT"], id_prefix="t-1")
+
+
+def approve(intent, *fills, status="FILLED") -> Decision:
+    """A risk decision carrying a broker ack with `fills` as (qty, price) strings."""
+    rows = [{"fill_id": f"f{i}", "side": intent.side.value, "qty": q, "price": p, "fee": "0"}
+            for i, (q, p) in enumerate(fills)]
+    return Decision(ts=0, client_order_id=intent.client_order_id, verdict=Verdict.APPROVED,
+                    qty=intent.qty, order={"order_id": "o1", "status": status, "fills": rows})
+
+
+def test_flat_and_bid_heavy_book_buys_the_configured_qty(config, book):
+    s = strategy(config)
+    intent = s.on_book(book(imbalance=0.6, recv_ts=123), now_ns=10 * MS)
+    assert intent is not None
+    assert (intent.side, intent.kind, intent.qty, intent.symbol) == (Side.BUY, OrderKind.MARKET,
+                                                                     Decimal("0.001"), "BTCUSDT")
+    assert intent.client_order_id == "t-1-1"
+    assert intent.signal_ts == 123
+    assert intent.confidence == pytest.approx(0.6)
+    assert s.in_flight("BTCUSDT") is intent
+
+
+def test_below_threshold_or_wrong_direction_does_nothing(config, book):
+    s = strategy(config)
+    assert s.on_book(book(imbalance=0.59), 0) is None
+    assert s.on_book(book(imbalance=-0.99), 0) is None  # flat: spot never goes short
+
+
+def test_one_order_in_flight_per_symbol(config, book):
+    s = strategy(config, QF_STRATEGY_COOLDOWN_MS="0")
+    first = s.on_book(book(imbalance=0.9), 0)
+    assert first is not None
+    assert s.on_book(book(imbalance=0.9), 10_000 * MS) is None
+    # another symbol is independent
+    other = s.on_book(book(symbol="ETHUSDT", imbalance=0.9), 10_000 * MS)
+    assert other is not None and other.client_order_id == "t-1-2"
+
+
+def test_fills_move_the_position_exactly_then_the_exit_sells_all_of_it(config, book):
+    s = strategy(config)
+    buy = s.on_book(book(imbalance=0.8), 0)
+    outcome = s.on_decision(approve(buy, ("0.0004", "100.10"), ("0.0006", "100.20")))
+    assert outcome.filled_qty == Decimal("0.0010")
+    assert outcome.avg_price == Decimal("100.16")  # (0.04004 + 0.06012) / 0.001
+    assert s.position("BTCUSDT") == Decimal("0.001")
+    assert s.in_flight("BTCUSDT") is None
+    assert s.on_book(book(imbalance=0.9), 300 * MS) is None  # long already: no second entry
+    sell = s.on_book(book(imbalance=-0.6), 300 * MS)
+    assert (sell.side, sell.qty) == (Side.SELL, Decimal("0.001"))
+    s.on_decision(approve(sell, ("0.001", "101")))
+    assert s.position("BTCUSDT") == 0
+
+
+def test_cooldown_counts_from_the_previous_order(config, book):
+    s = strategy(config)
+    buy = s.on_book(book(imbalance=0.9), 1_000 * MS)
+    s.on_decision(approve(buy, ("0.001", "100")))
+    assert s.on_book(book(imbalance=-0.9), 1_249 * MS) is None
+    assert s.on_book(book(imbalance=-0.9), 1_250 * MS) is not None
+
+
+def test_rejection_changes_nothing_but_frees_the_symbol(config, book):
+    s = strategy(config, QF_STRATEGY_COOLDOWN_MS="0")
+    buy = s.on_book(book(imbalance=0.9), 0)
+    out = s.on_decision(Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.REJECTED,
+                                 reason={"code": "MAX_POSITION", "text": "too big"}))
+    assert (out.verdict, out.filled_qty, out.position) == (Verdict.REJECTED, 0, 0)
+    assert s.position("BTCUSDT") == 0 and s.in_flight("BTCUSDT") is None
+    again = s.on_book(book(imbalance=0.9), 0)
+    assert again.side is Side.BUY and again.client_order_id == "t-1-2"
+
+
+def test_ack_without_fills_uses_filled_qty_and_unknown_ids_are_ignored(config, book):
+    s = strategy(config)
+    buy = s.on_book(book(imbalance=0.9), 0)
+    assert s.on_decision(Decision(ts=0, client_order_id="someone-else", verdict=Verdict.APPROVED)) is None
+    decision = Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED,
+                        qty=buy.qty, order={"status": "FILLED", "filled_qty": "0.001", "avg_price": "100.5"})
+    out = s.on_decision(decision)
+    assert (out.filled_qty, out.avg_price) == (Decimal("0.001"), Decimal("100.5"))
+    assert s.on_decision(decision) is None  # a duplicate answer is not applied twice
+    assert s.position("BTCUSDT") == Decimal("0.001")
+
+
+def test_malformed_ack_is_refused_without_touching_the_position(config, book):
+    s = strategy(config)
+    buy = s.on_book(book(imbalance=0.9), 0)
+    bad = Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED,
+                   order={"fills": [{"qty": 0.001, "price": "100"}]})  # a float qty: never on the money path
+    with pytest.raises(ValueError, match="decimal string"):
+        s.on_decision(bad)
+    assert s.position("BTCUSDT") == 0 and s.in_flight("BTCUSDT") is None
+
+
+def test_unknown_symbol_is_ignored(config, book):
+    assert strategy(config).on_book(book(symbol="DOGEUSDT", imbalance=1.0), 0) is None
+
+
+def test_fills_of_signs_by_side_and_refuses_negative_qty():
+    d = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED,
+                 order={"fills": [{"qty": "0.5", "price": "10", "side": "SELL"}]})
+    assert fills_of(d, Side.SELL) == (Decimal("-0.5"), Decimal("10"))
+    neg = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED, order={"fills": [{"qty": "-1"}]})
+    with pytest.raises(ValueError):
+        fills_of(neg, Side.BUY)
+
+
+events = st.lists(st.tuples(st.floats(-1, 1), st.integers(0, 400), st.sampled_from(["fill", "partial", "reject",
+                                                                                    "none"])),
+                  max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events)
+def test_never_short_never_two_in_flight_and_cooldown_respected(config, book, seq):
+    """Whatever books and answers arrive, spot stays long/flat and the rules hold."""
+    cfg = config(QF_STRATEGY_IMBALANCE="0.5", QF_STRATEGY_COOLDOWN_MS="250").strategy
+    s = ImbalanceStrategy(cfg, ["BTCUSDT"], id_prefix="p")
+    now, last_order, pending = 0, None, None
+    for imbalance, dt_ms, answer in seq:
+        now += dt_ms * MS
+        intent = s.on_book(book(imbalance=imbalance), now)
+        if intent is not None:
+            assert pending is None, "second order while one is in flight"
+            assert last_order is None or now - last_order >= 250 * MS
+            if intent.side is Side.SELL:
+                assert intent.qty == s.position("BTCUSDT") > 0
+            last_order, pending = now, intent
+        if pending is not None and answer != "none":
+            if answer == "reject":
+                decision = Decision(ts=0, client_order_id=pending.client_order_id, verdict=Verdict.REJECTED)
+            else:
+                qty = pending.qty if answer == "fill" else pending.qty / 2
+                decision = approve(pending, (str(qty), "100"))
+            s.on_decision(decision)
+            pending = None
+        assert s.position("BTCUSDT") >= 0
+
