@@ -28,7 +28,8 @@ def _prepare_ipc(endpoint: str) -> None:
 
 
 class Publisher:
-    """PUB socket that sends `[topic, payload]` with a per-publisher `seq`.
+    """PUB socket that sends `[topic, payload]` with a `seq` counted per topic, so a
+    subscriber that filters topics still sees every gap in what it asked for.
 
     The high-water mark is set on purpose: at ZeroMQ's default of 1000,
     bursts are dropped silently (PERF-BASELINES.md)."""
@@ -40,18 +41,19 @@ class Publisher:
         self.sock.setsockopt(zmq.LINGER, 1000)
         _prepare_ipc(endpoint)
         self.sock.bind(endpoint)
-        self.seq = 0
+        self.seqs: dict[str, int] = {}
 
     def publish(self, topic: str, msg: messages.Message) -> None:
-        self.seq += 1
-        self.sock.send_multipart((topic.encode(), messages.encode(msg, self.seq)), copy=False)
+        seq = self.seqs.get(topic, 0) + 1
+        self.seqs[topic] = seq
+        self.sock.send_multipart((topic.encode(), messages.encode(msg, seq)), copy=False)
 
     def close(self) -> None:
         self.sock.close()
 
 
 class Subscriber:
-    """SUB socket connected to one publisher; counts sequence gaps (`missed`)."""
+    """SUB socket connected to one publisher; counts sequence gaps per topic (`missed`)."""
 
     def __init__(self, endpoint: str, topics: Iterable[str], hwm: int,
                  ctx: zmq.Context | None = None) -> None:
@@ -62,7 +64,7 @@ class Subscriber:
         for topic in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sock.connect(endpoint)
-        self.last_seq: int | None = None
+        self.last_seq: dict[bytes, int] = {}
         self.missed = 0
         self.decode_errors = 0
 
@@ -85,9 +87,10 @@ class Subscriber:
             raise DecodeError("bad_msgpack", str(exc)[:80]) from None
         seq = raw.get("seq")
         if type(seq) is int:
-            if self.last_seq is not None and seq > self.last_seq + 1:
-                self.missed += seq - self.last_seq - 1
-            self.last_seq = seq
+            last = self.last_seq.get(frames[0])
+            if last is not None and seq > last + 1:
+                self.missed += seq - last - 1
+            self.last_seq[frames[0]] = seq  # lower: the publisher restarted
         return frames[0].decode("utf-8", "replace"), msg
 
     def close(self) -> None:
