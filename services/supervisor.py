@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal, InvalidOperation
 from typing import Callable, Mapping
 
 import zmq
@@ -164,9 +165,14 @@ class StatusMonitor:
     def line(self, up: int, total: int) -> str:
         broker, risk = self.stats.get("broker", {}), self.stats.get("risk", {})
         md = self.status.get("marketdata", "no heartbeat yet")
-        return (f"services {up}/{total} up | market {md} | book {self.book_rate:.1f}/s | "
+        equity = risk.get("equity", broker.get("equity"))
+        try:
+            equity = f"{Decimal(str(equity)).quantize(Decimal('0.01')):,}"
+        except (InvalidOperation, ValueError):
+            equity = "-"
+        return (f"services {up}/{total} up | feed {md} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')} | "
-                f"equity {risk.get('equity', broker.get('equity', '-'))} | risk {risk.get('state', '-')}")
+                f"equity {equity} | risk {risk.get('state', '-')}")
 
     def close(self) -> None:
         for s in self.subs:

@@ -100,3 +100,42 @@ def test_supervisor_restarts_a_killed_service(tmp_path):
         assert any("restarting broker" in e for e in events), events
     finally:
         stack.stop()
+
+
+def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path):
+    """The newcomer's command itself: `qf up --feed replay:…` as a real process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    settings = tcp_env(tmp_path, QF_REPLAY_LOOP="true")
+    env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{SPOT_CAPTURE}",
+                             "--speed", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: _get(settings["QF_API_BIND"], "/health")[0] == 200, 30, "api /health = 200")
+        wait_for(lambda: any("status services 5/5 up" in l and "fills" in l and "| fills -" not in l
+                             for l in lines), 40, "a status line with fills")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        reader.join(10)
+    text = "".join(lines)
+    assert "starting broker, risk, api, strategy, marketdata" in text
+    assert "stopped: broker=0, risk=0, api=0, strategy=0, marketdata=0" in text, text[-3000:]
+    # nothing of the process group is left behind
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        raise AssertionError("processes of `qf up` survived it")
