@@ -4,17 +4,28 @@
 #   docker run --rm -p 8000:8000 quantumflow:local # the whole stack in one container (`qf up`)
 #   docker run --rm quantumflow:local marketdata   # one service (what docker-compose.yml does)
 #
-# Dependencies are installed one of two ways, chosen at build time:
-#   * normal (users, CI): requirements.txt from the package index;
-#   * offline: put pre-built wheels for requirements.txt *and* the build backend
-#     (setuptools, pinned in pyproject.toml) in ./wheels/ of the build context,
-#     e.g. `pip download --only-binary=:all: -d wheels -r requirements.txt setuptools==80.9.0`
-#     (from another platform add `--platform manylinux2014_x86_64 --python-version 3.11`);
-#     the build then installs with `--no-index --find-links` and needs no network.
-#     Another directory: `--build-arg WHEELS_DIR=path/in/context` (and let it
-#     through .dockerignore, which admits only `wheels/`).
-# The base image is a build argument so a mirror or a pre-pulled tag can be used
-# (docker-compose.yml passes $QUANTUMFLOW_BASE_IMAGE).
+# Two ways to build, chosen by build arguments:
+#
+# * With a registry and a package index (users, CI): nothing to do. The base image
+#   is python:3.11-slim, and pip installs requirements.txt from the index.
+#
+# * Without a registry, or without network during the build ("Building without a
+#   registry", what tests/test_compose.py does on a machine that cannot pull):
+#   1. a base image with Python 3.11 from Debian's own packages, as root:
+#        tests/docker/build-base.sh quantumflow-base:bookworm
+#      (debootstrap of a minimal bookworm with python3 and python3-venv, then
+#      `docker import`; any image with Python 3.11 and `python -m venv` works);
+#   2. wheels for requirements.txt *and* the build backend (setuptools, pinned in
+#      pyproject.toml), built on the host into ./wheels/ of the build context:
+#        pip wheel -w wheels -r requirements.txt setuptools==80.9.0
+#      (from another Python or platform: `pip download --only-binary=:all:
+#      --python-version 3.11 --platform manylinux2014_x86_64 -d wheels ...`);
+#      when there are *.whl files the build installs with `--no-index --find-links`
+#      and needs no network. Another directory: `--build-arg WHEELS_DIR=wheels/sub`
+#      (.dockerignore admits only what is under `wheels/`);
+#   3. docker build --build-arg BASE_IMAGE=quantumflow-base:bookworm -t quantumflow:local .
+#      or, for Compose: QUANTUMFLOW_BASE_IMAGE=quantumflow-base:bookworm docker compose build
+#   `python -m tests.docker.image` (from the repository, in its .venv) does all three.
 # Only plain Dockerfile features: Debian's docker-compose 1.29 builds with the classic builder.
 
 ARG BASE_IMAGE=python:3.11-slim

@@ -17,7 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the test suite drives for real (installed only when missing, as root).
-SYSDEPS := docker-compose:docker-compose prometheus:prometheus
+# debootstrap: tests/docker/build-base.sh builds the container tests' base image from Debian packages.
+SYSDEPS := docker-compose:docker-compose prometheus:prometheus debootstrap:debootstrap
 sysdeps:
 	@missing=""; for pair in $(SYSDEPS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -12,6 +12,11 @@ from bench import tick_to_trade
 
 BENCHMARKS = {
     "tick_to_trade": tick_to_trade.run,
+    "broker": lambda: __import__("bench.broker", fromlist=["run"]).run(),
+    "marketdata": lambda: __import__("bench.marketdata", fromlist=["run"]).run(),
+    "compose": lambda: __import__("bench.compose", fromlist=["run"]).run(),
+    "md_rss": lambda: __import__("bench.md_rss", fromlist=["run"]).run(),
+    "risk": lambda: __import__("bench.risk", fromlist=["run"]).run(),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

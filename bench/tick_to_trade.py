@@ -35,6 +35,8 @@ def run() -> dict[str, float]:
         # recorded pace ×10 so orders are frequent, yet each one meets an idle-ish pipeline as live would
         "QF_FEED": f"replay:{CAPTURE}", "QF_REPLAY_SPEED": "10", "QF_REPLAY_LOOP": "true",
         "QF_STRATEGY_COOLDOWN_MS": "0", "QF_RISK_MAX_POSITION": "0.001",
+        # our pipeline's own cost: the broker's simulated exchange latency (10 ms by default) is off
+        "QF_BROKER_LATENCY_MODE": "constant", "QF_BROKER_LATENCY_MS": "0",
     })
     samples: list[float] = []
     done = threading.Event()

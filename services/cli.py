@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import sys
-import urllib.request
 
 from shared import config as qfconfig
 from shared import log as qflog
@@ -47,7 +46,11 @@ def run_service(name: str) -> int:
         from services.risk.service import RiskService as cls
     else:
         from services.broker.service import BrokerService as cls
-    service = cls(cfg)
+    try:
+        service = cls(cfg)
+    except ConfigError as exc:  # a setting only the service itself can judge
+        print(f"qf {name}: {exc}", file=sys.stderr)
+        return 2
     on_stop_signals(service.stop)
     try:
         service.run()
@@ -76,6 +79,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    import urllib.request  # here, not at the top: health checks run every few seconds
+
     cfg = _load_config()
     if args.service == "api":
         host, _, port = cfg.api.bind.rpartition(":")
@@ -109,6 +114,46 @@ def cmd_book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_marketdata(overrides: dict[str, str], name: str, **service_args) -> int:
+    """Run the marketdata service with QF_ overrides (for `qf record` / `qf replay`)."""
+    try:
+        cfg = qfconfig.load({**os.environ, **overrides})
+    except ConfigError as exc:
+        print(f"qf {name}: {exc}", file=sys.stderr)
+        return 2
+    log = qflog.setup("marketdata", cfg.common.log_level)
+    log.info("config", extra=cfg.effective())
+    from services.marketdata.service import MarketDataService
+    from shared.runtime import on_stop_signals
+
+    service = MarketDataService(cfg, **service_args)
+    on_stop_signals(service.stop)
+    try:
+        service.run()
+    except (FatalError, OSError) as exc:
+        log.error("fatal", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    overrides = {"QF_SYMBOLS": args.symbols, "QF_FEED": "live", "QF_MD_RECORD": args.out}
+    if args.rotate_s is not None:
+        overrides["QF_MD_RECORD_ROTATE_S"] = str(args.rotate_s)
+    if args.rotate_mb is not None:
+        overrides["QF_MD_RECORD_ROTATE_MB"] = str(args.rotate_mb)
+    return _run_marketdata(overrides, "record", publish=False)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    overrides = {"QF_FEED": "replay:" + ",".join(args.capture), "QF_REPLAY_SPEED": str(args.speed)}
+    if args.loop:
+        overrides["QF_REPLAY_LOOP"] = "true"
+    if args.symbols:
+        overrides["QF_SYMBOLS"] = args.symbols
+    return _run_marketdata(overrides, "replay", exit_when_done=not args.loop)
+
+
 def cmd_config(args: argparse.Namespace) -> int:  # noqa: ARG001 - uniform signature
     print("| variable | default | meaning |\n|---|---|---|")
     for env, default, help_ in qfconfig.all_settings():
@@ -140,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depth", type=int, help="levels per side to print (default: all)")
     b.add_argument("--market", choices=["spot", "usdm"], help="default: detected from the events")
     b.set_defaults(func=cmd_book)
+    r = sub.add_parser("record", help="record live Binance streams and snapshots to rotating capture files",
+                       description="Connect to Binance like marketdata (QF_BINANCE_*), keep the books synced so "
+                                   "every resync's snapshot is recorded, and write the capture format of "
+                                   "DESIGN.md to OUT-<UTC start>-<n>.jsonl.gz segments, flushed every 0.5 s. "
+                                   "Publishes nothing, so it can run beside a stack. Ctrl-C stops it.")
+    r.add_argument("--symbols", required=True, help="e.g. btcusdt,ethusdt (usdm:btcusdt for USD-M futures)")
+    r.add_argument("--out", required=True, help="capture path, .jsonl.gz or .jsonl")
+    r.add_argument("--rotate-s", type=float, help="new file after this many seconds (QF_MD_RECORD_ROTATE_S)")
+    r.add_argument("--rotate-mb", type=float, help="new file after this many MB (QF_MD_RECORD_ROTATE_MB)")
+    r.set_defaults(func=cmd_record)
+    rp = sub.add_parser("replay", help="publish captures on QF_MD_PUB as if live",
+                        description="Run marketdata on recorded captures: book.*/trade.*/status.* on QF_MD_PUB. "
+                                    "Several --capture play side by side; a+b plays b after a.")
+    rp.add_argument("--capture", required=True, action="append",
+                    help="[spot:|usdm:]FILE[+FILE...] (market detected when not given); repeatable")
+    rp.add_argument("--speed", type=float, default=1.0, help="1 = as recorded (default), 0 = as fast as possible")
+    rp.add_argument("--loop", action="store_true", help="start over at the end, until stopped")
+    rp.add_argument("--symbols", help="symbols to publish (default QF_SYMBOLS), e.g. btcusdt,usdm:btcusdt")
+    rp.set_defaults(func=cmd_replay)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

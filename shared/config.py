@@ -142,8 +142,58 @@ class CommonConfig:
 
 @dataclass(frozen=True, slots=True)
 class MarketDataConfig:
-    symbols: tuple = setting("QF_SYMBOLS", "btcusdt", _symbols, "comma-separated Binance symbols")
-    feed: Feed = setting("QF_FEED", "live", parse_feed, "'live' or 'replay:<capture.jsonl.gz>'")
+    # This section's own formats; parsers live here so the section stays self-contained.
+    def _market_symbols(raw: str) -> tuple[str, ...]:  # noqa: N805 - a parser used below, not a method
+        """`btcusdt,usdm:btcusdt` → ("BTCUSDT", "USDM:BTCUSDT"); `usdm:` selects USD-M futures."""
+        keys: list[str] = []
+        for item in (i.strip() for i in raw.split(",")):
+            if not item:
+                continue
+            market, sep, name = item.partition(":")
+            market, name = (market.lower(), name) if sep else ("spot", market)
+            if market not in ("spot", "usdm"):
+                raise ValueError(f"{item!r}: a symbol's market prefix is spot: or usdm:")
+            key = _symbols(name)[0] if market == "spot" else "USDM:" + _symbols(name)[0]
+            if key not in keys:
+                keys.append(key)
+        if not keys:
+            raise ValueError("needs at least one symbol, e.g. btcusdt")
+        return tuple(keys)
+
+    def _feeds(raw: str) -> Feed:  # noqa: N805
+        """`live`, or `replay:` + captures played side by side (`,`), each
+        `[spot:|usdm:]PATH[+PATH…]` (`+`: segments played one after another)."""
+        value = raw.strip()
+        if not value.startswith("replay:") or value == "replay:":
+            return parse_feed(value)
+        items = []
+        for item in value[7:].split(","):
+            market, sep, rest = item.partition(":")
+            prefix = ""
+            if sep and market in ("spot", "usdm"):
+                prefix, item = market + ":", rest
+            items.append(prefix + "+".join(parse_feed("replay:" + p).path for p in item.split("+")))
+        return Feed("replay", ",".join(items))
+
+    def _bind(raw: str) -> str:  # noqa: N805
+        value = raw.strip()
+        host, sep, port = value.rpartition(":")
+        if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
+            raise ValueError("must be empty (off) or host:port, e.g. 127.0.0.1:9101 (port 0: any free port)")
+        return value
+
+    def _capture_out(raw: str) -> str:  # noqa: N805
+        value = raw.strip()
+        if value and not value.endswith((".jsonl", ".jsonl.gz")):
+            raise ValueError("must be empty (off) or a path ending in .jsonl.gz or .jsonl")
+        return value
+
+    symbols: tuple = setting("QF_SYMBOLS", "btcusdt", _market_symbols,
+                             "comma-separated Binance symbols; usdm:btcusdt = USD-M futures, "
+                             "published as USDM:BTCUSDT")
+    feed: Feed = setting("QF_FEED", "live", _feeds,
+                         "'live' or 'replay:<capture.jsonl.gz>'; replay:a.gz,usdm:b.gz plays captures side by "
+                         "side, a.gz+b.gz one after the other")
     replay_speed: float = setting("QF_REPLAY_SPEED", "1", _float(0.0, 1e6),
                                   "replay speed, 1 = as recorded, 0 = as fast as possible")
     replay_loop: bool = setting("QF_REPLAY_LOOP", "false", _bool, "start the capture again when it ends")
@@ -151,10 +201,29 @@ class MarketDataConfig:
                               "Binance WebSocket base")
     binance_rest: str = setting("QF_BINANCE_REST", "https://api.binance.com", _url("http", "https"),
                                 "Binance REST base (depth snapshots)")
+    binance_usdm_ws: str = setting("QF_BINANCE_USDM_WS", "wss://fstream.binance.com", _url("ws", "wss"),
+                                   "Binance USD-M futures WebSocket base (usdm: symbols)")
+    binance_usdm_rest: str = setting("QF_BINANCE_USDM_REST", "https://fapi.binance.com", _url("http", "https"),
+                                     "Binance USD-M futures REST base (/fapi/v1/depth snapshots)")
     book_depth: int = setting("QF_BOOK_DEPTH", "10", _int(1, 100), "levels per side published in book.*")
-    snapshot_limit: int = setting("QF_SNAPSHOT_LIMIT", "1000", _int(5, 5000), "REST depth snapshot limit")
+    snapshot_limit: int = setting("QF_SNAPSHOT_LIMIT", "1000", _int(5, 5000),
+                                  "REST depth snapshot limit (USD-M: at most 1000)")
     watchdog_s: float = setting("QF_MD_WATCHDOG_S", "10", _float(0.5, 600), "reconnect after this much silence")
     backoff_max_s: float = setting("QF_MD_BACKOFF_MAX_S", "30", _float(0.1, 3600), "reconnect backoff cap")
+    book_ticker: bool = setting("QF_MD_BOOK_TICKER", "false", _bool,
+                                "also subscribe to bookTicker and check the book's best levels against it")
+    rotate_s: float = setting("QF_MD_ROTATE_S", "82800", _float(1.0, 86_000),
+                              "connection age at which a replacement is opened (Binance cuts at 24 h); "
+                              "the old one closes once the new one is synced")
+    metrics_bind: str = setting("QF_MD_METRICS_BIND", "", _bind,
+                                "host:port of marketdata's own Prometheus /metrics (empty: off)")
+    record: str = setting("QF_MD_RECORD", "", _capture_out,
+                          "also record what marketdata receives to this capture path (empty: off)")
+    record_rotate_s: float = setting("QF_MD_RECORD_ROTATE_S", "3600", _float(1.0, 7 * 86400),
+                                     "start a new capture file after this many seconds")
+    record_rotate_mb: float = setting("QF_MD_RECORD_ROTATE_MB", "256", _float(0.001, 1e6),
+                                      "start a new capture file after this many MB (compressed)")
+    del _market_symbols, _feeds, _bind, _capture_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +247,77 @@ class RiskConfig:
     stale_book_ms: int = setting("QF_RISK_STALE_BOOK_MS", "5000", _int(10, 3_600_000),
                                  "no book for this long → REJECTED STALE_BOOK")
 
+    # This section's own format; the parser lives here so the section stays self-contained.
+    def _symbol_limits(raw: str) -> str:  # noqa: N805 - a parser used below, not a method
+        """`btcusdt max_position=0.02 lot_size=0.00001; usdm:ethusdt max_notional=500` →
+        the same, canonical (upper-case symbols, keys checked, decimals normalised)."""
+        keys = ("max_position", "max_notional", "max_order_notional", "min_notional", "lot_size", "tick_size")
+        out = []
+        for entry in (e.strip() for e in raw.split(";")):
+            if not entry:
+                continue
+            name, *pairs = entry.split()
+            market, sep, sym = name.partition(":")
+            if (sep and market.lower() != "usdm") or not (sym if sep else market).isalnum():
+                raise ValueError(f"{name!r} is not a symbol like btcusdt or usdm:btcusdt")
+            parts = [name.upper()]
+            for pair in pairs:
+                key, eq, value = pair.partition("=")
+                if key not in keys or not eq:
+                    raise ValueError(f"{pair!r}: expected key=value with a key of {', '.join(keys)}")
+                amount = _decimal(Decimal(0), Decimal("1e12"))(value)
+                if key in ("lot_size", "tick_size") and not amount:
+                    raise ValueError(f"{pair!r}: a step must be positive")
+                parts.append(f"{key}={amount:f}")
+            out.append(" ".join(parts))
+        return "; ".join(out)
+
+    max_notional: Decimal = setting("QF_RISK_MAX_NOTIONAL", "1000", _decimal(Decimal(0), Decimal("1e12")),
+                                    "max absolute position per symbol in the quote asset (at the mid)")
+    max_order_notional: Decimal = setting("QF_RISK_MAX_ORDER_NOTIONAL", "500",
+                                          _decimal(Decimal(0), Decimal("1e12")), "max notional of one order")
+    min_notional: Decimal = setting("QF_RISK_MIN_NOTIONAL", "5", _decimal(Decimal(0), Decimal("1e12")),
+                                    "min notional of one order (Binance spot: 5)")
+    lot_size: Decimal = setting("QF_RISK_LOT_SIZE", "0.00001", _decimal(Decimal("1e-8"), Decimal("1e6")),
+                                "quantity step (Binance BTCUSDT: 0.00001)")
+    tick_size: Decimal = setting("QF_RISK_TICK_SIZE", "0.01", _decimal(Decimal("1e-8"), Decimal("1e6")),
+                                 "LIMIT price step (Binance BTCUSDT: 0.01)")
+    symbol_limits: str = setting("QF_RISK_SYMBOL_LIMITS", "", _symbol_limits,
+                                 "per-symbol overrides: 'ethusdt lot_size=0.0001 max_position=0.3; btcusdt …' "
+                                 "(keys: max_position, max_notional, max_order_notional, min_notional, "
+                                 "lot_size, tick_size)")
+    max_open_orders: int = setting("QF_RISK_MAX_OPEN_ORDERS", "10", _int(0, 100_000),
+                                   "max resting (GTC LIMIT) orders in total")
+    price_band_bps: Decimal = setting("QF_RISK_PRICE_BAND_BPS", "100", _decimal(Decimal(0), Decimal("10000")),
+                                      "a LIMIT price must be within this many bps of the mid (0: no band)")
+    orders_per_s: int = setting("QF_RISK_ORDERS_PER_S", "10", _int(1, 1_000_000),
+                                "orders per second per strategy (token bucket)")
+    orders_per_min: int = setting("QF_RISK_ORDERS_PER_MIN", "300", _int(1, 60_000_000),
+                                  "orders per minute per strategy (token bucket)")
+    loss_streak: int = setting("QF_RISK_LOSS_STREAK", "0", _int(0, 1000),
+                               "losing round trips that pause entries (0: off)")
+    loss_window_min: float = setting("QF_RISK_LOSS_WINDOW_MIN", "30", _float(0.01, 1440),
+                                     "… counted within this many minutes")
+    loss_pause_min: float = setting("QF_RISK_LOSS_PAUSE_MIN", "15", _float(0.01, 1440),
+                                    "… pause entries for this many minutes")
+    daily_loss: Decimal = setting("QF_RISK_DAILY_LOSS", "0.02", _decimal(Decimal(0), Decimal(1)),
+                                  "loss since the UTC day's start equity, as a fraction, that HALTs (0: off)")
+    daily_loss_soft: Decimal = setting("QF_RISK_DAILY_LOSS_SOFT", "0.01", _decimal(Decimal(0), Decimal(1)),
+                                       "… that switches to REDUCING (0: off)")
+    max_drawdown: Decimal = setting("QF_RISK_MAX_DRAWDOWN", "0.05", _decimal(Decimal(0), Decimal(1)),
+                                    "drawdown from peak equity, as a fraction, that HALTs (0: off)")
+    drawdown_soft: Decimal = setting("QF_RISK_DRAWDOWN_SOFT", "0.03", _decimal(Decimal(0), Decimal(1)),
+                                     "… that switches to REDUCING (0: off)")
+    day_reset: bool = setting("QF_RISK_DAY_RESET", "false", _bool,
+                              "a new UTC day lifts a state set by the daily-loss breaker")
+    adjust: bool = setting("QF_RISK_ADJUST", "true", _bool,
+                           "cut an order over a position limit to what fits (ADJUSTED) instead of rejecting it")
+    spin_us: int = setting("QF_RISK_SPIN_US", "0", _int(0, 100_000),
+                           "busy-poll this long after each message before sleeping (idle-core wake-ups)")
+    control_timeout_ms: int = setting("QF_RISK_CONTROL_TIMEOUT_MS", "3000", _int(10, 60_000),
+                                      "how long the API waits for risk's answer to a control request")
+    del _symbol_limits
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
@@ -185,6 +325,34 @@ class BrokerConfig:
     maker_fee: Decimal = setting("QF_BROKER_MAKER_FEE", "0.001", _decimal(Decimal(0), Decimal("0.1")), "maker fee rate")
     start_cash: Decimal = setting("QF_START_CASH", "10000", _decimal(Decimal(0), Decimal("1e12")),
                                   "paper cash in the quote asset")
+
+    def _one_of(*choices: str) -> Callable[[str], str]:  # a parser factory, used while this body runs
+        def parse(raw: str) -> str:
+            value = raw.strip().lower()
+            if value not in choices:
+                raise ValueError(f"must be one of {', '.join(choices)}")
+            return value
+        return parse
+
+    # Latencies are capped at 200 ms: entry plus feed lag must stay under risk's broker timeout.
+    latency_mode: str = setting("QF_BROKER_LATENCY_MODE", "feed", _one_of("feed", "constant", "lognormal"),
+                                "order entry latency: 'feed' (the feed's measured exchange-to-receive lag, "
+                                "else QF_BROKER_LATENCY_MS), 'constant', or 'lognormal' sampled")
+    latency_ms: float = setting("QF_BROKER_LATENCY_MS", "10", _float(0.0, 200.0),
+                                "entry latency in ms: the constant, the lognormal median, the fallback of 'feed'")
+    latency_sigma: float = setting("QF_BROKER_LATENCY_SIGMA", "0.5", _float(0.0, 3.0),
+                                   "shape (sigma of the log) of the lognormal entry latency")
+    queue_model: str = setting("QF_BROKER_QUEUE_MODEL", "power", _one_of("power", "log", "risk_averse"),
+                               "queue position of resting orders: probabilistic 'power' or 'log' "
+                               "(hftbacktest's), or conservative 'risk_averse'")
+    queue_power: float = setting("QF_BROKER_QUEUE_POWER", "2", _float(0.1, 10.0),
+                                 "exponent n of the 'power' queue model")
+    fee_asset: str = setting("QF_BROKER_FEE_ASSET", "quote", _one_of("quote", "received"),
+                             "fees paid in the quote asset, or in the asset received (Binance without BNB)")
+    equity_s: float = setting("QF_BROKER_EQUITY_S", "10", _float(0.1, 86400.0),
+                              "equity snapshot period in seconds (also one per fill)")
+    seed: int = setting("QF_BROKER_SEED", "0", _int(0, 2**63 - 1), "seed of the sampled latency")
+    del _one_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,10 @@ class OrderRow(BaseModel):
     reason = pw.TextField(default="")
     created_ts = pw.BigIntegerField()
     updated_ts = pw.BigIntegerField()
+    # issue #5: when the order reached the simulated exchange, and the mids it was judged against
+    arrival_ts = pw.BigIntegerField(null=True)
+    decision_mid = DecimalText(null=True)
+    arrival_mid = DecimalText(null=True)
 
     class Meta:
         table_name = "orders"
@@ -72,6 +76,12 @@ class FillRow(BaseModel):
     exch_ts = pw.BigIntegerField()
     ts = pw.BigIntegerField(index=True)
     mid_at_fill = DecimalText(null=True)
+    # issue #5: fill quality (see messages.Fill)
+    decision_mid = DecimalText(null=True)
+    arrival_mid = DecimalText(null=True)
+    slippage_decision = DecimalText(null=True)
+    slippage_arrival = DecimalText(null=True)
+    queue_wait_ns = pw.BigIntegerField(null=True)
 
     class Meta:
         table_name = "fills"
@@ -127,7 +137,33 @@ def init_db(target: str, create: bool = True) -> pw.Database:
     db.connect(reuse_if_open=True)
     if create:
         db.create_tables(MODELS, safe=True)
+        add_missing_columns(db)
     return db
+
+
+def add_missing_columns(db: pw.Database) -> list[str]:
+    """Add model columns an older database file lacks (new columns are nullable),
+    so every service can read it. Returns the `table.column` names added."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    def missing() -> list[tuple[str, pw.Field]]:
+        out = []
+        for model in MODELS:
+            table = model._meta.table_name
+            have = {c.name for c in db.get_columns(table)}
+            out += [(table, f) for f in model._meta.sorted_fields if f.column_name not in have and f.null]
+        return out
+
+    todo = missing()
+    if todo:
+        migrator = SchemaMigrator.from_database(db)
+        try:
+            with db.atomic():
+                migrate(*(migrator.add_column(t, f.column_name, f) for t, f in todo))
+        except pw.OperationalError:
+            if missing():  # not just another service adding the same columns first
+                raise
+    return [f"{t}.{f.column_name}" for t, f in todo]
 
 
 def close_db() -> None:
@@ -156,3 +192,25 @@ def insert_rows(model: type[BaseModel], rows: list[dict]) -> None:
         _INSERT_SQL[key] = sql
     for row in rows:
         database.execute_sql(sql, [f.db_value(row[c]) for f, c in zip(fields_, cols)])
+
+
+class RiskCheckpoint(BaseModel):
+    """Issue #4: risk's own state that fills cannot rebuild (trading state with its reason
+    and author, peak equity, the UTC day's start equity, fired breakers); the newest row
+    is what risk resumes from after a restart."""
+    ts = pw.BigIntegerField(index=True)
+    state = pw.TextField()
+    code = pw.TextField(default="")
+    reason = pw.TextField(default="")
+    by = pw.TextField(default="")
+    state_ts = pw.BigIntegerField(default=0)
+    peak_equity = DecimalText(null=True)
+    day = pw.IntegerField(null=True)  # days since the epoch, UTC
+    day_start_equity = DecimalText(null=True)
+    tripped = pw.TextField(default="")  # breaker keys that fired and still hold, comma-separated
+
+    class Meta:
+        table_name = "risk_checkpoints"
+
+
+MODELS = (*MODELS, RiskCheckpoint)

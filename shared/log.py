@@ -3,6 +3,7 @@ import logging
 import sys
 import time
 
+_OWN_KEYS = frozenset({"ts", "level", "svc", "event", "exc"})
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -27,6 +28,8 @@ class KeyValueFormatter(logging.Formatter):
                  f"event={_fmt_value(record.getMessage())}"]
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
+                if key in _OWN_KEYS:  # never two `event=` on one line: the extra one is renamed
+                    key = "x_" + key
                 parts.append(f"{key}={_fmt_value(value)}")
         if record.exc_info:
             parts.append("exc=" + _fmt_value(self.formatException(record.exc_info)))

@@ -252,6 +252,7 @@ class ControlReply(Message):
     reason: str
     positions: dict  # symbol -> decimal string
     equity: Decimal
+    detail: dict | None = None  # realized, fees, peak and day-start equity, flatten results
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,6 +291,23 @@ class Fill(Message):
     fee_asset: str
     liquidity: Liquidity
     exch_ts: int
+    # Fill quality (issue #5), optional: left off the wire while unset, so a fill
+    # without them encodes byte for byte as before.
+    decision_mid: Decimal | None = None  # mid when the broker took the order (decision time)
+    arrival_mid: Decimal | None = None  # mid of the book the order met at the simulated exchange
+    slippage_decision: Decimal | None = None  # side sign × (price − decision_mid): > 0 cost, < 0 improvement
+    slippage_arrival: Decimal | None = None  # the same against arrival_mid
+    queue_wait_ns: int = 0  # maker fills: from joining the queue to this fill; 0 for takers
+
+    _QUALITY: ClassVar[tuple[str, ...]] = ("decision_mid", "arrival_mid", "slippage_decision",
+                                           "slippage_arrival", "queue_wait_ns")
+
+    def to_wire(self, seq: int | None = None) -> dict:
+        out = Message.to_wire(self, seq)
+        for name in self._QUALITY:
+            if out[name] is None or out[name] == 0:
+                del out[name]
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

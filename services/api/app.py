@@ -1,6 +1,7 @@
 """Flask app: thin JSON and Prometheus views over services.api.queries."""
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import re
@@ -13,8 +14,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 from services.api import queries
+from shared import messages
+from shared.bus import LazyPirateClient, NoReply
 from shared.config import Config
 from shared.db import database, init_db
+from shared.enums import ControlAction
+from shared.errors import DecodeError
+from shared.messages import Control, ControlReply, Error
 
 log = logging.getLogger("qf.api")
 
@@ -55,6 +61,60 @@ class _Database:
             self.pid = os.getpid()
         elif database.obj is not self.db:
             database.initialize(self.db)  # another app in this process (tests) rebound the models
+
+
+def check_token(expected: str, header: str | None) -> None:
+    """Control endpoints need `Authorization: Bearer <QF_API_TOKEN>`. Raises ApiError: 403
+    `control_disabled` when no token is configured, 401 without a bearer token, 403 for a wrong one."""
+    if not expected:
+        raise ApiError(403, "control_disabled", "control endpoints are off: QF_API_TOKEN is not set")
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "unauthorized", "this endpoint needs an Authorization: Bearer token")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise ApiError(403, "forbidden", "the bearer token is not valid")
+
+
+def ask_risk(cfg: Config, action: ControlAction, by: str, reason: str) -> dict:
+    """Send a `control` request to risk (Lazy Pirate REQ, one attempt: a control is not
+    repeated behind the caller's back) and return its reply as a JSON-able dict.
+    Raises ApiError 503 when risk does not answer in time, 502 when it answers with an error."""
+    client = LazyPirateClient(cfg.bus.risk_rep, cfg.risk.control_timeout_ms, retries=1)
+    try:
+        raw = client.request(messages.encode(Control(ts=time.time_ns(), action=action, by=by, reason=reason)))
+    except NoReply:
+        raise ApiError(503, "risk_unavailable",
+                       f"risk did not answer within {cfg.risk.control_timeout_ms} ms") from None
+    finally:
+        client.close()
+    try:
+        reply = messages.decode(raw, messages.REQUESTS)
+    except DecodeError as exc:
+        raise ApiError(502, "bad_risk_reply", f"risk's answer could not be read: {str(exc)[:80]}") from None
+    if isinstance(reply, Error):
+        raise ApiError(502, "risk_error", f"{reply.code}: {reply.text}"[:300])
+    if not isinstance(reply, ControlReply):
+        raise ApiError(502, "bad_risk_reply", f"unexpected {reply.TYPE} answer")
+    return {"state": reply.state.value, "reason": reply.reason, "positions": reply.positions,
+            "equity": reply.equity, "detail": reply.detail}
+
+
+def _control_body() -> tuple[ControlAction, str, str]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise bad_param("the body must be a JSON object: {\"action\": \"HALT|RESUME|FLATTEN\", \"reason\": \"…\"}")
+    unknown = sorted(set(body) - {"action", "reason", "by"})
+    if unknown:
+        raise bad_param(f"unknown field(s): {', '.join(unknown)}; allowed: action, reason, by")
+    action = body.get("action")
+    if action not in ("HALT", "RESUME", "FLATTEN"):
+        raise bad_param(f"action must be HALT, RESUME or FLATTEN, got {str(action)[:40]!r}")
+    reason, by = body.get("reason"), body.get("by", "")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise bad_param("reason must be a non-empty string of at most 500 characters")
+    if not isinstance(by, str) or len(by) > 80:
+        raise bad_param("by must be a string of at most 80 characters")
+    return ControlAction(action), f"api:{by}" if by else "api", reason.strip()
 
 
 def error_body(code: str, message: str) -> dict:
@@ -114,7 +174,7 @@ class _TradingCollector:
                                      labels=["symbol"])
         for pos in s["positions"]:
             position.add_metric([pos.symbol], float(pos.qty))
-            realized.add_metric([pos.symbol], float(pos.realized_pnl))
+            realized.add_metric([pos.symbol], float(pos.realized))
         yield position
         yield realized
 
@@ -127,12 +187,15 @@ def create_app(cfg: Config) -> Flask:
 
     @app.before_request
     def _open_db():
-        if request.endpoint not in (None, "health"):  # health reports failures itself
+        if request.endpoint not in (None, "health", "control", "risk_state"):  # health reports failures itself
             db.ensure()
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return jsonify(error_body(exc.code, exc.message)), exc.status
+        resp = jsonify(error_body(exc.code, exc.message))
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="quantumflow"'
+        return resp, exc.status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -180,6 +243,20 @@ def create_app(cfg: Config) -> Flask:
         body = {"fills": s["fills"], "orders": s["orders"], "equity": s["equity"],
                 "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": time.time_ns()}
         return jsonify(queries.jsonable(body))
+
+    @app.post("/api/v1/control")
+    def control():
+        check_token(cfg.api.token, request.headers.get("Authorization"))
+        action, by, reason = _control_body()
+        answer = ask_risk(cfg, action, by, reason)
+        log.warning("control", extra={"action": action.value, "by": by, "reason": reason, "state": answer["state"]})
+        return jsonify(queries.jsonable(answer))
+
+    @app.get("/api/v1/risk/state")
+    def risk_state():
+        check_token(cfg.api.token, request.headers.get("Authorization"))
+        _params(set())
+        return jsonify(queries.jsonable(ask_risk(cfg, ControlAction.STATE, "api", "")))
 
     @app.get("/metrics")
     def metrics():

@@ -1,1 +1,1 @@
-"""Paper broker: order state machine, book-walking fills, fees, the SQLite writes of orders and fills."""
+"""Paper broker: the FillModel (latency, book walking, queues, fees), the order state machine, its SQLite writes."""

@@ -1,12 +1,12 @@
-"""Pure paper-broker core: order state machine, book walking, fees, cash and positions."""
+"""Pure paper-broker core: order state machine, fees, acks and events, cash and positions."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from enum import Enum
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
-from shared.enums import (OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce)
+from shared.enums import OPEN_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
 from shared.errors import InvalidTransition
 from shared.messages import Ack, Fill, OrderEvent, OrderRequest
 
@@ -56,6 +56,11 @@ def next_status(status: OrderStatus, trigger: Trigger) -> OrderStatus:
         raise InvalidTransition(f"{status.value} --{trigger.value}--> ?") from None
 
 
+def base_asset(symbol: str) -> str:
+    """'BTCUSDT' -> 'BTC'. Raises ValueError for a symbol with no known quote suffix."""
+    return symbol.upper()[:-len(quote_asset(symbol))]
+
+
 def quote_asset(symbol: str) -> str:
     """'BTCUSDT' -> 'USDT'. Raises ValueError for a symbol with no known quote suffix."""
     sym = symbol.upper()
@@ -79,55 +84,6 @@ def to_decimal(x: float | int) -> Decimal:
 def fee(price: Decimal, qty: Decimal, rate: Decimal) -> Decimal:
     """Fee in the quote asset for one fill: price * qty * rate, exact (not rounded)."""
     return canonical(MONEY.multiply(MONEY.multiply(price, qty), rate))
-
-
-def walk_book(side: Side, qty: Decimal, levels: Sequence[Sequence],
-              limit: Decimal | None = None) -> list[tuple[Decimal, Decimal]]:
-    """Take `qty` from `levels` (the side being consumed: asks for a BUY, bids
-    for a SELL; `[price, qty]` best first, wire floats or Decimals), never past `limit`.
-
-    Returns `[(price, qty), ...]` per level taken, Decimals; their qtys sum to
-    at most `qty` (less when the book or the limit runs out). Levels with a
-    non-positive price or size are skipped."""
-    out: list[tuple[Decimal, Decimal]] = []
-    left = qty
-    for lvl in levels:
-        if left <= 0:
-            break
-        price, size = _dec(lvl[0]), _dec(lvl[1])
-        if price <= 0 or size <= 0:
-            continue
-        if limit is not None and (price > limit if side is Side.BUY else price < limit):
-            break  # levels are sorted best first: nothing further can cross either
-        take = min(left, size)
-        out.append((price, take))
-        left -= take
-    return out
-
-
-def _dec(x) -> Decimal:
-    return x if isinstance(x, Decimal) else to_decimal(x)
-
-
-def unconsumed(levels: Sequence[Sequence], taken: Mapping[Decimal, Decimal]
-               ) -> tuple[list[tuple[Decimal, Decimal]], dict[Decimal, Decimal]]:
-    """A book side less what our paper fills already took at each price.
-
-    Paper fills do not move the real book, so without this an unchanged book
-    would fill the same liquidity again and again. A price that has left the
-    book is forgotten (its liquidity, if it returns, is new). Takes `levels`
-    (wire floats, best first) and `taken` (price -> qty); returns the levels
-    still available and the pruned `taken` (a new dict)."""
-    out, kept = [], {}
-    for lvl in levels:
-        price, size = to_decimal(lvl[0]), to_decimal(lvl[1])
-        used = taken.get(price)
-        if used is not None:
-            kept[price] = used
-            size -= used
-        if size > 0:
-            out.append((price, size))
-    return out, kept
 
 
 def vwap(slices: Iterable[tuple[Decimal, Decimal]]) -> Decimal | None:
@@ -225,32 +181,6 @@ class Order:
         self.reason, self.updated_ts = reason, ts
 
 
-def match(order: Order, levels: Sequence[Sequence], fee_rate: Decimal, now_ns: int,
-          exch_ts: int) -> list[Fill]:
-    """Fill what of `order` crosses `levels` (the opposite side, best first) as
-    a taker; mutates `order`. Returns the new fills (each in the quote asset's fee)."""
-    limit = order.price if order.kind is OrderKind.LIMIT else None
-    out = []
-    fee_asset = quote_asset(order.symbol)
-    for price, qty in walk_book(order.side, order.remaining, levels, limit):
-        fill_id = order.fill(price, qty, now_ns)
-        out.append(Fill(ts=now_ns, fill_id=fill_id, order_id=order.order_id,
-                        client_order_id=order.client_order_id, symbol=order.symbol, side=order.side,
-                        price=price, qty=qty, fee=fee(price, qty, fee_rate), fee_asset=fee_asset,
-                        liquidity=Liquidity.TAKER, exch_ts=exch_ts))
-    return out
-
-
-def execute_new(order: Order, levels: Sequence, fee_rate: Decimal, now_ns: int, exch_ts: int) -> list[Fill]:
-    """Run a new order against `levels` (the opposite side, best first): MARKET
-    and IOC orders fill what they can and cancel the rest (NO_LIQUIDITY when
-    nothing filled); a GTC LIMIT keeps its remainder open. Mutates `order`; returns its fills."""
-    fills = match(order, levels, fee_rate, now_ns, exch_ts)
-    if order.is_open and (order.kind is OrderKind.MARKET or order.tif is TimeInForce.IOC):
-        order.cancel(IOC_REMAINDER if fills else NO_LIQUIDITY, now_ns)
-    return fills
-
-
 def fill_dict(fill: Fill) -> dict:
     """A Fill as the plain map carried in `Ack.fills` (Decimals as strings)."""
     wire = fill.to_wire()
@@ -279,11 +209,15 @@ class Account:
     positions: dict[str, Decimal] = field(default_factory=dict)
     last_price: dict[str, Decimal] = field(default_factory=dict)
 
-    def apply(self, symbol: str, side: Side, price: Decimal, qty: Decimal, fee_paid: Decimal) -> None:
-        """Book one fill: BUY pays price*qty, SELL receives it; the fee is paid either way."""
+    def apply(self, symbol: str, side: Side, price: Decimal, qty: Decimal, fee_paid: Decimal,
+              fee_asset: str | None = None) -> None:
+        """Book one fill: BUY pays price*qty, SELL receives it; the fee is paid either
+        way, from cash when `fee_asset` is the quote asset (or None), else from the position."""
+        in_base = fee_asset is not None and fee_asset != quote_asset(symbol)
         with localcontext(MONEY):
-            self.cash -= side.sign * price * qty + fee_paid
-            self.positions[symbol] = self.positions.get(symbol, ZERO) + side.sign * qty
+            self.cash -= side.sign * price * qty + (ZERO if in_base else fee_paid)
+            received = side.sign * qty - (fee_paid if in_base else ZERO)
+            self.positions[symbol] = self.positions.get(symbol, ZERO) + received
         self.last_price[symbol] = price
 
     def equity(self, marks: Mapping[str, Decimal]) -> Decimal:

@@ -1,4 +1,4 @@
-"""Broker service shell: ROUTER for orders and cancels, SUB books, PUB orders and fills, SQLite writes."""
+"""Broker service shell: ROUTER for orders and cancels, SUB books and trades, PUB orders and fills, SQLite writes."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,123 +7,117 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from decimal import Decimal
 from typing import Callable
 
-import peewee as pw
 import zmq
 from prometheus_client import Counter, Histogram
 
-from services.broker import core
-from services.broker.core import Account, Order
+from services.broker import core, store
+from services.broker.core import Order
+from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
+from services.broker.latency import LatencyModel
+from services.broker.queue import make_queue_model
 from shared import messages
 from shared.bus import Publisher, Server, Subscriber
 from shared.config import Config
-from shared.db import EquitySnapshot, FillRow, OrderRow, database, init_db, insert_rows
-from shared.enums import OPEN_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
+from shared.db import database, init_db
+from shared.enums import OrderStatus
 from shared.errors import DecodeError
-from shared.messages import Ack, Book, Cancel, Error, Fill, OrderRequest
+from shared.messages import Ack, Book, Cancel, Error, OrderRequest, Trade
 from shared.runtime import HeartbeatMaker, Liveness, Ticker
 
 log = logging.getLogger("qf.broker")
 
-ORDERS = Counter("qf_broker_orders_total", "Orders answered, by resulting status", ["status"])
-FILLS = Counter("qf_broker_fills_total", "Fills committed")
-DUPLICATES = Counter("qf_broker_duplicates_total", "Repeated client_order_id answered from storage")
+ORDERS = Counter("qf_broker_orders_total", "Order changes committed, by resulting status", ["status"])
+FILLS = Counter("qf_broker_fills_total", "Fills committed, by liquidity", ["liquidity"])
+DUPLICATES = Counter("qf_broker_duplicates_total", "Repeated client_order_id answered without a new order")
 BAD_FRAMES = Counter("qf_broker_decode_errors_total", "Frames that were not valid messages", ["source"])
-FAILURES = Counter("qf_broker_request_failures_total", "Requests that failed inside the broker")
-HANDLE_SECONDS = Histogram("qf_broker_request_seconds", "Time to answer one request, commit included",
-                           buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25))
+FAILURES = Counter("qf_broker_request_failures_total", "Messages or commits that failed inside the broker")
+ACK_SECONDS = Histogram("qf_broker_request_seconds", "Request received to reply sent, simulated latency included",
+                        buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5))
 
-POLL_MS = 100  # loop turn; bounds how long stop() takes
+POLL_MS = 100  # longest loop turn; bounds how long stop() takes
 DRAIN_MAX = 1000  # messages per socket per turn, so one busy socket cannot starve the other
 ACK_CACHE_MAX = 4096  # recent answers kept for Lazy Pirate retries; older ones come from the database
 
 Events = list[tuple[str, messages.Message]]
-
-
-def _order_fields(order: Order) -> dict:
-    return dict(order_id=order.order_id, client_order_id=order.client_order_id, strategy=order.strategy,
-                symbol=order.symbol, side=order.side.value, kind=order.kind.value, tif=order.tif.value,
-                qty=order.qty, price=order.price, status=order.status.value, filled_qty=order.filled_qty,
-                avg_price=order.avg_price, reason=order.reason, created_ts=order.created_ts,
-                updated_ts=order.updated_ts)
-
-
-def _fill_fields(fill: Fill, mid: Decimal | None) -> dict:
-    return dict(fill_id=fill.fill_id, order_id=fill.order_id, client_order_id=fill.client_order_id,
-                symbol=fill.symbol, side=fill.side.value, price=fill.price, qty=fill.qty, fee=fill.fee,
-                fee_asset=fill.fee_asset, liquidity=fill.liquidity.value, exch_ts=fill.exch_ts, ts=fill.ts,
-                mid_at_fill=mid)
-
-
-def _fill_from_row(row: FillRow) -> Fill:
-    return Fill(ts=row.ts, fill_id=row.fill_id, order_id=row.order_id, client_order_id=row.client_order_id,
-                symbol=row.symbol, side=Side(row.side), price=row.price, qty=row.qty, fee=row.fee,
-                fee_asset=row.fee_asset, liquidity=row.liquidity, exch_ts=row.exch_ts)
-
-
-def _order_from_row(row: OrderRow, fills: list[FillRow]) -> Order:
-    order = Order(order_id=row.order_id, client_order_id=row.client_order_id, strategy=row.strategy,
-                  symbol=row.symbol, side=Side(row.side), kind=OrderKind(row.kind), tif=TimeInForce(row.tif),
-                  qty=row.qty, price=row.price, created_ts=row.created_ts, status=OrderStatus(row.status),
-                  filled_qty=row.filled_qty, reason=row.reason, updated_ts=row.updated_ts)
-    order.notional = sum((f.price * f.qty for f in fills), core.ZERO)
-    order.fill_count = len(fills)
-    return order
+Waiter = tuple[list, float]  # (ROUTER envelope, perf_counter at receipt)
 
 
 class BrokerService:
     """The paper broker. `BrokerService(cfg)` opens the database, rebuilds cash,
     positions and open orders from it and binds its sockets; `run()` blocks
-    until `stop()`; then sockets and the database are closed."""
+    until `stop()`; then sockets and the database are closed.
+
+    Replies are deferred: an order is answered once it has reached the simulated
+    exchange and been matched (after the entry latency), with the fills it got
+    there, after they are committed; a cancel once it took effect."""
 
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.fee_rate = cfg.broker.taker_fee
-        self.account = Account(cfg.broker.start_cash)
-        self.open: dict[str, Order] = {}  # client_order_id -> open (resting) order
         self.acks: OrderedDict[str, Ack] = OrderedDict()
-        self.books: dict[str, Book] = {}
-        self.taken: dict[tuple[str, Side], dict[Decimal, Decimal]] = {}  # see core.unconsumed
-        self.stats = {"orders": 0, "fills": 0, "rejects": 0, "decode_errors": 0}
+        self.order_waiters: dict[str, list[Waiter]] = {}
+        self.cancel_waiters: dict[int, Waiter] = {}
+        self._tokens = 0
+        self.stats = {"orders": 0, "fills": 0, "rejects": 0, "decode_errors": 0, "commit_failures": 0}
         self._stop = threading.Event()
         self._closed = False
         init_db(cfg.common.db)
-        self._rebuild()
+        self._load()
         database.close()  # run() may be on another thread; it opens its own connection
         self.server = Server(cfg.bus.broker_rep, ctx)
-        self.md = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx)
+        self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade."], cfg.bus.hwm, ctx)
         self.pub = Publisher(cfg.bus.broker_pub, cfg.bus.hwm, ctx)
         self.liveness = Liveness(cfg.common.run_dir, "broker")
         self.heartbeat = HeartbeatMaker("broker")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
+        self.equity_ticker = Ticker(int(cfg.broker.equity_s * 1000))
+        self.checkpointer = store.Checkpointer(cfg.common.db)
+
+    @property
+    def books(self) -> dict[str, Book]:
+        """The latest book per symbol."""
+        return {s: m.book for s, m in self.model.markets.items()}
+
+    @property
+    def open(self) -> dict[str, Order]:
+        """Open orders that have reached the book, by client_order_id."""
+        return {c: w.order for c, w in self.model.working.items() if w.arrival_ts is not None}
 
     # -- state from the database ----------------------------------------------------
 
-    def _rebuild(self) -> None:
-        for row in FillRow.select().order_by(FillRow.ts, FillRow.fill_id):
-            self.account.apply(row.symbol, Side(row.side), row.price, row.qty, row.fee)
-            self.stats["fills"] += 1
-        open_values = [s.value for s in OPEN_STATUSES]
-        for row in OrderRow.select().where(OrderRow.status.in_(open_values)).order_by(OrderRow.created_ts):
-            fills = list(FillRow.select().where(FillRow.order_id == row.order_id).order_by(FillRow.ts))
-            self.open[row.client_order_id] = _order_from_row(row, fills)
-        log.info("rebuilt", extra={"fills": self.stats["fills"], "open_orders": len(self.open),
-                                   "cash": self.account.cash})
+    def _load(self) -> None:
+        b = self.cfg.broker
+        latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, b.seed)
+        self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
+                               latency, b.fee_asset)
+        self.account, fills = store.load_account(b.start_cash)
+        self.stats["fills"] = fills
+        for order, row in store.load_open():
+            self.model.restore(order, row.arrival_ts, row.decision_mid, row.arrival_mid)
+        log.info("rebuilt", extra={"fills": fills, "open_orders": len(self.model.working),
+                                   "cash": self.account.cash, "queue_model": self.model.queue.name,
+                                   **latency.describe()})
 
-    def _stored_ack(self, client_order_id: str) -> Ack | None:
-        """The answer for an order already in the database (the first answer after a restart)."""
-        row = OrderRow.get_or_none(OrderRow.client_order_id == client_order_id)
-        if row is None:
+    def _reload(self) -> None:
+        """After a failed commit the model is ahead of the database: rebuild it from
+        there (keeping the books). Requests in flight get no answer; their clients retry."""
+        markets = self.model.markets
+        self._load()
+        self.model.markets = markets
+        self.order_waiters.clear()
+        self.cancel_waiters.clear()
+
+    def _stored_ack(self, client_order_id: str, reason: str | None = None) -> Ack | None:
+        found = store.stored(client_order_id)
+        if found is None:
             return None
-        fills = list(FillRow.select().where(FillRow.order_id == row.order_id).order_by(FillRow.ts, FillRow.fill_id))
-        order = _order_from_row(row, fills)
-        ack = core.ack_for(order, [core.fill_dict(_fill_from_row(f)) for f in fills], order.updated_ts)
+        order, fills = found
+        ack = core.ack_for(order, map(core.fill_dict, fills), order.updated_ts)
         self._remember(ack)
-        return ack
+        return ack if reason is None else dataclasses.replace(ack, reason=reason)
 
     def _remember(self, ack: Ack) -> None:
         self.acks[ack.client_order_id] = ack
@@ -131,157 +125,139 @@ class BrokerService:
         if len(self.acks) > ACK_CACHE_MAX:
             self.acks.popitem(last=False)
 
-    def _commit(self, order: Order, new: bool, fills: list[Fill], account: Account) -> None:
-        """One transaction: the order row, its new fills and an equity snapshot if anything filled.
-        Raises peewee.IntegrityError when a new order's client_order_id is already stored."""
-        mid = self._mark(order.symbol)
-        with database.atomic():
-            if new:
-                insert_rows(OrderRow, [_order_fields(order)])
-            else:
-                OrderRow.update(**_order_fields(order)).where(OrderRow.order_id == order.order_id).execute()
-            if fills:
-                insert_rows(FillRow, [_fill_fields(f, mid) for f in fills])
-                marks = {s: core.to_decimal(b.mid) for s, b in self.books.items()}
-                insert_rows(EquitySnapshot, [dict(ts=order.updated_ts, equity=account.equity(marks),
-                                                  cash=account.cash, note=order.order_id)])
-
-    def _mark(self, symbol: str) -> Decimal | None:
-        book = self.books.get(symbol)
-        return core.to_decimal(book.mid) if book is not None else None
-
-    def _available(self, book: Book, side: Side) -> list:
-        """The side of `book` an order on `side` takes from, less what paper fills already took there."""
-        key = (book.symbol, side)
-        levels, self.taken[key] = core.unconsumed(book.asks if side is Side.BUY else book.bids,
-                                                  self.taken.get(key, {}))
-        return levels
-
-    def _with_fills(self, fills: list[Fill]) -> Account:
-        """A copy of the account with `fills` applied; swapped in only after the commit."""
-        acct = Account(self.account.cash, dict(self.account.positions), dict(self.account.last_price))
-        for f in fills:
-            acct.apply(f.symbol, f.side, f.price, f.qty, f.fee)
-        return acct
-
     # -- requests ---------------------------------------------------------------------
 
-    def handle(self, payload: bytes) -> tuple[bytes, Events]:
-        """One request payload -> (reply payload, events to publish after replying).
-        Never raises for a bad request: it becomes an `Error` reply."""
+    def request(self, envelope: list, payload: bytes) -> None:
+        """One request: answered now (an error, a repeat, a bad order) or when the
+        simulated exchange has processed it. Never raises for a bad request."""
         now = self.clock()
+        waiter = (envelope, time.perf_counter())
         try:
             req = messages.decode(payload, messages.REQUESTS)
         except DecodeError as exc:
             self.stats["decode_errors"] += 1
             BAD_FRAMES.labels("request").inc()
             log.warning("bad_request", extra={"code": exc.reason, "detail": exc.detail})
-            return messages.encode(Error(ts=now, code=exc.reason, text=exc.detail)), []
+            return self._reply(waiter, Error(ts=now, code=exc.reason, text=exc.detail))
         if isinstance(req, OrderRequest):
-            ack, events = self.place(req, now)
+            self.place(waiter, req, now)
         elif isinstance(req, Cancel):
-            ack, events = self.cancel(req.client_order_id, now)
+            self.cancel(waiter, req.client_order_id, now)
         else:
             self.stats["decode_errors"] += 1
             BAD_FRAMES.labels("request").inc()
-            return messages.encode(Error(ts=now, code="unexpected_type", text=req.TYPE)), []
-        return messages.encode(ack), events
+            self._reply(waiter, Error(ts=now, code="unexpected_type", text=req.TYPE))
 
-    def place(self, req: OrderRequest, now: int) -> tuple[Ack | Error, Events]:
-        """Execute a new order against the latest book, commit, and return its Ack
-        plus the events to publish; a known client_order_id returns the stored Ack."""
-        cached = self.acks.get(req.client_order_id)
-        if cached is not None:
+    def place(self, waiter: Waiter, req: OrderRequest, now: int) -> None:
+        """A new order goes in flight; a known client_order_id gets its order's answer (never a second order)."""
+        coid = req.client_order_id
+        known = self.acks.get(coid)
+        if known is None and self.model.in_flight(coid):
             DUPLICATES.inc()
-            return cached, []
+            self.order_waiters[coid].append(waiter)
+            return
+        if known is None and store.exists(coid):
+            known = self._stored_ack(coid)
+        if known is not None:
+            DUPLICATES.inc()
+            return self._reply(waiter, known)
         order_id = uuid.uuid4().hex
-        fills: list[Fill] = []
         try:
             core.quote_asset(req.symbol)
             order = Order.from_request(req, order_id, now)
+            self.model.submit(order, now)
         except ValueError as exc:
+            log.info("order_invalid", extra={"client_order_id": coid, "why": str(exc)})
             order = Order.rejected(req, order_id, now, core.BAD_ORDER)
-            log.info("order_invalid", extra={"client_order_id": req.client_order_id, "why": str(exc)})
-        else:
-            book = self.books.get(req.symbol)
-            if book is None:
-                order.reject(core.NO_BOOK, now)
-            else:
-                levels = self._available(book, order.side)
-                fills = core.execute_new(order, levels, self.fee_rate, now, book.exch_ts)
-        account = self._with_fills(fills)
-        try:
-            self._commit(order, True, fills, account)
-        except pw.IntegrityError:
-            stored = self._stored_ack(req.client_order_id)
-            if stored is None:
-                raise
-            DUPLICATES.inc()
-            return stored, []
-        self.stats["orders"] += 1
-        return self._committed(order, fills, account)
+            self.order_waiters[coid] = [waiter]
+            self._process([Update(ARRIVED, coid, order)])
+            return
+        self.order_waiters[coid] = [waiter]
 
-    def _committed(self, order: Order, fills: list[Fill], account: Account) -> tuple[Ack, Events]:
-        self.account = account
-        for f in fills:
-            taken = self.taken.setdefault((f.symbol, f.side), {})
-            taken[f.price] = taken.get(f.price, core.ZERO) + f.qty
-        if order.is_open:
-            self.open[order.client_order_id] = order
-        else:
-            self.open.pop(order.client_order_id, None)
+    def cancel(self, waiter: Waiter, client_order_id: str, now: int) -> None:
+        """A cancel for an order held by the exchange takes effect after the latency;
+        a finished one is answered now with reason "not open"; an unknown one with an Error."""
+        self._tokens += 1
+        if self.model.cancel(client_order_id, now, self._tokens):
+            self.cancel_waiters[self._tokens] = waiter
+            return
+        known = self.acks.get(client_order_id)
+        known = dataclasses.replace(known, reason=core.NOT_OPEN) if known else \
+            self._stored_ack(client_order_id, core.NOT_OPEN)
+        self._reply(waiter, known or Error(ts=now, code="UNKNOWN_ORDER", text=client_order_id))
+
+    # -- committing what the model did -------------------------------------------------------
+
+    def _process(self, updates: list[Update]) -> None:
+        """Commit `updates` in one transaction, then reply to whoever waits and publish."""
+        if not updates:
+            return
+        changes = []
+        for u in updates:
+            if u.event != NOT_OPEN:
+                w = u.working
+                changes.append(store.Change(u.order, u.event == ARRIVED, u.fills,
+                                            w.arrival_ts if w else None, w.decision_mid if w else None,
+                                            w.arrival_mid if w else None))
+        if changes:
+            try:
+                self.account = store.commit(changes, self.account, self.model.marks())
+            except Exception:
+                # nothing was committed, so nothing is told; the model is rebuilt from the database
+                FAILURES.inc()
+                self.stats["commit_failures"] += 1
+                log.exception("commit_failed", extra={"orders": len(changes)})
+                self._reload()
+                return
+        events: Events = []
+        for u in updates:
+            if u.event == NOT_OPEN:
+                self._answer_cancel(u, None)
+                continue
+            ack = self._after_commit(u, events)
+            if u.event == ARRIVED:
+                for waiter in self.order_waiters.pop(u.client_order_id, ()):
+                    self._reply(waiter, ack)
+            if u.cancel_token is not None:
+                self._answer_cancel(u, ack)
+        self._publish(events)
+
+    def _after_commit(self, u: Update, events: Events) -> Ack:
+        order, fills = u.order, u.fills
         prior = self.acks.get(order.client_order_id)
         if prior is None and order.fill_count > len(fills):
             ack = self._stored_ack(order.client_order_id)  # earlier fills fell out of the cache
         else:
-            fill_maps = [*(prior.fills if prior is not None else ()), *map(core.fill_dict, fills)]
-            ack = core.ack_for(order, fill_maps, order.updated_ts)
+            maps = [*(prior.fills if prior is not None else ()), *map(core.fill_dict, fills)]
+            ack = core.ack_for(order, maps, order.updated_ts)
             self._remember(ack)
+        if u.event == ARRIVED:
+            self.stats["orders"] += 1
         self.stats["fills"] += len(fills)
-        FILLS.inc(len(fills))
+        for f in fills:
+            FILLS.labels(f.liquidity.value).inc()
         ORDERS.labels(order.status.value).inc()
         if order.status is OrderStatus.REJECTED:
             self.stats["rejects"] += 1
         # Fills before the order's new status: risk drops a working order on its
-        # terminal event, so this order over-counts exposure for a moment instead of under-counting.
-        events: Events = [(f"fill.{order.symbol}", f) for f in fills]
+        # terminal event, so it over-counts exposure for a moment instead of under-counting.
+        events.extend((f"fill.{order.symbol}", f) for f in fills)
         events.append((f"order.{order.symbol}", core.order_event(order, order.updated_ts)))
-        log.info("order", extra={"order_id": order.order_id, "client_order_id": order.client_order_id,
-                                 "status": order.status.value, "filled_qty": order.filled_qty,
-                                 "avg_price": order.avg_price, "fills": len(fills), "reason": order.reason})
-        return ack, events
+        log.info("order", extra={"step": u.event, "order_id": order.order_id,
+                                 "client_order_id": order.client_order_id, "status": order.status.value,
+                                 "filled_qty": order.filled_qty, "avg_price": order.avg_price,
+                                 "fills": len(fills), "reason": order.reason})
+        return ack
 
-    def cancel(self, client_order_id: str, now: int) -> tuple[Ack | Error, Events]:
-        """Cancel an open order (-> CANCELLED, committed); a terminal one is
-        answered with its stored state and reason "not open"; unknown -> Error."""
-        order = self.open.get(client_order_id)
-        if order is None:
-            stored = self.acks.get(client_order_id) or self._stored_ack(client_order_id)
-            if stored is None:
-                return Error(ts=now, code="UNKNOWN_ORDER", text=client_order_id), []
-            return dataclasses.replace(stored, reason=core.NOT_OPEN), []
-        order = dataclasses.replace(order)
-        order.cancel(core.CANCELLED_BY_CLIENT, now)
-        self._commit(order, False, [], self.account)
-        return self._committed(order, [], self.account)
-
-    # -- market data --------------------------------------------------------------------
-
-    def on_book(self, book: Book) -> Events:
-        """Keep the latest book; fill resting LIMIT orders that it crosses. Returns events to publish."""
-        self.books[book.symbol] = book
-        events: Events = []
-        for coid, resting in list(self.open.items()):
-            if resting.symbol != book.symbol:
-                continue
-            order = dataclasses.replace(resting)
-            levels = self._available(book, order.side)
-            fills = core.match(order, levels, self.fee_rate, self.clock(), book.exch_ts)
-            if fills:
-                account = self._with_fills(fills)
-                self._commit(order, False, fills, account)
-                events.extend(self._committed(order, fills, account)[1])
-        return events
+    def _answer_cancel(self, u: Update, ack: Ack | None) -> None:
+        waiter = self.cancel_waiters.pop(u.cancel_token, None)
+        if waiter is None:
+            return
+        if ack is None:  # the order finished before the cancel arrived
+            known = self.acks.get(u.client_order_id)
+            ack = dataclasses.replace(known, reason=core.NOT_OPEN) if known else \
+                self._stored_ack(u.client_order_id, core.NOT_OPEN)
+        self._reply(waiter, ack or Error(ts=self.clock(), code="UNKNOWN_ORDER", text=u.client_order_id))
 
     # -- loop -----------------------------------------------------------------------------
 
@@ -291,69 +267,87 @@ class BrokerService:
         poller.register(self.server.sock, zmq.POLLIN)
         poller.register(self.md.sock, zmq.POLLIN)
         try:
+            database.connect(reuse_if_open=True)
+            self.checkpointer.start()
             while not self._stop.is_set():
-                ready = dict(poller.poll(POLL_MS))
+                ready = dict(poller.poll(self._timeout_ms()))
                 if self.md.sock in ready:
-                    self._drain_books()
+                    self._drain_md()
                 if self.server.sock in ready:
                     self._drain_requests()
+                self._guarded(lambda: self._process(self.model.advance(self.clock())))
+                if self.equity_ticker.due():
+                    self._guarded(lambda: store.snapshot(self.clock(), self.account, self.model.marks()))
                 if self.ticker.due():
                     self._beat()
         finally:
             self.close()
             log.info("stopped", extra={"orders": self.stats["orders"], "fills": self.stats["fills"]})
 
-    def _drain_books(self) -> None:
+    def _timeout_ms(self) -> int:
+        due = self.model.next_due()
+        if due is None:
+            return POLL_MS
+        return max(0, min(POLL_MS, -(-(due - self.clock()) // 1_000_000)))
+
+    def _drain_md(self) -> None:
+        # Everything waiting is applied first and committed once (group commit): a
+        # burst costs one transaction, and nothing is published before it is durable.
+        updates: list[Update] = []
         for _ in range(DRAIN_MAX):
             try:
                 _topic, msg = self.md.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             except DecodeError as exc:
                 self.stats["decode_errors"] += 1
                 BAD_FRAMES.labels("md").inc()
                 log.warning("bad_md_frame", extra={"code": exc.reason, "detail": exc.detail})
                 continue
             if isinstance(msg, Book):
-                self._publish(self._guarded(self.on_book, msg))
+                self._guarded(lambda: updates.extend(self.model.on_book(msg, self.clock())))
+            elif isinstance(msg, Trade):
+                self._guarded(lambda: updates.extend(self.model.on_trade(msg, self.clock())))
+        self._guarded(lambda: self._process(updates))
 
     def _drain_requests(self) -> None:
         for _ in range(DRAIN_MAX):
             try:
                 envelope, payload = self.server.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if payload is None:
                 self.stats["decode_errors"] += 1
                 BAD_FRAMES.labels("envelope").inc()
                 continue
-            started = time.perf_counter()
-            result = self._guarded(self.handle, payload)
-            if not result:
-                result = (messages.encode(Error(ts=self.clock(), code="internal", text="broker failure")), [])
-            reply, events = result
-            self.server.reply(envelope, reply)
-            HANDLE_SECONDS.observe(time.perf_counter() - started)
-            self._publish(events)
+            if not self._guarded(lambda: self.request(envelope, payload)):
+                self._reply((envelope, time.perf_counter()),
+                            Error(ts=self.clock(), code="internal", text="broker failure"))
+        # zero latency: the requests just read are answered in this turn, with one commit for all
+        self._guarded(lambda: self._process(self.model.advance(self.clock())))
 
-    def _guarded(self, fn, arg):
-        # A bug or a storage failure on one message must not stop the broker;
-        # nothing was committed, so nothing was announced.
+    def _guarded(self, fn: Callable[[], object]) -> bool:
+        # A bug on one message must not stop the broker; nothing was committed, so nothing was announced.
         try:
-            return fn(arg)
+            fn()
+            return True
         except Exception:
             FAILURES.inc()
-            log.exception("request_failed")
-            return []
+            log.exception("message_failed")
+            return False
+
+    def _reply(self, waiter: Waiter, msg: messages.Message) -> None:
+        self.server.reply(waiter[0], messages.encode(msg))
+        ACK_SECONDS.observe(time.perf_counter() - waiter[1])
 
     def _publish(self, events: Events) -> None:
         for topic, msg in events:
             self.pub.publish(topic, msg)
 
     def _beat(self) -> None:
-        marks = {s: core.to_decimal(b.mid) for s, b in self.books.items()}
-        stats = {**self.stats, "open": len(self.open),
-                 "equity": str(self.account.equity(marks))}
+        stats = {**self.stats, "open": len(self.open), "in_flight": self.model.pending,
+                 "feed_lag_ms": self.model.latency.describe()["feed_lag_ms"],
+                 "equity": str(self.account.equity(self.model.marks()))}
         self.pub.publish("heartbeat.broker", self.heartbeat.make("ok", stats))
         self.liveness.touch()
 
@@ -366,6 +360,7 @@ class BrokerService:
         if self._closed:
             return
         self._closed = True
+        self.checkpointer.stop()
         for sock in (self.server, self.md, self.pub):
             sock.close()
         database.close()

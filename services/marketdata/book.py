@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from dataclasses import dataclass
 from heapq import nlargest
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 UNITS = 10**8
 """Integer units per 1.0 of price or quantity (Binance's finest step is 1e-8)."""
 
 _SCALE = [10 ** (8 - i) for i in range(9)]  # units per 1 of the last digit, by decimals
-# Parsed strings are memoised: the same prices and quantities recur in event
-# after event, and a hit (~60 ns, hashing the fresh string included) beats
-# parsing (~165 ns); ~88 % of lookups hit on the spot capture. Only valid
-# strings are stored; clearing bounds memory on long runs.
-_CACHE: dict[str, int] = {}
-_CACHE_MAX = 1 << 17
+_ZERO8 = "0.00000000"  # how Binance spot writes a removed level's quantity
 # Sorted-region sizes per side (see OrderBook): refilled up to _REGION keys,
 # trimmed back to _REGION when it passes _REGION_MAX.
 _REGION = 64
@@ -30,14 +24,9 @@ class EmptyBookError(ValueError):
 
 
 def _parse(s: str) -> int:
+    """The general (slow) path of parse_units; see there."""
     if type(s) is not str:
         raise ValueError(f"not a decimal string: {s!r}")
-    # Fast path for what Binance spot sends: ASCII digits with exactly 8 decimals.
-    # replace(.., 1) removes only the first '.', so a second dot fails isdigit().
-    if len(s) > 9 and s[-9] == ".":
-        d = s.replace(".", "", 1)
-        if d.isdigit() and d.isascii():
-            return int(d)
     neg = s[:1] == "-"
     t = s[1:] if neg else s
     whole, dot, frac = t.partition(".")
@@ -49,19 +38,6 @@ def _parse(s: str) -> int:
     return -u if neg else u
 
 
-def _parse_miss(s: str) -> int:
-    # The 8-decimal fast path again, inline: a cache miss should not pay two calls.
-    if type(s) is str and len(s) > 9 and s[-9] == ".":
-        d = s.replace(".", "", 1)
-        u = int(d) if d.isdigit() and d.isascii() else _parse(s)
-    else:
-        u = _parse(s)
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.clear()
-    _CACHE[s] = u
-    return u
-
-
 def parse_units(s: str) -> int:
     """Parse an exact decimal string into integer units of 1e-8, never via float.
 
@@ -71,8 +47,14 @@ def parse_units(s: str) -> int:
     empty strings, exponents, "nan", '+', spaces, '_', non-ASCII digits,
     a dot without digits on both sides (".5", "5.") or more than 8 decimals.
     """
-    u = _CACHE.get(s) if type(s) is str else None
-    return _parse_miss(s) if u is None else u
+    # Fast path for what Binance spot sends: ASCII digits with exactly 8 decimals.
+    # replace(.., 1) drops only the first '.', so a second dot fails isdigit();
+    # isascii() is a flag read; OrderBook.apply_diff inlines the same test.
+    if type(s) is str and len(s) > 9 and s[-9] == "." and s.isascii():
+        d = s.replace(".", "", 1)
+        if d.isdigit():
+            return int(d)
+    return _parse(s)
 
 
 def units_to_str(u: int) -> str:
@@ -88,9 +70,20 @@ def units_to_str(u: int) -> str:
     return f"{sign}{whole}.{frac:08d}".rstrip("0")
 
 
-@dataclass(frozen=True, slots=True)
-class BookMetrics:
-    """Top-N view of a book as floats, ready for the `book.{SYMBOL}` message."""
+def _level(lv, s) -> int:
+    """Slow path of apply_diff for string `s` of level `lv`: parse_units, with a ValueError
+    naming the level. (Price ranges are checked by the caller.)"""
+    try:
+        return _parse(s)
+    except ValueError as e:
+        raise ValueError(f"bad level {lv!r}: {e}") from None
+
+
+class BookMetrics(NamedTuple):
+    """Top-N view of a book as floats, ready for the `book.{SYMBOL}` message.
+
+    Immutable; a NamedTuple because it is built once per depth event and a frozen
+    dataclass costs ~0.7 µs more to construct."""
 
     bids: list  # [[price, qty], ...] best first
     asks: list
@@ -165,13 +158,16 @@ class OrderBook:
         """Replace the book with a REST snapshot.
 
         Takes lastUpdateId and the [price_str, qty_str] lists. Zero-quantity
-        levels are skipped. Raises ValueError on a malformed price or quantity,
-        leaving the book empty.
+        levels are skipped. Raises ValueError on a malformed level, price or
+        quantity, leaving the book empty.
         """
         self.clear()
         try:
             for raw, side, sign in ((bids, self._bids, 1), (asks, self._asks, -1)):
-                for p, q in raw:
+                for lv in raw:
+                    if type(lv) is not list and type(lv) is not tuple:
+                        raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
+                    p, q = lv
                     pu, qu = parse_units(p), parse_units(q)
                     if qu < 0 or not 0 < pu < _MAX_PRICE:
                         raise ValueError(f"bad level [{p!r}, {q!r}]")
@@ -194,59 +190,101 @@ class OrderBook:
                    update_id: int) -> None:
         """Apply one diff-depth event's [price_str, qty_str] changes and set update_id.
 
-        A quantity replaces the level's; "0" removes it, and removing an absent
+        A quantity replaces the level's; a zero removes it, and removing an absent
         level is normal (Binance reports levels outside our snapshot) and silent.
-        Raises ValueError on a malformed string; the book is then partially
-        updated and must be discarded (BookSync does so).
+        Raises ValueError on a malformed level, price or quantity; the book is
+        then partially updated and must be discarded (BookSync does so).
         """
-        get = _CACHE.get
-        # The two loops differ only in the key's sign; kept apart, unrolled,
-        # because this is the hot path (~45 changes per event).
-        d, keys, edge = self._bids, self._bid_keys, self._bid_edge
-        for p, q in bids:
-            k = get(p)
-            if k is None:
-                k = _parse_miss(p)
-            qu = get(q)
-            if qu is None:
-                qu = _parse_miss(q)
-            if qu > 0:
-                if k not in d:
-                    if not 0 < k < _MAX_PRICE:
-                        raise ValueError(f"{self.symbol}: bad bid price {p!r}")
-                    if k >= edge:
-                        insort(keys, k)
-                d[k] = qu
-            elif qu == 0:
-                if d.pop(k, None) is not None and k >= edge:
-                    del keys[bisect_left(keys, k)]
-            else:
-                raise ValueError(f"{self.symbol}: negative bid quantity {q!r}")
-        if len(keys) > _REGION_MAX:
-            self._bid_edge = _trim(keys)
-        d, keys, edge = self._asks, self._ask_keys, self._ask_edge
-        for p, q in asks:
-            k = get(p)
-            if k is None:
-                k = _parse_miss(p)
-            k = -k
-            qu = get(q)
-            if qu is None:
-                qu = _parse_miss(q)
-            if qu > 0:
-                if k not in d:
-                    if not 0 < -k < _MAX_PRICE:
-                        raise ValueError(f"{self.symbol}: bad ask price {p!r}")
-                    if k >= edge:
-                        insort(keys, k)
-                d[k] = qu
-            elif qu == 0:
-                if d.pop(k, None) is not None and k >= edge:
-                    del keys[bisect_left(keys, k)]
-            else:
-                raise ValueError(f"{self.symbol}: negative ask quantity {q!r}")
-        if len(keys) > _REGION_MAX:
-            self._ask_edge = _trim(keys)
+        # The hot path (~45 changes per event, up to ~1,100): per level, the fast
+        # path of parse_units inlined for the price and the quantity, a string
+        # compare for removals, then one or two dict operations. No parse cache:
+        # among the other traffic of a live feed its lookups miss the CPU caches
+        # and cost more than parsing (measured; see bench/marketdata.py). The two
+        # loops differ only in the key's sign.
+        try:
+            d, keys, edge = self._bids, self._bid_keys, self._bid_edge
+            for lv in bids:
+                if type(lv) is not list and type(lv) is not tuple:
+                    raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
+                p, q = lv
+                if len(p) > 9 and p[-9] == "." and p.isascii():
+                    k = p.replace(".", "", 1)
+                    k = int(k) if k.isdigit() else _level(lv, p)
+                else:
+                    k = _level(lv, p)
+                if q == _ZERO8:
+                    if d.pop(k, None) is not None:
+                        if k >= edge:
+                            del keys[bisect_left(keys, k)]
+                    elif not 0 < k < _MAX_PRICE:  # an absent level is fine, a price of 0 is not
+                        raise ValueError(f"bad bid price in {lv!r}")
+                    continue
+                if len(q) > 9 and q[-9] == "." and q.isascii():
+                    qu = q.replace(".", "", 1)
+                    qu = int(qu) if qu.isdigit() else _level(lv, q)
+                else:
+                    qu = _level(lv, q)
+                if qu > 0:
+                    if k not in d:
+                        if not 0 < k < _MAX_PRICE:
+                            raise ValueError(f"bad bid price in {lv!r}")
+                        if k >= edge:
+                            insort(keys, k)
+                    d[k] = qu
+                elif qu == 0:
+                    if d.pop(k, None) is not None:
+                        if k >= edge:
+                            del keys[bisect_left(keys, k)]
+                    elif not 0 < k < _MAX_PRICE:
+                        raise ValueError(f"bad bid price in {lv!r}")
+                else:
+                    raise ValueError(f"negative bid quantity in {lv!r}")
+            if len(keys) > _REGION_MAX:
+                self._bid_edge = _trim(keys)
+            d, keys, edge = self._asks, self._ask_keys, self._ask_edge
+            for lv in asks:
+                if type(lv) is not list and type(lv) is not tuple:
+                    raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
+                p, q = lv
+                if len(p) > 9 and p[-9] == "." and p.isascii():
+                    k = p.replace(".", "", 1)
+                    k = -int(k) if k.isdigit() else -_level(lv, p)
+                else:
+                    k = -_level(lv, p)
+                if q == _ZERO8:
+                    if d.pop(k, None) is not None:
+                        if k >= edge:
+                            del keys[bisect_left(keys, k)]
+                    elif not 0 < -k < _MAX_PRICE:  # an absent level is fine, a price of 0 is not
+                        raise ValueError(f"bad ask price in {lv!r}")
+                    continue
+                if len(q) > 9 and q[-9] == "." and q.isascii():
+                    qu = q.replace(".", "", 1)
+                    qu = int(qu) if qu.isdigit() else _level(lv, q)
+                else:
+                    qu = _level(lv, q)
+                if qu > 0:
+                    if k not in d:
+                        if not 0 < -k < _MAX_PRICE:
+                            raise ValueError(f"bad ask price in {lv!r}")
+                        if k >= edge:
+                            insort(keys, k)
+                    d[k] = qu
+                elif qu == 0:
+                    if d.pop(k, None) is not None:
+                        if k >= edge:
+                            del keys[bisect_left(keys, k)]
+                    elif not 0 < -k < _MAX_PRICE:
+                        raise ValueError(f"bad ask price in {lv!r}")
+                else:
+                    raise ValueError(f"negative ask quantity in {lv!r}")
+            if len(keys) > _REGION_MAX:
+                self._ask_edge = _trim(keys)
+        except ValueError as e:
+            raise ValueError(f"{self.symbol}: {e}") from None
+        except (TypeError, AttributeError, KeyError) as e:
+            # Not strings where strings belong (an int, a list, a map...).
+            raise ValueError(f"{self.symbol}: malformed depth levels: {e!r}") from None
         self.update_id = update_id
 
     def _bid_region(self, need: int) -> list[int]:
@@ -312,25 +350,24 @@ class OrderBook:
                 f"{self.symbol}: empty side at update {self.update_id} "
                 f"({len(self._bids)} bids, {len(self._asks)} asks)")
         bd, ad = self._bids, self._asks
-        bp = bkeys[: -n - 1 : -1]
-        ak = akeys[: -n - 1 : -1]
-        bq = list(map(bd.__getitem__, bp))
-        aq = list(map(ad.__getitem__, ak))
-        b0, a0, bq0, aq0 = bp[0], -ak[0], bq[0], aq[0]
-        sb, sa = sum(bq), sum(aq)
+        # One loop per side builds the float levels and sums the exact quantities.
+        bids, asks, sb, sa = [], [], 0, 0
+        for k in bkeys[: -n - 1 : -1]:
+            q = bd[k]
+            sb += q
+            bids.append([k / 100000000, q / 100000000])
+        for k in akeys[: -n - 1 : -1]:
+            q = ad[k]
+            sa += q
+            asks.append([-k / 100000000, q / 100000000])
+        b0, a0 = bkeys[-1], -akeys[-1]
+        bq0, aq0 = bd[b0], ad[-a0]
         # Sums and differences in exact integers, then one rounding each;
         # int / int rounds correctly, so 6183763000000 gives exactly 61837.63.
         mid = (b0 + a0) / 200000000
         spread = (a0 - b0) / 100000000
-        return BookMetrics(
-            [[p / 100000000, q / 100000000] for p, q in zip(bp, bq)],
-            [[-k / 100000000, q / 100000000] for k, q in zip(ak, aq)],
-            mid,
-            spread,
-            spread / mid * 1e4,
-            (sb - sa) / (sb + sa),
-            (b0 * aq0 + a0 * bq0) / ((bq0 + aq0) * 100000000),
-        )
+        return BookMetrics(bids, asks, mid, spread, spread / mid * 1e4, (sb - sa) / (sb + sa),
+                           (b0 * aq0 + a0 * bq0) / ((bq0 + aq0) * 100000000))
 
     def check(self) -> None:
         """Verify the internal invariants in O(levels); for tests and debugging.

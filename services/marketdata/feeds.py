@@ -1,38 +1,32 @@
-"""Market-data sources: live Binance (WebSocket + REST snapshots) and capture replay.
-
-Both yield the same records the capture format stores, so the service treats
-them alike: `("ws", recv_ns, {"stream": …, "data": …})` or
-`("snapshot", recv_ns, SYMBOL, {"lastUpdateId": …, "bids": …, "asks": …})`.
-"""
+"""Replay of capture files as if live, reconnect backoff, and frame decoding helpers."""
+# Feeds yield the records the service dispatches (recv_ns = local time when handed out):
+# ("ws", recv_ns, {"stream", "data"}, route), ("raw", recv_ns, frame, route),
+# ("snapshot", recv_ns, SYMBOL, {"lastUpdateId", "bids", "asks"}, route),
+# ("route", recv_ns, route) (a new source of messages), ("disconnected", recv_ns, why, route)
+# and ("idle", recv_ns). The live feed is in live.py.
 from __future__ import annotations
 
-import json
+import heapq
 import logging
 import random
 import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import orjson
 
 from services.marketdata.capture import CaptureError, iter_capture
-from shared.errors import TransientError
+from services.marketdata.symbols import Route
+from services.marketdata.sync import Market
 
 log = logging.getLogger("qf.marketdata.feed")
 
-
-def streams_for(symbols: tuple[str, ...]) -> list[str]:
-    """Combined-stream names per symbol: diff depth at 100 ms and aggregate trades."""
-    out = []
-    for s in symbols:
-        low = s.lower()
-        out += [f"{low}@depth@100ms", f"{low}@aggTrade"]
-    return out
+_DETECT_RECORDS = 20_000  # records read to tell a spot capture from a USD-M one
 
 
 class Backoff:
-    """Exponential backoff with full jitter, reset after a healthy period."""
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base·2ⁿ)),
+    reset once a connection has stayed up for `healthy_s`."""
 
     def __init__(self, base_s: float = 0.5, cap_s: float = 30.0, healthy_s: float = 60.0,
                  rng: random.Random | None = None) -> None:
@@ -41,159 +35,183 @@ class Backoff:
         self.rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * (2 ** self.attempt))
+        """Seconds to wait before the next attempt (never more than the cap)."""
+        ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 62)))
         self.attempt += 1
         return self.rng.uniform(0, ceiling)
 
     def connected_for(self, seconds: float) -> None:
+        """Report how long the last connection lasted; a healthy one resets the backoff."""
         if seconds >= self.healthy:
             self.attempt = 0
 
 
-class ReplayFeed:
-    """Replays a capture file; `speed` 1 = recorded pace, 0 = as fast as possible.
-
-    Records are stamped with the local time at which they are handed out, as
-    if they had just arrived."""
-
-    def __init__(self, path: str, speed: float, loop: bool = False,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
-        self.path, self.speed, self.loop, self.should_stop = path, speed, loop, should_stop
-
-    def records(self) -> Iterator[tuple]:
-        while True:
-            first_t = None
-            start = time.monotonic()
-            for rec in iter_capture(self.path):
-                if self.should_stop():
-                    return
-                t = rec.get("t")
-                if self.speed > 0 and type(t) is int:
-                    first_t = t if first_t is None else first_t
-                    wait = (t - first_t) / 1e9 / self.speed - (time.monotonic() - start)
-                    while wait > 0 and not self.should_stop():  # pacing, in short steps to stay stoppable
-                        time.sleep(min(wait, 0.1))
-                        wait = (t - first_t) / 1e9 / self.speed - (time.monotonic() - start)
-                kind = rec.get("k")
-                if kind == "ws":
-                    yield ("ws", time.time_ns(), rec.get("m"))
-                elif kind == "snapshot":
-                    yield ("snapshot", time.time_ns(), str(rec.get("s", "")).upper(), rec.get("m"))
-                else:
-                    raise CaptureError(f"{self.path}: unknown record kind {kind!r}")
-            if not self.loop:
-                return
-            # the capture starts over: its update ids go back, so books must resync
-            yield ("disconnected", time.time_ns(), "replay restarted")
-
-
-class LiveFeed:
-    """Binance combined streams over one WebSocket, snapshots over REST.
-
-    Never substitutes other data: when Binance cannot be reached it says so
-    and retries with backoff until stopped."""
-
-    def __init__(self, ws_base: str, rest_base: str, symbols: tuple[str, ...], snapshot_limit: int,
-                 watchdog_s: float, backoff: Backoff, should_stop: Callable[[], bool]) -> None:
-        self.url = f"{ws_base}/stream?streams=" + "/".join(streams_for(symbols))
-        self.rest_base = rest_base
-        self.snapshot_limit = snapshot_limit
-        self.watchdog_s = watchdog_s
-        self.backoff = backoff
-        self.should_stop = should_stop
-        self.reconnects = 0
-        self.pending_snapshots: list[str] = []
-
-    def request_snapshot(self, symbol: str) -> None:
-        if symbol not in self.pending_snapshots:
-            self.pending_snapshots.append(symbol)
-
-    def fetch_snapshot(self, symbol: str) -> dict:
-        """GET /api/v3/depth. Raises TransientError on network errors, 429/418 (after
-        honouring nothing here: the caller backs off) and bad bodies."""
-        url = f"{self.rest_base}/api/v3/depth?symbol={symbol.upper()}&limit={self.snapshot_limit}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            retry = exc.headers.get("Retry-After") if exc.headers else None
-            raise TransientError(f"snapshot {symbol}: HTTP {exc.code}" + (f", Retry-After {retry}s" if retry else "")) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise TransientError(f"snapshot {symbol}: {exc}") from None
-        try:
-            snap = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise TransientError(f"snapshot {symbol}: body is not JSON") from None
-        if not isinstance(snap, dict) or "lastUpdateId" not in snap:
-            raise TransientError(f"snapshot {symbol}: unexpected body {body[:80]!r}")
-        return snap
-
-    def records(self) -> Iterator[tuple]:
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-        from websockets.sync.client import connect
-
-        while not self.should_stop():
-            try:
-                ws = connect(self.url, open_timeout=10, close_timeout=2, max_size=2 ** 22)
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                delay = self.backoff.next_delay()
-                log.warning("binance unreachable", extra={"url": self.url, "error": str(exc)[:120],
-                                                          "retry_in_s": round(delay, 2)})
-                yield ("disconnected", time.time_ns(), str(exc)[:200])
-                yield from self._sleep(delay)
-                continue
-            connected_at = time.monotonic()
-            log.info("binance connected", extra={"url": self.url})
-            try:
-                with ws:
-                    last_msg = time.monotonic()
-                    while not self.should_stop():
-                        while self.pending_snapshots:
-                            symbol = self.pending_snapshots[0]
-                            try:
-                                snap = self.fetch_snapshot(symbol)
-                            except TransientError as exc:
-                                delay = self.backoff.next_delay()
-                                log.warning("snapshot failed", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
-                                yield from self._sleep(delay)
-                                break
-                            self.pending_snapshots.pop(0)
-                            yield ("snapshot", time.time_ns(), symbol.upper(), snap)
-                        try:
-                            raw = ws.recv(timeout=0.1)
-                        except TimeoutError:
-                            if time.monotonic() - last_msg > self.watchdog_s:
-                                log.warning("binance silent, reconnecting", extra={"silent_s": self.watchdog_s})
-                                break
-                            yield ("idle", time.time_ns())
-                            continue
-                        last_msg = time.monotonic()
-                        yield ("raw", time.time_ns(), raw)
-            except ConnectionClosed as exc:
-                log.warning("binance connection closed", extra={"code": getattr(exc.rcvd, "code", None)})
-            except OSError as exc:
-                log.warning("binance connection error", extra={"error": str(exc)[:120]})
-            self.backoff.connected_for(time.monotonic() - connected_at)
-            if self.should_stop():
-                return
-            self.reconnects += 1
-            yield ("disconnected", time.time_ns(), "connection lost")
-            yield from self._sleep(self.backoff.next_delay())
-
-    def _sleep(self, seconds: float) -> Iterator[tuple]:
-        """Wait without going silent: yields `("idle", ns)` so the service keeps beating."""
-        deadline = time.monotonic() + seconds
-        while not self.should_stop() and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-            yield ("idle", time.time_ns())
+def decode_frame(raw: str | bytes) -> object:
+    """Parse one WebSocket frame's JSON. Raises ValueError("malformed JSON: …")."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
 
 
 def parse_raw(raw: str | bytes) -> dict:
     """A combined-stream frame → `{"stream", "data"}`; raises ValueError if it is not one."""
-    try:
-        msg = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("stream"), str) or not isinstance(msg.get("data"), dict):
-        raise ValueError(f"not a combined-stream message: {json.dumps(msg)[:80] if not isinstance(msg, bytes) else ''}")
+    msg = decode_frame(raw)
+    if type(msg) is not dict or type(msg.get("stream")) is not str or type(msg.get("data")) is not dict:
+        raise ValueError(f"not a combined-stream message: {str(msg)[:80]}")
     return msg
+
+
+def is_server_shutdown(msg: object) -> bool:
+    """True for Binance's `serverShutdown` event, bare or wrapped (`data` or `event`)."""
+    if type(msg) is not dict:
+        return False
+    for m in (msg, msg.get("data"), msg.get("event")):
+        if type(m) is dict and m.get("e") == "serverShutdown":
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    """One replayed capture: its files, played one after another, and its market
+    (None: read from the records' "x" key, else detected from the depth events)."""
+
+    paths: tuple[str, ...]
+    market: Market | None = None
+
+
+def parse_replay(spec: str) -> list[CaptureSpec]:
+    """`a.gz,usdm:b1.gz+b2.gz` (QF_FEED after `replay:`) → one CaptureSpec per `,` item.
+
+    Raises ValueError on an empty item."""
+    out = []
+    for item in spec.split(","):
+        market = None
+        head, sep, rest = item.partition(":")
+        if sep and head in ("spot", "usdm"):
+            market, item = Market(head), rest
+        paths = tuple(p for p in item.split("+") if p)
+        if not paths:
+            raise ValueError(f"empty capture in {spec!r}")
+        out.append(CaptureSpec(paths, market))
+    return out
+
+
+def detect_market(path: str) -> Market:
+    """USD-M if the first untagged depth event of the capture carries `pu`, else spot."""
+    try:
+        for i, rec in enumerate(iter_capture(path)):
+            m = rec.get("m")
+            if rec.get("k") == "ws" and "x" not in rec and type(m) is dict and type(m.get("data")) is dict:
+                if m["data"].get("e") == "depthUpdate":
+                    return Market.USDM if "pu" in m["data"] else Market.SPOT
+            if i >= _DETECT_RECORDS:
+                break
+    except (CaptureError, OSError):
+        pass  # the replay itself reports the error
+    return Market.SPOT
+
+
+class _Capture:
+    """One capture being replayed: yields (relative ns, record without recv time), looping if asked."""
+
+    def __init__(self, spec: CaptureSpec, keys: tuple[str, ...], index: int, loop: bool) -> None:
+        self.spec, self.keys, self.index, self.loop = spec, keys, index, loop
+        self.default = spec.market or detect_market(spec.paths[0])
+        self.routes: dict[Market, Route] = {}
+        self.failed = False
+
+    def _route(self, market: Market) -> tuple[Route, bool]:
+        route = self.routes.get(market)
+        if route is None:
+            route = self.routes[market] = Route(market, self.keys, gen=self.index,
+                                                label=f"replay#{self.index}:{market.value}")
+            return route, True
+        return route, False
+
+    def play(self) -> Iterator[tuple[int, tuple]]:
+        offset, last = 0, 0
+        while True:
+            first = None
+            try:
+                for path in self.spec.paths:
+                    for rec in iter_capture(path):
+                        t = rec["t"]
+                        if type(t) is int:
+                            first = t if first is None else first
+                            last = offset + t - first
+                        kind = rec["k"]
+                        x = rec.get("x")
+                        market = self.default if x is None else Market.USDM if x == "usdm" else Market.SPOT
+                        route, new = self._route(market)
+                        if new:
+                            yield last, ("route", route)
+                        if kind == "ws":
+                            yield last, ("ws", rec["m"], route)
+                        elif kind == "snapshot":
+                            yield last, ("snapshot", str(rec.get("s", "")).upper(), rec["m"], route)
+            except (CaptureError, OSError) as exc:
+                # A damaged file (e.g. a recorder killed mid-write) ends this capture, not the service.
+                log.error("capture unreadable, its replay ends here", extra={"error": str(exc)[:300]})
+                self.failed = True
+                return
+            if not self.loop or first is None:
+                return
+            offset = last + 1_000_000
+            for route in self.routes.values():
+                # the capture starts over: its update ids go back, so its books must resync
+                yield offset, ("disconnected", "replay restarted", route)
+
+
+class ReplayFeed:
+    """Replays captures as if live: `speed` 1 = recorded pace, 0 = as fast as possible.
+
+    Several captures play side by side, each from its own first record (so a spot and a
+    USD-M capture of different days run together), merged by relative time; each one's
+    records arrive on its own routes. Records are stamped with the local time at which
+    they are handed out, as if they had just arrived."""
+
+    def __init__(self, spec: str | list[CaptureSpec], keys: tuple[str, ...], speed: float, loop: bool = False,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self.specs = parse_replay(spec) if isinstance(spec, str) else list(spec)
+        self.keys, self.speed, self.loop, self.should_stop = tuple(keys), speed, loop, should_stop
+        self.captures: list[_Capture] = []
+
+    def request_snapshot(self, route: Route, name: str) -> None:
+        """Captures carry their snapshots: nothing to fetch."""
+
+    def switched(self, route: Route) -> None:
+        """Replay never opens a replacement connection."""
+
+    def server_shutdown(self, route: Route) -> None:
+        """A recorded serverShutdown has no connection to replace."""
+
+    def close(self) -> None:
+        """Nothing to release: files are closed as each capture ends."""
+
+    def records(self) -> Iterator[tuple]:
+        self.captures = [_Capture(s, self.keys, i, self.loop) for i, s in enumerate(self.specs)]
+        plays = [c.play() for c in self.captures]
+        heap: list[tuple[int, int, tuple]] = []
+        for i, play in enumerate(plays):
+            nxt = next(play, None)
+            if nxt is not None:
+                heap.append((nxt[0], i, nxt[1]))
+        heapq.heapify(heap)
+        start, speed, stop = time.monotonic(), self.speed, self.should_stop
+        while heap:
+            rel, i, rec = heap[0]
+            if stop():
+                return
+            if speed > 0:
+                wait = rel / 1e9 / speed - (time.monotonic() - start)
+                while wait > 0 and not stop():  # pacing, in short steps to stay stoppable
+                    time.sleep(min(wait, 0.05))
+                    wait = rel / 1e9 / speed - (time.monotonic() - start)
+            yield (rec[0], time.time_ns(), *rec[1:])
+            nxt = next(plays[i], None)
+            if nxt is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (nxt[0], i, nxt[1]))

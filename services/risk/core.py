@@ -1,50 +1,22 @@
-"""Pure risk core: pre-trade checks returning reason codes, the trading state, and the position ledger."""
+"""Pure risk core: the trading state, the pre-trade gate over the checks, working orders, P&L and breakers."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
-from typing import TYPE_CHECKING, Iterable, Mapping
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from typing import Iterable, Mapping
 
-from shared.enums import ControlAction, OrderKind, Side, TradingState
+from services.risk import checks as ck
+from services.risk.checks import Reason
+from services.risk.guards import (BREAKER_STATE, DAILY_KEYS, SEVERITY, LossStreak, RateLimiter, breaches)
+from services.risk.limits import RiskLimits
+from shared.enums import TERMINAL_STATUSES, ControlAction, OrderKind, OrderStatus, Side, TimeInForce, TradingState
+from shared.ledger import MONEY, STEP, ZERO, Ledger, mark_of, text
 from shared.messages import OrderRequest
 
-if TYPE_CHECKING:
-    from shared.config import Config
-
-ZERO = Decimal(0)
-STEP = Decimal("1e-8")
-COST_STEP = Decimal("1e-12")  # the cost taken off a partly closed position is rounded here, once
-# 8-decimal prices times 8-decimal quantities need more than the default 28
-# digits at the extremes; with 50 every sum and product below is exact.
-MONEY = Context(prec=50)
-SEEN_FILLS_MAX = 200_000  # fill ids remembered for exactly-once; duplicates arrive within moments
-
-
-class Reason:
-    """Denial codes (Decision.reason["code"])."""
-    HALTED = "HALTED"
-    REDUCE_ONLY = "REDUCE_ONLY"
-    NON_POSITIVE_QTY = "NON_POSITIVE_QTY"
-    BAD_PRICE = "BAD_PRICE"
-    UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
-    STALE_BOOK = "STALE_BOOK"
-    MAX_POSITION = "MAX_POSITION"
-    BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
-    BROKER_ERROR = "BROKER_ERROR"
-
-
-TEXTS = {
-    Reason.HALTED: "trading is halted",
-    Reason.REDUCE_ONLY: "trading state is REDUCING: only orders that shrink a position",
-    Reason.NON_POSITIVE_QTY: "quantity must be positive",
-    Reason.BAD_PRICE: "a LIMIT order needs a positive price",
-    Reason.UNKNOWN_SYMBOL: "symbol is not traded here",
-    Reason.STALE_BOOK: "no fresh order book for the symbol",
-    Reason.MAX_POSITION: "position including this order (and working orders) would exceed the limit",
-    Reason.BROKER_UNAVAILABLE: "broker did not answer",
-    Reason.BROKER_ERROR: "broker could not read the order",
-}
+DAY_NS = 86_400 * 1_000_000_000
+UNCERTAIN_NS = 10 * 1_000_000_000  # an order whose fate the broker never told us counts this long at most
+TARGET = {ControlAction.HALT: TradingState.HALTED, ControlAction.RESUME: TradingState.ACTIVE,
+          ControlAction.FLATTEN: TradingState.REDUCING}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,247 +29,322 @@ class Denial:
         return {"code": self.code, "text": self.text}
 
 
-# -- checks: each returns a reason code or None ------------------------------------
-
-def check_state(state: TradingState, position: Decimal, order: OrderRequest) -> str | None:
-    """HALTED denies everything; REDUCING allows only orders that shrink |position| without flipping it."""
-    if state is TradingState.HALTED:
-        return Reason.HALTED
-    if state is TradingState.REDUCING:
-        reduces = position * order.side.sign < 0 and order.qty <= abs(position)
-        return None if reduces else Reason.REDUCE_ONLY
-    return None
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """The order may go to the broker with `qty` (less than asked when `adjusted`)."""
+    qty: Decimal
+    adjusted: bool = False
 
 
-def check_qty(order: OrderRequest) -> str | None:
-    """NON_POSITIVE_QTY for qty ≤ 0."""
-    return Reason.NON_POSITIVE_QTY if order.qty <= 0 else None
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """A trading-state transition, to be persisted and published by the shell."""
+    ts: int
+    state: TradingState
+    previous: TradingState
+    code: str  # HALT / RESUME / FLATTEN, a breaker key, or NEW_DAY
+    reason: str
+    by: str
 
-
-def check_price(order: OrderRequest) -> str | None:
-    """BAD_PRICE for a LIMIT order without a positive price."""
-    if order.kind is OrderKind.LIMIT and (order.price is None or order.price <= 0):
-        return Reason.BAD_PRICE
-    return None
-
-
-def check_symbol(order: OrderRequest, symbols: frozenset[str]) -> str | None:
-    """UNKNOWN_SYMBOL unless the order's symbol is one of `symbols` (cfg.md.symbols)."""
-    return None if order.symbol in symbols else Reason.UNKNOWN_SYMBOL
-
-
-def check_book(last_book_ns: int | None, now_ns: int, stale_ns: int) -> str | None:
-    """Stale when no book ever arrived or the last one is older than `stale_ns`."""
-    if last_book_ns is None or now_ns - last_book_ns > stale_ns:
-        return Reason.STALE_BOOK
-    return None
-
-
-def check_max_position(position: Decimal, working: Decimal, order: OrderRequest,
-                       max_position: Decimal) -> str | None:
-    """Worst case on the order's side: position, plus what working orders on that
-    side may still fill (`working` ≥ 0), plus this order; its absolute value must stay ≤ the limit."""
-    worst = position + order.side.sign * (working + order.qty)
-    return Reason.MAX_POSITION if abs(worst) > max_position else None
-
-
-# -- ledger ---------------------------------------------------------------------------
 
 @dataclass(slots=True)
-class Position:
-    """One symbol's position with an average-cost basis. `cost` is signed
-    (qty * average entry price), so realized - cost changes by exactly the
-    fill's cash flow: the ledger balances to the last digit."""
-    qty: Decimal = ZERO
-    cost: Decimal = ZERO
-    realized: Decimal = ZERO
-    fees: Decimal = ZERO
-    last_price: Decimal = ZERO
-    mark: Decimal | None = None
-
-    @property
-    def avg_price(self) -> Decimal | None:
-        """Average entry price of the open quantity, rounded half-even to 1e-8; None when flat."""
-        if not self.qty:
-            return None
-        with localcontext(MONEY):
-            return (self.cost / self.qty).quantize(STEP, ROUND_HALF_EVEN)
-
-    def unrealized(self) -> Decimal:
-        """qty marked at the book mid (or the last fill price before any book) minus its cost."""
-        mark = self.last_price if self.mark is None else self.mark
-        with localcontext(MONEY):
-            return self.qty * mark - self.cost
-
-    def apply(self, side: Side, qty: Decimal, price: Decimal, fee: Decimal) -> None:
-        """Book one fill: close against the open quantity first (realizing P&L), open with the rest."""
-        sign = side.sign
-        with localcontext(MONEY):
-            left = qty
-            if self.qty and (self.qty > 0) != (sign > 0):
-                closing = min(qty, abs(self.qty))
-                if closing == abs(self.qty):
-                    removed = self.cost
-                else:
-                    removed = (self.cost * closing / abs(self.qty)).quantize(COST_STEP, ROUND_HALF_EVEN)
-                self.realized += -sign * closing * price - removed
-                self.cost -= removed
-                self.qty += sign * closing
-                left -= closing
-            if left:
-                self.qty += sign * left
-                self.cost += sign * left * price
-            self.fees += fee
-        self.last_price = price
-
-
-def _dec(value: object, name: str) -> Decimal:
-    # Money never passes through float (DESIGN.md, exactness).
-    if isinstance(value, (float, bool)) or not isinstance(value, (str, int, Decimal)):
-        raise ValueError(f"{name}: expected a decimal string, got {type(value).__name__}")
-    d = Decimal(value)
-    if not d.is_finite():
-        raise ValueError(f"{name}: not finite")
-    return d
+class Working:
+    """An order that may still fill: resting at the broker, or of unknown fate until `expires_ns`."""
+    symbol: str
+    side: Side
+    qty: Decimal
+    remaining: Decimal
+    rests: bool
+    expires_ns: int = 0  # 0: known to the broker
 
 
 class RiskEngine:
-    """Pre-trade checks, trading state and positions. Pure: time comes in as `now_ns`.
+    """Pre-trade checks, trading state, working orders, the ledger and the breakers.
+    Pure: time comes in as `now_ns`; state changes collect in `changes` for the shell;
+    `dirty` says the figures of `snapshot()` moved since the shell last stored them."""
 
-    `symbols`: traded symbols (upper case); `max_position`: max |base position| per
-    symbol; `stale_book_ms`: a book older than this denies orders (STALE_BOOK)."""
-
-    def __init__(self, symbols: Iterable[str], max_position: Decimal, stale_book_ms: int,
-                 state: TradingState = TradingState.ACTIVE) -> None:
-        self.symbols = frozenset(s.upper() for s in symbols)
-        self.max_position = max_position
-        self.stale_ns = stale_book_ms * 1_000_000
-        self.state = state
-        self.state_reason = ""
-        self.positions: dict[str, Position] = {}
+    def __init__(self, limits: RiskLimits, start_cash: Decimal) -> None:
+        self.limits = limits
+        self.ledger = Ledger(start_cash)
+        self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
+            TradingState.ACTIVE, "", "", "", 0)
         self.book_ns: dict[str, int] = {}
-        self.working: dict[str, list] = {}  # client_order_id -> [symbol, side, remaining]
+        self.mids: dict[str, Decimal] = {}
+        self.working: dict[str, Working] = {}
+        self.exposure: dict[tuple[str, Side], Decimal] = {}
+        self.rates = RateLimiter(limits.orders_per_s, limits.orders_per_min)
+        self.streak = LossStreak(limits.loss_streak, limits.loss_window_ns, limits.loss_pause_ns)
         self.peak: Decimal | None = None
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.day: int | None = None
+        self.day_start: Decimal | None = None
+        self.tripped: set[str] = set()
+        self.changes: list[StateChange] = []
+        self.dirty = False
+        self.replaying = False  # while rebuilding from fills: no peaks, days or breakers
+        self.moved = False  # a mark or fill since the last evaluate()
 
-    @classmethod
-    def from_config(cls, cfg: "Config") -> "RiskEngine":
-        return cls(cfg.md.symbols, cfg.risk.max_position, cfg.risk.stale_book_ms)
+    # -- the gate --------------------------------------------------------------------------
 
-    def position(self, symbol: str) -> Position:
-        pos = self.positions.get(symbol)
-        if pos is None:
-            pos = self.positions[symbol] = Position()
-        return pos
+    def check(self, order: OrderRequest, now_ns: int) -> Approval | Denial:
+        """Approve `order` at `now_ns` (taking a rate token), cut it to what fits (ADJUSTED),
+        or deny it with the first failing check: symbol, qty, price, state, stale book,
+        price band, notional, open orders, loss pause, position limits, rate."""
+        if self.moved:
+            self.evaluate(now_ns)  # the breakers judge the latest marks and fills first
+        rules = self.limits.rules.get(order.symbol)
+        if rules is None:
+            return self._deny(Reason.UNKNOWN_SYMBOL, order, ZERO, ZERO)
+        with localcontext(MONEY):  # products of prices and quantities, exact
+            return self._check(order, rules, now_ns)
 
-    def working_qty(self, symbol: str, side: Side) -> Decimal:
-        """What working (resting) orders on `side` of `symbol` may still fill."""
-        return sum((w[2] for w in self.working.values() if w[0] == symbol and w[1] is side), ZERO)
+    def _check(self, order: OrderRequest, rules: ck.SymbolRules, now_ns: int) -> Approval | Denial:
+        side, qty = order.side, order.qty
+        pos = self.ledger.qty(order.symbol)
+        working = self.exposure.get((order.symbol, side), ZERO)
+        code = (ck.check_qty(qty, rules) or ck.check_price(order.kind, order.price, rules)
+                or ck.check_state(self.state, pos, working, side, qty)
+                or ck.check_book(self.book_ns.get(order.symbol), now_ns, self.limits.stale_ns))
+        if code:
+            return self._deny(code, order, pos, working)
+        mid = self.mids.get(order.symbol)
+        if mid is None:  # books came, but never a two-sided one
+            return self._deny(Reason.STALE_BOOK, order, pos, working)
+        ref = order.price if order.kind is OrderKind.LIMIT else mid
+        rests = order.kind is OrderKind.LIMIT and order.tif is TimeInForce.GTC
+        code = (ck.check_band(order.kind, order.price, mid, self.limits.price_band_bps)
+                or ck.check_notional(qty * ref, rules)
+                or (rests and ck.check_open_orders(True, sum(w.rests for w in self.working.values()),
+                                                   self.limits.max_open_orders)) or None)
+        if not code and self.streak.paused(now_ns) and not ck.reduces_position(pos, side, qty):
+            code = Reason.LOSS_COOLDOWN
+        adjusted = False
+        if not code:
+            code = ck.check_position(pos, working, side, qty, ref, rules)
+            if code and self.limits.adjust:
+                fit = min(qty, ck.position_room(pos, working, side, ref, rules))
+                if fit > 0 and fit * ref >= rules.min_notional:
+                    code, qty, adjusted = None, fit, True
+        if not code and not self.rates.acquire(order.strategy, now_ns):  # last: only approvals take a token
+            code = Reason.RATE_LIMIT
+        if code:
+            return self._deny(code, order, pos, working)
+        return Approval(qty, adjusted)
 
-    # -- decisions --------------------------------------------------------------------
+    def _deny(self, code: str, order: OrderRequest, pos: Decimal, working: Decimal) -> Denial:
+        return Denial(code, f"{ck.TEXTS[code]} ({order.side.value} {order.qty} {order.symbol[:24]}, "
+                            f"position {text(pos)}, working {text(working)}, state {self.state.value})")
 
-    def check(self, order: OrderRequest, now_ns: int) -> Denial | None:
-        """None to approve `order` at `now_ns`, else the first Denial of the checks, in order:
-        state, qty, price, symbol, stale book, max position."""
-        pos = self.positions.get(order.symbol)
-        qty = pos.qty if pos is not None else ZERO
-        code = (check_state(self.state, qty, order)
-                or check_qty(order)
-                or check_price(order)
-                or check_symbol(order, self.symbols)
-                or check_book(self.book_ns.get(order.symbol), now_ns, self.stale_ns)
-                or check_max_position(qty, self.working_qty(order.symbol, order.side), order,
-                                      self.max_position))
-        if code is None:
-            return None
-        return Denial(code, f"{TEXTS[code]} ({order.side.value} {order.qty} {order.symbol}, "
-                            f"position {qty}, limit {self.max_position}, state {self.state.value})")
+    # -- trading state -----------------------------------------------------------------------
 
-    def control(self, action: ControlAction, reason: str = "") -> bool:
-        """HALT -> HALTED, RESUME -> ACTIVE, FLATTEN -> REDUCING (only position-reducing
-        orders pass), STATE -> no change. Returns whether the state changed."""
+    def control(self, action: ControlAction, by: str, reason: str, now_ns: int) -> bool:
+        """HALT → HALTED, RESUME → ACTIVE, FLATTEN → REDUCING (the shell then sends the closing
+        orders), STATE → nothing. Returns whether the state changed."""
         if action is ControlAction.STATE:
             return False
-        target = {ControlAction.HALT: TradingState.HALTED, ControlAction.RESUME: TradingState.ACTIVE,
-                  ControlAction.FLATTEN: TradingState.REDUCING}[action]
-        changed = target is not self.state
-        self.state, self.state_reason = target, reason
-        return changed
+        return self._set_state(TARGET[action], action.value, reason, by, now_ns)
 
-    # -- events -------------------------------------------------------------------------
-
-    def on_book(self, symbol: str, mid: float | Decimal, now_ns: int) -> None:
-        """A book for `symbol` was received at `now_ns`; its mid becomes the mark."""
-        self.book_ns[symbol] = now_ns
-        self.on_mark(symbol, mid)
-
-    def on_mark(self, symbol: str, price: float | Decimal) -> None:
-        """Mark `symbol` at `price` (a book float goes through repr, never binary float math)."""
-        if not isinstance(price, Decimal):
-            price = Decimal(repr(price)).quantize(STEP)
-        if price > 0:  # a one-sided book has no mid; keep the last mark
-            self.position(symbol).mark = price
-
-    def on_fill(self, fill: Mapping) -> bool:
-        """Apply a fill map (`fill_id`, `symbol`, `side`, `price`, `qty`, `fee`; decimal
-        strings or Decimals) once per fill_id. Returns False for a duplicate.
-        Raises ValueError for a malformed map (nothing applied)."""
-        try:
-            fill_id = fill["fill_id"]
-            symbol, side = fill["symbol"], Side(fill["side"])
-            price, qty = _dec(fill["price"], "price"), _dec(fill["qty"], "qty")
-            fee = _dec(fill.get("fee", 0), "fee")
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed fill: {exc!r}") from None
-        if type(fill_id) is not str or type(symbol) is not str or qty <= 0 or price <= 0:
-            raise ValueError(f"malformed fill {fill_id!r}")
-        if fill_id in self._seen:
+    def _set_state(self, state: TradingState, code: str, reason: str, by: str, now_ns: int) -> bool:
+        if state is self.state:
             return False
-        self._seen[fill_id] = None
-        if len(self._seen) > SEEN_FILLS_MAX:
-            self._seen.popitem(last=False)
-        self.position(symbol).apply(side, qty, price, fee)
-        work = self.working.get(fill.get("client_order_id", ""))
-        if work is not None:
-            work[2] -= qty
-            if work[2] <= 0:
-                del self.working[fill["client_order_id"]]
+        self.changes.append(StateChange(now_ns, state, self.state, code, reason, by))
+        self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
+            state, code, reason, by, now_ns)
+        self.dirty = True
         return True
 
-    def track(self, client_order_id: str, symbol: str, side: Side, remaining: Decimal) -> None:
-        """A resting order that may still fill `remaining`; counted by the max-position check."""
+    def evaluate(self, now_ns: int) -> None:
+        """Roll the day, track the peak, and fire the breakers whose condition newly holds
+        (edge-triggered: one that fired fires again only after its condition cleared).
+        Waits until every open position has a book mark (after a restart, until books came).
+        Marks and fills only flag the figures as moved: the shell evaluates once per batch of
+        events (off the reply path), and `check` first if it has not."""
+        if self.replaying:
+            return
+        self.moved = False
+        for pos in self.ledger.positions.values():
+            if pos.qty and pos.mark is None:
+                return  # an open position not yet marked at a book mid: no figure to judge by
+        limits = self.limits
+        equity = self.ledger.equity()
+        day = now_ns // DAY_NS
+        if day != self.day:
+            self.day, self.day_start, self.dirty = day, equity, True
+            self.tripped -= DAILY_KEYS
+            if limits.day_reset and self.state_code in DAILY_KEYS:
+                self._set_state(TradingState.ACTIVE, "NEW_DAY", "a new UTC day lifts the daily-loss state",
+                                "risk", now_ns)
+        if self.peak is None or equity > self.peak:
+            self.peak, self.dirty = equity, True
+        holding = breaches(equity, self.day_start, self.peak, limits.daily_loss, limits.daily_loss_soft,
+                           limits.max_drawdown, limits.drawdown_soft)
+        if holding == self.tripped:
+            return
+        fired = holding - self.tripped
+        self.tripped, self.dirty = holding, True
+        if fired:
+            key = max(fired, key=lambda k: (SEVERITY[BREAKER_STATE[k]], k))
+            target = BREAKER_STATE[key]
+            if SEVERITY[target] > SEVERITY[self.state]:
+                self._set_state(target, key, f"equity {text(equity)}, day start {text(self.day_start)}, "
+                                             f"peak {text(self.peak)}", "risk", now_ns)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_book(self, symbol: str, mid: float | Decimal, now_ns: int) -> None:
+        """A book for `symbol` arrived at `now_ns`; its mid (when two-sided) becomes the mark
+        (judged by the next `evaluate`)."""
+        if symbol not in self.limits.rules:
+            return  # nothing to mark, and a stranger's symbols must not grow our maps
+        self.book_ns[symbol] = now_ns
+        mark = mark_of(mid)
+        if mark is not None:
+            self.mids[symbol] = mark
+            self.ledger.mark(symbol, mark)
+            self.moved = True
+
+    def on_fill(self, fill: Mapping, now_ns: int) -> bool:
+        """Apply a fill map once per `fill_id` (judged by the next `evaluate`); returns False for a
+        duplicate. Its `ts` (else `now_ns`) times the round trip it may close. Raises ValueError
+        when malformed."""
+        applied = self.ledger.apply_map(fill)
+        if applied is None:
+            return False
+        _pos, trip = applied
+        ts = fill.get("ts")
+        ts = ts if type(ts) is int else now_ns
+        work = self.working.get(fill.get("client_order_id", ""))
+        if work is not None:
+            self._set_remaining(fill["client_order_id"], work, work.remaining - Decimal(fill["qty"]))
+        if trip is not None:
+            self.streak.on_trip(trip, ts)
+        self.moved = True
+        return True
+
+    def on_sent(self, client_order_id: str, symbol: str, side: Side, qty: Decimal, rests: bool,
+                now_ns: int) -> None:
+        """The order went to the broker: until the broker says otherwise, all of it may fill
+        (fail closed), for UNCERTAIN_NS at most."""
+        self.track(client_order_id, symbol, side, qty, qty, rests, now_ns + UNCERTAIN_NS)
+
+    def on_order(self, client_order_id: str, status: OrderStatus, filled_qty: Decimal) -> None:
+        """What the broker says of a working order (its ack, or an `order.*` event, which
+        follows that order's fills on the bus): a terminal status ends it; an open one
+        leaves `qty - filled_qty` working. An order no longer working stays ended."""
+        work = self.working.get(client_order_id)
+        if work is None:
+            return
+        if status in TERMINAL_STATUSES:
+            self._set_remaining(client_order_id, work, ZERO)
+        else:
+            work.expires_ns = 0
+            self._set_remaining(client_order_id, work, work.qty - filled_qty)
+
+    def track(self, client_order_id: str, symbol: str, side: Side, qty: Decimal, remaining: Decimal,
+              rests: bool = True, expires_ns: int = 0) -> None:
+        """An order that may still fill `remaining` of `qty`; counted by the position checks
+        until filled, ended, or (when `expires_ns`) unconfirmed past that time."""
+        self.untrack(client_order_id)
         if remaining > 0:
-            self.working[client_order_id] = [symbol, side, remaining]
+            work = Working(symbol, side, qty, ZERO, rests, expires_ns)
+            self.working[client_order_id] = work
+            self._set_remaining(client_order_id, work, remaining)
 
     def untrack(self, client_order_id: str) -> None:
-        """The order reached a terminal status."""
-        self.working.pop(client_order_id, None)
+        work = self.working.get(client_order_id)
+        if work is not None:
+            self._set_remaining(client_order_id, work, ZERO)
 
-    # -- figures --------------------------------------------------------------------------
+    def expire(self, now_ns: int) -> None:
+        """Forget orders of unknown fate the broker never confirmed by `expires_ns`."""
+        for coid in [c for c, w in self.working.items() if w.expires_ns and w.expires_ns <= now_ns]:
+            self.untrack(coid)
 
-    def realized(self) -> Decimal:
-        return sum((p.realized for p in self.positions.values()), ZERO)
+    def _set_remaining(self, coid: str, work: Working, remaining: Decimal) -> None:
+        remaining = max(remaining, ZERO)
+        key = (work.symbol, work.side)
+        self.exposure[key] = self.exposure.get(key, ZERO) + remaining - work.remaining
+        work.remaining = remaining
+        if not remaining:
+            del self.working[coid]
+            if not self.exposure[key]:
+                del self.exposure[key]
 
-    def fees(self) -> Decimal:
-        return sum((p.fees for p in self.positions.values()), ZERO)
+    # -- FLATTEN -----------------------------------------------------------------------------
 
-    def unrealized(self) -> Decimal:
-        return sum((p.unrealized() for p in self.positions.values()), ZERO)
+    def flatten_orders(self, now_ns: int, id_prefix: str) -> list[OrderRequest]:
+        """MARKET orders closing every open position (rounded down to its lot), for the normal path."""
+        out = []
+        for symbol, pos in sorted(self.ledger.positions.items()):
+            rules = self.limits.rules.get(symbol)
+            if rules is None or not pos.qty:
+                continue
+            qty = (abs(pos.qty) // rules.lot_size) * rules.lot_size
+            if qty > 0:
+                out.append(OrderRequest(ts=now_ns, client_order_id=f"{id_prefix}-{symbol}", strategy="risk",
+                                        symbol=symbol, side=Side.SELL if pos.qty > 0 else Side.BUY,
+                                        kind=OrderKind.MARKET, qty=qty))
+        return out
 
-    def equity(self, start_cash: Decimal) -> Decimal:
-        """start cash + realized - fees + unrealized (fees are taken to be in the quote asset)."""
-        with localcontext(MONEY):
-            return start_cash + self.realized() - self.fees() + self.unrealized()
+    # -- figures and persistence ------------------------------------------------------------
 
-    def observe_equity(self, equity: Decimal) -> Decimal:
-        """Track the peak; returns the drawdown from it as a fraction (0 at a new peak)."""
-        if self.peak is None or equity > self.peak:
-            self.peak = equity
-        if self.peak <= 0:
+    def equity(self) -> Decimal:
+        return self.ledger.equity()
+
+    def drawdown(self, equity: Decimal | None = None) -> Decimal:
+        """(peak - equity) / peak, rounded half-even to 1e-8; 0 without a positive peak."""
+        equity = self.ledger.equity() if equity is None else equity
+        if self.peak is None or self.peak <= 0 or equity >= self.peak:
             return ZERO
         with localcontext(MONEY):
             return ((self.peak - equity) / self.peak).quantize(STEP, ROUND_HALF_EVEN)
 
     def position_map(self) -> dict[str, str]:
         """symbol -> signed base position as a decimal string (ControlReply.positions)."""
-        return {s: str(p.qty) for s, p in sorted(self.positions.items()) if p.qty or p.realized}
+        return {s: text(p.qty) for s, p in sorted(self.ledger.positions.items()) if p.qty or p.fills}
+
+    def snapshot(self) -> dict:
+        """What fills cannot rebuild: the trading state, peak, day, day start equity, fired breakers."""
+        return {"state": self.state.value, "code": self.state_code, "reason": self.state_reason,
+                "by": self.state_by, "state_ts": self.state_ts, "peak_equity": self.peak, "day": self.day,
+                "day_start_equity": self.day_start, "tripped": ",".join(sorted(self.tripped))}
+
+    def replay(self, fills: Iterable[Mapping], open_orders: Iterable[tuple], snapshot: Mapping | None) -> int:
+        """Rebuild after a restart: apply stored `fills` (maps with `ts`, in commit order) without
+        judging them, track `open_orders` `(client_order_id, symbol, side, qty, remaining, rests)`,
+        then take back `snapshot` (the last stored one, if any). Returns the fills applied."""
+        self.replaying = True
+        try:
+            applied = sum(self.on_fill(f, f["ts"]) for f in fills)
+        finally:
+            self.replaying = False
+        for coid, symbol, side, qty, remaining, rests in open_orders:
+            self.track(coid, symbol, side, qty, remaining, rests)
+        if snapshot is not None:
+            self.restore(snapshot)
+        self.changes.clear()
+        return applied
+
+    def restore(self, snap: Mapping) -> None:
+        """Take back a `snapshot()` (after the fills were replayed)."""
+        self.state = TradingState(snap["state"])
+        self.state_code, self.state_reason, self.state_by = snap["code"], snap["reason"], snap["by"]
+        self.state_ts = snap["state_ts"]
+        self.peak, self.day, self.day_start = snap["peak_equity"], snap["day"], snap["day_start_equity"]
+        self.tripped = {k for k in snap["tripped"].split(",") if k}
+        self.dirty = False
+
+    def summary(self) -> dict:
+        """Everything risk knows, as plain values (Decimals as strings), for control replies."""
+        equity = self.ledger.equity()
+        opt = (lambda d: None if d is None else text(d))
+        positions = {s: {"qty": text(p.qty), "avg_price": opt(p.avg_price), "realized": text(p.realized),
+                         "fees": text(p.fees), "unrealized": text(p.unrealized()), "mark": opt(p.price_for_mark())}
+                     for s, p in sorted(self.ledger.positions.items())}
+        return {"state": self.state.value, "code": self.state_code, "reason": self.state_reason,
+                "by": self.state_by, "since_ts": self.state_ts, "equity": text(equity),
+                "realized": text(self.ledger.realized()), "fees": text(self.ledger.fees()),
+                "unrealized": text(self.ledger.unrealized()), "peak_equity": opt(self.peak),
+                "day_start_equity": opt(self.day_start), "day": self.day,
+                "drawdown": text(self.drawdown(equity)), "tripped": sorted(self.tripped),
+                "loss_pause_until": self.streak.paused_until, "working": len(self.working),
+                "positions": positions}

@@ -1,255 +1,270 @@
-"""Risk service shell: ROUTER for orders and control, Lazy Pirate to the broker, SUB books and fills, PUB risk.state."""
+"""Risk service shell: ROUTER for orders and control, a DEALER to the broker, SUB books and fills, PUB risk.state."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
-from collections import OrderedDict
-from decimal import Decimal
 from typing import Callable
 
 import zmq
-from prometheus_client import Counter, Histogram
 
-from services.risk.core import Denial, Reason, RiskEngine
+from services.risk import limits as risk_limits
+from services.risk import store
+from services.risk.core import RiskEngine
+from services.risk.desk import Notify, OrderDesk
+from services.risk.flatten import FlattenJob
+from services.risk.link import BrokerLink
+from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter,
+                                     MicrosHistogram)
 from shared import messages
-from shared.bus import LazyPirateClient, NoReply, Publisher, Server, Subscriber
+from shared.bus import Publisher, Server, Subscriber
 from shared.config import Config
-from shared.db import EquitySnapshot, FillRow, OrderRow, RiskEvent, database, init_db
-from shared.enums import OPEN_STATUSES, TERMINAL_STATUSES, OrderStatus, Side, TradingState, Verdict
+from shared.db import database, init_db
+from shared.enums import ControlAction
 from shared.errors import DecodeError
-from shared.messages import (Ack, Book, Cancel, Control, ControlReply, Decision, Error, Fill, OrderEvent,
-                             OrderRequest, RiskState)
+from shared.messages import Book, Cancel, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest, RiskState
 from shared.runtime import HeartbeatMaker, Liveness, Ticker
 
 log = logging.getLogger("qf.risk")
 
-DECISIONS = Counter("qf_risk_decisions_total", "Order decisions, by verdict and reason code", ["verdict", "code"])
-BAD_FRAMES = Counter("qf_risk_decode_errors_total", "Frames that were not valid messages", ["source"])
-FAILURES = Counter("qf_risk_failures_total", "Messages whose handling failed inside risk")
-DECIDE_SECONDS = Histogram("qf_risk_decision_seconds", "Time to decide one order, broker round trip included",
-                           buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0))
-
-POLL_MS = 100  # loop turn; bounds how long stop() takes
+POLL_MS = 100  # idle loop turn; bounds how late stop(), heartbeats and flushes can be
 DRAIN_MAX = 1000  # messages per socket per turn, so a book burst cannot starve orders
-DECISION_CACHE_MAX = 4096  # answers kept so a retried client_order_id gets the same one
+FLUSH_ROWS, FLUSH_NS = 256, 100_000_000  # denial rows are written in batches, off the reply path
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
+MAX_ID = 128  # longest client_order_id / strategy kept: the answer caches must stay bounded
+OUTBOX_MAX = 100_000  # rows kept while the database refuses writes; older ones are dropped and counted
 
 
 class RiskService:
-    """Risk in front of the broker. `RiskService(cfg)` rebuilds positions, working
-    orders, trading state and peak equity from the database and binds its sockets;
-    `run()` blocks until `stop()`; then sockets and the database are closed."""
+    """Risk in front of the broker. `RiskService(cfg)` prints its limits, rebuilds positions,
+    working orders, trading state, peak and day-start equity from the database and binds its
+    sockets; `run()` blocks until `stop()`; then sockets and the database are closed.
+
+    Orders wait for the broker without blocking anything else: risk keeps checking other
+    orders, reading books and fills and answering control while the broker works."""
 
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.start_cash = cfg.broker.start_cash
-        self.engine = RiskEngine.from_config(cfg)
-        self.decisions: OrderedDict[str, Decision] = OrderedDict()
-        self.stats = {"approved": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0}
-        self._events: list[dict] = []  # denials to store after the reply is sent
+        self.limits = risk_limits.from_config(cfg)
+        for line in risk_limits.describe(self.limits):
+            log.info("limits", extra=line)
+        self.engine = RiskEngine(self.limits, cfg.broker.start_cash)
+        forwarded = store.Forwarded()
+        self.outbox = store.Outbox()
+        self.stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
+                      "books": 0, "fills": 0, "events_lost": 0}
+        self.check_us, self.serve_us = MicrosHistogram(), MicrosHistogram()
+        self.quiet = LogLimiter(log)
         self._stop = threading.Event()
         self._closed = False
+        self._later: list[Callable[[], object]] = []
         # Subscribe before reading the database: fills committed meanwhile wait
-        # in the queue instead of being lost, and on_fill drops the overlap.
+        # in the queue instead of being lost, and the ledger drops the overlap.
         self.md = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx)
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx)
         init_db(cfg.common.db)
-        self._rebuild()
-        database.close()  # run() may be on another thread; it opens its own connection
+        try:
+            found = store.rebuild(self.engine, forwarded, self.clock())
+            store.prune_checkpoints()
+            self.outbox.flush(self.engine, self.clock())  # a new day or peak seen at start is kept
+        finally:
+            database.close()  # run() may be on another thread; it opens its own connection
+        log.info("rebuilt", extra={**found, "positions": self.engine.position_map(),
+                                   "peak_equity": self.engine.peak, "day_start_equity": self.engine.day_start})
         self.server = Server(cfg.bus.risk_rep, ctx)
-        self.broker = LazyPirateClient(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, retries=1, ctx=ctx)
+        self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx)
+        self.desk = OrderDesk(self.engine, self.broker, self.outbox, forwarded, self.stats, self.clock, self.quiet)
         self.pub = Publisher(cfg.bus.risk_pub, cfg.bus.hwm, ctx)
         self.liveness = Liveness(cfg.common.run_dir, "risk")
         self.heartbeat = HeartbeatMaker("risk")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
 
-    def _rebuild(self) -> None:
-        fills = 0
-        for row in FillRow.select().order_by(FillRow.ts, FillRow.fill_id):
-            fills += self.engine.on_fill({"fill_id": row.fill_id, "client_order_id": row.client_order_id,
-                                          "symbol": row.symbol, "side": row.side, "price": row.price,
-                                          "qty": row.qty, "fee": row.fee})
-        open_values = [s.value for s in OPEN_STATUSES]
-        for row in OrderRow.select().where(OrderRow.status.in_(open_values)):
-            self.engine.track(row.client_order_id, row.symbol, Side(row.side), row.qty - row.filled_qty)
-        last = (RiskEvent.select().where(RiskEvent.kind == "STATE")
-                .order_by(RiskEvent.ts.desc(), RiskEvent.id.desc()).first())
-        if last is not None:
-            # A halt survives a restart: coming back ACTIVE by default would fail open.
-            self.engine.state, self.engine.state_reason = TradingState(last.state), last.text
-        for (equity,) in EquitySnapshot.select(EquitySnapshot.equity).tuples().iterator():
-            self.engine.observe_equity(Decimal(equity))
-        log.info("rebuilt", extra={"fills": fills, "working": len(self.engine.working),
-                                   "state": self.engine.state.value, "positions": self.engine.position_map()})
-
     # -- requests -----------------------------------------------------------------------
 
-    def handle(self, payload: bytes) -> bytes:
-        """One request payload -> reply payload: Decision for an order, the broker's
-        reply for a cancel, ControlReply for control, Error for anything unreadable."""
+    def handle(self, envelope: list[bytes], payload: bytes, received_ns: int) -> bytes | None:
+        """One request → its reply payload, or None when the reply is sent later (an order or
+        cancel waiting for the broker, a FLATTEN in progress). Times what it does (`_reply`)."""
         now = self.clock()
         try:
             req = messages.decode(payload, messages.REQUESTS)
         except DecodeError as exc:
-            self.stats["decode_errors"] += 1
-            BAD_FRAMES.labels("request").inc()
-            log.warning("bad_request", extra={"code": exc.reason, "detail": exc.detail})
-            return messages.encode(Error(ts=now, code=exc.reason, text=exc.detail))
+            return self._bad_request(now, exc.reason, exc.detail)
+        decoded = time.perf_counter_ns()
+        later = (lambda raw: self.server.reply(envelope, raw))  # after broker hops: not timed
+        if isinstance(req, (OrderRequest, Cancel)) and not 0 < len(req.client_order_id) <= MAX_ID:
+            return self._bad_request(now, "bad_field", f"client_order_id: 1 to {MAX_ID} characters")
         if isinstance(req, OrderRequest):
-            return messages.encode(self.decide(req, now))
+            if len(req.strategy) > MAX_ID:
+                return self._bad_request(now, "bad_field", f"strategy: at most {MAX_ID} characters")
+            self.desk.submit_order(req, payload, now, self._replier(envelope, received_ns, decoded), decoded)
+            return None
         if isinstance(req, Cancel):
-            return self.cancel(req, payload, now)
+            self.desk.submit_cancel(req.client_order_id, now, later)
+            return None
         if isinstance(req, Control):
-            return messages.encode(self.control(req, now))
+            reply = self.control(req, now, later)
+            if reply is not None:
+                self._reply(envelope, reply, received_ns, decoded, 0, decoded)
+            return None
+        return self._bad_request(now, "unexpected_type", req.TYPE)
+
+    def _bad_request(self, now: int, code: str, detail: str) -> bytes:
         self.stats["decode_errors"] += 1
         BAD_FRAMES.labels("request").inc()
-        return messages.encode(Error(ts=now, code="unexpected_type", text=req.TYPE))
+        self.quiet.log_event(logging.WARNING, "bad_request", code, {"code": code, "detail": detail[:200]})
+        return messages.encode(Error(ts=now, code=code, text=detail[:500]))
 
-    def decide(self, req: OrderRequest, now: int) -> Decision:
-        """Check `req`; forward it to the broker when it passes. A retried
-        client_order_id gets the answer it got before."""
-        cached = self.decisions.get(req.client_order_id)
-        if cached is not None:
-            return cached
-        denial = self.engine.check(req, now)
-        if denial is not None and not self._broker_has(req.client_order_id):
-            return self._deny(req, denial, now, remember=True)
-        return self._forward(req, now)
+    def _replier(self, envelope: list[bytes], received_ns: int, decoded_ns: int) -> Notify:
+        return lambda decision, payload, spent_ns, since_ns: self._reply(
+            envelope, payload or messages.encode(decision), received_ns, decoded_ns, spent_ns, since_ns)
 
-    def _broker_has(self, client_order_id: str) -> bool:
-        # Only on the denial path: a retry of an order the broker already took
-        # (e.g. across a risk restart) must get the broker's answer, not a new denial.
-        try:
-            return OrderRow.get_or_none(OrderRow.client_order_id == client_order_id) is not None
-        except Exception:
-            log.exception("db_lookup_failed")
-            return False
+    def _reply(self, envelope: list[bytes], reply: bytes, received_ns: int, decoded_ns: int, spent_ns: int,
+               since_ns: int) -> None:
+        """Send `reply` and time the request: `check_us` from request decoded to reply encoded,
+        the broker hop excluded (`spent_ns` before it, then since `since_ns`); `serve_us` from
+        frame received to reply sent, the hop excluded (ZeroMQ's own costs included)."""
+        encoded = time.perf_counter_ns()
+        self.server.reply(envelope, reply)
+        inside = spent_ns + encoded - since_ns
+        self.check_us.record_ns(inside)
+        CHECK_SECONDS.observe(inside / 1e9)
+        hop = since_ns - decoded_ns - spent_ns
+        self.serve_us.record_ns(time.perf_counter_ns() - received_ns - hop)
 
-    def _forward(self, req: OrderRequest, now: int) -> Decision:
-        try:
-            raw = self.broker.request(messages.encode(req))
-        except NoReply as exc:
-            # Not remembered: the broker may have taken the order, and a retry will ask it again.
-            return self._deny(req, Denial(Reason.BROKER_UNAVAILABLE, str(exc)), now, remember=False)
-        try:
-            reply = messages.decode(raw, messages.REQUESTS)
-        except DecodeError as exc:
-            return self._deny(req, Denial(Reason.BROKER_ERROR, str(exc)), now, remember=False)
-        if not isinstance(reply, Ack):
-            text = f"{reply.code}: {reply.text}" if isinstance(reply, Error) else reply.TYPE
-            return self._deny(req, Denial(Reason.BROKER_ERROR, text), now, remember=False)
-        self._apply_fills(reply.fills)
-        if reply.status in OPEN_STATUSES:
-            self.engine.track(req.client_order_id, req.symbol, req.side, req.qty - reply.filled_qty)
-        # Risk's verdict is APPROVED once the broker answered (docs/CONTRACTS-DRAFT.md);
-        # the broker's own outcome, a REJECTED status with its reason included, is in `order`.
-        decision = Decision(ts=now, client_order_id=req.client_order_id, verdict=Verdict.APPROVED,
-                            qty=req.qty, order=reply.as_dict())
-        self.stats["approved"] += 1
-        code = ""
-        if reply.status is OrderStatus.REJECTED:
-            code = reply.reason or "BROKER_REJECTED"
-            self.stats["broker_rejected"] += 1
-            log.info("broker_rejected", extra={"client_order_id": req.client_order_id, "code": code})
-        DECISIONS.labels(decision.verdict.value, code).inc()
-        self._remember(decision)
-        return decision
+    def control(self, req: Control, now: int, reply: Callable[[bytes], None]) -> bytes | None:
+        """HALT/RESUME/FLATTEN/STATE → the ControlReply payload (FLATTEN: None, and `reply` gets
+        it once its cancels and closing orders are answered). A state change is committed
+        before anyone is told of it."""
+        changed = self.engine.control(req.action, req.by, req.reason, now)
+        self._settle(now)
+        if changed:
+            log.warning("trading_state", extra={"state": self.engine.state.value, "action": req.action.value,
+                                                "by": req.by, "reason": req.reason})
+        if req.action is not ControlAction.FLATTEN:
+            return self._control_reply(now, changed, [])
 
-    def _deny(self, req: OrderRequest, denial: Denial, now: int, remember: bool) -> Decision:
-        decision = Decision(ts=now, client_order_id=req.client_order_id, verdict=Verdict.REJECTED,
-                            reason=denial.as_reason())
-        self.stats["rejected"] += 1
-        DECISIONS.labels(Verdict.REJECTED.value, denial.code).inc()
-        self._events.append(dict(ts=now, kind="DENIED", code=denial.code, text=denial.text[:500],
-                                 client_order_id=req.client_order_id, symbol=req.symbol,
-                                 state=self.engine.state.value))
-        log.info("denied", extra={"client_order_id": req.client_order_id, "code": denial.code})
-        if remember:
-            self._remember(decision)
-        return decision
+        def done(results: list[dict]) -> None:
+            reply(self._control_reply(self.clock(), changed, results))
+        FlattenJob(self, now, done).start()
+        return None
 
-    def _remember(self, decision: Decision) -> None:
-        self.decisions[decision.client_order_id] = decision
-        if len(self.decisions) > DECISION_CACHE_MAX:
-            self.decisions.popitem(last=False)
-
-    def _apply_fills(self, fills) -> None:
-        for fill in fills:
-            try:
-                self.engine.on_fill(fill)
-            except ValueError as exc:
-                BAD_FRAMES.labels("fill").inc()
-                log.warning("bad_fill", extra={"detail": str(exc)})
-
-    def cancel(self, req: Cancel, payload: bytes, now: int) -> bytes:
-        """Pass a cancel to the broker (always allowed, even HALTED); returns its reply bytes."""
-        try:
-            raw = self.broker.request(payload)
-        except NoReply as exc:
-            return messages.encode(Error(ts=now, code=Reason.BROKER_UNAVAILABLE, text=str(exc)))
-        try:
-            reply = messages.decode(raw, messages.REQUESTS)
-        except DecodeError:
-            return raw
-        if isinstance(reply, Ack):
-            self._apply_fills(reply.fills)
-            if reply.status in TERMINAL_STATUSES:
-                self.engine.untrack(req.client_order_id)
-        return raw
-
-    def control(self, req: Control, now: int) -> ControlReply:
-        """HALT/RESUME/FLATTEN/STATE. A state change is committed before the reply, then published."""
-        if self.engine.control(req.action, req.reason):
-            RiskEvent.create(ts=now, kind="STATE", code=req.action.value, text=req.reason[:500],
-                             state=self.engine.state.value)
-            log.warning("trading_state", extra={"state": self.engine.state.value, "by": req.by,
-                                                "reason": req.reason})
-            self._publish_state(now)
-        return ControlReply(ts=now, state=self.engine.state, reason=self.engine.state_reason,
-                            positions=self.engine.position_map(), equity=self.engine.equity(self.start_cash))
+    def _control_reply(self, now: int, changed: bool, flatten: list[dict]) -> bytes:
+        self._settle(now)
+        self._flush(now)  # what the reply reports is stored before it is told
+        return messages.encode(ControlReply(
+            ts=now, state=self.engine.state, reason=self.engine.state_reason,
+            positions=self.engine.position_map(), equity=self.engine.equity(),
+            detail={**self.engine.summary(), "changed": changed, "flatten": flatten}))
 
     # -- events -----------------------------------------------------------------------------
 
     def on_event(self, msg: messages.Message, now: int) -> None:
         """A book, a fill or an order event from the bus."""
         if isinstance(msg, Book):
+            self.stats["books"] += 1
             self.engine.on_book(msg.symbol, msg.mid, now)
         elif isinstance(msg, Fill):
-            self._apply_fills([msg.to_wire()])
-        elif isinstance(msg, OrderEvent) and msg.status in TERMINAL_STATUSES:
-            self.engine.untrack(msg.client_order_id)
+            self.desk.apply_fills([msg.to_wire()], now)
+        elif isinstance(msg, OrderEvent):
+            self.engine.on_order(msg.client_order_id, msg.status, msg.filled_qty)
+
+    def _settle(self, now: int) -> None:
+        """Store, then publish, the state changes the engine made."""
+        if not self.engine.changes:
+            return
+        changes, self.engine.changes = self.engine.changes, []
+        for change in changes:
+            self.outbox.state_change(change)
+            STATE_CHANGES.labels(change.code).inc()
+            log.warning("state_change", extra={"state": change.state.value, "previous": change.previous.value,
+                                               "code": change.code, "by": change.by, "reason": change.reason})
+        self._flush(now)
+        self._publish_state(now)
 
     def _publish_state(self, now: int) -> None:
-        equity = self.engine.equity(self.start_cash)
-        drawdown = self.engine.observe_equity(equity)
-        self.pub.publish("risk.state", RiskState(ts=now, state=self.engine.state,
-                                                 reason=self.engine.state_reason, equity=equity,
-                                                 drawdown=drawdown))
+        equity = self.engine.equity()
+        EQUITY.set(float(equity))  # a gauge is float64; the wire stays exact
+        self.pub.publish("risk.state", RiskState(ts=now, state=self.engine.state, reason=self.engine.state_reason,
+                                                 equity=equity, drawdown=self.engine.drawdown(equity)))
+
+    def _flush(self, now: int) -> None:
+        try:
+            self.outbox.flush(self.engine, now)
+        except Exception:
+            FAILURES.inc()
+            log.exception("risk_rows_not_written", extra={"rows": len(self.outbox)})
+            lost = len(self.outbox) - OUTBOX_MAX
+            if lost > 0:
+                del self.outbox.events[:lost]
+                self.stats["events_lost"] += lost
 
     # -- loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until stop(); closes sockets and the database on the way out."""
         poller = zmq.Poller()
-        for sock in (self.server.sock, self.md.sock, self.broker_events.sock):
+        for sock in (self.server.sock, self.md.sock, self.broker_events.sock, self.broker.sock):
             poller.register(sock, zmq.POLLIN)
+
+        def reopened(old: zmq.Socket, new: zmq.Socket) -> None:
+            poller.unregister(old)
+            poller.register(new, zmq.POLLIN)
+        self.broker.on_reopen = reopened
+        if threading.current_thread() is threading.main_thread():  # the risk process itself, not a test
+            # What start-up built never becomes garbage; refcounting frees the rest, so the cycle
+            # collector may run rarely (a young-generation pass every ~700 allocations cost the p99).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_THRESHOLD, 20, 100)
+        spin_ns, spin_until = self.cfg.risk.spin_us * 1000, 0
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(POLL_MS))
-                for sub in (self.md, self.broker_events):
-                    if sub.sock in ready:
-                        self._drain(sub)
-                if self.server.sock in ready:
-                    self._serve()
-                if self._events:
-                    self._flush()
+                busy = time.perf_counter_ns() < spin_until
+                ready = dict(poller.poll(0 if busy else self.broker.wait_ms(POLL_MS)))
+                if ready:
+                    if self.broker.sock in ready:
+                        self._guard(self.broker.receive)
+                    for sub in (self.md, self.broker_events):
+                        if sub.sock in ready:
+                            self._drain(sub)
+                    self._evaluate()  # once per batch of marks and fills, before the next order
+                    if self.server.sock in ready:
+                        self._serve()
+                    spin_until = time.perf_counter_ns() + spin_ns
+                if self.broker.pending:
+                    self._guard(self.broker.expire)
+                while self._later:
+                    self._guard(self._later.pop(0))
+                self._evaluate()
+                if self.engine.changes:
+                    self._settle(self.clock())
+                if self.outbox.events and (len(self.outbox) >= FLUSH_ROWS
+                                           or self.clock() - self.outbox.oldest_ns >= FLUSH_NS):
+                    self._flush(self.clock())
                 if self.ticker.due():
                     self._beat()
         finally:
             self.close()
-            log.info("stopped", extra=dict(self.stats))
+            log.info("stopped", extra={**self.stats, **self.check_us.stats("check"), **self.serve_us.stats("serve"),
+                                       **self.desk.broker_us.stats("broker")})
+
+    def later(self, fn: Callable[[], object]) -> None:
+        """Run `fn` at the end of this loop turn, after what is being handled now."""
+        self._later.append(fn)
+
+    def _evaluate(self) -> None:
+        if self.engine.moved:
+            self._guard(lambda: self.engine.evaluate(self.clock()))
+
+    def _guard(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:  # a bug on one message must not stop risk
+            FAILURES.inc()
+            log.exception("loop_step_failed")
 
     def _drain(self, sub: Subscriber) -> None:
         for _ in range(DRAIN_MAX):
@@ -260,7 +275,8 @@ class RiskService:
             except DecodeError as exc:
                 self.stats["decode_errors"] += 1
                 BAD_FRAMES.labels("sub").inc()
-                log.warning("bad_event", extra={"code": exc.reason, "detail": exc.detail})
+                self.quiet.log_event(logging.WARNING, "bad_event", exc.reason,
+                                     {"code": exc.reason, "detail": exc.detail[:200]})
                 continue
             try:
                 self.on_event(msg, self.clock())
@@ -274,35 +290,31 @@ class RiskService:
                 envelope, payload = self.server.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if payload is None:
+            started = time.perf_counter_ns()
+            if payload is None:  # not a REQ envelope: no reply can reach it
                 self.stats["decode_errors"] += 1
                 BAD_FRAMES.labels("envelope").inc()
                 continue
-            started = time.perf_counter()
             try:
-                reply = self.handle(payload)
+                reply = self.handle(envelope, payload, started)
             except Exception:
                 # A bug or a storage failure must not stop risk; the client still gets an answer.
                 FAILURES.inc()
                 log.exception("request_failed")
                 reply = messages.encode(Error(ts=self.clock(), code="internal", text="risk failure"))
-            self.server.reply(envelope, reply)
-            DECIDE_SECONDS.observe(time.perf_counter() - started)
-
-    def _flush(self) -> None:
-        rows, self._events = self._events, []
-        try:
-            with database.atomic():
-                RiskEvent.insert_many(rows).execute()
-        except Exception:
-            FAILURES.inc()
-            log.exception("risk_events_lost", extra={"rows": len(rows)})
+            if reply is not None:  # unreadable, or risk failed: timed from the frame's arrival
+                self._reply(envelope, reply, started, started, 0, started)
 
     def _beat(self) -> None:
         now = self.clock()
+        self.engine.expire(now)
+        self._flush(now)  # the peak a risk.state implies is stored before it is published
         self._publish_state(now)
-        stats = {**self.stats, "state": self.engine.state.value,
-                 "equity": str(self.engine.equity(self.start_cash))}
+        stats = {**self.stats, "state": self.engine.state.value, "equity": str(self.engine.equity()),
+                 "md_missed": self.md.missed, "broker_missed": self.broker_events.missed,
+                 "inflight": len(self.desk.inflight), **self.broker.stats,
+                 **self.check_us.stats("check"), **self.serve_us.stats("serve"),
+                 **self.desk.broker_us.stats("broker")}
         self.pub.publish("heartbeat.risk", self.heartbeat.make("ok", stats))
         self.liveness.touch()
 
@@ -311,12 +323,13 @@ class RiskService:
         self._stop.set()
 
     def close(self) -> None:
-        """Close sockets and this thread's database connection; idempotent."""
+        """Answer what is in flight (BROKER_UNAVAILABLE), write what waits to be written, close
+        sockets and this thread's database connection; idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._events:
-            self._flush()
-        for sock in (self.server, self.md, self.broker_events, self.pub, self.broker):
+        self._guard(self.broker.close)
+        self._flush(self.clock())
+        for sock in (self.server, self.md, self.broker_events, self.pub):
             sock.close()
         database.close()

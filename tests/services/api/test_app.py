@@ -1,8 +1,8 @@
-"""API views over a real SQLite file: trades, exact positions, metrics, JSON errors."""
+"""API views over a real SQLite file: trades, exact average-cost positions, metrics, JSON errors."""
 from __future__ import annotations
 
-from collections import deque
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -109,13 +109,13 @@ def test_positions_are_exact_from_the_fills(client, add_fill):
     assert [p["symbol"] for p in only] == ["ETHUSDT"]
 
 
-def test_fifo_average_of_the_open_lots(client, add_fill):
+def test_average_cost_of_the_open_quantity(client, add_fill):
     add_fill("BTCUSDT", "BUY", "1", "100")
-    add_fill("BTCUSDT", "BUY", "2", "130")
-    add_fill("BTCUSDT", "SELL", "1.5", "120")  # closes 1 @ 100 and 0.5 @ 130: 20 - 5 = 15
+    add_fill("BTCUSDT", "BUY", "2", "130")  # 3 at an average of 120
+    add_fill("BTCUSDT", "SELL", "1.5", "120")  # closes 1.5 at the average: nothing realized
     (pos,) = client.get("/api/v1/positions").get_json()["positions"]
     assert (pos["qty"], pos["cost_basis"], pos["avg_entry_price"], pos["realized_pnl"]) == (
-        "1.5", "195", "130", "15")
+        "1.5", "180", "120", "0")
 
 
 def test_metrics_are_prometheus_text_from_the_database(client, add_fill, add_order, add_equity):
@@ -155,7 +155,7 @@ def test_empty_database_gives_empty_answers(client):
     assert client.get("/api/v1/status").get_json()["equity"] is None
 
 
-# -- property: FIFO positions equal a brute-force ledger of unit lots ----------------
+# -- property: positions equal a brute-force average-cost ledger of exact fractions ----------
 
 UNIT = Decimal("0.001")
 fill_seqs = st.lists(st.tuples(st.sampled_from(["BUY", "SELL"]), st.integers(1, 12),  # qty in UNITs
@@ -165,20 +165,21 @@ fill_seqs = st.lists(st.tuples(st.sampled_from(["BUY", "SELL"]), st.integers(1, 
 
 
 def brute_force(fills):
-    """Every fill split into unit lots; each unit closes the oldest opposite unit."""
-    lots: deque = deque()  # (sign, price) per UNIT
-    realized = fees = Decimal(0)
+    """Position, cost, realized P&L at the average cost, fees, as Fractions: no rounding anywhere."""
+    qty = cost = realized = fees = Fraction(0)
     for side, units, price, fee in fills:
+        q, p = Fraction(units * UNIT), Fraction(price)
         sign = 1 if side == "BUY" else -1
-        for _ in range(units):
-            if lots and lots[0][0] != sign:
-                lot_sign, lot_price = lots.popleft()
-                realized += (price - lot_price) * UNIT * lot_sign
-            else:
-                lots.append((sign, price))
-        fees += fee
-    qty = sum((s * UNIT for s, _ in lots), Decimal(0))
-    cost = sum((s * UNIT * p for s, p in lots), Decimal(0))
+        if qty and (qty > 0) != (sign > 0):
+            closing = min(q, abs(qty))
+            avg = cost / qty
+            realized += closing * (p - avg) * (1 if qty > 0 else -1)
+            cost -= avg * closing * (1 if qty > 0 else -1)
+            qty += sign * closing
+            q -= closing
+        qty += sign * q
+        cost += sign * q * p
+        fees += Fraction(fee)
     return qty, cost, realized, fees
 
 
@@ -188,9 +189,11 @@ def test_positions_equal_a_brute_force_ledger(fills):
     rows = [("BTCUSDT", side, units * UNIT, price, fee, "USDT") for side, units, price, fee in fills]
     pos = queries.positions_from(rows).get("BTCUSDT", queries.Position("BTCUSDT"))
     qty, cost, realized, fees = brute_force(fills)
-    assert (pos.qty, pos.cost_basis, pos.realized_pnl) == (qty, cost, realized)
-    assert pos.fees.get("USDT", Decimal(0)) == fees
+    assert pos.qty == qty and pos.fees == fees
+    # the only rounding is the cost share of a partial close, to 1e-12, once per fill
+    assert abs(Fraction(pos.realized) - realized) <= Fraction(len(fills), 2 * 10**12)
+    assert abs(Fraction(pos.cost) - cost) <= Fraction(len(fills), 2 * 10**12)
     assert pos.last_price == (fills[-1][2] if fills else None)
-    # the cash ledger balances: what was paid and received = realized P&L - open cost
+    # the cash ledger balances exactly: what was paid and received = realized P&L - open cost
     cash = sum((-(u * UNIT) * p if s == "BUY" else u * UNIT * p for s, u, p, _ in fills), Decimal(0))
-    assert cash == pos.realized_pnl - pos.cost_basis
+    assert cash == pos.realized - pos.cost

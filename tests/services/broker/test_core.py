@@ -1,4 +1,4 @@
-"""Broker core: transition table, book walking, fees, accounts, and state-machine properties."""
+"""Broker core: transition table, fees, acks, accounts, and state-machine properties."""
 from __future__ import annotations
 
 from decimal import Decimal as D
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from services.broker import core
 from services.broker.core import Account, Order, Trigger
-from shared.enums import TERMINAL_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
+from shared.enums import TERMINAL_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
 from shared.errors import InvalidTransition
 from shared.messages import OrderRequest
 
@@ -80,32 +80,7 @@ def test_from_request_validates():
     assert new_order(kind=OrderKind.MARKET, price="5").price is None  # a market order has no price
 
 
-# -- book walking, fees, quote assets ---------------------------------------------------------
-
-ASKS = [[100.5, 0.4], [101.0, 0.5], [102.0, 10.0]]
-BIDS = [[100.0, 0.3], [99.5, 0.0], [99.0, 2.0]]
-
-
-def test_walk_book_takes_levels_best_first_with_exact_decimals():
-    assert core.walk_book(Side.BUY, D("1.0"), ASKS) == [(D("100.5"), D("0.4")), (D("101"), D("0.5")),
-                                                         (D("102"), D("0.1"))]
-    # the zero-size bid level is skipped
-    assert core.walk_book(Side.SELL, D("0.5"), BIDS) == [(D("100"), D("0.3")), (D("99"), D("0.2"))]
-    assert core.walk_book(Side.BUY, D("20"), ASKS)[-1] == (D("102"), D("10"))
-    assert core.walk_book(Side.BUY, D("1"), []) == []
-
-
-def test_walk_book_stops_at_the_limit():
-    assert core.walk_book(Side.BUY, D("1"), ASKS, limit=D("101")) == [(D("100.5"), D("0.4")), (D("101"), D("0.5"))]
-    assert core.walk_book(Side.SELL, D("1"), BIDS, limit=D("100.01")) == []
-
-
-def test_unconsumed_subtracts_what_paper_fills_took_and_forgets_gone_prices():
-    levels, taken = core.unconsumed(ASKS, {D("100.5"): D("0.4"), D("101"): D("0.2"), D("99"): D("1")})
-    assert levels == [(D("101"), D("0.3")), (D("102"), D("10"))]
-    assert taken == {D("100.5"): D("0.4"), D("101"): D("0.2")}  # 99 left the book
-    assert core.walk_book(Side.BUY, D("0.5"), levels) == [(D("101"), D("0.3")), (D("102"), D("0.2"))]
-
+# -- fees, quote assets ---------------------------------------------------------------------
 
 def test_to_decimal_goes_through_repr_not_binary():
     assert core.to_decimal(0.1) == D("0.1")
@@ -115,7 +90,7 @@ def test_to_decimal_goes_through_repr_not_binary():
 
 
 def test_vwap_and_fee_are_exact():
-    slices = core.walk_book(Side.BUY, D("1.0"), ASKS)
+    slices = [(D("100.5"), D("0.4")), (D("101"), D("0.5")), (D("102"), D("0.1"))]
     assert core.vwap(slices) == D("100.9")  # (40.2 + 50.5 + 10.2) / 1.0
     assert core.vwap([]) is None
     assert sum(core.fee(p, q, D("0.001")) for p, q in slices) == D("0.1009")
@@ -134,51 +109,16 @@ def test_unknown_quote_asset_raises(symbol):
         core.quote_asset(symbol)
 
 
-# -- executing orders --------------------------------------------------------------------------
-
-def test_market_buy_fills_at_each_level_taken():
-    order = new_order("1.0")
-    fills = core.execute_new(order, ASKS, D("0.001"), 20, 7)
-    assert order.status is S.FILLED and order.avg_price == D("100.9")
-    assert [(f.fill_id, f.price, f.qty, f.fee) for f in fills] == [
-        ("o1-1", D("100.5"), D("0.4"), D("0.0402")), ("o1-2", D("101"), D("0.5"), D("0.0505")),
-        ("o1-3", D("102"), D("0.1"), D("0.0102"))]
-    assert [str(f.fee) for f in fills] == ["0.0402", "0.0505", "0.0102"]  # canonical on the wire
-    assert {(f.liquidity, f.fee_asset, f.exch_ts, f.ts) for f in fills} == {(Liquidity.TAKER, "USDT", 7, 20)}
-
-
-def test_market_order_cancels_what_the_book_cannot_fill():
-    order = new_order("5", side=Side.SELL)
-    fills = core.execute_new(order, BIDS, D("0.001"), 20, 7)
-    assert sum(f.qty for f in fills) == D("2.3") and order.status is S.CANCELLED
-    assert order.reason == core.IOC_REMAINDER
-    empty = new_order("1")
-    assert core.execute_new(empty, [], D("0.001"), 20, 7) == []
-    assert empty.status is S.CANCELLED and empty.reason == core.NO_LIQUIDITY
-
-
-def test_limit_orders_fill_what_crosses_and_gtc_rests():
-    gtc = new_order("1.0", kind=OrderKind.LIMIT, price="101")
-    core.execute_new(gtc, ASKS, D("0.001"), 20, 7)
-    assert gtc.status is S.PARTIALLY_FILLED and gtc.remaining == D("0.1")
-    later = core.match(gtc, [[100.9, 5.0]], D("0.001"), 30, 8)
-    assert [(f.fill_id, f.price, f.qty) for f in later] == [("o1-3", D("100.9"), D("0.1"))]
-    assert gtc.status is S.FILLED
-    ioc = new_order("1.0", kind=OrderKind.LIMIT, price="100.6", tif=TimeInForce.IOC)
-    core.execute_new(ioc, ASKS, D("0.001"), 20, 7)
-    assert ioc.status is S.CANCELLED and ioc.filled_qty == D("0.4")
-
+# -- acks, events, accounts ----------------------------------------------------------------------
 
 def test_ack_and_event_carry_the_order_state():
     order = new_order("1.0")
-    fills = core.execute_new(order, ASKS, D("0.001"), 20, 7)
-    ack = core.ack_for(order, map(core.fill_dict, fills), 21)
-    assert ack.as_dict()["fills"][0] == {"ts": 20, "fill_id": "o1-1", "order_id": "o1", "client_order_id": "c1",
-                                         "symbol": "BTCUSDT", "side": "BUY", "price": "100.5", "qty": "0.4",
-                                         "fee": "0.0402", "fee_asset": "USDT", "liquidity": "TAKER",
-                                         "exch_ts": 7}
-    event = core.order_event(order, 21)
-    assert (event.status, event.filled_qty, event.avg_price) == (S.FILLED, D("1.0"), D("100.9"))
+    order.fill(D("100.5"), D("0.4"), 20)
+    order.fill(D("101"), D("0.6"), 21)
+    ack = core.ack_for(order, [{"fill_id": "o1-1"}, {"fill_id": "o1-2"}], 22)
+    assert (ack.status, ack.filled_qty, ack.avg_price, len(ack.fills)) == (S.FILLED, D("1.0"), D("100.8"), 2)
+    event = core.order_event(order, 22)
+    assert (event.status, event.filled_qty, event.avg_price) == (S.FILLED, D("1.0"), D("100.8"))
 
 
 def test_account_cash_positions_and_equity():
@@ -189,6 +129,18 @@ def test_account_cash_positions_and_equity():
     assert acct.positions == {"BTCUSDT": D("1.5")}
     assert acct.equity({}) == acct.cash + D("1.5") * D("110")  # last fill price without a book
     assert acct.equity({"BTCUSDT": D("90")}) == acct.cash + D("135")
+
+
+def test_account_takes_a_base_asset_fee_from_the_position():
+    acct = Account(D("1000"))
+    acct.apply("BTCUSDT", Side.BUY, D("100"), D("2"), D("0.002"), "BTC")
+    acct.apply("BTCUSDT", Side.SELL, D("100"), D("1"), D("0.1"), "USDT")
+    assert acct.positions == {"BTCUSDT": D("0.998")} and acct.cash == D("1000") - D("200") + D("100") - D("0.1")
+
+
+@pytest.mark.parametrize("symbol,base", [("BTCUSDT", "BTC"), ("ETHBTC", "ETH"), ("btcfdusd", "BTC")])
+def test_base_asset(symbol, base):
+    assert core.base_asset(symbol) == base
 
 
 # -- properties ---------------------------------------------------------------------------------
@@ -221,15 +173,3 @@ def test_state_machine_invariants(qty, steps):
         assert D(0) <= order.filled_qty <= order.qty
         assert (order.status is S.FILLED) == (order.filled_qty == order.qty)
         assert (order.status is S.PARTIALLY_FILLED) == (0 < order.filled_qty < order.qty and order.is_open)
-
-
-@settings(max_examples=200, deadline=None)
-@given(qty=qtys, levels=st.lists(st.tuples(st.decimals(min_value=D("0.01"), max_value=D("100000"), places=2),
-                                           st.decimals(min_value=D("0"), max_value=D("3"), places=8)),
-                                 max_size=10))
-def test_walk_book_never_takes_more_than_asked_or_offered(qty, levels):
-    wire = [[float(p), float(q)] for p, q in levels]
-    taken = core.walk_book(Side.BUY, qty, wire)
-    assert sum((q for _, q in taken), D(0)) <= qty
-    assert sum((q for _, q in taken), D(0)) == min(qty, sum((q for _, q in levels), D(0)))
-    assert all(q > 0 for _, q in taken)

@@ -290,3 +290,52 @@ def test_uncrossed_stream_gives_consistent_metrics(mid, snap, diffs, n):
     assert m.bids[0][0] <= m.microprice <= m.asks[0][0]
     assert -1.0 <= m.imbalance <= 1.0
     assert all(q > 0 for _, q in m.bids + m.asks)
+
+
+# -- apply_diff's inlined parser and level checks ----------------------------------------
+
+@pytest.mark.parametrize("bids, asks", [
+    (["12"], []), ([{"100.00000000": 1, "1.00000000": 2}], []), ([["1.00000000"]], []),
+    ([["1.00000000", "1.00000000", "1"]], []), ([[100, "1"]], []), ([["100.00000000", None]], []),
+    ([[["100.00000000"], "1"]], []), ([["100.0000000a", "1"]], []), (None, []), ([], 5),
+    ([], [["100.00000000", "1.0000000.0"]]), ([], [["1.000000000", "1"]]),
+    ([], [["\u0661\u0660\u0660.00000000", "1"]]), ([["100.00000000", "-1.00000000"]], []),
+    ([["0.00000000", "1.00000000"]], []), ([], [["-5", "1"]]),
+])
+def test_malformed_levels_raise_value_error(bids, asks):
+    # Only ValueError (never TypeError/AttributeError): BookSync turns it into BadEventError.
+    with pytest.raises(ValueError, match="BTCUSDT"):
+        small_book().apply_diff(bids, asks, 101)
+
+
+def test_tuples_and_other_zero_forms_are_accepted():
+    b = small_book()
+    b.apply_diff((("100.5", "2.000"),), [("101", "0.000"), ("102.25000000", "0")], 101)
+    assert b.levels() == ({10050000000: 2 * UNITS, 10000000000: UNITS, 9950000000: 2 * UNITS}, {})
+
+
+eight = st.builds(lambda w, f: f"{w}.{f}", st.text("0123456789\u0661.x", min_size=1, max_size=6),
+                  st.text("0123456789\u0661.-", min_size=8, max_size=8))
+any_str = st.one_of(eight, st.from_regex(VALID, fullmatch=True), st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=any_str, q=any_str, side=st.sampled_from(["bids", "asks"]))
+def test_apply_diff_parses_exactly_like_parse_units(p, q, side):
+    """The hot loop inlines parse_units' fast path: it must accept and reject the same strings."""
+    def units(s):
+        try:
+            return parse_units(s)
+        except ValueError:
+            return None
+    pu, qu = units(p), units(q)
+    b = OrderBook("BTCUSDT")
+    args = ([[p, q]], []) if side == "bids" else ([], [[p, q]])
+    if pu is None or qu is None or qu < 0 or not 0 < pu < 1 << 62:
+        with pytest.raises(ValueError):
+            b.apply_diff(*args, 7)
+        return
+    b.apply_diff(*args, 7)
+    levels = b.levels()[0 if side == "bids" else 1]
+    assert levels == ({pu: qu} if qu else {})
+    b.check()

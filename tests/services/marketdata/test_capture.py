@@ -5,9 +5,9 @@ import gzip
 import orjson
 import pytest
 
-from services.marketdata.book import parse_units
+from services.marketdata.book import parse_units, units_to_str
 from services.marketdata.capture import CaptureError, build_book, iter_capture
-from services.marketdata.sync import BookSync
+from services.marketdata.sync import BookSync, SyncResult
 
 
 def write(path, records, gz=False):
@@ -130,3 +130,100 @@ def test_build_book_other_symbol_or_partial_stream(tmp_path, spot_path, spot_rec
     p = write(tmp_path / "partial.jsonl", recs[:5] + [partial] + recs[5:])
     assert build_book(p, "BTCUSDT")["update_id"] == build_book(
         write(tmp_path / "plain.jsonl", recs), "BTCUSDT")["update_id"]
+
+
+# -- final books are exact: an independent brute-force rebuild ----------------------------
+
+def brute_force_book(path, usdm: bool):
+    """Rebuild with nothing of ours: stdlib json, Decimal, dicts, Binance's rules written out.
+
+    Returns (bids, asks, update_id, events applied) with {Decimal price: Decimal qty} sides.
+    """
+    import json
+    from decimal import Decimal
+
+    snap, events = None, []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec["k"] == "snapshot":
+                assert snap is None, "these captures hold one snapshot"
+                snap = rec["m"]
+            elif rec["m"]["stream"].endswith("@depth@100ms") or rec["m"]["stream"].endswith("@depth@0ms"):
+                events.append(rec["m"]["data"])
+    last = snap["lastUpdateId"]
+    sides = [{Decimal(p): Decimal(q) for p, q in snap[k] if Decimal(q) != 0} for k in ("bids", "asks")]
+    uid, applied = last, 0
+    for e in events:
+        if (e["u"] < last) if usdm else (e["u"] <= last):
+            continue
+        if applied == 0:  # the first event after the snapshot straddles it
+            assert (e["U"] <= last <= e["u"] or e["pu"] == last) if usdm else (e["U"] <= last + 1 <= e["u"])
+        else:  # then each event follows the previous one
+            assert e["pu"] == uid if usdm else e["U"] == uid + 1
+        for side, key in zip(sides, ("b", "a")):
+            for p, q in e[key]:
+                if Decimal(q) == 0:
+                    side.pop(Decimal(p), None)
+                else:
+                    side[Decimal(p)] = Decimal(q)
+        uid, applied = e["u"], applied + 1
+    return sides[0], sides[1], uid, applied
+
+
+@pytest.mark.parametrize("capture, usdm", [("spot_path", False), ("usdm_path", True)])
+def test_final_book_equals_brute_force_rebuild(capture, usdm, request):
+    from decimal import Decimal
+
+    path = request.getfixturevalue(capture)
+    bids, asks, uid, applied = brute_force_book(path, usdm)
+    got = build_book(path, "BTCUSDT")
+    assert got["market"] == ("usdm" if usdm else "spot")
+    assert (got["update_id"], got["events"], got["gaps"]) == (uid, applied, 0)
+    # Every level, exactly: same prices, same quantities, nothing more, nothing less.
+    assert {Decimal(p): Decimal(q) for p, q in got["bids"]} == bids and len(got["bids"]) == len(bids)
+    assert {Decimal(p): Decimal(q) for p, q in got["asks"]} == asks and len(got["asks"]) == len(asks)
+    assert [Decimal(p) for p, _ in got["bids"]] == sorted(bids, reverse=True)
+    assert [Decimal(p) for p, _ in got["asks"]] == sorted(asks)
+    assert Decimal(got["bids"][0][0]) < Decimal(got["asks"][0][0])
+
+
+def test_gap_repaired_by_a_later_snapshot(tmp_path, spot_path, spot_records):
+    """A lost event, then the REST snapshot the shell fetched: the final book is exact again."""
+    depth_idx = [i for i, r in enumerate(spot_records) if is_depth(r)]
+    lost, fetched = depth_idx[100], depth_idx[110]
+    ref = BookSync("BTCUSDT")  # the exchange's view, for the snapshot taken at `fetched`
+    for r in spot_records[:fetched + 1]:
+        if r["k"] == "snapshot":
+            ref.on_snapshot(r["m"])
+        elif is_depth(r):
+            ref.on_depth(r["m"]["data"])
+    bids, asks = ref.book.top(10**6)
+    later_snapshot = {"t": 1, "k": "snapshot", "s": "BTCUSDT", "m": {
+        "lastUpdateId": ref.book.update_id,
+        "bids": [[units_to_str(p), units_to_str(q)] for p, q in bids],
+        "asks": [[units_to_str(p), units_to_str(q)] for p, q in asks]}}
+    recs = spot_records[:lost] + spot_records[lost + 1:fetched + 1] + [later_snapshot] + spot_records[fetched + 1:]
+    got = build_book(write(tmp_path / "repaired.jsonl.gz", recs, gz=True), "BTCUSDT")
+    want = build_book(spot_path, "BTCUSDT")
+    assert got["gaps"] == 1 and got["resyncs"] == 1
+    assert got["events"] == want["events"] - (110 - 100) - 1  # the lost one and those the snapshot covers
+    assert (got["update_id"], got["bids"], got["asks"]) == (want["update_id"], want["bids"], want["asks"])
+
+
+@pytest.mark.parametrize("records", ["spot_records", "usdm_records"])
+def test_real_books_never_cross_nor_hold_zero_levels(records, request):
+    s = None
+    for rec in request.getfixturevalue(records):
+        if rec["k"] == "snapshot":
+            s.on_snapshot(rec["m"])
+        elif is_depth(rec):
+            data = rec["m"]["data"]
+            if s is None:
+                s = BookSync("BTCUSDT", "usdm" if "pu" in data else "spot")
+            if s.on_depth(data) is SyncResult.APPLIED:
+                (bid, bq), (ask, aq) = s.book.best_bid(), s.book.best_ask()
+                assert bid < ask and bq > 0 and aq > 0, s.book.update_id
+    bids, asks = s.book.levels()
+    assert min(bids.values()) > 0 and min(asks.values()) > 0 and max(bids) < min(asks)
+    s.book.check()

@@ -1,203 +1,313 @@
-"""Risk core: each check, the engine's decisions, trading state, and the position ledger's properties."""
+"""Risk core: each check alone, the gate's order, ADJUSTED, rates, loss streak, breakers, state."""
 from __future__ import annotations
 
 from decimal import Decimal as D
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from services.risk import core
-from services.risk.core import Position, Reason, RiskEngine
-from shared.enums import ControlAction, OrderKind, Side, TradingState
+from services.risk import checks as ck
+from services.risk.checks import Reason, SymbolRules
+from services.risk.core import DAY_NS, Approval, Denial, RiskEngine
+from services.risk.guards import LossStreak, RateLimiter, TokenBucket, breaches
+from services.risk.limits import RiskLimits, default_rules
+from shared.enums import ControlAction, OrderKind, OrderStatus, Side, TimeInForce, TradingState
 from shared.messages import OrderRequest
 
 MS = 1_000_000
-T0 = 1_700_000_000_000_000_000
+S = 1_000_000_000
+T0 = 1_700_000_000 * S  # 2023-11-14, 22:13 UTC: well inside one day
+RULES = SymbolRules("BTCUSDT", lot_size=D("0.001"), tick_size=D("0.5"), min_notional=D("0.1"),
+                    max_order_notional=D("2"), max_position=D("0.01"), max_notional=D("1.5"))
 
 
-def order(qty="0.005", side=Side.BUY, symbol="BTCUSDT", kind=OrderKind.MARKET, price=None,
-          coid="c1") -> OrderRequest:
-    return OrderRequest(ts=T0, client_order_id=coid, strategy="t", symbol=symbol, side=side, kind=kind,
-                        qty=D(qty), price=None if price is None else D(price))
+def order(qty="0.005", side=Side.BUY, symbol="BTCUSDT", kind=OrderKind.MARKET, price=None, coid="c1",
+          strategy="s", tif=TimeInForce.GTC) -> OrderRequest:
+    return OrderRequest(ts=T0, client_order_id=coid, strategy=strategy, symbol=symbol, side=side, kind=kind,
+                        qty=D(qty), price=None if price is None else D(price), tif=tif)
 
 
-def fill(fill_id, side, qty, price, fee="0", symbol="BTCUSDT", coid="c1") -> dict:
+def fill(fill_id, side, qty, price, fee="0", symbol="BTCUSDT", coid="c1", ts=T0) -> dict:
     return {"fill_id": fill_id, "client_order_id": coid, "symbol": symbol, "side": side.value,
-            "price": str(price), "qty": str(qty), "fee": str(fee)}
+            "price": str(price), "qty": str(qty), "fee": str(fee), "fee_asset": "USDT", "ts": ts}
 
 
-@pytest.fixture
-def engine() -> RiskEngine:
-    eng = RiskEngine(["btcusdt", "ETHUSDT"], max_position=D("0.01"), stale_book_ms=1000)
+def limits(**kw) -> RiskLimits:
+    rules = kw.pop("rules", {"BTCUSDT": RULES, "ETHUSDT": SymbolRules("ETHUSDT", *[getattr(RULES, f) for f in (
+        "lot_size", "tick_size", "min_notional", "max_order_notional", "max_position", "max_notional")])})
+    base = dict(stale_book_ms=1000, orders_per_s=100, orders_per_min=6000, daily_loss=D(0), daily_loss_soft=D(0),
+                max_drawdown=D(0), drawdown_soft=D(0))
+    base.update(kw)
+    return RiskLimits(rules=rules, **base)
+
+
+def mark(eng: RiskEngine, mid: float, now: int) -> None:
+    """A book, then the evaluation the shell runs after each batch of events."""
+    eng.on_book("BTCUSDT", mid, now)
+    eng.evaluate(now)
+
+
+def engine(**kw) -> RiskEngine:
+    eng = RiskEngine(limits(**kw), D("1000"))
     eng.on_book("BTCUSDT", 100.25, T0)
     return eng
 
 
 # -- the checks one by one ----------------------------------------------------------------
 
+def test_check_qty_price_and_tick_grids():
+    assert ck.check_qty(D("0.005"), RULES) is None
+    for bad in ("0", "-0.001", "0.0005", "1e12", "1E-9", "0.00100000001"):
+        assert ck.check_qty(D(bad), RULES) == Reason.BAD_QTY, bad
+    assert ck.check_qty(D("1e999999"), RULES) == Reason.BAD_QTY  # no overflow on the way
+    assert ck.check_price(OrderKind.MARKET, None, RULES) is None
+    assert ck.check_price(OrderKind.LIMIT, D("100.5"), RULES) is None
+    for bad in (None, D(0), D("-1"), D("100.25"), D("1e13")):
+        assert ck.check_price(OrderKind.LIMIT, bad, RULES) == Reason.BAD_PRICE, bad
+
+
 def test_check_state():
-    assert core.check_state(TradingState.ACTIVE, D(0), order()) is None
-    assert core.check_state(TradingState.HALTED, D(0), order()) == Reason.HALTED
-    assert core.check_state(TradingState.REDUCING, D("0.003"), order("0.003", Side.SELL)) is None
-    assert core.check_state(TradingState.REDUCING, D("0.003"), order("0.004", Side.SELL)) == Reason.REDUCE_ONLY
-    assert core.check_state(TradingState.REDUCING, D("0.003"), order("0.001", Side.BUY)) == Reason.REDUCE_ONLY
-    assert core.check_state(TradingState.REDUCING, D("-0.003"), order("0.001", Side.BUY)) is None
-    assert core.check_state(TradingState.REDUCING, D(0), order("0.001", Side.SELL)) == Reason.REDUCE_ONLY
+    B, SELL = Side.BUY, Side.SELL
+    assert ck.check_state(TradingState.ACTIVE, D(0), D(0), B, D(1)) is None
+    assert ck.check_state(TradingState.HALTED, D("0.003"), D(0), SELL, D("0.001")) == Reason.HALTED
+    assert ck.check_state(TradingState.REDUCING, D("0.003"), D(0), SELL, D("0.003")) is None
+    assert ck.check_state(TradingState.REDUCING, D("0.003"), D(0), SELL, D("0.004")) == Reason.REDUCING
+    assert ck.check_state(TradingState.REDUCING, D("0.003"), D("0.002"), SELL, D("0.002")) == Reason.REDUCING
+    assert ck.check_state(TradingState.REDUCING, D("0.003"), D(0), B, D("0.001")) == Reason.REDUCING
+    assert ck.check_state(TradingState.REDUCING, D("-0.003"), D(0), B, D("0.001")) is None
+    assert ck.check_state(TradingState.REDUCING, D(0), D(0), SELL, D("0.001")) == Reason.REDUCING
 
 
-def test_check_qty_price_symbol_book():
-    assert core.check_qty(order("0")) == core.check_qty(order("-1")) == Reason.NON_POSITIVE_QTY
-    assert core.check_qty(order("0.00000001")) is None
-    assert core.check_price(order(kind=OrderKind.LIMIT)) == Reason.BAD_PRICE
-    assert core.check_price(order(kind=OrderKind.LIMIT, price="0")) == Reason.BAD_PRICE
-    assert core.check_price(order(kind=OrderKind.LIMIT, price="1")) is None
-    assert core.check_symbol(order(symbol="DOGEUSDT"), frozenset({"BTCUSDT"})) == Reason.UNKNOWN_SYMBOL
-    assert core.check_book(None, T0, 1000 * MS) == Reason.STALE_BOOK
-    assert core.check_book(T0, T0 + 1000 * MS, 1000 * MS) is None
-    assert core.check_book(T0, T0 + 1000 * MS + 1, 1000 * MS) == Reason.STALE_BOOK
+def test_check_book_band_notional_open_orders():
+    assert ck.check_book(None, T0, MS) == Reason.STALE_BOOK
+    assert ck.check_book(T0, T0 + MS, MS) is None and ck.check_book(T0, T0 + MS + 1, MS) == Reason.STALE_BOOK
+    assert ck.check_band(OrderKind.LIMIT, D("101"), D("100"), D("100")) is None  # exactly 100 bps
+    assert ck.check_band(OrderKind.LIMIT, D("101.01"), D("100"), D("100")) == Reason.PRICE_BAND
+    assert ck.check_band(OrderKind.LIMIT, D("98.99"), D("100"), D("100")) == Reason.PRICE_BAND
+    assert ck.check_band(OrderKind.LIMIT, D("50"), D("100"), D(0)) is None  # no band
+    assert ck.check_band(OrderKind.MARKET, None, D("100"), D("1")) is None
+    assert ck.check_notional(D("0.09"), RULES) == Reason.MIN_NOTIONAL
+    assert ck.check_notional(D("0.1"), RULES) is None and ck.check_notional(D("2"), RULES) is None
+    assert ck.check_notional(D("2.01"), RULES) == Reason.MAX_ORDER_NOTIONAL
+    assert ck.check_open_orders(True, 3, 3) == Reason.MAX_OPEN_ORDERS
+    assert ck.check_open_orders(False, 3, 3) is None and ck.check_open_orders(True, 2, 3) is None
 
 
-def test_check_max_position_counts_position_working_and_order():
-    limit = D("0.01")
-    assert core.check_max_position(D(0), D(0), order("0.01"), limit) is None
-    assert core.check_max_position(D(0), D(0), order("0.01000001"), limit) == Reason.MAX_POSITION
-    assert core.check_max_position(D("0.006"), D(0), order("0.005"), limit) == Reason.MAX_POSITION
-    assert core.check_max_position(D("0.006"), D(0), order("0.016", Side.SELL), limit) is None
-    assert core.check_max_position(D("0.006"), D(0), order("0.017", Side.SELL), limit) == Reason.MAX_POSITION
-    assert core.check_max_position(D(0), D("0.006"), order("0.005"), limit) == Reason.MAX_POSITION
+def test_check_position_base_notional_working_and_reducing():
+    p = ck.check_position
+    assert p(D(0), D(0), Side.BUY, D("0.01"), D("100"), RULES) is None
+    assert p(D(0), D(0), Side.BUY, D("0.011"), D("100"), RULES) == Reason.MAX_POSITION
+    assert p(D("0.006"), D(0), Side.BUY, D("0.005"), D("100"), RULES) == Reason.MAX_POSITION
+    assert p(D(0), D("0.006"), Side.BUY, D("0.005"), D("100"), RULES) == Reason.MAX_POSITION
+    assert p(D("0.006"), D(0), Side.SELL, D("0.016"), D("100"), RULES) is None
+    assert p(D("0.006"), D(0), Side.SELL, D("0.017"), D("100"), RULES) == Reason.MAX_POSITION
+    assert p(D(0), D(0), Side.BUY, D("0.01"), D("151"), RULES) == Reason.MAX_NOTIONAL  # 1.51 > 1.5
+    # an over-limit position may always shrink, but not flip past the limit
+    assert p(D("0.03"), D(0), Side.SELL, D("0.01"), D("100"), RULES) is None
+    assert p(D("0.03"), D(0), Side.SELL, D("0.045"), D("100"), RULES) == Reason.MAX_POSITION
+    assert ck.position_room(D("0.006"), D("0.001"), Side.BUY, D("100"), RULES) == D("0.003")
+    assert ck.position_room(D("0.006"), D(0), Side.SELL, D("100"), RULES) == D("0.016")
+    assert ck.position_room(D(0), D(0), Side.BUY, D("200"), RULES) == D("0.007")  # 1.5 / 200 = 0.0075
+    assert ck.position_room(D("0.02"), D(0), Side.BUY, D("100"), RULES) == 0
 
 
-# -- the engine ------------------------------------------------------------------------------
+# -- the gate ----------------------------------------------------------------------------
 
-def test_engine_approves_a_good_order(engine):
-    assert engine.check(order(), T0 + 5 * MS) is None
+def test_a_good_order_is_approved_and_takes_a_rate_token():
+    eng = engine(orders_per_s=2)
+    assert eng.check(order(), T0 + MS) == Approval(D("0.005"))
+    assert eng.check(order(), T0 + MS) == Approval(D("0.005"))
+    assert eng.check(order(), T0 + MS).code == Reason.RATE_LIMIT
+    assert eng.check(order(strategy="other"), T0 + MS) == Approval(D("0.005"))  # per strategy
+    assert eng.check(order(), T0 + 501 * MS) == Approval(D("0.005"))  # half a second: one token back
 
 
 @pytest.mark.parametrize("req,code", [
-    (order("0"), Reason.NON_POSITIVE_QTY), (order(symbol="DOGEUSDT"), Reason.UNKNOWN_SYMBOL),
-    (order(symbol="ETHUSDT"), Reason.STALE_BOOK), (order("0.02"), Reason.MAX_POSITION),
-    (order(kind=OrderKind.LIMIT), Reason.BAD_PRICE)])
-def test_engine_denials(engine, req, code):
-    denial = engine.check(req, T0 + 5 * MS)
-    assert denial.code == code and denial.as_reason() == {"code": code, "text": denial.text}
-    assert core.TEXTS[code] in denial.text
+    (order("0"), Reason.BAD_QTY), (order("0.0005"), Reason.BAD_QTY), (order(symbol="DOGEUSDT"), Reason.UNKNOWN_SYMBOL),
+    (order(symbol="ETHUSDT"), Reason.STALE_BOOK), (order(kind=OrderKind.LIMIT), Reason.BAD_PRICE),
+    (order(kind=OrderKind.LIMIT, price="120"), Reason.PRICE_BAND),
+    (order("0.001", kind=OrderKind.LIMIT, price="99.5"), Reason.MIN_NOTIONAL),
+    (order("0.03", Side.SELL), Reason.MAX_ORDER_NOTIONAL)])
+def test_denials_carry_code_and_text(req, code):
+    denial = engine(adjust=False).check(req, T0 + MS)
+    assert isinstance(denial, Denial) and denial.code == code, denial
+    assert denial.as_reason() == {"code": code, "text": denial.text} and ck.TEXTS[code] in denial.text
 
 
-def test_book_goes_stale_with_time(engine):
-    assert engine.check(order(), T0 + 1000 * MS) is None
-    assert engine.check(order(), T0 + 1001 * MS).code == Reason.STALE_BOOK
-    engine.on_book("BTCUSDT", 100.3, T0 + 1001 * MS)
-    assert engine.check(order(), T0 + 1002 * MS) is None
+def test_book_goes_stale_and_a_one_sided_book_is_no_mark():
+    eng = engine()
+    assert isinstance(eng.check(order(), T0 + 1000 * MS), Approval)
+    assert eng.check(order(), T0 + 1001 * MS).code == Reason.STALE_BOOK
+    eng.on_book("ETHUSDT", 0.0, T0)  # fresh, but no mid: cannot be priced
+    assert eng.check(order(symbol="ETHUSDT"), T0).code == Reason.STALE_BOOK
+    eng.on_book("DOGEUSDT", 1.0, T0)  # not traded: ignored
+    assert "DOGEUSDT" not in eng.book_ns
 
 
-def test_max_position_includes_the_current_position(engine):
-    engine.on_fill(fill("f1", Side.BUY, "0.008", "100"))
-    assert engine.check(order("0.002"), T0) is None
-    assert engine.check(order("0.003"), T0).code == Reason.MAX_POSITION
-    assert engine.check(order("0.018", Side.SELL), T0) is None
+def test_adjusted_cuts_to_the_lot_and_respects_min_notional():
+    eng = engine()
+    eng.on_fill(fill("f1", Side.BUY, "0.006", "100"), T0)
+    assert eng.check(order("0.006"), T0) == Approval(D("0.004"), adjusted=True)
+    eng.track("w", "BTCUSDT", Side.BUY, D("0.004"), D("0.004"))
+    assert eng.check(order("0.002", coid="x"), T0).code == Reason.MAX_POSITION  # room 0: nothing fits
+    eng.untrack("w")
+    eng.on_fill(fill("f2", Side.BUY, "0.003", "100"), T0)  # 0.009: room 0.001, notional 0.10025 ≥ 0.1
+    assert eng.check(order("0.005"), T0) == Approval(D("0.001"), adjusted=True)
+    strict = engine(adjust=False)
+    strict.on_fill(fill("f1", Side.BUY, "0.006", "100"), T0)
+    assert strict.check(order("0.006"), T0).code == Reason.MAX_POSITION
+    tight = engine(rules={"BTCUSDT": SymbolRules("BTCUSDT", D("0.001"), D("0.5"), D("0.5"), D("2"), D("0.01"),
+                                                 D("1.5"))})
+    tight.on_fill(fill("f1", Side.BUY, "0.008", "100"), T0)  # room 0.002 → notional 0.2 < 0.5
+    assert tight.check(order("0.005"), T0).code == Reason.MAX_POSITION
 
 
-def test_working_orders_count_until_filled_or_done(engine):
-    engine.track("w1", "BTCUSDT", Side.BUY, D("0.006"))
-    assert engine.check(order("0.005"), T0).code == Reason.MAX_POSITION
-    assert engine.check(order("0.005", Side.SELL), T0) is None  # the other side is not made worse
-    engine.on_fill(fill("wf1", Side.BUY, "0.004", "100", coid="w1"))
-    assert engine.working["w1"][2] == D("0.002")  # position 0.004 + working 0.002
-    assert engine.check(order("0.004"), T0) is None
-    assert engine.check(order("0.0041"), T0).code == Reason.MAX_POSITION
-    engine.untrack("w1")
-    assert engine.check(order("0.006"), T0) is None
+def test_working_orders_count_until_filled_or_ended():
+    eng = engine()
+    eng.track("w1", "BTCUSDT", Side.BUY, D("0.006"), D("0.006"))
+    assert eng.exposure[("BTCUSDT", Side.BUY)] == D("0.006")
+    assert eng.check(order("0.005", coid="a"), T0) == Approval(D("0.004"), adjusted=True)
+    assert isinstance(eng.check(order("0.005", Side.SELL, coid="b"), T0), Approval)  # other side not worse
+    eng.on_fill(fill("wf1", Side.BUY, "0.004", "100", coid="w1"), T0)
+    assert eng.working["w1"].remaining == D("0.002") and eng.exposure[("BTCUSDT", Side.BUY)] == D("0.002")
+    eng.on_order("w1", OrderStatus.CANCELLED, D("0.004"))
+    assert eng.working == {} and eng.exposure == {}
 
 
-def test_halt_resume_flatten_state(engine):
-    assert engine.control(ControlAction.HALT, "ops") is True
-    assert engine.state is TradingState.HALTED and engine.state_reason == "ops"
-    assert engine.check(order(), T0).code == Reason.HALTED
-    assert engine.control(ControlAction.HALT, "again") is False
-    assert engine.control(ControlAction.STATE) is False and engine.state is TradingState.HALTED
-    assert engine.control(ControlAction.FLATTEN, "wind down") is True
-    assert engine.check(order(), T0).code == Reason.REDUCE_ONLY
-    assert engine.control(ControlAction.RESUME, "ok") is True
-    assert engine.check(order(), T0) is None
+def test_orders_of_unknown_fate_settle_or_expire():
+    eng = engine()
+    eng.track("u", "BTCUSDT", Side.BUY, D("0.005"), D("0.005"), rests=False, expires_ns=T0 + S)
+    eng.on_order("u", OrderStatus.PARTIALLY_FILLED, D("0.002"))  # the broker has it: 0.003 left, no expiry
+    assert (eng.working["u"].remaining, eng.working["u"].expires_ns) == (D("0.003"), 0)
+    eng.track("v", "BTCUSDT", Side.SELL, D("0.001"), D("0.001"), rests=False, expires_ns=T0 + S)
+    eng.expire(T0 + S)
+    assert set(eng.working) == {"u"}
 
 
-def test_on_fill_applies_once_and_refuses_malformed(engine):
-    assert engine.on_fill(fill("a", Side.BUY, "0.002", "100", fee="0.0002")) is True
-    assert engine.on_fill(fill("a", Side.BUY, "0.002", "100", fee="0.0002")) is False
-    assert engine.position("BTCUSDT").qty == D("0.002") and engine.fees() == D("0.0002")
-    for bad in ({"fill_id": "b"}, {**fill("b", Side.BUY, 1, 1), "price": 1.5},
-                {**fill("b", Side.BUY, 1, 1), "side": "UP"}, {**fill("b", Side.BUY, 1, 1), "qty": "nan"},
-                fill("b", Side.BUY, "0", "1"), {**fill("b", Side.BUY, 1, 1), "fill_id": 7}):
-        with pytest.raises(ValueError):
-            engine.on_fill(bad)
-    assert engine.position("BTCUSDT").qty == D("0.002")
-    assert engine.on_fill(fill("b", Side.BUY, "0.001", "101")) is True  # a refused id was not burned
+def test_max_open_orders_counts_what_may_rest():
+    eng = engine(max_open_orders=1)
+    eng.track("w", "BTCUSDT", Side.SELL, D("0.001"), D("0.001"))
+    assert eng.check(order(kind=OrderKind.LIMIT, price="100", coid="l"), T0).code == Reason.MAX_OPEN_ORDERS
+    assert isinstance(eng.check(order(kind=OrderKind.LIMIT, price="100", tif=TimeInForce.IOC), T0), Approval)
+    assert isinstance(eng.check(order(), T0), Approval)
 
 
-def test_average_cost_realized_and_flip():
-    pos = Position()
-    pos.apply(Side.BUY, D("1"), D("100"), D("0.1"))
-    pos.apply(Side.BUY, D("1"), D("110"), D("0.11"))
-    assert (pos.qty, pos.cost, pos.avg_price) == (D("2"), D("210"), D("105"))
-    pos.apply(Side.SELL, D("1.5"), D("120"), D("0"))
-    assert (pos.qty, pos.cost, pos.realized) == (D("0.5"), D("52.5"), D("22.5"))
-    pos.apply(Side.SELL, D("1"), D("100"), D("0"))  # closes 0.5 at a loss, opens 0.5 short
-    assert (pos.qty, pos.cost, pos.realized, pos.avg_price) == (D("-0.5"), D("-50"), D("20"), D("100"))
-    pos.mark = D("90")
-    assert pos.unrealized() == D("5")
-    assert pos.fees == D("0.21")
+def test_halt_resume_flatten_state_with_who_and_why():
+    eng = engine()
+    assert eng.control(ControlAction.HALT, "ops", "drill", T0) is True
+    assert (eng.state, eng.state_code, eng.state_by, eng.state_reason) == (TradingState.HALTED, "HALT", "ops", "drill")
+    assert eng.check(order(), T0).code == Reason.HALTED
+    assert eng.control(ControlAction.HALT, "ops", "again", T0) is False and eng.state_reason == "drill"
+    assert eng.control(ControlAction.STATE, "ops", "", T0) is False
+    assert eng.control(ControlAction.FLATTEN, "api", "wind down", T0) is True
+    assert eng.check(order(), T0).code == Reason.REDUCING
+    assert eng.control(ControlAction.RESUME, "api", "ok", T0) is True
+    assert isinstance(eng.check(order(), T0), Approval)
+    assert [(c.previous, c.state, c.code) for c in eng.changes] == [
+        (TradingState.ACTIVE, TradingState.HALTED, "HALT"), (TradingState.HALTED, TradingState.REDUCING, "FLATTEN"),
+        (TradingState.REDUCING, TradingState.ACTIVE, "RESUME")]
 
 
-def test_equity_and_drawdown(engine):
-    engine.on_fill(fill("e1", Side.BUY, "0.01", "100", fee="0.001"))
-    engine.on_mark("BTCUSDT", D("110"))
-    assert engine.equity(D("1000")) == D("1000") - D("0.001") + D("0.1")
-    assert engine.observe_equity(D("1000")) == 0
-    assert engine.observe_equity(D("900")) == D("0.1")
-    assert engine.observe_equity(D("1100")) == 0 and engine.peak == D("1100")
-    assert engine.position_map() == {"BTCUSDT": "0.01"}
+def test_flatten_orders_close_every_position_on_the_lot():
+    eng = engine()
+    eng.on_fill(fill("f1", Side.BUY, "0.006", "100"), T0)
+    eng.on_fill(fill("f2", Side.SELL, "0.002", "100", symbol="ETHUSDT"), T0)
+    orders = eng.flatten_orders(T0, "fl")
+    assert [(o.client_order_id, o.symbol, o.side, o.qty, o.kind) for o in orders] == [
+        ("fl-BTCUSDT", "BTCUSDT", Side.SELL, D("0.006"), OrderKind.MARKET),
+        ("fl-ETHUSDT", "ETHUSDT", Side.BUY, D("0.002"), OrderKind.MARKET)]
 
 
-# -- ledger properties ---------------------------------------------------------------------------
+# -- guards ---------------------------------------------------------------------------------
 
-SYMBOLS = ("BTCUSDT", "ETHUSDT")
-fills_st = st.lists(st.tuples(st.sampled_from(SYMBOLS), st.sampled_from(Side),
-                              st.decimals(min_value=D("0.00000001"), max_value=D("3"), places=8),
-                              st.decimals(min_value=D("0.01"), max_value=D("100000"), places=2),
-                              st.decimals(min_value=D("0"), max_value=D("5"), places=8)),
-                    min_size=1, max_size=25, unique_by=lambda t: t)
+def test_token_bucket_is_exact_and_ignores_a_clock_stepping_back():
+    b = TokenBucket(3, S, T0)
+    for _ in range(3):
+        assert b.available(T0)
+        b.take(T0)
+    assert not b.available(T0) and not b.available(T0 - S)
+    assert not b.available(T0 + S // 3 - 1) and b.available(T0 + S // 3 + 1)
+    r = RateLimiter(per_s=100, per_min=2)
+    r.take("s", T0), r.take("s", T0)
+    assert not r.allows("s", T0 + S) and r.allows("s", T0 + 30 * S)
 
 
-@settings(max_examples=300, deadline=None)
-@given(raw=fills_st, data=st.data(),
-       marks=st.tuples(*[st.decimals(min_value=D("0.01"), max_value=D("100000"), places=2)] * 2))
-def test_ledger_any_order_any_duplicates_balances_exactly(raw, data, marks):
-    fills = [fill(f"f{i}", side, qty, price, fee, symbol=sym) for i, (sym, side, qty, price, fee) in enumerate(raw)]
-    order_ = data.draw(st.permutations(fills))
-    dups = data.draw(st.lists(st.sampled_from(fills), max_size=10))
-    replay = list(order_) + dups
-    replay = data.draw(st.permutations(replay))
-    start = D("10000")
+def test_loss_streak_pauses_entries_but_not_exits():
+    g = LossStreak(2, 60 * S, 120 * S)
+    assert g.on_trip(D("-1"), T0) is False and g.on_trip(D("5"), T0 + S) is False
+    assert g.on_trip(D("-1"), T0 + 61 * S) is False  # the first loss left the window
+    assert g.on_trip(D("-0.01"), T0 + 62 * S) is True and g.paused(T0 + 100 * S)
+    assert not g.paused(T0 + 182 * S)
 
-    engines = []
-    for sequence in (fills, replay):
-        eng = RiskEngine(SYMBOLS, D("1e9"), 1000)
-        applied = sum(eng.on_fill(f) for f in sequence)
-        assert applied == len(fills)
-        for sym, mark in zip(SYMBOLS, marks):
-            eng.on_mark(sym, mark)
-        engines.append(eng)
+    eng = engine(loss_streak=1, loss_window_ns=60 * S, loss_pause_ns=60 * S)
+    eng.on_fill(fill("a", Side.BUY, "0.005", "100", fee="0.001"), T0)
+    eng.on_fill(fill("b", Side.SELL, "0.002", "101", fee="0.001"), T0)  # partly closed: no round trip yet
+    assert isinstance(eng.check(order("0.001", coid="x"), T0), Approval)
+    eng.on_fill(fill("c", Side.SELL, "0.003", "99", fee="0.001"), T0 + S)  # flat: 0.002 - 0.003 - fees < 0
+    assert eng.check(order("0.001", coid="y"), T0 + S).code == Reason.LOSS_COOLDOWN
+    eng.on_fill(fill("d", Side.BUY, "0.002", "100"), T0 + S)
+    assert isinstance(eng.check(order("0.001", Side.SELL, coid="z"), T0 + S), Approval)  # reducing passes
+    assert eng.check(order("0.001", coid="w"), T0 + 61 * S + 1).code == Reason.STALE_BOOK  # the pause is over
+    eng.on_book("BTCUSDT", 100.25, T0 + 61 * S + 1)
+    assert isinstance(eng.check(order("0.001", coid="w"), T0 + 61 * S + 1), Approval)
 
-    # brute force: positions are sums, cash moves by each fill's flow and fee
-    want_pos = {s: sum((f_[2] * f_[1].sign for f_ in raw if f_[0] == s), D(0)) for s in SYMBOLS}
-    cash = start - sum(f_[1].sign * f_[2] * f_[3] + f_[4] for f_ in raw)
-    want_equity = cash + sum(want_pos[s] * m for s, m in zip(SYMBOLS, marks))
-    for eng in engines:
-        assert {s: eng.position(s).qty for s in SYMBOLS} == want_pos
-        assert eng.equity(start) == start + eng.realized() - eng.fees() + eng.unrealized()
-        assert eng.equity(start) == want_equity
-        assert eng.fees() == sum(f_[4] for f_ in raw)
-        for s in SYMBOLS:
-            if not eng.position(s).qty:
-                assert eng.position(s).cost == 0  # a flat position carries no leftover cost
+
+def test_breaches_are_exact_fractions():
+    args = (D("0.02"), D("0.01"), D("0.05"), D("0.03"))
+    assert breaches(D("990"), D("1000"), D("1000"), *args) == {"DAILY_LOSS_SOFT"}
+    assert breaches(D("990.01"), D("1000"), D("1000"), *args) == set()
+    assert breaches(D("980"), D("1000"), D("1000"), *args) == {"DAILY_LOSS", "DAILY_LOSS_SOFT"}
+    assert breaches(D("1045"), D("1045"), D("1100"), *args) == {"MAX_DRAWDOWN", "DRAWDOWN_SOFT"}
+    assert breaches(D("1"), D("1000"), D("1000"), D(0), D(0), D(0), D(0)) == set()
+
+
+def test_breakers_reduce_then_halt_fire_once_and_stay_until_resume():
+    eng = RiskEngine(limits(daily_loss=D("0.02"), daily_loss_soft=D("0.01"), max_drawdown=D("0.5"),
+                            drawdown_soft=D("0.4")), D("1000"))
+    eng.on_fill(fill("f1", Side.BUY, "0.01", "100"), T0)
+    mark(eng, 100.0, T0)
+    assert (eng.day_start, eng.peak, eng.state) == (D("1000"), D("1000"), TradingState.ACTIVE)
+    mark(eng, 0.5, T0 + 1)  # equity 1000 - 0.995
+    mark(eng, 1.0, T0 + 2)
+    assert eng.state is TradingState.ACTIVE
+    eng.changes.clear()
+    big = RiskEngine(limits(daily_loss=D("0.02"), daily_loss_soft=D("0.01")), D("10"))
+    big.on_fill(fill("f1", Side.BUY, "0.01", "100"), T0)
+    mark(big, 100.0, T0)
+    mark(big, 89.0, T0 + 1)  # -0.11 of 10: 1.1 % → REDUCING
+    assert (big.state, big.state_code, big.state_by) == (TradingState.REDUCING, "DAILY_LOSS_SOFT", "risk")
+    mark(big, 79.0, T0 + 2)  # 2.1 % → HALTED
+    assert (big.state, big.state_code) == (TradingState.HALTED, "DAILY_LOSS")
+    big.control(ControlAction.RESUME, "ops", "accepted", T0 + 3)
+    mark(big, 78.0, T0 + 4)  # still beyond: fired already, the operator's RESUME stands
+    assert big.state is TradingState.ACTIVE
+    mark(big, 100.0, T0 + 5)  # recovered: re-armed
+    mark(big, 79.0, T0 + 6)
+    assert big.state is TradingState.HALTED
+    assert [c.code for c in big.changes] == ["DAILY_LOSS_SOFT", "DAILY_LOSS", "RESUME", "DAILY_LOSS"]
+
+
+def test_a_new_utc_day_takes_a_new_start_equity_and_may_lift_a_daily_halt():
+    for reset in (False, True):
+        eng = RiskEngine(limits(daily_loss=D("0.02"), day_reset=reset), D("10"))
+        eng.on_fill(fill("f1", Side.BUY, "0.01", "100"), T0)
+        mark(eng, 100.0, T0)
+        mark(eng, 79.0, T0 + 1)
+        assert eng.state is TradingState.HALTED
+        next_day = (T0 // DAY_NS + 1) * DAY_NS
+        mark(eng, 79.0, next_day)
+        assert eng.day == next_day // DAY_NS and eng.day_start == D("10") - D("0.21")
+        assert eng.state is (TradingState.ACTIVE if reset else TradingState.HALTED)
+
+
+def test_snapshot_restore_round_trip():
+    eng = engine(daily_loss=D("0.5"))
+    eng.control(ControlAction.HALT, "api", "why", T0)
+    snap = eng.snapshot()
+    other = RiskEngine(eng.limits, D("1000"))
+    other.restore(snap)
+    assert other.snapshot() == snap and other.state is TradingState.HALTED and not other.dirty
+
+
+def test_default_rules_helper():
+    rules = default_rules(["btcusdt"], max_position=D(1))
+    assert rules["BTCUSDT"].max_position == 1 and rules["BTCUSDT"].lot_size == D("1e-8")

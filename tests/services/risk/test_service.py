@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from decimal import Decimal as D
 
@@ -15,15 +16,32 @@ from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.config import load
 from shared.enums import ControlAction, OrderKind, OrderStatus, Side, TradingState, Verdict
-from shared.messages import Control, ControlReply, Decision, Error, Fill, OrderRequest, RiskState
+from shared.messages import Ack, Control, ControlReply, Decision, Error, Fill, OrderRequest, RiskState
 
 ASKS = [[100.5, 0.004], [101.0, 0.5]]
 BIDS = [[100.0, 0.3], [99.0, 2.0]]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def order(coid: str, qty: str = "0.005", side=Side.BUY, symbol="BTCUSDT", **kw) -> OrderRequest:
     return OrderRequest(ts=1, client_order_id=coid, strategy="test", symbol=symbol, side=side,
                         kind=kw.pop("kind", OrderKind.MARKET), qty=D(qty), **kw)
+
+
+def control(client, action: ControlAction, reason: str = "") -> tuple[ControlReply, dict]:
+    """A control request; returns the reply and risk's added `detail` map."""
+    raw = client.raw(messages.encode(Control(ts=1, action=action, by="test", reason=reason)))
+    return messages.decode(raw, messages.REQUESTS), msgpack.unpackb(raw)["detail"]
+
+
+def settled(client) -> None:
+    """Risk answers first and books fills after; a request behind the answer sees them booked."""
+    control(client, ControlAction.STATE)
 
 
 class Clock:
@@ -39,7 +57,7 @@ class Clock:
 @pytest.fixture
 def risk_env(env):
     return {**env, "QF_RISK_BROKER_TIMEOUT_MS": "200", "QF_RISK_MAX_POSITION": "0.01",
-            "QF_RISK_STALE_BOOK_MS": "1000"}
+            "QF_RISK_STALE_BOOK_MS": "1000", "QF_RISK_ADJUST": "false"}
 
 
 @pytest.fixture
@@ -73,20 +91,25 @@ def count(db_rows, cfg, table: str, where: str = "1") -> int:
     return db_rows(cfg.common.db, f"SELECT COUNT(*) FROM {table} WHERE {where}")[0][0]
 
 
-def test_rejects_unknown_symbol_stale_book_max_position_and_halted(risk, client, rcfg, db_rows, wait_until):
+def test_denials_are_answered_counted_and_stored(risk, client, rcfg, db_rows, wait_until):
     cases = [(order("u", symbol="DOGEUSDT"), "UNKNOWN_SYMBOL"), (order("s", symbol="ETHUSDT"), "STALE_BOOK"),
-             (order("m", "0.011"), "MAX_POSITION"), (order("q", "0"), "NON_POSITIVE_QTY")]
+             (order("m", "0.011"), "MAX_POSITION"), (order("q", "0"), "BAD_QTY"), (order("l", "0.0001"), "BAD_QTY"),
+             (order("p", kind=OrderKind.LIMIT, price=D("100.2")), "BAD_PRICE"),
+             (order("b", kind=OrderKind.LIMIT, price=D("90")), "PRICE_BAND")]
     for req, code in cases:
         decision = client.request(req)
         assert isinstance(decision, Decision) and decision.verdict is Verdict.REJECTED, decision
         assert decision.reason["code"] == code and decision.qty == 0 and decision.order is None
-    reply = client.request(Control(ts=1, action=ControlAction.HALT, by="test", reason="drill"))
+    reply, detail = control(client, ControlAction.HALT, "drill")
     assert isinstance(reply, ControlReply) and reply.state is TradingState.HALTED and reply.reason == "drill"
+    assert detail["by"] == "test" and detail["code"] == "HALT"
     assert client.request(order("h")).reason["code"] == "HALTED"
-    wait_until(lambda: count(db_rows, rcfg, "risk_events", "kind = 'DENIED'") == 5, "denials stored")
+    wait_until(lambda: count(db_rows, rcfg, "risk_events", "kind = 'DENIED'") == len(cases) + 1, "denials stored")
     assert db_rows(rcfg.common.db, "SELECT code, state FROM risk_events WHERE kind = 'STATE'") == [("HALT", "HALTED")]
+    assert db_rows(rcfg.common.db, "SELECT state, by FROM risk_checkpoints ORDER BY id DESC LIMIT 1") == [
+        ("HALTED", "test")]
     codes = {r[0] for r in db_rows(rcfg.common.db, "SELECT code FROM risk_events WHERE kind = 'DENIED'")}
-    assert codes == {"UNKNOWN_SYMBOL", "STALE_BOOK", "MAX_POSITION", "NON_POSITIVE_QTY", "HALTED"}
+    assert codes == {code for _, code in cases} | {"HALTED"}
     # a retried client_order_id gets the same answer, not a second evaluation
     assert client.request(order("u", symbol="DOGEUSDT")) == client.request(order("u", symbol="DOGEUSDT"))
 
@@ -101,16 +124,71 @@ def test_book_goes_stale_on_the_service_clock(rcfg, runner, md, make_book, feed,
     assert clients(rcfg.bus.risk_rep).request(order("late")).reason["code"] == "STALE_BOOK"
 
 
-def test_broker_silence_is_a_bounded_rejection(risk, client, rcfg, db_rows):
-    timeout = rcfg.risk.broker_timeout_ms / 1000
-    for attempt in range(2):  # not remembered: a retry asks the broker again
-        started = time.monotonic()
-        decision = client.request(order("nb"))
-        elapsed = time.monotonic() - started
-        assert decision.verdict is Verdict.REJECTED and decision.reason["code"] == "BROKER_UNAVAILABLE"
-        assert timeout * 0.9 <= elapsed < timeout * 3, elapsed
-    assert count(db_rows, rcfg, "fills") == 0 and count(db_rows, rcfg, "orders") == 0
-    assert risk.engine.position("BTCUSDT").qty == 0
+def test_no_broker_is_an_immediate_rejection_that_never_executes_later(risk_env, runner, md, make_book, feed,
+                                                                      clients, db_rows, wait_until):
+    # over tcp (as deployed): nothing is queued for a broker that is not connected
+    cfg = load({**risk_env, "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}"})
+    risk = runner.start(RiskService(cfg))
+    feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in risk.engine.book_ns)
+    client = clients(cfg.bus.risk_rep)
+    started = time.monotonic()
+    decision = client.request(order("nb"))
+    assert decision.verdict is Verdict.REJECTED and decision.reason["code"] == "BROKER_UNAVAILABLE"
+    assert time.monotonic() - started < cfg.risk.broker_timeout_ms / 1000
+    assert risk.engine.working == {} and risk.engine.ledger.qty("BTCUSDT") == 0
+    # a broker that comes up afterwards must not receive the order risk already rejected
+    broker = runner.start(BrokerService(cfg))
+    feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books)
+    wait_until(lambda: client.request(order(f"ok{time.monotonic_ns()}", "0.001")).verdict is Verdict.APPROVED,
+               "risk to reach the new broker")
+    assert "nb" not in {c for (c,) in db_rows(cfg.common.db, "SELECT client_order_id FROM orders")}
+
+
+def test_a_silent_broker_is_a_bounded_rejection_and_the_order_counts_until_known(risk, client, rcfg, clients):
+    broker = zmq.Context.instance().socket(zmq.ROUTER)  # our own stand-in that never answers
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.bind(rcfg.bus.broker_rep)
+    try:
+        timeout = rcfg.risk.broker_timeout_ms / 1000
+        for attempt in range(2):  # not remembered: a retry asks the broker again
+            started = time.monotonic()
+            decision = client.request(order("silent", "0.006"))
+            elapsed = time.monotonic() - started
+            assert decision.verdict is Verdict.REJECTED and decision.reason["code"] == "BROKER_UNAVAILABLE"
+            assert timeout * 0.9 <= elapsed < timeout * 5, elapsed
+            assert broker.poll(1000) and broker.recv_multipart()[-1] == messages.encode(order("silent", "0.006"))
+        # its fate is unknown, so its worst case still counts: 0.006 + 0.005 > 0.01
+        assert clients(rcfg.bus.risk_rep).request(order("next")).reason["code"] == "MAX_POSITION"
+        # the broker never confirmed having it, so a retry is judged like a new order: halted, it stays here
+        assert control(client, ControlAction.HALT, "stop")[0].state is TradingState.HALTED
+        assert client.request(order("silent", "0.006")).reason["code"] == "HALTED"
+        assert not broker.poll(200)
+    finally:
+        broker.close()
+
+
+def test_risk_keeps_serving_while_an_order_waits_for_the_broker(risk, client, rcfg, clients):
+    broker = zmq.Context.instance().socket(zmq.ROUTER)  # answers only when this test says so
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.bind(rcfg.bus.broker_rep)
+    try:
+        client.sock.send(messages.encode(order("slow", "0.002")))
+        assert broker.poll(2000)
+        frames = broker.recv_multipart()
+        other = clients(rcfg.bus.risk_rep)
+        assert control(other, ControlAction.STATE)[0].state is TradingState.ACTIVE  # answered meanwhile
+        assert other.request(order("x", symbol="DOGEUSDT")).reason["code"] == "UNKNOWN_SYMBOL"
+        assert risk.engine.working["slow"].remaining == D("0.002")  # in flight: counted
+        ack = Ack(ts=2, client_order_id="slow", order_id="o1", status=OrderStatus.CANCELLED, filled_qty=D(0),
+                  reason="NO_LIQUIDITY")
+        broker.send_multipart([*frames[:-1], messages.encode(ack)])
+        assert client.sock.poll(2000)
+        decision = messages.decode(client.sock.recv(), messages.REQUESTS)
+        assert decision.verdict is Verdict.APPROVED and decision.order["status"] == "CANCELLED"
+        settled(other)
+        assert risk.engine.working == {}
+    finally:
+        broker.close()
 
 
 def test_garbage_frames_get_errors_or_are_counted_and_risk_still_answers(risk, client, rcfg, wait_until):
@@ -147,13 +225,14 @@ def test_fills_from_the_bus_apply_once(rcfg, runner, clients, wait_until):
 
         def sent_and_seen():  # republish until the subscription is live; duplicates must not count
             pub.publish("fill.BTCUSDT", fill)
-            return svc.engine.position("BTCUSDT").qty
+            return svc.engine.ledger.qty("BTCUSDT")
 
         wait_until(sent_and_seen, "the fill to arrive")
         for _ in range(5):
             pub.publish("fill.BTCUSDT", fill)
-        reply = clients(rcfg.bus.risk_rep).request(Control(ts=1, action=ControlAction.STATE, by="t"))
+        reply, detail = control(clients(rcfg.bus.risk_rep), ControlAction.STATE)
         assert reply.positions == {"BTCUSDT": "-0.003"} and reply.equity == D("10000") - D("0.0003")
+        assert detail["fees"] == "0.0003" and detail["positions"]["BTCUSDT"]["avg_price"] == "100"
     finally:
         pub.close()
 
@@ -177,11 +256,12 @@ def test_risk_and_broker_approve_and_fill(stack, client, rcfg, db_rows, wait_unt
         ack = decision.order
         assert ack["status"] == "FILLED" and ack["avg_price"] == "100.66666667"  # 0.604 / 0.006, half-even
         assert [(f["price"], f["qty"]) for f in ack["fills"]] == [("100.5", "0.004"), ("101", "0.002")]
-        assert risk.engine.position("BTCUSDT").qty == D("0.006")
+        settled(client)
+        assert risk.engine.ledger.qty("BTCUSDT") == D("0.006") and risk.engine.working == {}
         assert count(db_rows, rcfg, "fills", "client_order_id = 't1'") == 2
         # the same fills arrive on the bus too; they are not counted twice
-        wait_until(lambda: all(f["fill_id"] in risk.engine._seen for f in ack["fills"]), "fills seen")
-        assert risk.engine.position("BTCUSDT").qty == D("0.006")
+        wait_until(lambda: all(risk.engine.ledger.has_seen(f["fill_id"]) for f in ack["fills"]), "fills seen")
+        assert risk.engine.ledger.qty("BTCUSDT") == D("0.006")
 
         over = client.request(order("t2", "0.005"))
         assert over.verdict is Verdict.REJECTED and over.reason["code"] == "MAX_POSITION"
@@ -189,11 +269,26 @@ def test_risk_and_broker_approve_and_fill(stack, client, rcfg, db_rows, wait_unt
         assert count(db_rows, rcfg, "fills") == 2
 
         back = client.request(order("t3", "0.01", side=Side.SELL))
-        assert back.verdict is Verdict.APPROVED and risk.engine.position("BTCUSDT").qty == D("-0.004")
+        settled(client)
+        assert back.verdict is Verdict.APPROVED and risk.engine.ledger.qty("BTCUSDT") == D("-0.004")
         state = wait_until(lambda: sub.sock.poll(0) and sub.recv()[1], "a risk.state message")
         assert isinstance(state, RiskState) and state.state is TradingState.ACTIVE
     finally:
         sub.close()
+
+
+def test_an_order_over_the_limit_is_adjusted_to_what_fits(rcfg, risk_env, runner, md, make_book, feed, client):
+    cfg = load({**risk_env, "QF_RISK_ADJUST": "true"})
+    broker = runner.start(BrokerService(cfg))
+    risk = runner.start(RiskService(cfg))
+    feed(md, make_book(bids=BIDS, asks=[[100.5, 1.0]]), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in
+         risk.engine.book_ns)
+    assert client.request(order("a1", "0.007")).verdict is Verdict.APPROVED
+    cut = client.request(order("a2", "0.008"))
+    assert cut.verdict is Verdict.ADJUSTED and cut.qty == D("0.003") and cut.reason["code"] == "MAX_POSITION"
+    settled(client)
+    assert cut.order["filled_qty"] == "0.003" and risk.engine.ledger.qty("BTCUSDT") == D("0.01")
+    assert client.request(order("a3", "0.001")).reason["code"] == "MAX_POSITION"  # nothing fits now
 
 
 def test_broker_outcomes_travel_in_the_approved_decision(rcfg, risk_env, runner, md, make_book, feed, client):
@@ -204,27 +299,69 @@ def test_broker_outcomes_travel_in_the_approved_decision(rcfg, risk_env, runner,
     feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in risk.engine.book_ns)
     decision = client.request(order("nob", "0.001"))
     assert decision.verdict is Verdict.APPROVED and decision.reason is None
-    assert (decision.order["status"], decision.order["reason"], decision.order["fills"]) == ("REJECTED", "NO_BOOK", [])
-    assert risk.stats["broker_rejected"] == 1 and risk.engine.position("BTCUSDT").qty == 0
+    assert (decision.order["status"], decision.order["fills"]) == ("REJECTED", [])
+    settled(client)
+    assert risk.stats["broker_rejected"] == 1 and risk.engine.ledger.qty("BTCUSDT") == 0
 
 
-def test_ioc_limit_remainder_is_cancelled(stack, client):
-    decision = client.request(order("lim", "0.001", kind=OrderKind.LIMIT, price=D("90"), tif="IOC"))
-    assert decision.verdict is Verdict.APPROVED and decision.order["status"] == "CANCELLED"
-    assert decision.order["reason"] == "NO_LIQUIDITY" and stack[1].engine.working == {}
-
-
-def test_resting_order_counts_against_the_limit_until_cancelled(stack, client, wait_until):
+def test_resting_order_counts_against_the_limit_until_cancelled(stack, client):
     broker, risk = stack
     rest = client.request(order("gtc", "0.008", kind=OrderKind.LIMIT, price=D("100.5")))
     assert rest.order["status"] == "PARTIALLY_FILLED" and rest.order["filled_qty"] == "0.004"
-    assert risk.engine.working == {"gtc": ["BTCUSDT", Side.BUY, D("0.004")]}
+    settled(client)
+    work = risk.engine.working["gtc"]
+    assert (work.symbol, work.side, work.remaining, work.expires_ns) == ("BTCUSDT", Side.BUY, D("0.004"), 0)
     assert client.request(order("more", "0.003")).reason["code"] == "MAX_POSITION"  # 0.004 + 0.004 + 0.003
     cancelled = client.request(messages.Cancel(ts=2, client_order_id="gtc"))
-    assert (cancelled.status, cancelled.reason) == (OrderStatus.CANCELLED, "CANCELLED_BY_CLIENT")
+    assert cancelled.status is OrderStatus.CANCELLED
+    settled(client)
     assert risk.engine.working == {}
     assert client.request(order("more2", "0.003", kind=OrderKind.LIMIT, price=D("101"),
                                 tif="IOC")).verdict is Verdict.APPROVED
+
+
+def test_flatten_cancels_working_orders_and_closes_positions_through_the_broker(stack, client, rcfg, db_rows):
+    broker, risk = stack
+    assert client.request(order("long", "0.004")).order["status"] == "FILLED"
+    rest = client.request(order("rest", "0.002", side=Side.SELL, kind=OrderKind.LIMIT, price=D("101")))
+    settled(client)
+    assert rest.order["status"] == "PENDING" and "rest" in risk.engine.working
+    reply, detail = control(client, ControlAction.FLATTEN, "close out")
+    assert reply.state is TradingState.REDUCING and reply.positions == {"BTCUSDT": "0"}
+    actions = [(r["action"], r["status"]) for r in detail["flatten"]]
+    assert actions == [("CANCEL", "CANCELLED"), ("CLOSE", "FILLED")]
+    assert risk.engine.working == {} and risk.engine.ledger.qty("BTCUSDT") == 0
+    closing = db_rows(rcfg.common.db, "SELECT side, qty, status FROM orders WHERE strategy = 'risk'")
+    assert closing == [("SELL", "0.004", "FILLED")]
+    assert client.request(order("again", "0.001")).reason["code"] == "REDUCING"
+
+
+def test_a_daily_loss_halts_by_itself_publishes_and_persists(rcfg, risk_env, runner, md, make_book, feed, client,
+                                                             db_rows, wait_until):
+    cfg = load({**risk_env, "QF_START_CASH": "10", "QF_RISK_DAILY_LOSS": "0.02", "QF_RISK_DAILY_LOSS_SOFT": "0",
+                "QF_RISK_MAX_DRAWDOWN": "0", "QF_RISK_DRAWDOWN_SOFT": "0"})
+    broker = runner.start(BrokerService(cfg))
+    risk = runner.start(RiskService(cfg))
+    sub = Subscriber(cfg.bus.risk_pub, ["risk.state"], cfg.bus.hwm)
+    try:
+        feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in
+             risk.engine.book_ns)
+        assert client.request(order("buy", "0.004")).order["status"] == "FILLED"  # 0.402 + fee 0.000402
+        feed(md, make_book(bids=[[40.0, 1.0]], asks=[[41.0, 1.0]]), lambda: risk.engine.state is TradingState.HALTED)
+        assert (risk.engine.state_code, risk.engine.state_by) == ("DAILY_LOSS", "risk")
+
+        def halted_message():
+            while sub.sock.poll(0):
+                msg = sub.recv()[1]
+                if msg.state is TradingState.HALTED:
+                    return msg
+        msg = wait_until(halted_message, "risk.state HALTED")
+        assert msg.equity < D("9.8")  # 10 - 0.402 + 0.004 × 40.5 - fee
+        assert db_rows(cfg.common.db, "SELECT code, state FROM risk_events WHERE kind = 'STATE'") == [
+            ("DAILY_LOSS", "HALTED")]
+        assert client.request(order("more", "0.001")).reason["code"] == "HALTED"
+    finally:
+        sub.close()
 
 
 def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, risk_env, rcfg, runner,
@@ -232,19 +369,21 @@ def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, 
     broker, risk = stack
     first = client.request(order("keep", "0.008"))
     assert first.verdict is Verdict.APPROVED
-    assert client.request(Control(ts=1, action=ControlAction.HALT, by="t", reason="pause")).state is TradingState.HALTED
+    assert control(client, ControlAction.HALT, "pause")[0].state is TradingState.HALTED
     runner.stop(risk)
 
     cfg2 = load({**risk_env, "QF_RISK_REP": rcfg.bus.risk_rep + "-2", "QF_RISK_PUB": rcfg.bus.risk_pub + "-2"})
     risk2 = runner.start(RiskService(cfg2))
-    assert risk2.engine.state is TradingState.HALTED and risk2.engine.state_reason == "pause"
-    assert risk2.engine.position("BTCUSDT").qty == D("0.008")
+    assert (risk2.engine.state, risk2.engine.state_reason, risk2.engine.state_by) == (
+        TradingState.HALTED, "pause", "test")
+    assert risk2.engine.ledger.qty("BTCUSDT") == D("0.008") and risk2.engine.peak == risk.engine.peak
     feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in risk2.engine.book_ns)
     c2 = clients(cfg2.bus.risk_rep)
     # halted and over the limit, yet a retry of an order the broker already took gets the broker's answer
     again = c2.request(order("keep", "0.008"))
     assert again.verdict is Verdict.APPROVED and again.order == first.order
-    assert risk2.engine.position("BTCUSDT").qty == D("0.008")
+    settled(c2)
+    assert risk2.engine.ledger.qty("BTCUSDT") == D("0.008")
     assert c2.request(order("new", "0.001")).reason["code"] == "HALTED"
-    c2.request(Control(ts=2, action=ControlAction.RESUME, by="t"))
+    control(c2, ControlAction.RESUME, "back")
     assert c2.request(order("new2", "0.002")).verdict is Verdict.APPROVED

@@ -1,0 +1,296 @@
+"""FillModel: the pure paper exchange — latency queue, book walking, queue positions, maker/taker fees."""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+from services.broker import core
+from services.broker.core import Order
+from services.broker.latency import LatencyModel
+from services.broker.market import Market, to_dec, to_units
+from services.broker.queue import QueuePos, RiskAverseQueue
+from shared.enums import Liquidity, OrderKind, Side, TimeInForce
+from shared.messages import Book, Fill, Trade
+
+NEW, CANCEL = 0, 1
+# Update.event
+ARRIVED = "ARRIVED"  # a new order reached the exchange: matched, rested or rejected (answer its request)
+FILLED = "FILLED"  # a resting order filled (some or all)
+CANCELLED = "CANCELLED"  # a cancel took effect (answer the cancel)
+NOT_OPEN = "NOT_OPEN"  # a cancel arrived after the order had finished (answer the cancel)
+FEE_MODES = ("quote", "received")
+
+
+@dataclass(slots=True)
+class Working:
+    """An order the exchange holds: in flight until `arrival_ts` is set, then resting."""
+    order: Order
+    decision_mid: Decimal | None
+    price_u: int | None
+    arrival_ts: int | None = None  # on our clock: when the book as of its arrival is seen here
+    arrival_mid: Decimal | None = None
+    queue: QueuePos = field(default_factory=QueuePos)
+    buy: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.buy = self.order.side is Side.BUY
+
+
+@dataclass(slots=True)
+class Update:
+    """What happened to one order in one call; the shell commits it, then tells."""
+    event: str
+    client_order_id: str
+    order: Order | None  # a copy, as this update left it; None for NOT_OPEN on an order no longer held
+    fills: list[Fill] = field(default_factory=list)
+    cancel_token: int | None = None
+    working: Working | None = None  # arrival time and mids, for storage
+
+
+class FillModel:
+    """Paper exchange for any number of symbols; no I/O and no clock: every call takes
+    `now` (ns, one clock for orders, books and trades). Rules: docs/fill-model.md.
+
+    `submit(order, now)` puts a new order in flight; it reaches the book after
+    the entry latency and is processed when that book state is visible here
+    (`now + entry + feed lag`), by `advance`, `on_book` or `on_trade`, against
+    the book as it stood then. Requests travel in order (one connection), so
+    none overtakes an earlier one. Each call returns the Updates it made."""
+
+    def __init__(self, taker_fee: Decimal, maker_fee: Decimal, queue: RiskAverseQueue,
+                 latency: LatencyModel, fee_asset: str = "quote") -> None:
+        if fee_asset not in FEE_MODES:
+            raise ValueError(f"fee_asset must be one of {FEE_MODES}, got {fee_asset!r}")
+        self.taker_fee, self.maker_fee = taker_fee, maker_fee
+        self.queue, self.latency, self.fee_asset = queue, latency, fee_asset
+        self.markets: dict[str, Market] = {}
+        self.working: dict[str, Working] = {}  # client_order_id -> in flight or resting
+        self.resting: dict[str, dict[str, Working]] = {}  # symbol -> client_order_id -> resting
+        self._pending: list[tuple[int, int, int, str, int | None]] = []  # (due, seq, kind, coid, token)
+        self._seq = 0
+        self._last_due = 0
+
+    # -- requests ----------------------------------------------------------------------
+
+    @staticmethod
+    def check(order: Order) -> None:
+        """Raise ValueError when the order's qty or price is not on the 1e-8 grid."""
+        to_units(order.qty)
+        if order.price is not None:
+            to_units(order.price)
+
+    def _due(self, now: int) -> int:
+        due = max(now + self.latency.entry_ns() + self.latency.visible_ns(), self._last_due)
+        self._last_due = due
+        self._seq += 1
+        return due
+
+    def submit(self, order: Order, now: int) -> int:
+        """Put a new PENDING order in flight; returns when it will be processed.
+        Raises ValueError for an off-grid qty or price, or a client_order_id already held."""
+        self.check(order)
+        if order.client_order_id in self.working:
+            raise ValueError(f"{order.client_order_id} is already held")
+        market = self.markets.get(order.symbol)
+        price_u = to_units(order.price) if order.kind is OrderKind.LIMIT else None
+        self.working[order.client_order_id] = Working(order, market.mid if market else None, price_u)
+        due = self._due(now)
+        heapq.heappush(self._pending, (due, self._seq, NEW, order.client_order_id, None))
+        return due
+
+    def cancel(self, client_order_id: str, now: int, token: int) -> bool:
+        """Send a cancel for an order held here (in flight or resting); it takes
+        effect after the latency. False when the model does not hold the order."""
+        if client_order_id not in self.working:
+            return False
+        due = self._due(now)
+        heapq.heappush(self._pending, (due, self._seq, CANCEL, client_order_id, token))
+        return True
+
+    def restore(self, order: Order, arrival_ts: int | None, decision_mid: Decimal | None,
+                arrival_mid: Decimal | None) -> None:
+        """Hold an open order rebuilt from storage. Its queue place was not kept:
+        it joins the back of its level at the next book (conservative)."""
+        price_u = to_units(order.price) if order.price is not None else None
+        w = Working(order, decision_mid, price_u, arrival_ts if arrival_ts is not None else order.created_ts,
+                    arrival_mid)
+        self.working[order.client_order_id] = w
+        self.resting.setdefault(order.symbol, {})[order.client_order_id] = w
+
+    def in_flight(self, client_order_id: str) -> bool:
+        w = self.working.get(client_order_id)
+        return w is not None and w.arrival_ts is None
+
+    @property
+    def pending(self) -> int:
+        """Requests in flight (orders and cancels not yet processed)."""
+        return len(self._pending)
+
+    def next_due(self) -> int | None:
+        """When the next in-flight request is to be processed (None: nothing in flight)."""
+        return self._pending[0][0] if self._pending else None
+
+    def mark(self, symbol: str) -> Decimal | None:
+        market = self.markets.get(symbol)
+        return market.mid if market else None
+
+    def marks(self) -> dict[str, Decimal]:
+        return {s: m.mid for s, m in self.markets.items() if m.mid is not None}
+
+    # -- time and market events ----------------------------------------------------------
+
+    def advance(self, now: int) -> list[Update]:
+        """Process every request due at or before `now` against the books as they are."""
+        out: list[Update] = []
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            due, _, kind, coid, token = heapq.heappop(pending)
+            if kind == NEW:
+                out.append(self._arrive(self.working[coid], due))
+            else:
+                out.append(self._cancel(coid, token, due))
+        return out
+
+    def on_book(self, book: Book, now: int) -> list[Update]:
+        """A new book at `now`: requests due before it meet the previous book; then
+        resting orders advance in their queues and fill where the book crosses them."""
+        self.latency.feed.observe(book.recv_ts, book.exch_ts)
+        out = self.advance(now)
+        market = self.markets.get(book.symbol)
+        if market is None:
+            market = self.markets[book.symbol] = Market(book)
+        else:
+            market.update(book)
+        resting = self.resting.get(book.symbol)
+        if resting:
+            queue, bids, asks = self.queue, market.bids, market.asks
+            best_bid, best_ask = bids.best, asks.best
+            for w in list(resting.values()):  # insertion order is arrival order: time priority
+                p, buy = w.price_u, w.buy
+                own = bids if buy else asks
+                worst = own.worst
+                if worst is None or (p >= worst if buy else p <= worst):  # the book shows our price
+                    new, q = own.sizes.get(p, 0), w.queue
+                    if q.ahead is None or new != q.level or q.traded:
+                        queue.level(q, new)
+                if (best_ask is not None and best_ask <= p) if buy else (best_bid is not None and best_bid >= p):
+                    fills = self._cross(w, market, now, book.exch_ts)
+                    if fills:
+                        out.append(self._filled(w, fills))
+        return out
+
+    def on_trade(self, trade: Trade, now: int) -> list[Update]:
+        """A market trade at `now`: it advances the queues at its price, fills the
+        orders it reaches, and fills in full every order whose price it traded through."""
+        self.latency.feed.observe(trade.recv_ts, trade.exch_ts)
+        out = self.advance(now)
+        resting = self.resting.get(trade.symbol)
+        if not resting:
+            return out
+        price, qty = to_units(trade.price), to_units(trade.qty)
+        seller_took = trade.buyer_is_maker  # the aggressor sold: bids were hit
+        used = 0  # of this trade, what our earlier orders at its price took (they are ahead of later ones)
+        for w in list(resting.values()):  # time priority
+            p, buy = w.price_u, w.buy
+            if p != price and ((price > p) if buy else (price < p)):
+                continue  # the common case: a trade away from our price
+            order = w.order
+            if (price < p) if buy else (price > p):
+                out.append(self._filled(w, [self._fill(w, p, to_units(order.remaining), Liquidity.MAKER,
+                                                       now, trade.exch_ts)]))
+            elif price == p and seller_took == buy:
+                reach = min(self.queue.trade(w.queue, qty) - used, to_units(order.remaining))
+                if reach > 0:
+                    used += reach
+                    out.append(self._filled(w, [self._fill(w, p, reach, Liquidity.MAKER, now, trade.exch_ts)]))
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _arrive(self, w: Working, now: int) -> Update:
+        order = w.order
+        w.arrival_ts = now
+        market = self.markets.get(order.symbol)
+        if market is None:
+            order.reject(core.NO_BOOK, now)
+            return self._done(Update(ARRIVED, order.client_order_id, order, working=w))
+        w.arrival_mid = market.mid
+        view = market.opposite(order.side)
+        fills, left = [], to_units(order.qty)
+        for price, avail in market.crossing(order.side, w.price_u):
+            take = min(left, avail)
+            market.take(view, price, take)
+            fills.append(self._fill(w, price, take, Liquidity.TAKER, now, market.book.exch_ts))
+            left -= take
+            if not left:
+                break
+        if order.is_open:
+            if order.kind is OrderKind.MARKET or order.tif is TimeInForce.IOC:
+                order.cancel(core.IOC_REMAINDER if fills else core.NO_LIQUIDITY, now)
+            else:
+                own = market.own(order.side)
+                if own.best is None or own.better(w.price_u, own.best):
+                    w.queue.join(0)  # a new best price: nobody is ahead
+                elif own.visible(w.price_u):
+                    w.queue.join(own.sizes.get(w.price_u, 0))
+                # else: deeper than the book shows; it joins when its level is first seen
+                self.resting.setdefault(order.symbol, {})[order.client_order_id] = w
+        return self._done(Update(ARRIVED, order.client_order_id, order, fills, working=w))
+
+    def _cross(self, w: Working, market: Market, now: int, exch_ts: int) -> list[Fill]:
+        """The opposite side shows liquidity at or through our price: it arrived after
+        us, so it trades with us at our price (maker), as far as it is not yet taken."""
+        order = w.order
+        view = market.opposite(order.side)
+        left = to_units(order.remaining)
+        total = 0
+        for price, avail in market.crossing(order.side, w.price_u):
+            take = min(left - total, avail)
+            market.take(view, price, take)
+            total += take
+            if total == left:
+                break
+        return [self._fill(w, w.price_u, total, Liquidity.MAKER, now, exch_ts)] if total else []
+
+    def _cancel(self, coid: str, token: int | None, now: int) -> Update:
+        w = self.working.get(coid)
+        if w is None or not w.order.is_open:
+            return Update(NOT_OPEN, coid, w.order if w else None, cancel_token=token, working=w)
+        w.order.cancel(core.CANCELLED_BY_CLIENT, now)
+        return self._done(Update(CANCELLED, coid, w.order, cancel_token=token, working=w))
+
+    def _filled(self, w: Working, fills: list[Fill]) -> Update:
+        return self._done(Update(FILLED, w.order.client_order_id, w.order, fills, working=w))
+
+    def _done(self, update: Update) -> Update:
+        order = update.order
+        update.order = replace(order)  # the state this update leaves it in, whatever comes next
+        if not order.is_open:
+            self.working.pop(order.client_order_id, None)
+            resting = self.resting.get(order.symbol)
+            if resting is not None:
+                resting.pop(order.client_order_id, None)
+        return update
+
+    def _fill(self, w: Working, price_u: int, qty_u: int, liquidity: Liquidity, now: int, exch_ts: int) -> Fill:
+        order = w.order
+        price, qty = to_dec(price_u), to_dec(qty_u)
+        fill_id = order.fill(price, qty, now)
+        maker = liquidity is Liquidity.MAKER
+        rate = self.maker_fee if maker else self.taker_fee
+        if self.fee_asset == "received" and order.side is Side.BUY:
+            fee, asset = core.canonical(core.MONEY.multiply(qty, rate)), core.base_asset(order.symbol)
+        else:
+            fee, asset = core.fee(price, qty, rate), core.quote_asset(order.symbol)
+        sign = order.side.sign
+        return Fill(ts=now, fill_id=fill_id, order_id=order.order_id, client_order_id=order.client_order_id,
+                    symbol=order.symbol, side=order.side, price=price, qty=qty, fee=fee, fee_asset=asset,
+                    liquidity=liquidity, exch_ts=exch_ts, decision_mid=w.decision_mid, arrival_mid=w.arrival_mid,
+                    slippage_decision=_slip(sign, price, w.decision_mid),
+                    slippage_arrival=_slip(sign, price, w.arrival_mid),
+                    queue_wait_ns=now - w.arrival_ts if maker and w.arrival_ts is not None else 0)
+
+
+def _slip(sign: int, price: Decimal, mid: Decimal | None) -> Decimal | None:
+    return None if mid is None else core.canonical(core.MONEY.multiply(sign, core.MONEY.subtract(price, mid)))

@@ -1,0 +1,370 @@
+"""Stream messages → the books of their route → `book.*`, `trade.*`, `status.*`, switches included."""
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal, InvalidOperation
+
+import orjson
+
+from services.marketdata.book import EmptyBookError, parse_units
+from services.marketdata.feeds import is_server_shutdown
+from services.marketdata.metrics import MdMetrics
+from services.marketdata.symbols import Route
+from services.marketdata.sync import BadEventError, BookSync, Market, SyncResult
+from shared.messages import Book, MdStatus, Trade
+
+log = logging.getLogger("qf.marketdata")
+
+APPLIED, GAP = SyncResult.APPLIED, SyncResult.GAP
+SWITCH_UNEQUAL_AFTER_S = 1.0  # a standby ahead of the live books this long takes over anyway
+_perf_ns = time.perf_counter_ns
+
+
+class BookRouter:
+    """Keeps the books of every route (live connection, standby, replayed capture) and publishes
+    the live ones: only while synced, never twice, never older than one already out.
+
+    A standby route takes over when each of its books equals the live one (so not one book
+    state is skipped), or after SWITCH_UNEQUAL_AFTER_S when it is ahead of it."""
+
+    def __init__(self, keys: tuple[str, ...], depth_n: int, recorder=None) -> None:
+        self.keys, self.depth_n, self.recorder = tuple(keys), depth_n, recorder
+        self.m = MdMetrics(self.keys)
+        self.pub = None  # anything with publish(topic, msg)
+        self.feed = None  # anything with request_snapshot / switched / server_shutdown
+        self._live_feed = False  # unknown streams are errors live, normal in a replay
+        self.state = dict.fromkeys(self.keys, "CONNECTING")
+        self.state_detail = dict.fromkeys(self.keys, "")
+        self.last_uid = dict.fromkeys(self.keys, 0)  # update id of the last published book
+        self.last_trade = dict.fromkeys(self.keys, -1)
+        self.last_E = dict.fromkeys(self.keys, 0)
+        self.rec_last_u = dict.fromkeys(self.keys, 0)  # last depth u written to the recording
+        self._snapshots_applied = dict.fromkeys(self.keys, 0)
+        self.book_topic = {k: f"book.{k}" for k in self.keys}
+        self.trade_topic = {k: f"trade.{k}" for k in self.keys}
+        self.stats = {"book_events": 0, "trades": 0, "bad_messages": 0, "gaps": 0, "resyncs": 0,
+                      "reconnects": 0, "ignored": 0}
+        self._warned: set[str] = set()
+        self.live_route: dict[Market, Route] = {}
+        self.standby: dict[Market, Route] = {}
+        self.syncs: dict[str, BookSync] = {}  # key -> the published (live) book's sync
+        for market in (Market.SPOT, Market.USDM):
+            self._make_live(Route(market, self.keys, label=f"{market.value}#default"))
+
+    # -- routes ------------------------------------------------------------------------
+
+    def _make_live(self, route: Route) -> None:
+        route.live = True
+        self.live_route[route.market] = route
+        if self.standby.get(route.market) is route:
+            del self.standby[route.market]
+        for name, key in route.keys.items():
+            self.syncs[key] = route.syncs[name]
+
+    def on_route(self, route: Route) -> None:
+        """A feed opened a source of messages: a live one replaces the market's previous one,
+        a standby builds its books until it can take over."""
+        if not route.live:
+            self.standby[route.market] = route
+            return
+        self._make_live(route)
+        for name, key in route.keys.items():
+            sync = route.syncs[name]
+            if sync.synced:  # a replacement already synced when its predecessor dropped
+                self._publish_book(key, sync, self.last_E[key], time.time_ns())
+            else:
+                self._set_state(key, "SYNCING", f"{route.label}: waiting for events")
+
+    def _try_switch(self, route: Route) -> None:
+        """Switch to standby `route` once each of its books is synced and equal to (or, for a
+        while, ahead of) the live one."""
+        equal = True
+        for name, sync in route.syncs.items():
+            if not sync.synced:
+                return
+            cur = self.syncs.get(route.keys[name])
+            if cur is not None and cur.synced and sync.book.update_id != cur.book.update_id:
+                if sync.book.update_id < cur.book.update_id:
+                    return
+                equal = False
+        if not equal:
+            now = time.monotonic()
+            if not route.ready_since:
+                route.ready_since = now
+            if now - route.ready_since < SWITCH_UNEQUAL_AFTER_S:
+                return
+        old = self.live_route.get(route.market)
+        if old is not None and old is not route:
+            old.live, old.retired = False, True
+        self._make_live(route)
+        if self.feed is not None:
+            self.feed.switched(route)
+        log.info("switched to a new connection", extra={"route": route.label, "equal": equal,
+                                                        "old": old.label if old is not None else ""})
+        for name, key in route.keys.items():
+            if self.recorder is not None:
+                for u, recv_ns, raw in route.recent[name]:
+                    if u > self.rec_last_u[key]:  # so far received only on the new connection
+                        self.recorder.ws(recv_ns, raw, route.market)
+                        self.rec_last_u[key] = u
+            self._publish_book(key, route.syncs[name], self.last_E[key], time.time_ns())
+
+    def on_disconnected(self, why: str, route: Route | None) -> None:
+        """A route's messages stopped (connection lost, capture restarting); None: every live route."""
+        for r in [route] if route is not None else list(self.live_route.values()):
+            if not r.live:
+                r.retired = True  # a replacement that failed: the live connection goes on
+                if self.standby.get(r.market) is r:
+                    del self.standby[r.market]
+                continue
+            r.reset()  # a new connection (or the capture's next pass) starts from scratch
+            self._make_live(r)
+            for key in r.keys.values():
+                self.last_uid[key], self.last_trade[key] = 0, -1
+                self._set_state(key, "DISCONNECTED", why)
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _set_state(self, key: str, state: str, detail: str = "") -> None:
+        if self.state.get(key) != state:
+            self.state[key], self.state_detail[key] = state, detail
+            self.m.synced[key] = state == "SYNCED"
+            log.info("book state", extra={"symbol": key, "state": state, "detail": detail})
+            self.pub.publish(f"status.{key}", MdStatus(ts=time.time_ns(), symbol=key, state=state, detail=detail))
+
+    def _publish_book(self, key: str, sync: BookSync, exch_ts, recv_ns: int) -> None:
+        book = sync.book
+        uid = book.update_id
+        if uid <= self.last_uid[key] or not sync.synced:
+            return  # already out (the other connection of a switch), or not trustworthy
+        try:
+            m = book.metrics(self.depth_n)
+        except EmptyBookError:
+            return  # a one-sided book has no mid: nothing honest to publish
+        if self.state[key] != "SYNCED":
+            self._set_state(key, "SYNCED")
+        self.pub.publish(self.book_topic[key], Book(
+            ts=time.time_ns(), symbol=key, exch_ts=exch_ts if type(exch_ts) is int else 0, update_id=uid,
+            bids=m.bids, asks=m.asks, mid=m.mid, spread=m.spread, spread_bps=m.spread_bps,
+            imbalance=m.imbalance, microprice=m.microprice, recv_ts=recv_ns))
+        self.last_uid[key] = uid
+        self.stats["book_events"] += 1
+        self.m.books[key] += 1
+
+    # -- messages ----------------------------------------------------------------------
+
+    def on_raw(self, frame: bytes | str, recv_ns: int, route: Route) -> None:
+        """One WebSocket frame as received."""
+        t0 = _perf_ns()
+        try:
+            msg = orjson.loads(frame)
+        except orjson.JSONDecodeError as exc:
+            return self._bad("malformed_json", f"{exc}; frame {repr(frame)[:80]}")
+        self.on_ws(msg, recv_ns, route, len(frame), t0, frame)
+
+    def on_ws(self, msg, recv_ns: int, route: Route, nbytes: int = 0, t0: int = 0, raw=None) -> None:
+        """One decoded message: a combined-stream `{"stream", "data"}` map, or anything a
+        hostile network may send instead (counted and logged, never raised)."""
+        t0 = t0 or _perf_ns()
+        if route.retired:
+            return  # late messages of a connection already replaced or lost
+        stream = msg.get("stream") if type(msg) is dict else None
+        data = msg.get("data") if stream is not None else None
+        if type(stream) is not str or type(data) is not dict:
+            return self._odd_message(msg, route)
+        hit = route.streams.get(stream)
+        if hit is None:
+            hit = self._classify(route, stream)
+            if hit is None:
+                return self._unknown_symbol(stream, data, route, nbytes)
+        label, name, key, counter, kind = hit
+        counter[0] += 1
+        counter[1] += nbytes
+        if self.recorder is not None and route.live:
+            self.recorder.ws(recv_ns, raw if raw is not None else msg, route.market)
+        try:
+            if label == "depth":
+                self._on_depth(route, name, key, data, recv_ns, raw if raw is not None else msg)
+                self.m.event_time.observe((_perf_ns() - t0) * 1e-9)
+            elif label == "trade":
+                self._on_trade(route, key, data, kind, recv_ns)
+            elif label == "bookTicker":
+                self._on_ticker(route, name, data)
+            else:
+                self._bad("unknown_stream", stream)
+        except BadEventError as exc:
+            self._bad("bad_event", str(exc)[:160])
+            self._need_snapshot(route, name, key, "bad depth event")
+        except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
+            self._bad("bad_fields", f"{stream}: {type(exc).__name__} {exc}"[:160])
+
+    def _classify(self, route: Route, stream: str) -> tuple | None:
+        """(kind label, symbol name, key, its event counter, stream kind) of a stream name on
+        `route`, or None when it names no symbol of ours. Known kinds are cached on the route
+        (a bounded set: our symbols × three kinds), so the hot path does one dict lookup."""
+        name, _, kind = stream.partition("@")
+        key = route.keys.get(name)
+        if key is None:
+            return None
+        label = "depth" if kind == "depth" or kind.startswith("depth@") else \
+            "trade" if kind in ("aggTrade", "trade") else "bookTicker" if kind == "bookTicker" else "other"
+        hit = (label, name, key, self.m.events[(key, label)], kind)
+        if label != "other":
+            route.streams[stream] = hit
+        return hit
+
+    def _on_depth(self, route: Route, name: str, key: str, data: dict, recv_ns: int, raw) -> None:
+        sync = route.syncs[name]
+        result = sync.on_depth(data)  # U/u are checked ints from here on
+        if route.live:
+            if self.recorder is not None and data["u"] > self.rec_last_u[key]:
+                self.rec_last_u[key] = data["u"]
+            E = data.get("E")
+            if type(E) is int:
+                self.last_E[key] = E
+                self.m.lag[key].observe(recv_ns * 1e-9 - E * 1e-3)
+            if result is APPLIED:
+                self.m.last_event[key] = recv_ns
+                self._publish_book(key, sync, E, recv_ns)
+                if route.tickers[name]:
+                    self._check_ticker(key, sync, route.tickers[name])
+                if self.standby:
+                    sb = self.standby.get(route.market)
+                    if sb is not None:
+                        self._try_switch(sb)
+                return
+        else:
+            if self.recorder is not None:
+                route.recent[name].append((data["u"], recv_ns, raw))
+            if result is APPLIED:
+                return self._try_switch(route)
+        if result is GAP:
+            self.stats["gaps"] += 1
+            self.m.gaps[key] += 1
+            log.warning("book gap, resyncing", extra={"symbol": key, "route": route.label, "gap": str(sync.last_gap)})
+        if sync.needs_snapshot:
+            self._need_snapshot(route, name, key, "gap in update ids" if result is GAP else "waiting for a snapshot")
+
+    def _need_snapshot(self, route: Route, name: str, key: str, why: str) -> None:
+        sync = route.syncs[name]
+        if not sync.needs_snapshot:
+            return
+        if route.live:
+            self._set_state(key, "SYNCING", why)
+        if self.feed is not None and sync.buffered and name not in route.awaiting:
+            route.awaiting.add(name)  # one request at a time: events keep coming while it is out
+            self.feed.request_snapshot(route, name.upper())
+
+    def on_snapshot(self, name: str, snap, recv_ns: int, route: Route) -> None:
+        """One REST depth snapshot of exchange symbol `name` for the books of `route`."""
+        lname = name.lower()
+        key = route.keys.get(lname)
+        if key is None or route.retired:
+            self.stats["ignored"] += 1
+            return
+        sync = route.syncs[lname]
+        route.awaiting.discard(lname)
+        if route.live and self.recorder is not None:
+            self.recorder.snapshot(recv_ns, name.upper(), snap, route.market)
+        try:
+            result = sync.on_snapshot(snap)
+        except BadEventError as exc:
+            self._bad("bad_snapshot", f"{key}: {exc}"[:160])
+            return self._need_snapshot(route, lname, key, "bad snapshot")
+        if result is SyncResult.SNAPSHOT_APPLIED:
+            self._snapshots_applied[key] += 1
+            if self._snapshots_applied[key] > 1:
+                self.stats["resyncs"] += 1
+                self.m.resyncs[key] += 1
+        elif result is SyncResult.SNAPSHOT_TOO_OLD:
+            log.info("snapshot older than the buffered events, fetching another",
+                     extra={"symbol": key, "lastUpdateId": snap.get("lastUpdateId"),
+                            "buffered": str(sync.buffered_range())})
+        elif result is GAP:
+            self.stats["gaps"] += 1
+            self.m.gaps[key] += 1
+        if sync.synced:
+            if not route.live:
+                return self._try_switch(route)
+            E = snap.get("E") if type(snap.get("E")) is int else self.last_E[key]
+            self._publish_book(key, sync, E, recv_ns)
+        else:
+            self._need_snapshot(route, lname, key, "snapshot too old" if result is SyncResult.SNAPSHOT_TOO_OLD
+                                else "waiting for a snapshot")
+
+    def _on_trade(self, route: Route, key: str, data: dict, kind: str, recv_ns: int) -> None:
+        if not route.live:
+            return
+        trade_id = data["a"] if kind == "aggTrade" else data["t"]
+        p, q, maker, E = data["p"], data["q"], data["m"], data["E"]
+        if type(trade_id) is not int or type(maker) is not bool or type(E) is not int \
+                or type(p) is not str or type(q) is not str:
+            raise TypeError("trade id and E must be ints, p and q decimal strings, m a bool")
+        if trade_id <= self.last_trade[key]:
+            return  # already published from the connection this one replaced
+        price, qty = Decimal(p), Decimal(q)  # exact: money never goes through float
+        if not (price.is_finite() and qty.is_finite()) or price <= 0 or qty <= 0:
+            raise ValueError(f"trade price/qty must be positive: {p!r} {q!r}")
+        self.last_trade[key] = trade_id
+        self.m.lag[key].observe(recv_ns * 1e-9 - E * 1e-3)
+        self.pub.publish(self.trade_topic[key], Trade(
+            ts=time.time_ns(), symbol=key, exch_ts=E, trade_id=trade_id, price=price, qty=qty,
+            buyer_is_maker=maker, recv_ts=recv_ns))
+        self.stats["trades"] += 1
+        self.m.trades[key] += 1
+
+    def _on_ticker(self, route: Route, name: str, data: dict) -> None:
+        """Keep a bookTicker until the book reaches its update id (tickers are real-time, the
+        depth stream comes in 100 ms batches); _check_ticker then compares best levels."""
+        u, sync = data["u"], route.syncs[name]
+        if not route.live or type(u) is not int or not sync.synced or u <= sync.book.update_id:
+            return
+        tickers = route.tickers[name]
+        if len(tickers) >= 512:
+            tickers.clear()  # ids the book jumped over never match: forget them in bulk
+        tickers[u] = ((parse_units(data["b"]), parse_units(data["B"])),
+                      (parse_units(data["a"]), parse_units(data["A"])))
+
+    def _check_ticker(self, key: str, sync: BookSync, tickers: dict) -> None:
+        book = sync.book
+        ticker = tickers.pop(book.update_id, None)
+        if ticker is None:
+            return
+        ok = book.best_bid() == ticker[0] and book.best_ask() == ticker[1]
+        self.m.ticker_checks[(key, "match" if ok else "mismatch")] += 1
+        if not ok:
+            log.warning("book differs from bookTicker", extra={"symbol": key, "update_id": book.update_id,
+                                                               "book": f"{book.best_bid()} {book.best_ask()}",
+                                                               "ticker": str(ticker)})
+
+    def _odd_message(self, msg, route: Route) -> None:
+        """Not a combined-stream message: Binance's control events, or junk."""
+        if is_server_shutdown(msg):
+            log.warning("binance announced a server shutdown", extra={"route": route.label})
+            if self.feed is not None and route.live:
+                self.feed.server_shutdown(route)
+        elif type(msg) is dict and "result" in msg and "id" in msg:
+            pass  # the answer to a (re)subscription request
+        else:
+            self._bad("not_combined_stream", str(msg)[:100])
+
+    def _unknown_symbol(self, stream: str, data: dict, route: Route, nbytes: int) -> None:
+        c = self.m.events[("", "other")]
+        c[0] += 1
+        c[1] += nbytes
+        if is_server_shutdown(data):
+            return self._odd_message(data, route)
+        if self._live_feed:
+            return self._bad("unknown_stream", stream)  # we subscribed to nothing like it
+        self.stats["ignored"] += 1
+        name = stream.partition("@")[0]
+        if name not in self._warned and len(self._warned) < 100:
+            self._warned.add(name)
+            log.warning("capture symbol not in QF_SYMBOLS, ignored",
+                        extra={"stream": stream, "market": route.market.value, "symbols": ",".join(self.keys)})
+
+    def _bad(self, reason: str, detail: str) -> None:
+        self.m.bad(reason)
+        self.stats["bad_messages"] += 1
+        log.warning("bad feed message", extra={"reason": reason, "detail": detail})

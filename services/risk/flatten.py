@@ -1,0 +1,63 @@
+"""FLATTEN: cancel the working orders, then send closing orders through the normal path, then answer."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from shared import messages
+from shared.errors import DecodeError
+from shared.messages import Ack, Decision
+
+if TYPE_CHECKING:
+    from services.risk.service import RiskService
+
+
+class FlattenJob:
+    """One FLATTEN request. Cancels go first, because working orders on the closing side
+    count against a REDUCING order; when every cancel is answered the closing orders go
+    out; when every order is decided, `done(results)` answers the control request."""
+
+    def __init__(self, service: "RiskService", now: int, done: Callable[[list[dict]], None]) -> None:
+        self.service, self.now, self.done = service, now, done
+        self.results: list[dict] = []
+        self.waiting = 0
+
+    def start(self) -> None:
+        engine = self.service.engine
+        cancels = [coid for coid, w in engine.working.items() if not w.expires_ns]
+        self.waiting = len(cancels)
+        if not cancels:
+            self._close_positions()
+            return
+        for coid in cancels:
+            self.service.desk.submit_cancel(coid, self.now, lambda raw, coid=coid: self._cancelled(coid, raw))
+
+    def _cancelled(self, coid: str, raw: bytes) -> None:
+        try:
+            reply = messages.decode(raw, messages.REQUESTS)
+            status = reply.status.value if isinstance(reply, Ack) else getattr(reply, "code", reply.TYPE)
+        except DecodeError as exc:
+            status = exc.reason
+        self.results.append({"client_order_id": coid, "action": "CANCEL", "status": status})
+        self.waiting -= 1
+        if not self.waiting:
+            self._close_positions()
+
+    def _close_positions(self) -> None:
+        orders = self.service.engine.flatten_orders(self.now, f"flatten-{self.now:x}")
+        self.waiting = len(orders)
+        if not orders:
+            self.done(self.results)
+            return
+        for order in orders:
+            self.service.desk.submit_order(order, None, self.now, self._decided, time.perf_counter_ns())
+
+    def _decided(self, decision: Decision, _payload: bytes | None, _spent_ns: int, _since_ns: int) -> None:
+        self.results.append({"client_order_id": decision.client_order_id, "action": "CLOSE",
+                             "verdict": decision.verdict.value, "qty": f"{decision.qty:f}",
+                             "reason": (decision.reason or {}).get("code", ""),
+                             "status": (decision.order or {}).get("status", "")})
+        self.waiting -= 1
+        if not self.waiting:
+            # decisions are told before their fills are booked: answer once the desk is done
+            self.service.later(lambda: self.done(self.results))

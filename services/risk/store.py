@@ -1,0 +1,129 @@
+"""Risk's storage: rebuild the engine from the database; write denials, state changes and checkpoints."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from decimal import Decimal
+
+from services.risk.core import RiskEngine, StateChange
+from shared.db import EquitySnapshot, FillRow, OrderRow, RiskCheckpoint, RiskEvent, database, insert_rows
+from shared.enums import OPEN_STATUSES, OrderKind, Side, TimeInForce, TradingState
+
+log = logging.getLogger("qf.risk")
+
+RECENT_ORDERS = 100_000  # client_order_ids known to the broker, for retries across a restart
+CHECKPOINTS_KEPT = 1000  # older checkpoint rows are pruned at start; only the newest is read
+
+
+class Forwarded:
+    """Client order ids the broker has for sure (it answered, or they are in its table; bounded,
+    oldest forgotten first): a retry of one of them gets the broker's answer even when risk
+    would now deny it, and the broker, idempotent on the id, executes nothing new."""
+
+    def __init__(self, limit: int = RECENT_ORDERS) -> None:
+        self.ids: OrderedDict[str, None] = OrderedDict()
+        self.limit = limit
+
+    def add(self, client_order_id: str) -> None:
+        self.ids[client_order_id] = None
+        if len(self.ids) > self.limit:
+            self.ids.popitem(last=False)
+
+    def __contains__(self, client_order_id: str) -> bool:
+        return client_order_id in self.ids
+
+
+def rebuild(engine: RiskEngine, forwarded: Forwarded, now_ns: int) -> dict:
+    """Replay every stored fill into `engine`, track the open orders, take back the newest
+    checkpoint (trading state, peak, day start, breakers) and remember recent client order
+    ids in `forwarded`; then evaluate at `now_ns`. Needs the database bound. Returns counts."""
+    query = (FillRow.select(FillRow.fill_id, FillRow.client_order_id, FillRow.symbol, FillRow.side,
+                            FillRow.price, FillRow.qty, FillRow.fee, FillRow.fee_asset, FillRow.ts)
+             .order_by(FillRow.ts, FillRow.fill_id).tuples())
+    fills = ({"fill_id": fill_id, "client_order_id": coid, "symbol": symbol, "side": side, "price": price,
+              "qty": qty, "fee": fee, "fee_asset": fee_asset, "ts": ts}
+             for fill_id, coid, symbol, side, price, qty, fee, fee_asset, ts in query.iterator())
+    open_values = [s.value for s in OPEN_STATUSES]
+    open_orders = [(row.client_order_id, row.symbol, Side(row.side), row.qty, row.qty - row.filled_qty,
+                    row.kind == OrderKind.LIMIT.value and row.tif == TimeInForce.GTC.value)
+                   for row in OrderRow.select().where(OrderRow.status.in_(open_values))]
+    last = RiskCheckpoint.select().order_by(RiskCheckpoint.id.desc()).first()
+    snapshot = None if last is None else {
+        "state": last.state, "code": last.code, "reason": last.reason, "by": last.by, "state_ts": last.state_ts,
+        "peak_equity": last.peak_equity, "day": last.day, "day_start_equity": last.day_start_equity,
+        "tripped": last.tripped}
+    applied = engine.replay(fills, open_orders, snapshot)
+    if last is None:
+        _restore_legacy(engine)
+    recent = (OrderRow.select(OrderRow.client_order_id).order_by(OrderRow.created_ts.desc())
+              .limit(forwarded.limit).tuples())
+    for (coid,) in reversed(list(recent)):
+        forwarded.add(coid)
+    engine.evaluate(now_ns)
+    return {"fills": applied, "working": len(engine.working), "state": engine.state.value,
+            "checkpoint": last is not None}
+
+
+def _restore_legacy(engine: RiskEngine) -> None:
+    # A database written before checkpoints existed: the last STATE event, and the
+    # peak of the broker's equity snapshots. A halt survives: coming back ACTIVE would fail open.
+    last = (RiskEvent.select().where(RiskEvent.kind == "STATE")
+            .order_by(RiskEvent.ts.desc(), RiskEvent.id.desc()).first())
+    if last is not None:
+        engine.state, engine.state_code, engine.state_reason = TradingState(last.state), last.code, last.text
+    for (equity,) in EquitySnapshot.select(EquitySnapshot.equity).tuples().iterator():
+        if engine.peak is None or Decimal(equity) > engine.peak:
+            engine.peak = Decimal(equity)
+
+
+def prune_checkpoints() -> int:
+    """Delete all but the newest CHECKPOINTS_KEPT checkpoint rows; returns how many went."""
+    newest = RiskCheckpoint.select(RiskCheckpoint.id).order_by(RiskCheckpoint.id.desc()).first()
+    if newest is None:
+        return 0
+    return RiskCheckpoint.delete().where(RiskCheckpoint.id <= newest.id - CHECKPOINTS_KEPT).execute()
+
+
+class Outbox:
+    """Rows waiting to be written: denials and state changes (RiskEvent) and, when the
+    engine's figures moved, a checkpoint. Written in one transaction by `flush`."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.oldest_ns = 0
+        self.checkpoints = 0  # written since the last prune
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def denial(self, ts: int, code: str, text: str, client_order_id: str, symbol: str, state: str) -> None:
+        if not self.events:
+            self.oldest_ns = ts
+        self.events.append(dict(ts=ts, kind="DENIED", code=code, text=text[:500],
+                                client_order_id=client_order_id[:200], symbol=symbol[:40], state=state))
+
+    def state_change(self, change: StateChange) -> None:
+        if not self.events:
+            self.oldest_ns = change.ts
+        self.events.append(dict(ts=change.ts, kind="STATE", code=change.code,
+                                text=f"{change.reason[:400]} [by {change.by[:80]}]", client_order_id="",
+                                symbol="", state=change.state.value))
+
+    def flush(self, engine: RiskEngine, now_ns: int) -> int:
+        """Write the waiting rows and, if `engine.dirty`, a checkpoint; one transaction.
+        Returns the rows written. Raises peewee errors (the rows stay queued)."""
+        checkpoint = engine.dirty
+        if not self.events and not checkpoint:
+            return 0
+        with database.atomic():
+            insert_rows(RiskEvent, self.events)
+            if checkpoint:
+                insert_rows(RiskCheckpoint, [dict(ts=now_ns, **engine.snapshot())])
+        written = len(self.events) + checkpoint
+        self.events = []
+        engine.dirty = False
+        self.checkpoints += checkpoint
+        if self.checkpoints >= CHECKPOINTS_KEPT:  # a rising market moves the peak every second
+            self.checkpoints = 0
+            prune_checkpoints()
+        return written

@@ -1,0 +1,251 @@
+"""The one position and P&L ledger (average cost, exact Decimals) shared by risk, the API and strategy."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from typing import Mapping
+
+from shared.enums import Side
+
+ZERO = Decimal(0)
+STEP = Decimal("1e-8")  # Binance's finest price/qty step: averages and marks are shown on it
+COST_STEP = Decimal("1e-12")  # the cost taken off a partly closed position is rounded here, once
+# 8-decimal prices times 8-decimal quantities need more than the default 28
+# digits at the extremes; with 50 every sum and product below is exact.
+MONEY = Context(prec=50)
+MAX_PRICE = Decimal("1e15")  # beyond any traded price; with MAX_QTY, bounds the digits of every product
+MAX_QTY = Decimal("1e12")
+SEEN_FILLS_MAX = 200_000  # fill ids remembered for exactly-once; duplicates arrive within moments
+# quote assets, longest first where one ends another ("FDUSD" before shorter suffixes)
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR")
+_SIDES = {"BUY": Side.BUY, "SELL": Side.SELL, Side.BUY: Side.BUY, Side.SELL: Side.SELL}
+
+
+def quote_asset(symbol: str) -> str:
+    """The quote asset of a spot symbol (`BTCUSDT` → `USDT`); "" when unknown."""
+    return next((q for q in QUOTE_ASSETS if symbol.endswith(q) and len(symbol) > len(q)), "")
+
+
+def to_decimal(value: object, name: str) -> Decimal:
+    """A decimal string, int or Decimal → finite Decimal. Raises ValueError for a
+    float (money never passes through binary floating point), a bool or anything else."""
+    if type(value) is Decimal:
+        d = value
+    elif type(value) in (str, int):
+        try:
+            d = Decimal(value)
+        except ArithmeticError:
+            raise ValueError(f"{name}: {str(value)[:40]!r} is not a decimal") from None
+    else:
+        raise ValueError(f"{name}: expected a decimal string, got {type(value).__name__}")
+    if not d.is_finite():
+        raise ValueError(f"{name}: not finite")
+    return d
+
+
+def text(value: Decimal) -> str:
+    """Canonical decimal text: no exponent, no trailing zeros ("0.000" → "0", "1E+2" → "100")."""
+    return format(value.normalize(MONEY), "f") if value else "0"
+
+
+def mark_of(price: float | Decimal) -> Decimal | None:
+    """A book price (wire float) → Decimal on the 1e-8 grid via its shortest repr, never
+    binary float arithmetic; None for a non-positive or non-finite price (a one-sided book)."""
+    try:
+        if not isinstance(price, Decimal):
+            price = Decimal(repr(float(price))).quantize(STEP, context=MONEY)
+        return price if price.is_finite() and 0 < price < MAX_PRICE else None
+    except (ArithmeticError, ValueError, TypeError):  # nan, inf, or too many digits for the grid
+        return None
+
+
+@dataclass(slots=True)
+class Position:
+    """One symbol's position with an average-cost basis.
+
+    `cost` is signed (qty × average entry price), so `realized - cost` moves by
+    exactly each fill's cash flow and the ledger balances to the last digit; the
+    only rounding is the cost share taken off by a partial close (to 1e-12).
+    `fees` are those paid in the symbol's quote asset (they count in P&L);
+    fees paid in any other asset are kept apart in `other_fees`."""
+    symbol: str = ""
+    qty: Decimal = ZERO
+    cost: Decimal = ZERO
+    realized: Decimal = ZERO
+    fees: Decimal = ZERO
+    other_fees: dict = field(default_factory=dict)
+    last_price: Decimal | None = None
+    mark: Decimal | None = None
+    fills: int = 0
+    trip_pnl: Decimal = ZERO  # realized - fees since the position last opened from flat
+    quote: str = field(default="", repr=False)  # the symbol's quote asset, looked up once
+
+    def __post_init__(self) -> None:
+        self.quote = quote_asset(self.symbol)
+
+    @property
+    def avg_price(self) -> Decimal | None:
+        """Average entry price of the open quantity, rounded half-even to 1e-8; None when flat."""
+        if not self.qty:
+            return None
+        with localcontext(MONEY):
+            return (self.cost / self.qty).quantize(STEP, ROUND_HALF_EVEN)
+
+    @property
+    def net_realized(self) -> Decimal:
+        """Realized P&L minus the fees paid in the quote asset."""
+        return self.realized - self.fees
+
+    def price_for_mark(self) -> Decimal | None:
+        """The book mid when known, else the last fill price (None before both)."""
+        return self.last_price if self.mark is None else self.mark
+
+    def unrealized(self) -> Decimal:
+        """Open quantity marked at `price_for_mark()` minus its cost; 0 when flat."""
+        if not self.qty:
+            return ZERO
+        mark = self.price_for_mark()
+        with localcontext(MONEY):
+            return self.qty * mark - self.cost
+
+    def fees_by_asset(self) -> dict[str, Decimal]:
+        """Every fee paid, per asset (the quote asset's under its name, or "" when unknown)."""
+        out = {self.quote: self.fees} if self.fees else {}
+        for asset, amount in self.other_fees.items():
+            out[asset] = out.get(asset, ZERO) + amount
+        return out
+
+    def apply(self, side: Side, qty: Decimal, price: Decimal, fee: Decimal = ZERO,
+              fee_asset: str = "") -> Decimal | None:
+        """Book one fill: close against the open quantity first (realizing P&L at the
+        average cost), open with the rest. Returns the net P&L (realized - fees) of the
+        round trip this fill completed, when it brought the position to flat or
+        through it; else None. Raises ValueError for qty ≤ 0 or price ≤ 0."""
+        if qty <= 0 or price <= 0:
+            raise ValueError(f"fill of {qty} @ {price}: quantity and price must be positive")
+        sign = side.sign
+        trip = None
+        with localcontext(MONEY):
+            left = qty
+            realized_before = self.realized
+            closing = ZERO
+            if self.qty and (self.qty > 0) != (sign > 0):
+                open_qty = abs(self.qty)
+                closing = qty if qty < open_qty else open_qty
+                if closing == open_qty:
+                    removed = self.cost
+                else:
+                    removed = (self.cost * closing / open_qty).quantize(COST_STEP, ROUND_HALF_EVEN)
+                self.realized += -sign * closing * price - removed
+                self.cost -= removed
+                self.qty += sign * closing
+                left -= closing
+            in_quote = not fee_asset or fee_asset == self.quote or not self.quote
+            if in_quote:
+                self.fees += fee
+            elif fee:
+                self.other_fees[fee_asset] = self.other_fees.get(fee_asset, ZERO) + fee
+            self.trip_pnl += self.realized - realized_before - (fee if in_quote else ZERO)
+            if closing and (not self.qty or left):
+                trip, self.trip_pnl = self.trip_pnl, ZERO
+            if left:
+                self.qty += sign * left
+                self.cost += sign * left * price
+        self.last_price = price
+        self.fills += 1
+        return trip
+
+
+class Ledger:
+    """Positions of every symbol from fills applied exactly once (by `fill_id`), and
+    the account figures built on them. `remember` bounds the fill ids kept for
+    exactly-once (0 keeps none: for callers reading unique rows from the database)."""
+
+    def __init__(self, start_cash: Decimal = ZERO, remember: int = SEEN_FILLS_MAX) -> None:
+        self.start_cash = start_cash
+        self.positions: dict[str, Position] = {}
+        self.remember = remember
+        self.seen: OrderedDict[str, None] = OrderedDict()
+
+    def position(self, symbol: str) -> Position:
+        """The position of `symbol`, created flat on first use."""
+        pos = self.positions.get(symbol)
+        if pos is None:
+            pos = self.positions[symbol] = Position(symbol)
+        return pos
+
+    def qty(self, symbol: str) -> Decimal:
+        pos = self.positions.get(symbol)
+        return ZERO if pos is None else pos.qty
+
+    def has_seen(self, fill_id: str) -> bool:
+        return fill_id in self.seen
+
+    def apply(self, fill_id: str, symbol: str, side: Side | str, qty: Decimal, price: Decimal,
+              fee: Decimal = ZERO, fee_asset: str = "") -> tuple[Position, Decimal | None] | None:
+        """Apply one fill unless `fill_id` was applied before. Returns None for a duplicate,
+        else `(position, round-trip P&L or None)` (see Position.apply). Raises
+        ValueError for a bad side, qty or price (nothing applied, the id not burned)."""
+        side_ = _SIDES.get(side)
+        if side_ is None:
+            raise ValueError(f"side must be BUY or SELL, got {str(side)[:20]!r}")
+        if self.remember and fill_id in self.seen:
+            return None
+        pos = self.position(symbol)
+        trip = pos.apply(side_, qty, price, fee, fee_asset)
+        if self.remember:
+            self.seen[fill_id] = None
+            if len(self.seen) > self.remember:
+                self.seen.popitem(last=False)
+        return pos, trip
+
+    def apply_map(self, fill: Mapping) -> tuple[Position, Decimal | None] | None:
+        """`apply` for a fill map as on the wire or in an Ack (`fill_id`, `symbol`, `side`,
+        `price`, `qty`, `fee`, `fee_asset`; decimal strings). Raises ValueError when malformed or out
+        of range (qty below 1e12, price below 1e15, at most 12 decimals), so no later sum can overflow."""
+        try:
+            fill_id, symbol = fill["fill_id"], fill["symbol"]
+            if self.remember and type(fill_id) is str and fill_id in self.seen:
+                return None  # the common duplicate (ack, then bus) costs no parsing
+            price, qty = to_decimal(fill["price"], "price"), to_decimal(fill["qty"], "qty")
+            fee = to_decimal(fill.get("fee", 0), "fee")
+            fee_asset = fill.get("fee_asset", "")
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed fill: {exc!r}") from None
+        if type(fill_id) is not str or type(symbol) is not str or type(fee_asset) is not str:
+            raise ValueError(f"malformed fill {str(fill_id)[:40]!r}")
+        for name, value, top, places in (("qty", qty, MAX_QTY, 12), ("price", price, MAX_PRICE, 12),
+                                         ("fee", abs(fee), MAX_QTY, 30)):
+            if not value < top or value.as_tuple().exponent < -places:
+                raise ValueError(f"fill {fill_id[:40]!r}: {name} {str(value)[:40]} is out of range")
+        return self.apply(fill_id, symbol, fill.get("side"), qty, price, fee, fee_asset)
+
+    def mark(self, symbol: str, price: Decimal) -> None:
+        """Mark `symbol` at `price` (> 0, exact) for unrealized P&L."""
+        self.position(symbol).mark = price
+
+    def realized(self) -> Decimal:
+        return sum((p.realized for p in self.positions.values()), ZERO)
+
+    def fees(self) -> Decimal:
+        """Fees paid in the quote assets (those that count in P&L)."""
+        return sum((p.fees for p in self.positions.values()), ZERO)
+
+    def unrealized(self) -> Decimal:
+        return sum((p.unrealized() for p in self.positions.values()), ZERO)
+
+    def equity(self) -> Decimal:
+        """start cash + realized - fees + unrealized (one quote asset is assumed)."""
+        with localcontext(MONEY):
+            total = self.start_cash
+            for p in self.positions.values():
+                total += p.realized - p.fees
+                if p.qty:
+                    total += p.unrealized()
+            return total
+
+    def cash(self) -> Decimal:
+        """start cash plus every fill's cash flow, minus fees: what a cash account would hold."""
+        with localcontext(MONEY):
+            return self.start_cash + sum((p.realized - p.cost - p.fees for p in self.positions.values()), ZERO)

@@ -1,0 +1,1 @@
+"""The project's own fakes of outside systems (real servers on loopback, never mocks)."""

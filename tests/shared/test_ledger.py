@@ -1,0 +1,124 @@
+"""The shared ledger: average cost, exactly-once fills, round trips, and a brute-force cross-check."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.enums import Side
+from shared.ledger import Ledger, Position, mark_of, quote_asset, to_decimal
+
+
+def test_average_cost_realized_and_flip():
+    pos = Position("BTCUSDT")
+    assert pos.apply(Side.BUY, D("1"), D("100"), D("0.1"), "USDT") is None
+    pos.apply(Side.BUY, D("1"), D("110"), D("0.11"), "USDT")
+    assert (pos.qty, pos.cost, pos.avg_price) == (D("2"), D("210"), D("105"))
+    assert pos.apply(Side.SELL, D("1.5"), D("120")) is None  # partly closed: no round trip yet
+    assert (pos.qty, pos.cost, pos.realized) == (D("0.5"), D("52.5"), D("22.5"))
+    trip = pos.apply(Side.SELL, D("1"), D("100"))  # closes 0.5 at a loss (-2.5), opens 0.5 short
+    assert trip == D("22.5") - D("2.5") - D("0.21")
+    assert (pos.qty, pos.cost, pos.realized, pos.avg_price) == (D("-0.5"), D("-50"), D("20"), D("100"))
+    pos.mark = D("90")
+    assert pos.unrealized() == D("5") and pos.fees == D("0.21") and pos.net_realized == D("19.79")
+    assert pos.apply(Side.BUY, D("0.5"), D("100")) == D("0")  # a round trip at cost is still a trip
+
+
+def test_partial_close_rounds_the_cost_share_once_and_cash_still_balances():
+    pos = Position("BTCUSDT")
+    for price in ("100", "101", "103"):
+        pos.apply(Side.BUY, D("1"), D(price))
+    pos.apply(Side.SELL, D("1"), D("104"))  # removes 304/3, not a terminating decimal
+    assert pos.cost == D("202.666666666667") and pos.realized == D("2.666666666667")
+    assert pos.realized - pos.cost == D("-304") + D("104")  # the cash flows, exactly
+
+
+def test_fees_in_the_quote_asset_count_others_are_kept_apart():
+    pos = Position("ETHBTC")
+    pos.apply(Side.BUY, D("1"), D("0.05"), D("0.00005"), "BTC")
+    pos.apply(Side.SELL, D("1"), D("0.06"), D("0.001"), "BNB")
+    assert pos.fees == D("0.00005") and pos.other_fees == {"BNB": D("0.001")}
+    assert pos.fees_by_asset() == {"BTC": D("0.00005"), "BNB": D("0.001")}
+
+
+def test_ledger_applies_each_fill_once_and_refuses_malformed_maps():
+    led = Ledger(D("1000"))
+    f = {"fill_id": "a", "symbol": "BTCUSDT", "side": "BUY", "price": "100", "qty": "0.002", "fee": "0.0002",
+         "fee_asset": "USDT"}
+    assert led.apply_map(f) is not None and led.apply_map(f) is None
+    assert led.qty("BTCUSDT") == D("0.002") and led.fees() == D("0.0002")
+    for bad in ({"fill_id": "b"}, {**f, "fill_id": "b", "price": 1.5}, {**f, "fill_id": "b", "side": "UP"},
+                {**f, "fill_id": "b", "qty": "nan"}, {**f, "fill_id": "b", "qty": "0"},
+                {**f, "fill_id": 7}, {**f, "fill_id": "b", "qty": True}, {**f, "fill_id": "b", "price": "x"}):
+        with pytest.raises(ValueError):
+            led.apply_map(bad)
+    assert led.qty("BTCUSDT") == D("0.002")
+    assert led.apply_map({**f, "fill_id": "b"}) is not None  # a refused id was not burned
+    assert Ledger(remember=0).apply("x", "BTCUSDT", Side.BUY, D(1), D(1)) is not None
+
+
+def test_helpers():
+    assert quote_asset("BTCUSDT") == "USDT" and quote_asset("USDM:ETHFDUSD") == "FDUSD" and quote_asset("USDT") == ""
+    assert to_decimal("1.50", "x") == D("1.50") and to_decimal(3, "x") == 3
+    for bad in (1.5, True, None, "inf", "1e", []):
+        with pytest.raises(ValueError):
+            to_decimal(bad, "x")
+    assert mark_of(61234.57) == D("61234.57000000") and mark_of(0.0) is None
+    assert mark_of(float("nan")) is None and mark_of(1e300) is None and mark_of(-1.0) is None
+
+
+# -- property: the ledger against a brute force of exact fractions ---------------------------
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+fills_st = st.lists(st.tuples(st.sampled_from(SYMBOLS), st.sampled_from(Side),
+                              st.integers(1, 300_000_000).map(lambda n: D(n).scaleb(-8)),  # qty, 8 dp
+                              st.integers(1, 10_000_000).map(lambda n: D(n).scaleb(-2)),  # price, 2 dp
+                              st.integers(0, 500_000_000).map(lambda n: D(n).scaleb(-8))),  # fee
+                    max_size=40)
+
+
+def brute_force(fills):
+    """Per symbol: qty, cash flow, exact average-cost realized P&L as a Fraction, fees."""
+    out = {s: [Fraction(0), Fraction(0), Fraction(0), Fraction(0), Fraction(0)] for s in SYMBOLS}
+    for sym, side, qty, price, fee in fills:
+        q, p, sign = Fraction(qty), Fraction(price), side.sign
+        acc = out[sym]  # qty, cost, realized, cash, fees
+        if acc[0] and (acc[0] > 0) != (sign > 0):
+            closing = min(q, abs(acc[0]))
+            avg = acc[1] / acc[0]
+            acc[2] += closing * (p - avg) * (1 if acc[0] > 0 else -1)
+            acc[1] -= avg * closing * (1 if acc[0] > 0 else -1)
+            acc[0] += sign * closing
+            q -= closing
+        if q:
+            acc[0] += sign * q
+            acc[1] += sign * q * p
+        acc[3] -= sign * Fraction(qty) * p
+        acc[4] += Fraction(fee)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(fills=fills_st, marks=st.tuples(*[st.integers(1, 10_000_000).map(lambda n: D(n).scaleb(-2))] * 2))
+def test_ledger_balances_against_a_brute_force(fills, marks):
+    led = Ledger(D("10000"))
+    for i, (sym, side, qty, price, fee) in enumerate(fills):
+        led.apply(f"f{i}", sym, side, qty, price, fee, "USDT")
+    for sym, mark in zip(SYMBOLS, marks):
+        led.mark(sym, mark)
+    want = brute_force(fills)
+    for sym, mark in zip(SYMBOLS, marks):
+        pos, (qty, _cost, realized, cash, fees) = led.position(sym), want[sym]
+        assert pos.qty == qty and pos.fees == fees
+        assert pos.realized - pos.cost == cash  # exact: only the split between the two is rounded
+        assert abs(Fraction(pos.realized) - realized) <= Fraction(pos.fills, 2 * 10**12)
+        if not pos.qty:
+            assert pos.cost == 0  # a flat position carries no leftover cost
+    cash = Fraction(10000) + sum(want[s][3] - want[s][4] for s in SYMBOLS)
+    assert led.cash() == cash
+    # equity = start cash + realized - fees + unrealized = cash + positions at their marks, to the digit
+    assert led.equity() == cash + sum(want[s][0] * Fraction(m) for s, m in zip(SYMBOLS, marks))
+    assert led.equity() == led.start_cash + led.realized() - led.fees() + led.unrealized()
