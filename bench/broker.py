@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.enums import OrderKind, Side, TimeInForce
 from shared.messages import Ack, Book, Heartbeat, OrderRequest
+from bench.common import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTURE = os.path.join(ROOT, "tests", "data", "binance-spot-btcusdt-20240808.jsonl.gz")
@@ -30,12 +30,6 @@ ACK_SAMPLES, WARMUP = 3000, 200
 THROUGHPUT_ORDERS, IN_FLIGHT = 6000, 64
 RESTING = 100
 TICK = Decimal("0.01")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _order(coid: str, side: Side) -> OrderRequest:
@@ -47,7 +41,7 @@ def _broker_figures() -> dict[str, float]:
     """A broker process (zero simulated latency: its own cost) on loopback TCP with a WAL database."""
     tmp = tempfile.mkdtemp(prefix="qf-bench-broker-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
-    md, rep, pub = (f"tcp://127.0.0.1:{_free_port()}" for _ in range(3))
+    md, rep, pub = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     env.update({"QF_MD_PUB": md, "QF_BROKER_REP": rep, "QF_BROKER_PUB": pub, "QF_DB": f"{tmp}/bench.db",
                 "QF_RUN_DIR": f"{tmp}/run", "QF_BROKER_LATENCY_MODE": "constant", "QF_BROKER_LATENCY_MS": "0",
                 "QF_LOG_LEVEL": "WARNING", "QF_START_CASH": "1000000000", "PYTHONPATH": ROOT})

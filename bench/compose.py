@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 
 from bench.stats import percentile
 from tests.docker.image import build_images
 from tests.docker.stack import APP_SERVICES, ComposeStack, docker_unavailable, sweep_stale_projects
+from bench.common import free_port
 
 SAMPLES, MAX_SECONDS = 300, 240
 HEALTHY_TIMEOUT_S = 180
@@ -16,12 +16,6 @@ HEALTHY_TIMEOUT_S = 180
 SETTINGS = {"QUANTUMFLOW_TEST_REPLAY_SPEED": "10", "QUANTUMFLOW_TEST_COOLDOWN_MS": "0",
             "QUANTUMFLOW_TEST_MAX_POSITION": "0.001"}
 _RESULT = re.compile(r"\bevent=order_result\b.*\bverdict=(\w+).*\btick_to_trade_us=(\d+)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(stack: ComposeStack) -> list[float]:
@@ -43,7 +37,7 @@ def run() -> dict[str, float]:
         raise RuntimeError(f"compose benchmark needs a Docker engine: {reason}")
     sweep_stale_projects()
     images = build_images()
-    stack = ComposeStack(images, api_port=_free_port(), prometheus_port=_free_port(), env=SETTINGS)
+    stack = ComposeStack(images, api_port=free_port(), prometheus_port=free_port(), env=SETTINGS)
     try:
         started = time.monotonic()
         stack.up(timeout=HEALTHY_TIMEOUT_S)

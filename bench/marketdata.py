@@ -5,13 +5,13 @@ import gc
 import gzip
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
 
 import orjson
 
+from bench.common import free_port
 from bench.naive_book import NaiveBook
 from bench.stats import percentile
 
@@ -58,12 +58,6 @@ def load(path: str = CAPTURE) -> list[tuple]:
         elif rec["k"] == "snapshot":
             items.append(("snapshot", str(rec["s"]).upper(), rec["m"]))
     return items
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Drain:
@@ -234,7 +228,7 @@ def run() -> dict[str, float]:
     gc.collect()
     gc.freeze()
     cfg = qfconfig.load({"QF_SYMBOLS": SYMBOL.lower()})
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     figures: dict[str, float] = {}
     try:
         svc = MarketDataService(cfg)

@@ -11,9 +11,9 @@ import tempfile
 import threading
 import time
 
-import zmq
 
 from shared.bus import Subscriber
+from bench.common import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -26,13 +26,6 @@ MIB = 1 << 20
 # The naive variant: the same service and process, with the book class swapped before it starts.
 _NAIVE = ("import sys; import services.marketdata.sync as s; from bench.naive_book import NaiveBook; "
           "s.OrderBook = NaiveBook; from services.cli import main; sys.exit(main(['marketdata']))")
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -49,7 +42,7 @@ class _Run:
     at the sender, so no book message queues up anywhere)."""
 
     def __init__(self, name: str, naive: bool) -> None:
-        self.name, tmp, port = name, tempfile.mkdtemp(prefix=f"qf-rss-{name}-"), _free_port()
+        self.name, tmp, port = name, tempfile.mkdtemp(prefix=f"qf-rss-{name}-"), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
         env.update({"QF_FEED": "replay:" + ",".join(CAPTURES), "QF_REPLAY_SPEED": "0", "QF_REPLAY_LOOP": "true",
                     "QF_SYMBOLS": "btcusdt,usdm:btcusdt", "QF_MD_PUB": f"tcp://127.0.0.1:{port}",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from decimal import Decimal
@@ -17,6 +16,7 @@ from shared.bus import Publisher, Subscriber
 from shared.config import all_settings, load
 from shared.enums import OrderKind, Side
 from shared.messages import Book, Decision, OrderRequest
+from bench.common import free_port
 
 ORDERS, WARMUP = 4000, 300  # round trips measured, after this many unmeasured ones
 PACE_S = 0.002  # between orders: a live strategy sends after a book, not back to back
@@ -26,14 +26,8 @@ BURST = 50_000  # books published as fast as possible
 WAIT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _settings(tmp: str) -> dict[str, str]:
-    s = {key: f"tcp://127.0.0.1:{_free_port()}" for key in (
+    s = {key: f"tcp://127.0.0.1:{free_port()}" for key in (
         "QF_MD_PUB", "QF_RISK_REP", "QF_BROKER_REP", "QF_BROKER_PUB", "QF_RISK_PUB")}
     s.update({"QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "QF_SYMBOLS": "btcusdt",
               "QF_HEARTBEAT_MS": "200", "QF_LOG_LEVEL": "WARNING",

@@ -6,10 +6,10 @@ import os
 import re
 import tempfile
 import threading
-import time
 
 from bench.stats import percentile
 from services.supervisor import Stack
+from bench.common import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTURE = os.path.join(ROOT, "tests", "data", "binance-spot-btcusdt-20240808.jsonl.gz")
@@ -17,20 +17,13 @@ SAMPLES, MAX_SECONDS = 400, 240
 _T2T = re.compile(r"\bverdict=(\w+).*\btick_to_trade_us=(\d+)")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run() -> dict[str, float]:
     tmp = tempfile.mkdtemp(prefix="qf-bench-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
     env.update({
-        "QF_MD_PUB": f"tcp://127.0.0.1:{_free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{_free_port()}",
-        "QF_BROKER_REP": f"tcp://127.0.0.1:{_free_port()}", "QF_BROKER_PUB": f"tcp://127.0.0.1:{_free_port()}",
-        "QF_RISK_PUB": f"tcp://127.0.0.1:{_free_port()}", "QF_API_BIND": f"127.0.0.1:{_free_port()}",
+        "QF_MD_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
+        "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}", "QF_BROKER_PUB": f"tcp://127.0.0.1:{free_port()}",
+        "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_API_BIND": f"127.0.0.1:{free_port()}",
         "QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "PYTHONUNBUFFERED": "1",
         # recorded pace ×10 so orders are frequent, yet each one meets an idle-ish pipeline as live would
         "QF_FEED": f"replay:{CAPTURE}", "QF_REPLAY_SPEED": "10", "QF_REPLAY_LOOP": "true",

@@ -6,7 +6,6 @@ import sqlite3
 import urllib.request
 
 import pytest
-import zmq
 
 from services.supervisor import Stack, StatusMonitor
 from shared import config as qfconfig

@@ -15,6 +15,7 @@ from typing import Callable
 
 from tests.docker.base_image import ROOT, docker
 from tests.docker.image import Images
+from tests.conftest import wait_for
 
 COMPOSE_FILES = (ROOT / "docker-compose.yml", ROOT / "docker-compose.replay.yml")
 TEST_OVERRIDE = Path(__file__).resolve().parent / "compose.test.yml"
@@ -338,11 +339,4 @@ class ComposeStack:
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.25):
     """Poll `predicate` until truthy (returned); AssertionError naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)  # polling interval of a bounded wait, not synchronisation
+    return wait_for(predicate, timeout, what, step)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 import uuid
 from typing import Callable
 
@@ -16,20 +15,14 @@ from shared import messages
 from shared.bus import Publisher
 from shared.config import Config, load
 from shared.messages import Book
+from tests.conftest import wait_for
 
 WAIT_S = 5.0  # bound of every wait; the happy path takes milliseconds
 
 
 def wait_until(predicate: Callable[[], object], what: str, timeout: float = WAIT_S, step: float = 0.005):
     """Poll `predicate` until truthy (returned); AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)  # polling interval of a bounded wait, not synchronisation
+    return wait_for(predicate, timeout, what, step)
 
 
 def endpoints() -> dict[str, str]:

@@ -4,6 +4,7 @@ import pytest
 
 from bench import marketdata as md_bench
 from bench.naive_book import NaiveBook
+from tests.conftest import free_port
 from services.marketdata.book import EmptyBookError
 from services.marketdata.sync import BookSync, SyncResult
 
@@ -56,7 +57,7 @@ def test_service_pipeline_publishes_every_timed_event(items):
     from shared.bus import Publisher
 
     cfg = qfconfig.load({"QF_SYMBOLS": "btcusdt"})
-    endpoint = f"tcp://127.0.0.1:{md_bench._free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     svc = MarketDataService(cfg)
     svc.pub = pub = Publisher(endpoint, cfg.bus.hwm)
     try:

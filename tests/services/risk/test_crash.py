@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,15 +19,10 @@ from shared.bus import Publisher
 from shared.config import load
 from shared.enums import ControlAction, OrderKind, Side
 from shared.messages import Book, Control, OrderRequest
+from tests.conftest import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 WAIT_S = 20.0  # bound of every wait on a process (start-up imports take ~1 s on a busy machine)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:
@@ -77,14 +71,7 @@ class Client:
 
 
 def until(what: str, fn, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval of a bounded wait
+    return wait_for(fn, timeout, what)
 
 
 def state_of(client: Client) -> dict | None:
