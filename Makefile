@@ -30,8 +30,19 @@ sysdeps:
 up: $(STAMP)
 	$(BIN)/qf up $(if $(FEED),--feed $(FEED))
 
+COMPOSE_V2 := build/compose-v2/docker-compose
+
+# The whole suite (container tests under Debian's docker-compose 1.29), then the
+# container tests again under Compose v2, fetched from Debian's archive (see
+# tests/docker/fetch-compose-v2.sh). `make test PYTEST_ARGS=...` runs a selection only.
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	@if tests/docker/fetch-compose-v2.sh $(COMPOSE_V2) >/dev/null; then \
+	  echo "== container tests again under Compose v2 ($$($(COMPOSE_V2) version --short))"; \
+	  QUANTUMFLOW_COMPOSE=$(CURDIR)/$(COMPOSE_V2) $(BIN)/python -m pytest tests/test_compose.py tests/test_deploy_files.py; \
+	else echo "Compose v2 could not be fetched from Debian's archive: the container tests ran under docker-compose v1 only"; fi
+endif
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

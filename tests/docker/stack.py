@@ -155,6 +155,7 @@ class ComposeStack:
         })
         self._ids: dict[str, str] = {}
         self._destroyed = False
+        self._profiles: set[str] = set()  # Compose v2's `down` only touches the profiles it is given
         atexit.register(self.destroy)
 
     # -- compose --------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class ComposeStack:
     def up(self, *services: str, profiles: tuple[str, ...] = (), timeout: float = 300) -> float:
         """`up -d --no-build` (each service after its dependencies are healthy); returns seconds taken."""
         started = time.monotonic()
+        self._profiles.update(profiles)
         try:
             self.run("up", "-d", "--no-build", *services, profiles=profiles, timeout=timeout)
         except RuntimeError as exc:
@@ -191,7 +193,8 @@ class ComposeStack:
 
     def down(self) -> None:
         """`down -v --remove-orphans`: containers, networks and volumes of this project."""
-        self.run("down", "-v", "--remove-orphans", "--timeout", "10", timeout=180)
+        self.run("down", "-v", "--remove-orphans", "--timeout", "10", profiles=tuple(sorted(self._profiles)),
+                 timeout=180)
 
     def destroy(self) -> None:
         """down, then force-remove anything still labelled with the project; idempotent, never raises."""
@@ -199,7 +202,8 @@ class ComposeStack:
             return
         self._destroyed = True
         try:
-            self.run("down", "-v", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
+            self.run("down", "-v", "--remove-orphans", "--timeout", "5", profiles=tuple(sorted(self._profiles)),
+                     timeout=180, check=False)
         except Exception:  # noqa: BLE001 - the forced removal below still runs
             pass
         try:
