@@ -14,7 +14,8 @@ SAMPLES, MAX_SECONDS = 300, 240
 HEALTHY_TIMEOUT_S = 180
 # bench/tick_to_trade.py's settings, so the two figures differ only by the container network
 SETTINGS = {"QUANTUMFLOW_TEST_REPLAY_SPEED": "10", "QUANTUMFLOW_TEST_COOLDOWN_MS": "0",
-            "QUANTUMFLOW_TEST_MAX_POSITION": "0.001"}
+            "QUANTUMFLOW_TEST_MAX_POSITION": "0.001", "QUANTUMFLOW_TEST_LATENCY_MODE": "constant",
+            "QUANTUMFLOW_TEST_LATENCY_MS": "0"}
 _RESULT = re.compile(r"\bevent=order_result\b.*\bverdict=(\w+).*\btick_to_trade_us=(\d+)")
 
 
