@@ -175,6 +175,10 @@ def test_monitoring_profile_scrapes_the_api(stack):
             assert reply and reply["status"] == "success", (expr, reply)
         fills = query("qf_fills_total")["data"]["result"]
         assert fills and float(fills[0]["value"][1]) > 0
+        # marketdata's own /metrics, scraped over the bus network
+        wait_until(lambda: (r := query('qf_md_books_published_total{job="quantumflow-marketdata"}'))
+                   and r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) > 0, 90,
+                   "prometheus to scrape marketdata's book counter")
 
 
 # -- (4) faults -------------------------------------------------------------------------------------
