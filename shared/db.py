@@ -40,7 +40,7 @@ class OrderRow(BaseModel):
     order_id = pw.TextField(primary_key=True)
     client_order_id = pw.TextField(unique=True)
     strategy = pw.TextField()
-    symbol = pw.TextField(index=True)
+    symbol = pw.TextField()  # no index: no query selects orders by symbol, and each index costs the commit pages
     side = pw.TextField()
     kind = pw.TextField()
     tif = pw.TextField()
@@ -65,8 +65,10 @@ class FillRow(BaseModel):
     """One execution; committed before anyone is told of it."""
     fill_id = pw.TextField(primary_key=True)
     order_id = pw.TextField(index=True)
-    client_order_id = pw.TextField(index=True)
-    symbol = pw.TextField(index=True)
+    # no index on client_order_id or symbol: lookups go by order_id, the API's symbol filter
+    # walks the ts index; each index costs pages on the broker's commit-before-ack path
+    client_order_id = pw.TextField()
+    symbol = pw.TextField()
     side = pw.TextField()
     price = DecimalText()
     qty = DecimalText()

@@ -243,10 +243,11 @@ class BrokerService:
         # terminal event, so it over-counts exposure for a moment instead of under-counting.
         events.extend((f"fill.{order.symbol}", f) for f in fills)
         events.append((f"order.{order.symbol}", core.order_event(order, order.updated_ts)))
-        log.info("order", extra={"step": u.event, "order_id": order.order_id,
-                                 "client_order_id": order.client_order_id, "status": order.status.value,
-                                 "filled_qty": order.filled_qty, "avg_price": order.avg_price,
-                                 "fills": len(fills), "reason": order.reason})
+        if log.isEnabledFor(logging.INFO):  # the fields (avg_price divides) cost more than the line at WARNING
+            log.info("order", extra={"step": u.event, "order_id": order.order_id,
+                                     "client_order_id": order.client_order_id, "status": order.status.value,
+                                     "filled_qty": order.filled_qty, "avg_price": order.avg_price,
+                                     "fills": len(fills), "reason": order.reason})
         return ack
 
     def _answer_cancel(self, u: Update, ack: Ack | None) -> None:
