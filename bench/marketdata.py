@@ -105,13 +105,15 @@ def _new_pass(svc, naive: bool) -> None:
                 sync.book = NaiveBook(sync.book.symbol)
 
 
-def service_latencies(items: list[tuple], svc, naive: bool,
-                      passes: int) -> tuple[list[int], list[int], int]:
-    """Time `svc._dispatch` of every depth frame after the snapshot.
+def service_latencies(items: list[tuple], svc, naive: bool, passes: int,
+                      settles: list[int] | None = None) -> tuple[list[int], list[int], int]:
+    """Time `svc._dispatch` of every depth frame after the snapshot (its book is out when it
+    returns), then, untimed there, `svc.settle()` as the service loop does before the next record
+    (its ns go to `settles` when given: the deep changes applied after publishing).
 
     Returns (ns samples, the level changes of each sample's event, books published)."""
     pc, now = time.perf_counter_ns, time.time_ns
-    dispatch = svc._dispatch
+    dispatch, settle = svc._dispatch, svc.settle
     samples: list[int] = []
     sizes: list[int] = []
     published = 0
@@ -123,10 +125,15 @@ def service_latencies(items: list[tuple], svc, naive: bool,
                 if b and synced:
                     t0 = pc()
                     dispatch(("raw", now(), a))
-                    lat.append(pc() - t0)
+                    t1 = pc()
+                    settle()
+                    lat.append(t1 - t0)
                     size.append(b)
+                    if settles is not None and n >= WARMUP:
+                        settles.append(pc() - t1)
                 else:
                     dispatch(("raw", now(), a))
+                    settle()
             else:
                 dispatch(("snapshot", now(), a, b))
                 synced, before = True, svc.stats["book_events"]  # that book is not a timed event's
@@ -209,7 +216,9 @@ def run() -> dict[str, float]:
       it in another process. Every message of the capture goes through (trades and
       bookTickers too, as live); only depth events are timed, from the first one after the
       snapshot. md_event_us_p99_lt100_levels and md_event_ns_per_level_ge100 show where
-      the tail comes from.
+      the tail comes from. The deep changes of an event that cannot reach its published top
+      are applied after publishing (`svc.settle()`, untimed there): md_settle_* is that time and
+      md_event_with_settle_* the sum, i.e. the service's CPU per event.
     - md_core_event_*: the same work without the shell or socket: parse + apply + metrics +
       encode, depth events only.
     - md_naive_*: both again with bench.naive_book.NaiveBook in place of OrderBook.
@@ -236,7 +245,8 @@ def run() -> dict[str, float]:
         try:
             drain = Drain(endpoint, pub.sock)
             try:
-                ours, sizes, published = service_latencies(items, svc, False, PASSES)
+                settles: list[int] = []
+                ours, sizes, published = service_latencies(items, svc, False, PASSES, settles)
                 naive, _, naive_published = service_latencies(items, svc, True, NAIVE_PASSES)
             finally:
                 received = drain.stop()
@@ -255,6 +265,8 @@ def run() -> dict[str, float]:
         figures["md_event_us_p99_lt100_levels"] = round(percentile(small, 99) / 1000, 1)
         figures["md_event_ns_per_level_ge100"] = round(percentile(
             [t / n for t, n in zip(ours, sizes) if n >= 100], 50))
+        figures.update(_figures("md_settle", settles))  # after publishing, before the next record
+        figures.update(_figures("md_event_with_settle", [t + st for t, st in zip(ours, settles)]))
         figures.update(_figures("md_naive_event", naive))
         figures.update(_figures("md_core_event", core_latencies(items, False, PASSES)))
         figures.update(_figures("md_naive_core_event", core_latencies(items, True, NAIVE_PASSES)))

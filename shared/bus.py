@@ -44,9 +44,18 @@ class Publisher:
         self.seqs: dict[str, int] = {}
 
     def publish(self, topic: str, msg: messages.Message) -> None:
+        self.send_raw(topic.encode(), messages.encode(msg, self.next_seq(topic)))
+
+    def next_seq(self, topic: str) -> int:
+        """The `seq` for the next message on `topic` (for callers that encode it themselves)."""
         seq = self.seqs.get(topic, 0) + 1
         self.seqs[topic] = seq
-        self.sock.send_multipart((topic.encode(), messages.encode(msg, seq)), copy=False)
+        return seq
+
+    def send_raw(self, topic: bytes, payload: bytes) -> None:
+        """Send an already encoded payload, whose `seq` came from `next_seq`: the hot
+        path of marketdata skips building a message object (see BookRouter)."""
+        self.sock.send_multipart((topic, payload), copy=False)
 
     def close(self) -> None:
         self.sock.close()

@@ -161,6 +161,24 @@ class Book(Message):
     microprice: float
     recv_ts: int = 0  # local receive time (ns) of the depth event: the start of tick-to-trade
 
+    def to_wire(self, seq: int | None = None) -> dict:
+        """Same map as Message.to_wire (no Decimal or Enum fields), built directly: the hot path."""
+        return book_wire(self.ts, self.symbol, self.exch_ts, self.update_id, self.bids, self.asks, self.mid,
+                         self.spread, self.spread_bps, self.imbalance, self.microprice, self.recv_ts, seq)
+
+
+def book_wire(ts: int, symbol: str, exch_ts: int, update_id: int, bids: list, asks: list, mid: float,
+              spread: float, spread_bps: float, imbalance: float, microprice: float, recv_ts: int,
+              seq: int | None = None) -> dict:
+    """The wire map of a `book` message from its field values, without building a Book (marketdata's
+    per-event path); keys in field order, exactly as Message.to_wire makes them. Checks nothing."""
+    out = {"v": VERSION, "type": "book", "ts": ts, "symbol": symbol, "exch_ts": exch_ts, "update_id": update_id,
+           "bids": bids, "asks": asks, "mid": mid, "spread": spread, "spread_bps": spread_bps,
+           "imbalance": imbalance, "microprice": microprice, "recv_ts": recv_ts}
+    if seq is not None:
+        out["seq"] = seq
+    return out
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Trade(Message):

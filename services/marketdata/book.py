@@ -132,7 +132,7 @@ class OrderBook:
     """
 
     __slots__ = ("symbol", "update_id", "_bids", "_asks", "_bid_keys", "_ask_keys",
-                 "_bid_edge", "_ask_edge")
+                 "_bid_edge", "_ask_edge", "pending")
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
@@ -143,10 +143,13 @@ class OrderBook:
         self._ask_keys: list[int] = []
         self._bid_edge = _ALL  # region = every key >= edge
         self._ask_edge = _ALL
+        # (bids, asks, n) of deferred changes that cannot alter the top n (see defer_split), or None.
+        self.pending: tuple | None = None
 
     def clear(self) -> None:
         """Empty both sides and reset update_id to 0."""
         self.update_id = 0
+        self.pending = None
         self._bids.clear()
         self._asks.clear()
         self._bid_keys.clear()
@@ -194,7 +197,39 @@ class OrderBook:
         level is normal (Binance reports levels outside our snapshot) and silent.
         Raises ValueError on a malformed level, price or quantity; the book is
         then partially updated and must be discarded (BookSync does so).
+        Deferred changes (`pending`) are settled first.
         """
+        if self.pending is not None:
+            self.settle()
+        self._apply(bids, asks)
+        self.update_id = update_id
+
+    def defer_split(self, n: int) -> tuple | None:
+        """Where to split an event's changes so the top n stay exact: (bid key, (len, str) of its
+        price, ask key, (len, str) of its price) of each side's 2n-th best level, prices as
+        8-decimal strings; None while a side holds fewer. A change strictly worse than that level
+        cannot alter the levels at or above it, so it may wait in `pending` (set by the caller as
+        (bids, asks, n)) as long as holds_top() says n levels remain at or above them."""
+        bk, ak = self._bid_keys, self._ask_keys
+        if len(bk) < 2 * n or len(ak) < 2 * n:
+            return None
+        b, a = bk[-2 * n], ak[-2 * n]
+        bs, as_ = f"{b // UNITS}.{b % UNITS:08d}", f"{-a // UNITS}.{-a % UNITS:08d}"
+        return b, (len(bs), bs), a, (len(as_), as_)
+
+    def holds_top(self, n: int, bid_key: int, ask_key: int) -> bool:
+        """True if each side has >= n levels at or above the given keys (see defer_split)."""
+        bk, ak = self._bid_keys, self._ask_keys
+        return len(bk) - bisect_left(bk, bid_key) >= n and len(ak) - bisect_left(ak, ask_key) >= n
+
+    def settle(self) -> None:
+        """Apply the deferred changes (`pending`), if any. Raises ValueError as apply_diff does."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self._apply(pending[0], pending[1])
+
+    def _apply(self, bids, asks) -> None:
+        """apply_diff without the update id."""
         # The hot path (~45 changes per event, up to ~1,100): per level, the fast
         # path of parse_units inlined for the price and the quantity, a string
         # compare for removals, then one or two dict operations. No parse cache:
@@ -285,17 +320,20 @@ class OrderBook:
         except (TypeError, AttributeError, KeyError) as e:
             # Not strings where strings belong (an int, a list, a map...).
             raise ValueError(f"{self.symbol}: malformed depth levels: {e!r}") from None
-        self.update_id = update_id
 
     def _bid_region(self, need: int) -> list[int]:
         keys = self._bid_keys
         if len(keys) < need and self._bid_edge != _ALL:
+            if self.pending is not None:
+                self.settle()  # a refill reads the dict: it must be complete
             self._bid_edge = _refill(self._bids, keys, self._bid_edge, need)
         return keys
 
     def _ask_region(self, need: int) -> list[int]:
         keys = self._ask_keys
         if len(keys) < need and self._ask_edge != _ALL:
+            if self.pending is not None:
+                self.settle()
             self._ask_edge = _refill(self._asks, keys, self._ask_edge, need)
         return keys
 
@@ -317,6 +355,8 @@ class OrderBook:
 
     def top(self, n: int = 10) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Return (bids, asks): up to n (price units, qty units) per side, best first."""
+        if self.pending is not None:
+            self.settle()
         if n <= 0:
             return [], []
         bids, asks = self._bids, self._asks
@@ -325,10 +365,14 @@ class OrderBook:
 
     def depth(self) -> tuple[int, int]:
         """Return (number of bid levels, number of ask levels)."""
+        if self.pending is not None:
+            self.settle()
         return len(self._bids), len(self._asks)
 
     def levels(self) -> tuple[dict[int, int], dict[int, int]]:
         """Return copies of (bids, asks) as {price units: qty units}, for checks and tests."""
+        if self.pending is not None:
+            self.settle()
         return dict(self._bids), {-k: q for k, q in self._asks.items()}
 
     def metrics(self, n: int = 10) -> BookMetrics:
@@ -340,6 +384,8 @@ class OrderBook:
         """
         if n < 1:
             raise ValueError(f"metrics needs n >= 1, got {n}")
+        if self.pending is not None and n > self.pending[2]:
+            self.settle()  # deferred changes may reach below the top pending[2]
         bkeys, akeys = self._bid_keys, self._ask_keys
         if len(bkeys) < n:
             bkeys = self._bid_region(n)
@@ -376,6 +422,8 @@ class OrderBook:
         >= the edge, or a level has a price or quantity <= 0. A crossed book is
         not an error here.
         """
+        if self.pending is not None:
+            self.settle()
         for name, d, keys, edge in (("bid", self._bids, self._bid_keys, self._bid_edge),
                                     ("ask", self._asks, self._ask_keys, self._ask_edge)):
             if keys != sorted(k for k in d if k >= edge):
