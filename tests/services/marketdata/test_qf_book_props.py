@@ -1,28 +1,16 @@
 """BookSync + OrderBook against brute force, with hypothesis: random streams, snapshots and gaps."""
 
-from contextlib import contextmanager
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.marketdata import book as book_mod
 from services.marketdata.book import UNITS, units_to_str
 from services.marketdata.sync import BookSync, Market, SyncResult
+from tests.services.marketdata.test_book import region
 
 R = SyncResult
 TICK = 1_000_000  # 0.01 in units, like BTCUSDT
 MID = 60_000  # in ticks; bids below, asks above: a stream that never crosses
-
-
-@contextmanager
-def region(size: int, high: int):
-    """Shrink the sorted top region so that small books refill and trim it often."""
-    old = book_mod._REGION, book_mod._REGION_MAX
-    book_mod._REGION, book_mod._REGION_MAX = size, high
-    try:
-        yield
-    finally:
-        book_mod._REGION, book_mod._REGION_MAX = old
 
 
 # A side's changes: (distance from MID in ticks, qty in 0.001 units; 0 removes).
