@@ -58,6 +58,7 @@ class FakeBinance:
         self.dropped: list[int] = []
         self.silent = False
         self.snapshot_delay_s = 0.0
+        self.snapshot_events_behind = 0  # with a delay: also hold it until this many newer events went out
         self.rest_errors: deque[tuple[int, float | None]] = deque()
         self._stale: list = [None, 0]  # [saved snapshots by symbol, uses left]
         self.requests: list[dict] = []  # every REST request: t (monotonic), symbol, status, lastUpdateId
@@ -274,6 +275,14 @@ class FakeBinance:
                     "bids": snap["bids"], "asks": snap["asks"]}
         if self.snapshot_delay_s:
             self._stop.wait(self.snapshot_delay_s)  # taken now, delivered late: events pile up meanwhile
+            # ...and at least `snapshot_events_behind` of them, however slow a loaded machine emits (bounded)
+            deadline = time.monotonic() + 10
+            while self.snapshot_events_behind and time.monotonic() < deadline and not self._stop.is_set():
+                with self.lock:
+                    behind = sum(1 for u, _ in self.emitted[symbol] if u > snap["lastUpdateId"])
+                if behind >= self.snapshot_events_behind:
+                    break
+                self._stop.wait(0.01)
         return 200, headers, snap
 
 
