@@ -8,15 +8,15 @@ import os
 import sys
 import time
 
-from bench import tick_to_trade
+from bench import broker, compose, marketdata, md_rss, risk, tick_to_trade
 
 BENCHMARKS = {
     "tick_to_trade": tick_to_trade.run,
-    "broker": lambda: __import__("bench.broker", fromlist=["run"]).run(),
-    "marketdata": lambda: __import__("bench.marketdata", fromlist=["run"]).run(),
-    "compose": lambda: __import__("bench.compose", fromlist=["run"]).run(),
-    "md_rss": lambda: __import__("bench.md_rss", fromlist=["run"]).run(),
-    "risk": lambda: __import__("bench.risk", fromlist=["run"]).run(),
+    "broker": broker.run,
+    "marketdata": marketdata.run,
+    "compose": compose.run,
+    "md_rss": md_rss.run,
+    "risk": risk.run,
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

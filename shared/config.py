@@ -114,6 +114,89 @@ def parse_feed(raw: str) -> Feed:
     raise ValueError("must be 'live' or 'replay:<capture.jsonl.gz>'")
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _market_symbols(raw: str) -> tuple[str, ...]:
+    """`btcusdt,usdm:btcusdt` → ("BTCUSDT", "USDM:BTCUSDT"); `usdm:` selects USD-M futures."""
+    keys: list[str] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        market, sep, name = item.partition(":")
+        market, name = (market.lower(), name) if sep else ("spot", market)
+        if market not in ("spot", "usdm"):
+            raise ValueError(f"{item!r}: a symbol's market prefix is spot: or usdm:")
+        key = _symbols(name)[0] if market == "spot" else "USDM:" + _symbols(name)[0]
+        if key not in keys:
+            keys.append(key)
+    if not keys:
+        raise ValueError("needs at least one symbol, e.g. btcusdt")
+    return tuple(keys)
+
+
+def _feeds(raw: str) -> Feed:
+    """`live`, or `replay:` + captures played side by side (`,`), each
+    `[spot:|usdm:]PATH[+PATH…]` (`+`: segments played one after another)."""
+    value = raw.strip()
+    if not value.startswith("replay:") or value == "replay:":
+        return parse_feed(value)
+    items = []
+    for item in value[7:].split(","):
+        market, sep, rest = item.partition(":")
+        prefix = ""
+        if sep and market in ("spot", "usdm"):
+            prefix, item = market + ":", rest
+        items.append(prefix + "+".join(parse_feed("replay:" + p).path for p in item.split("+")))
+    return Feed("replay", ",".join(items))
+
+
+def _bind(raw: str) -> str:
+    value = raw.strip()
+    host, sep, port = value.rpartition(":")
+    if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
+        raise ValueError("must be empty (off) or host:port, e.g. 127.0.0.1:9101 (port 0: any free port)")
+    return value
+
+
+def _capture_out(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError("must be empty (off) or a path ending in .jsonl.gz or .jsonl")
+    return value
+
+
+def _symbol_limits(raw: str) -> str:
+    """`btcusdt max_position=0.02 lot_size=0.00001; usdm:ethusdt max_notional=500` →
+    the same, canonical (upper-case symbols, keys checked, decimals normalised)."""
+    keys = ("max_position", "max_notional", "max_order_notional", "min_notional", "lot_size", "tick_size")
+    out = []
+    for entry in (e.strip() for e in raw.split(";")):
+        if not entry:
+            continue
+        name, *pairs = entry.split()
+        market, sep, sym = name.partition(":")
+        if (sep and market.lower() != "usdm") or not (sym if sep else market).isalnum():
+            raise ValueError(f"{name!r} is not a symbol like btcusdt or usdm:btcusdt")
+        parts = [name.upper()]
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if key not in keys or not eq:
+                raise ValueError(f"{pair!r}: expected key=value with a key of {', '.join(keys)}")
+            amount = _decimal(Decimal(0), Decimal("1e12"))(value)
+            if key in ("lot_size", "tick_size") and not amount:
+                raise ValueError(f"{pair!r}: a step must be positive")
+            parts.append(f"{key}={amount:f}")
+        out.append(" ".join(parts))
+    return "; ".join(out)
+
+
 def setting(env: str, default: str, parse: Callable[[str], Any], help: str, secret: bool = False):
     """A config field: its variable, its default (as the text a user would write) and parser."""
     return field(metadata={"env": env, "default": default, "parse": parse, "help": help, "secret": secret})
@@ -142,52 +225,6 @@ class CommonConfig:
 
 @dataclass(frozen=True, slots=True)
 class MarketDataConfig:
-    # This section's own formats; parsers live here so the section stays self-contained.
-    def _market_symbols(raw: str) -> tuple[str, ...]:  # noqa: N805 - a parser used below, not a method
-        """`btcusdt,usdm:btcusdt` → ("BTCUSDT", "USDM:BTCUSDT"); `usdm:` selects USD-M futures."""
-        keys: list[str] = []
-        for item in (i.strip() for i in raw.split(",")):
-            if not item:
-                continue
-            market, sep, name = item.partition(":")
-            market, name = (market.lower(), name) if sep else ("spot", market)
-            if market not in ("spot", "usdm"):
-                raise ValueError(f"{item!r}: a symbol's market prefix is spot: or usdm:")
-            key = _symbols(name)[0] if market == "spot" else "USDM:" + _symbols(name)[0]
-            if key not in keys:
-                keys.append(key)
-        if not keys:
-            raise ValueError("needs at least one symbol, e.g. btcusdt")
-        return tuple(keys)
-
-    def _feeds(raw: str) -> Feed:  # noqa: N805
-        """`live`, or `replay:` + captures played side by side (`,`), each
-        `[spot:|usdm:]PATH[+PATH…]` (`+`: segments played one after another)."""
-        value = raw.strip()
-        if not value.startswith("replay:") or value == "replay:":
-            return parse_feed(value)
-        items = []
-        for item in value[7:].split(","):
-            market, sep, rest = item.partition(":")
-            prefix = ""
-            if sep and market in ("spot", "usdm"):
-                prefix, item = market + ":", rest
-            items.append(prefix + "+".join(parse_feed("replay:" + p).path for p in item.split("+")))
-        return Feed("replay", ",".join(items))
-
-    def _bind(raw: str) -> str:  # noqa: N805
-        value = raw.strip()
-        host, sep, port = value.rpartition(":")
-        if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
-            raise ValueError("must be empty (off) or host:port, e.g. 127.0.0.1:9101 (port 0: any free port)")
-        return value
-
-    def _capture_out(raw: str) -> str:  # noqa: N805
-        value = raw.strip()
-        if value and not value.endswith((".jsonl", ".jsonl.gz")):
-            raise ValueError("must be empty (off) or a path ending in .jsonl.gz or .jsonl")
-        return value
-
     symbols: tuple = setting("QF_SYMBOLS", "btcusdt", _market_symbols,
                              "comma-separated Binance symbols; usdm:btcusdt = USD-M futures, "
                              "published as USDM:BTCUSDT")
@@ -223,7 +260,6 @@ class MarketDataConfig:
                                      "start a new capture file after this many seconds")
     record_rotate_mb: float = setting("QF_MD_RECORD_ROTATE_MB", "256", _float(0.001, 1e6),
                                       "start a new capture file after this many MB (compressed)")
-    del _market_symbols, _feeds, _bind, _capture_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,31 +282,6 @@ class RiskConfig:
                                      "broker silence → REJECTED BROKER_UNAVAILABLE")
     stale_book_ms: int = setting("QF_RISK_STALE_BOOK_MS", "5000", _int(10, 3_600_000),
                                  "no book for this long → REJECTED STALE_BOOK")
-
-    # This section's own format; the parser lives here so the section stays self-contained.
-    def _symbol_limits(raw: str) -> str:  # noqa: N805 - a parser used below, not a method
-        """`btcusdt max_position=0.02 lot_size=0.00001; usdm:ethusdt max_notional=500` →
-        the same, canonical (upper-case symbols, keys checked, decimals normalised)."""
-        keys = ("max_position", "max_notional", "max_order_notional", "min_notional", "lot_size", "tick_size")
-        out = []
-        for entry in (e.strip() for e in raw.split(";")):
-            if not entry:
-                continue
-            name, *pairs = entry.split()
-            market, sep, sym = name.partition(":")
-            if (sep and market.lower() != "usdm") or not (sym if sep else market).isalnum():
-                raise ValueError(f"{name!r} is not a symbol like btcusdt or usdm:btcusdt")
-            parts = [name.upper()]
-            for pair in pairs:
-                key, eq, value = pair.partition("=")
-                if key not in keys or not eq:
-                    raise ValueError(f"{pair!r}: expected key=value with a key of {', '.join(keys)}")
-                amount = _decimal(Decimal(0), Decimal("1e12"))(value)
-                if key in ("lot_size", "tick_size") and not amount:
-                    raise ValueError(f"{pair!r}: a step must be positive")
-                parts.append(f"{key}={amount:f}")
-            out.append(" ".join(parts))
-        return "; ".join(out)
 
     max_notional: Decimal = setting("QF_RISK_MAX_NOTIONAL", "1000", _decimal(Decimal(0), Decimal("1e12")),
                                     "max absolute position per symbol in the quote asset (at the mid)")
@@ -316,7 +327,6 @@ class RiskConfig:
                            "busy-poll this long after each message before sleeping (idle-core wake-ups)")
     control_timeout_ms: int = setting("QF_RISK_CONTROL_TIMEOUT_MS", "3000", _int(10, 60_000),
                                       "how long the API waits for risk's answer to a control request")
-    del _symbol_limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,14 +335,6 @@ class BrokerConfig:
     maker_fee: Decimal = setting("QF_BROKER_MAKER_FEE", "0.001", _decimal(Decimal(0), Decimal("0.1")), "maker fee rate")
     start_cash: Decimal = setting("QF_START_CASH", "10000", _decimal(Decimal(0), Decimal("1e12")),
                                   "paper cash in the quote asset")
-
-    def _one_of(*choices: str) -> Callable[[str], str]:  # a parser factory, used while this body runs
-        def parse(raw: str) -> str:
-            value = raw.strip().lower()
-            if value not in choices:
-                raise ValueError(f"must be one of {', '.join(choices)}")
-            return value
-        return parse
 
     # Latencies are capped at 200 ms: entry plus feed lag must stay under risk's broker timeout.
     latency_mode: str = setting("QF_BROKER_LATENCY_MODE", "feed", _one_of("feed", "constant", "lognormal"),
@@ -352,7 +354,6 @@ class BrokerConfig:
     equity_s: float = setting("QF_BROKER_EQUITY_S", "10", _float(0.1, 86400.0),
                               "equity snapshot period in seconds (also one per fill)")
     seed: int = setting("QF_BROKER_SEED", "0", _int(0, 2**63 - 1), "seed of the sampled latency")
-    del _one_of
 
 
 @dataclass(frozen=True, slots=True)
