@@ -13,7 +13,7 @@
 #   registry", what tests/test_compose.py does on a machine that cannot pull):
 #   1. a base image with Python 3.11 from Debian's own packages, as root:
 #        tests/docker/build-base.sh quantumflow-base:bookworm
-#      (debootstrap of a minimal bookworm with python3 and python3-venv, then
+#      (debootstrap of a minimal bookworm with python3, python3-venv, gcc and python3-dev, then
 #      `docker import`; any image with Python 3.11 and `python -m venv` works);
 #   2. wheels for requirements.txt *and* the build backend (setuptools, pinned in
 #      pyproject.toml), built on the host into ./wheels/ of the build context:
@@ -37,6 +37,16 @@ ARG WHEELS_DIR=wheels
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
+
+# Installing the project compiles its C extension (the order book, services/marketdata/_cbook.c):
+# a compiler and Python's headers, in this stage only. python:3.11-slim has the headers but no
+# gcc; the local Debian base (tests/docker/base-packages.txt) brings both, so nothing is fetched.
+# hadolint ignore=DL3008
+RUN if ! command -v gcc >/dev/null 2>&1; then \
+        apt-get update \
+     && apt-get install -y --no-install-recommends gcc libc6-dev \
+     && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# The project installs editable, with its C extension (the order book, services/marketdata/_cbook.c)
+# compiled in place: it needs gcc and Python's headers, and is rebuilt when the C source changes.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml services/marketdata/_cbook.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -48,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info services/marketdata/_cbook.*.so

@@ -13,6 +13,7 @@ import orjson
 
 from bench.common import free_port
 from bench.naive_book import NaiveBook
+from services.marketdata import book, router
 from bench.stats import percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,25 +96,29 @@ class Drain:
                 self.proc.wait()
 
 
+def _no_fast_parse(frame) -> None:
+    return None
+
+
 def _new_pass(svc, naive: bool) -> None:
     """Start the capture again as a fresh connection would (the service's own reset), books swapped
     for NaiveBook when asked."""
     svc._dispatch(("disconnected", time.time_ns(), "bench: next pass"))
+    # The naive pipeline parses every frame with orjson, as the C scanner's fallback does.
+    router.parse_depth_frame = _no_fast_parse if naive else book.parse_depth_frame
     if naive:
         for route in svc.live_route.values():
             for sync in route.syncs.values():
                 sync.book = NaiveBook(sync.book.symbol)
 
 
-def service_latencies(items: list[tuple], svc, naive: bool, passes: int,
-                      settles: list[int] | None = None) -> tuple[list[int], list[int], int]:
-    """Time `svc._dispatch` of every depth frame after the snapshot (its book is out when it
-    returns), then, untimed there, `svc.settle()` as the service loop does before the next record
-    (its ns go to `settles` when given: the deep changes applied after publishing).
+def service_latencies(items: list[tuple], svc, naive: bool, passes: int) -> tuple[list[int], list[int], int]:
+    """Time `svc._dispatch` of every depth frame after the snapshot: when it returns, every
+    change of the event is in the book and the book is published.
 
     Returns (ns samples, the level changes of each sample's event, books published)."""
     pc, now = time.perf_counter_ns, time.time_ns
-    dispatch, settle = svc._dispatch, svc.settle
+    dispatch = svc._dispatch
     samples: list[int] = []
     sizes: list[int] = []
     published = 0
@@ -125,15 +130,10 @@ def service_latencies(items: list[tuple], svc, naive: bool, passes: int,
                 if b and synced:
                     t0 = pc()
                     dispatch(("raw", now(), a))
-                    t1 = pc()
-                    settle()
-                    lat.append(t1 - t0)
+                    lat.append(pc() - t0)
                     size.append(b)
-                    if settles is not None and n >= WARMUP:
-                        settles.append(pc() - t1)
                 else:
                     dispatch(("raw", now(), a))
-                    settle()
             else:
                 dispatch(("snapshot", now(), a, b))
                 synced, before = True, svc.stats["book_events"]  # that book is not a timed event's
@@ -145,11 +145,12 @@ def service_latencies(items: list[tuple], svc, naive: bool, passes: int,
 
 
 def core_latencies(items: list[tuple], naive: bool, passes: int) -> list[int]:
-    """Parse + BookSync apply + metrics + encode of each depth frame, no shell and no socket."""
+    """Parse (as the router does: the C scanner, else orjson; naive: orjson) + BookSync apply +
+    metrics + encode of each depth frame, no shell and no socket."""
     from services.marketdata.sync import BookSync, Market, SyncResult
     from shared.messages import Book, encode
 
-    pc, applied, loads = time.perf_counter_ns, SyncResult.APPLIED, orjson.loads
+    pc, applied, loads, fast = time.perf_counter_ns, SyncResult.APPLIED, orjson.loads, book.parse_depth_frame
     samples: list[int] = []
     for n in range(WARMUP + passes):
         sync = BookSync(SYMBOL, Market.SPOT)
@@ -161,7 +162,7 @@ def core_latencies(items: list[tuple], naive: bool, passes: int) -> list[int]:
                 sync.on_snapshot(b)
             elif b:
                 t0 = pc()
-                data = loads(a)["data"]
+                data = (loads(a) if naive else fast(a) or loads(a))["data"]
                 if sync.on_depth(data) is applied:
                     m, seq = sync.book.metrics(10), seq + 1
                     encode(Book(ts=time.time_ns(), symbol=SYMBOL, exch_ts=data["E"], update_id=data["u"],
@@ -215,10 +216,9 @@ def run() -> dict[str, float]:
       encode and publish on a real ZeroMQ PUB socket over tcp://127.0.0.1 to a SUB draining
       it in another process. Every message of the capture goes through (trades and
       bookTickers too, as live); only depth events are timed, from the first one after the
-      snapshot. md_event_us_p99_lt100_levels and md_event_ns_per_level_ge100 show where
-      the tail comes from. The deep changes of an event that cannot reach its published top
-      are applied after publishing (`svc.settle()`, untimed there): md_settle_* is that time and
-      md_event_with_settle_* the sum, i.e. the service's CPU per event.
+      snapshot, and every change of the event is applied inside the timed call.
+      md_event_us_p99_lt100_levels and md_event_ns_per_level_ge100 show where the tail
+      comes from.
     - md_core_event_*: the same work without the shell or socket: parse + apply + metrics +
       encode, depth events only.
     - md_naive_*: both again with bench.naive_book.NaiveBook in place of OrderBook.
@@ -245,8 +245,7 @@ def run() -> dict[str, float]:
         try:
             drain = Drain(endpoint, pub.sock)
             try:
-                settles: list[int] = []
-                ours, sizes, published = service_latencies(items, svc, False, PASSES, settles)
+                ours, sizes, published = service_latencies(items, svc, False, PASSES)
                 naive, _, naive_published = service_latencies(items, svc, True, NAIVE_PASSES)
             finally:
                 received = drain.stop()
@@ -265,8 +264,6 @@ def run() -> dict[str, float]:
         figures["md_event_us_p99_lt100_levels"] = round(percentile(small, 99) / 1000, 1)
         figures["md_event_ns_per_level_ge100"] = round(percentile(
             [t / n for t, n in zip(ours, sizes) if n >= 100], 50))
-        figures.update(_figures("md_settle", settles))  # after publishing, before the next record
-        figures.update(_figures("md_event_with_settle", [t + st for t, st in zip(ours, settles)]))
         figures.update(_figures("md_naive_event", naive))
         figures.update(_figures("md_core_event", core_latencies(items, False, PASSES)))
         figures.update(_figures("md_naive_core_event", core_latencies(items, True, NAIVE_PASSES)))

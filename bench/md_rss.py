@@ -25,7 +25,8 @@ MIB = 1 << 20
 
 # The naive variant: the same service and process, with the book class swapped before it starts.
 _NAIVE = ("import sys; import services.marketdata.sync as s; from bench.naive_book import NaiveBook; "
-          "s.OrderBook = NaiveBook; from services.cli import main; sys.exit(main(['marketdata']))")
+          "s.OrderBook = NaiveBook; import services.marketdata.router as r; r.parse_depth_frame = lambda f: None; "
+          "from services.cli import main; sys.exit(main(['marketdata']))")
 
 
 def rss_mib(pid: int) -> float:

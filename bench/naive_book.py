@@ -98,13 +98,13 @@ class NaiveBook:
             raise EmptyBookError(f"{self.symbol}: empty side at update {self.update_id}")
         (b0, bq0), (a0, aq0) = bids[0], asks[0]
         sb, sa = sum(q for _, q in bids), sum(q for _, q in asks)
-        mid = (b0 + a0) / (2 * UNITS)
-        spread = (a0 - b0) / UNITS
+        mid = float(b0 + a0) / 2e8  # the float operations of OrderBook.metrics, bit for bit
+        spread = float(a0 - b0) / 1e8
         return BookMetrics(
-            [[p / UNITS, q / UNITS] for p, q in bids],
-            [[p / UNITS, q / UNITS] for p, q in asks],
-            mid, spread, spread / mid * 1e4, (sb - sa) / (sb + sa),
-            (b0 * aq0 + a0 * bq0) / ((bq0 + aq0) * UNITS))
+            [[float(p) / 1e8, float(q) / 1e8] for p, q in bids],
+            [[float(p) / 1e8, float(q) / 1e8] for p, q in asks],
+            mid, spread, spread / mid * 1e4, float(sb - sa) / float(sb + sa),
+            (float(b0) * float(aq0) + float(a0) * float(bq0)) / (float(bq0 + aq0) * 1e8))
 
     def check(self) -> None:
         """Raise ValueError if a level has a price or quantity <= 0."""

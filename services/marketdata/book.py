@@ -1,4 +1,8 @@
-"""Pure limit order book keyed by exact integer price units, with top-N metrics."""
+"""Pure limit order book keyed by exact integer price units, with top-N metrics.
+
+`OrderBook` is the one the services use: the C extension `_cbook` (services/marketdata/_cbook.c,
+built when the project is installed). `PyOrderBook` is the same contract in pure Python: the
+reference the property tests hold the C book to, level for level and bit for bit."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ _ZERO8 = "0.00000000"  # how Binance spot writes a removed level's quantity
 _REGION = 64
 _REGION_MAX = 512
 _ALL = -(1 << 64)  # an edge below every key: the region holds the whole side
-_MAX_PRICE = 1 << 62  # prices at or above this (4.6e10) are nonsense, and would pass _ALL
+_MAX_PRICE = 1 << 62  # prices (and quantities) at or above this many units (4.6e10) are nonsense
 
 
 class EmptyBookError(ValueError):
@@ -120,7 +124,7 @@ def _trim(keys: list[int]) -> int:
     return edge
 
 
-class OrderBook:
+class PyOrderBook:
     """One symbol's book: dicts of price -> qty (integer units) plus a sorted top region.
 
     Each side is keyed so that larger is better: bids by price, asks by
@@ -132,7 +136,7 @@ class OrderBook:
     """
 
     __slots__ = ("symbol", "update_id", "_bids", "_asks", "_bid_keys", "_ask_keys",
-                 "_bid_edge", "_ask_edge", "pending")
+                 "_bid_edge", "_ask_edge")
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
@@ -143,13 +147,10 @@ class OrderBook:
         self._ask_keys: list[int] = []
         self._bid_edge = _ALL  # region = every key >= edge
         self._ask_edge = _ALL
-        # (bids, asks, n) of deferred changes that cannot alter the top n (see defer_split), or None.
-        self.pending: tuple | None = None
 
     def clear(self) -> None:
         """Empty both sides and reset update_id to 0."""
         self.update_id = 0
-        self.pending = None
         self._bids.clear()
         self._asks.clear()
         self._bid_keys.clear()
@@ -172,7 +173,7 @@ class OrderBook:
                         raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
                     p, q = lv
                     pu, qu = parse_units(p), parse_units(q)
-                    if qu < 0 or not 0 < pu < _MAX_PRICE:
+                    if not 0 <= qu < _MAX_PRICE or not 0 < pu < _MAX_PRICE:
                         raise ValueError(f"bad level [{p!r}, {q!r}]")
                     if qu:
                         side[sign * pu] = qu
@@ -197,36 +198,9 @@ class OrderBook:
         level is normal (Binance reports levels outside our snapshot) and silent.
         Raises ValueError on a malformed level, price or quantity; the book is
         then partially updated and must be discarded (BookSync does so).
-        Deferred changes (`pending`) are settled first.
         """
-        if self.pending is not None:
-            self.settle()
         self._apply(bids, asks)
         self.update_id = update_id
-
-    def defer_split(self, n: int) -> tuple | None:
-        """Where to split an event's changes so the top n stay exact: (bid key, (len, str) of its
-        price, ask key, (len, str) of its price) of each side's 2n-th best level, prices as
-        8-decimal strings; None while a side holds fewer. A change strictly worse than that level
-        cannot alter the levels at or above it, so it may wait in `pending` (set by the caller as
-        (bids, asks, n)) as long as holds_top() says n levels remain at or above them."""
-        bk, ak = self._bid_keys, self._ask_keys
-        if len(bk) < 2 * n or len(ak) < 2 * n:
-            return None
-        b, a = bk[-2 * n], ak[-2 * n]
-        bs, as_ = f"{b // UNITS}.{b % UNITS:08d}", f"{-a // UNITS}.{-a % UNITS:08d}"
-        return b, (len(bs), bs), a, (len(as_), as_)
-
-    def holds_top(self, n: int, bid_key: int, ask_key: int) -> bool:
-        """True if each side has >= n levels at or above the given keys (see defer_split)."""
-        bk, ak = self._bid_keys, self._ask_keys
-        return len(bk) - bisect_left(bk, bid_key) >= n and len(ak) - bisect_left(ak, ask_key) >= n
-
-    def settle(self) -> None:
-        """Apply the deferred changes (`pending`), if any. Raises ValueError as apply_diff does."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            self._apply(pending[0], pending[1])
 
     def _apply(self, bids, asks) -> None:
         """apply_diff without the update id."""
@@ -259,7 +233,7 @@ class OrderBook:
                     qu = int(qu) if qu.isdigit() else _level(lv, q)
                 else:
                     qu = _level(lv, q)
-                if qu > 0:
+                if 0 < qu < _MAX_PRICE:
                     if k not in d:
                         if not 0 < k < _MAX_PRICE:
                             raise ValueError(f"bad bid price in {lv!r}")
@@ -273,7 +247,7 @@ class OrderBook:
                     elif not 0 < k < _MAX_PRICE:
                         raise ValueError(f"bad bid price in {lv!r}")
                 else:
-                    raise ValueError(f"negative bid quantity in {lv!r}")
+                    raise ValueError(f"bid quantity out of range in {lv!r}")
             if len(keys) > _REGION_MAX:
                 self._bid_edge = _trim(keys)
             d, keys, edge = self._asks, self._ask_keys, self._ask_edge
@@ -298,7 +272,7 @@ class OrderBook:
                     qu = int(qu) if qu.isdigit() else _level(lv, q)
                 else:
                     qu = _level(lv, q)
-                if qu > 0:
+                if 0 < qu < _MAX_PRICE:
                     if k not in d:
                         if not 0 < -k < _MAX_PRICE:
                             raise ValueError(f"bad ask price in {lv!r}")
@@ -312,7 +286,7 @@ class OrderBook:
                     elif not 0 < -k < _MAX_PRICE:
                         raise ValueError(f"bad ask price in {lv!r}")
                 else:
-                    raise ValueError(f"negative ask quantity in {lv!r}")
+                    raise ValueError(f"ask quantity out of range in {lv!r}")
             if len(keys) > _REGION_MAX:
                 self._ask_edge = _trim(keys)
         except ValueError as e:
@@ -324,16 +298,12 @@ class OrderBook:
     def _bid_region(self, need: int) -> list[int]:
         keys = self._bid_keys
         if len(keys) < need and self._bid_edge != _ALL:
-            if self.pending is not None:
-                self.settle()  # a refill reads the dict: it must be complete
             self._bid_edge = _refill(self._bids, keys, self._bid_edge, need)
         return keys
 
     def _ask_region(self, need: int) -> list[int]:
         keys = self._ask_keys
         if len(keys) < need and self._ask_edge != _ALL:
-            if self.pending is not None:
-                self.settle()
             self._ask_edge = _refill(self._asks, keys, self._ask_edge, need)
         return keys
 
@@ -355,8 +325,6 @@ class OrderBook:
 
     def top(self, n: int = 10) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Return (bids, asks): up to n (price units, qty units) per side, best first."""
-        if self.pending is not None:
-            self.settle()
         if n <= 0:
             return [], []
         bids, asks = self._bids, self._asks
@@ -365,14 +333,10 @@ class OrderBook:
 
     def depth(self) -> tuple[int, int]:
         """Return (number of bid levels, number of ask levels)."""
-        if self.pending is not None:
-            self.settle()
         return len(self._bids), len(self._asks)
 
     def levels(self) -> tuple[dict[int, int], dict[int, int]]:
         """Return copies of (bids, asks) as {price units: qty units}, for checks and tests."""
-        if self.pending is not None:
-            self.settle()
         return dict(self._bids), {-k: q for k, q in self._asks.items()}
 
     def metrics(self, n: int = 10) -> BookMetrics:
@@ -384,8 +348,6 @@ class OrderBook:
         """
         if n < 1:
             raise ValueError(f"metrics needs n >= 1, got {n}")
-        if self.pending is not None and n > self.pending[2]:
-            self.settle()  # deferred changes may reach below the top pending[2]
         bkeys, akeys = self._bid_keys, self._ask_keys
         if len(bkeys) < n:
             bkeys = self._bid_region(n)
@@ -401,19 +363,20 @@ class OrderBook:
         for k in bkeys[: -n - 1 : -1]:
             q = bd[k]
             sb += q
-            bids.append([k / 100000000, q / 100000000])
+            bids.append([float(k) / 1e8, float(q) / 1e8])
         for k in akeys[: -n - 1 : -1]:
             q = ad[k]
             sa += q
-            asks.append([-k / 100000000, q / 100000000])
+            asks.append([float(-k) / 1e8, float(q) / 1e8])
         b0, a0 = bkeys[-1], -akeys[-1]
         bq0, aq0 = bd[b0], ad[-a0]
-        # Sums and differences in exact integers, then one rounding each;
-        # int / int rounds correctly, so 6183763000000 gives exactly 61837.63.
-        mid = (b0 + a0) / 200000000
-        spread = (a0 - b0) / 100000000
-        return BookMetrics(bids, asks, mid, spread, spread / mid * 1e4, (sb - sa) / (sb + sa),
-                           (b0 * aq0 + a0 * bq0) / ((bq0 + aq0) * 100000000))
+        # Sums and differences in exact integers, each rounded once to a float (float(int) rounds
+        # correctly), then float operations: the C book does the same ones in the same order, so
+        # the two agree bit for bit. 6183763000000 / 1e8 gives exactly 61837.63.
+        mid = float(b0 + a0) / 2e8
+        spread = float(a0 - b0) / 1e8
+        return BookMetrics(bids, asks, mid, spread, spread / mid * 1e4, float(sb - sa) / float(sb + sa),
+                           (float(b0) * float(aq0) + float(a0) * float(bq0)) / (float(bq0 + aq0) * 1e8))
 
     def check(self) -> None:
         """Verify the internal invariants in O(levels); for tests and debugging.
@@ -422,16 +385,23 @@ class OrderBook:
         >= the edge, or a level has a price or quantity <= 0. A crossed book is
         not an error here.
         """
-        if self.pending is not None:
-            self.settle()
         for name, d, keys, edge in (("bid", self._bids, self._bid_keys, self._bid_edge),
                                     ("ask", self._asks, self._ask_keys, self._ask_edge)):
             if keys != sorted(k for k in d if k >= edge):
                 raise ValueError(f"{self.symbol}: {name} region out of step with its levels")
             for k, q in d.items():
-                if not 0 < abs(k) < _MAX_PRICE or q <= 0:
+                if not 0 < abs(k) < _MAX_PRICE or not 0 < q < _MAX_PRICE:
                     raise ValueError(f"{self.symbol}: bad {name} level {abs(k)}: {q}")
 
     def __repr__(self) -> str:
-        return (f"OrderBook({self.symbol!r}, update_id={self.update_id}, "
+        return (f"PyOrderBook({self.symbol!r}, update_id={self.update_id}, "
                 f"bid={self.best_bid()}, ask={self.best_ask()}, depth={self.depth()})")
+
+
+try:
+    from services.marketdata._cbook import Levels, OrderBook, bind as _bind, parse_depth_frame
+except ImportError as exc:  # pragma: no cover - a broken install, not a runtime condition
+    raise ImportError(
+        f"the C order book (services/marketdata/_cbook.c) is not built: {exc}. Install the project "
+        "with `make venv` (or `pip install -e .`), which needs gcc and Python's headers.") from exc
+_bind(BookMetrics, EmptyBookError)

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 import orjson
 from msgpack import packb as _packb
 
-from services.marketdata.book import EmptyBookError, parse_units
+from services.marketdata.book import EmptyBookError, parse_depth_frame, parse_units
 from services.marketdata.feeds import is_server_shutdown
 from services.marketdata.metrics import MdMetrics
 from services.marketdata.symbols import Route
@@ -52,8 +52,6 @@ class BookRouter:
         self.live_route: dict[Market, Route] = {}
         self.standby: dict[Market, Route] = {}
         self.syncs: dict[str, BookSync] = {}  # key -> the published (live) book's sync
-        self.defer_n = depth_n  # the top levels a live event applies before publishing (0: all)
-        self._unsettled: list[tuple] = []  # (route, name, key, sync) whose book has deferred changes
         for market in (Market.SPOT, Market.USDM):
             self._make_live(Route(market, self.keys, label=f"{market.value}#default"))
 
@@ -167,37 +165,26 @@ class BookRouter:
         self.stats["book_events"] += 1
         self.m.books[key] += 1
 
-    def settle(self) -> None:
-        """Apply the deep changes of the last depth events (deferred until their book was out):
-        call it after each record, before waiting for the next. A malformed one costs its book
-        the sync, counted and logged like any bad depth event."""
-        while self._unsettled:
-            route, name, key, sync = self._unsettled.pop()
-            if route.syncs.get(name) is not sync:
-                continue  # the route was reset since: that book is gone
-            try:
-                sync.settle()
-            except BadEventError as exc:
-                self._bad("bad_event", str(exc)[:160])
-                self._need_snapshot(route, name, key, "bad depth event")
-
     # -- messages ----------------------------------------------------------------------
 
     def on_raw(self, frame: bytes | str, recv_ns: int, route: Route) -> None:
         """One WebSocket frame as received."""
         t0 = _perf_ns()
-        try:
-            msg = orjson.loads(frame)
-        except orjson.JSONDecodeError as exc:
-            return self._bad("malformed_json", f"{exc}; frame {repr(frame)[:80]}")
+        # A diff-depth frame of the usual shape is parsed in C, its levels straight to integer
+        # units (no Python object per level); any other frame, or anything unusual about one,
+        # goes to orjson, which gives the same event or the error.
+        msg = parse_depth_frame(frame)
+        if msg is None:
+            try:
+                msg = orjson.loads(frame)
+            except orjson.JSONDecodeError as exc:
+                return self._bad("malformed_json", f"{exc}; frame {repr(frame)[:80]}")
         self.on_ws(msg, recv_ns, route, len(frame), t0, frame)
 
     def on_ws(self, msg, recv_ns: int, route: Route, nbytes: int = 0, t0: int = 0, raw=None) -> None:
         """One decoded message: a combined-stream `{"stream", "data"}` map, or anything a
         hostile network may send instead (counted and logged, never raised)."""
         t0 = t0 or _perf_ns()
-        if self._unsettled:
-            self.settle()  # whoever calls us did not: settle before the next event
         if route.retired:
             return  # late messages of a connection already replaced or lost
         stream = msg.get("stream") if type(msg) is dict else None
@@ -247,10 +234,7 @@ class BookRouter:
 
     def _on_depth(self, route: Route, name: str, key: str, data: dict, recv_ns: int, raw) -> None:
         sync = route.syncs[name]
-        # A live book applies now only what can reach its published top, the rest after publishing.
-        result = sync.on_depth(data, self.defer_n if route.live else 0)  # U/u are checked ints from here on
-        if sync.deferred:
-            self._unsettled.append((route, name, key, sync))
+        result = sync.on_depth(data)  # U/u are checked ints from here on
         if route.live:
             if self.recorder is not None and data["u"] > self.rec_last_u[key]:
                 self.rec_last_u[key] = data["u"]
@@ -292,8 +276,6 @@ class BookRouter:
 
     def on_snapshot(self, name: str, snap, recv_ns: int, route: Route) -> None:
         """One REST depth snapshot of exchange symbol `name` for the books of `route`."""
-        if self._unsettled:
-            self.settle()
         lname = name.lower()
         key = route.keys.get(lname)
         if key is None or route.retired:

@@ -78,8 +78,6 @@ class MarketDataService(BookRouter):
             recorder = self.recorder
             for rec in self.feed.records():
                 self._dispatch(rec)
-                if self._unsettled:  # the book of that record is out: now its deep changes
-                    self.settle()
                 if recorder is not None and recorder.tick():
                     self._snapshots_for_new_segment()
                 if beat.due():

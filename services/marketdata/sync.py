@@ -56,11 +56,14 @@ class BookSync:
     applied after the first one). last_gap describes the latest break.
     """
 
-    def __init__(self, symbol: str, market: Market = Market.SPOT, max_buffer: int = 10_000) -> None:
+    def __init__(self, symbol: str, market: Market = Market.SPOT, max_buffer: int = 10_000,
+                 book_type: type | None = None) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be >= 1, got {max_buffer}")
         self.market = Market(market)
-        self.book = OrderBook(symbol.upper())
+        # The C OrderBook (looked up here, so a benchmark can swap the module's); tests also run
+        # book.PyOrderBook.
+        self.book = (book_type or OrderBook)(symbol.upper())
         self.synced = False
         self.needs_snapshot = True
         self.events_applied = 0
@@ -73,8 +76,6 @@ class BookSync:
         self._first = True  # the next applied event must straddle the snapshot
         self._snapshots = 0
         self._usdm = self.market is Market.USDM
-        self._defer = 0
-        self.deferred = False  # book.pending may hold changes of the last event: settle() applies them
 
     @property
     def buffered(self) -> int:
@@ -87,17 +88,12 @@ class BookSync:
             return None
         return self._buffer[0]["U"], self._buffer[-1]["u"]
 
-    def on_depth(self, event: dict, defer: int = 0) -> SyncResult:
+    def on_depth(self, event: dict) -> SyncResult:
         """Take a depthUpdate "data" dict (U, u, b, a; pu for USD-M) and return what happened.
 
-        `defer` = n > 0: apply now only the changes that can reach the book's top n levels, keep
-        the deeper ones in book.pending until settle() (or the next input, which settles first).
         Raises BadEventError if the event is malformed (after dropping sync, as
-        its changes cannot be applied); with `defer`, settle() raises it for a deep level.
+        its changes cannot be applied).
         """
-        if self.deferred:
-            self.settle()
-        self._defer = defer if type(self.book) is OrderBook else 0  # a stand-in book (bench) cannot
         try:
             U, u = event["U"], event["u"]
             pu = event["pu"] if self._usdm else None
@@ -123,9 +119,6 @@ class BookSync:
             raise BadEventError(f"{self.book.symbol}: snapshot without {e}") from None
         if type(last) is not int:
             raise BadEventError(f"{self.book.symbol}: snapshot lastUpdateId={last!r}")
-        if self.deferred:
-            self.settle()
-        self._defer = 0
         if not self.needs_snapshot:
             return SyncResult.SNAPSHOT_IGNORED
         buf = self._buffer
@@ -199,61 +192,18 @@ class BookSync:
             self._buffer.append(event)
             return SyncResult.GAP
         try:
-            book, n = self.book, self._defer
-            cut = book.defer_split(n) if n else None
-            if cut is None:
-                book.apply_diff(event["b"], event["a"], u)
-            else:
-                bkey, (bn, bs), akey, (an, as_) = cut
-                top_b, deep_b = _split(event["b"], bn, bs, False)
-                top_a, deep_a = _split(event["a"], an, as_, True)
-                book.apply_diff(top_b, top_a, u)
-                if deep_b or deep_a:
-                    book.pending, self.deferred = (deep_b, deep_a, n), True
-                    if not book.holds_top(n, bkey, akey):  # the top was eaten into
-                        self._deepen(n)
-        except (KeyError, TypeError, ValueError) as e:
+            self.book.apply_diff(event["b"], event["a"], u)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             self._fail(f"bad depth event U={U} u={u}: {e!r}")
         self._first = False
         self.events_applied += 1
         return SyncResult.APPLIED
-
-    def _deepen(self, n: int) -> None:
-        """After an event that ate into the top: apply the deferred changes down to the new
-        2n-th level as well, twice at most, then all of them if the top is still short."""
-        book = self.book
-        for _ in range(2):
-            cut = book.defer_split(n)
-            if cut is None:
-                break
-            bkey, (bn, bs), akey, (an, as_) = cut
-            now_b, deep_b = _split(book.pending[0], bn, bs, False)
-            now_a, deep_a = _split(book.pending[1], an, as_, True)
-            book.pending = None
-            book.apply_diff(now_b, now_a, book.update_id)
-            if not (deep_b or deep_a):
-                self.deferred = False
-                return
-            book.pending = (deep_b, deep_a, n)
-            if book.holds_top(n, bkey, akey):
-                return
-        self.settle()
-
-    def settle(self) -> None:
-        """Apply the changes on_depth(event, n) left for later. Raises BadEventError (after
-        dropping sync) if one of them is malformed."""
-        self.deferred = False
-        try:
-            self.book.settle()
-        except ValueError as e:
-            self._fail(f"bad deep level in the event up to u={self.book.update_id}: {e!r}")
 
     def _note_gap(self, prev: int, U: int, u: int, pu: int | None) -> None:
         self.gaps += 1
         self.last_gap = Gap(prev, U, u, pu)
 
     def _lose_sync(self) -> None:
-        self.deferred = False
         self.book.clear()
         self._buffer.clear()
         self.synced, self.needs_snapshot, self._first = False, True, True
@@ -264,20 +214,3 @@ class BookSync:
             self._lose_sync()
         raise BadEventError(f"{self.book.symbol}: {msg}")
 
-
-def _split(levels: list, n: int, s: str, asks: bool) -> tuple[list, list]:
-    """(changes to apply now, changes strictly worse than the split level) of one side; (n, s)
-    is that level's price as (len, 8-decimal str) from OrderBook.defer_split. Compares strings,
-    no parsing (the cost deferred): only canonical 8-decimal prices (no leading zero, so longer
-    = larger) go deep; anything else is applied now. A malformed deep one fails at settle()."""
-    if type(levels) is not list:
-        return levels, []
-    top, deep = [], []
-    for lv in levels:
-        p = lv[0] if type(lv) is list and len(lv) == 2 else None
-        if type(p) is str and len(p) > 9 and p[-9] == "." and (p[0] != "0" or len(p) == 10) and (
-                (p > s if len(p) == n else len(p) > n) if asks else (p < s if len(p) == n else len(p) < n)):
-            deep.append(lv)
-        else:
-            top.append(lv)
-    return top, deep

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.marketdata import book as book_mod
-from services.marketdata.book import (UNITS, BookMetrics, EmptyBookError, OrderBook,
+from services.marketdata.book import (UNITS, BookMetrics, EmptyBookError, OrderBook, PyOrderBook,
                                       parse_units, units_to_str)
 
 VALID = re.compile(r"-?[0-9]+(\.[0-9]{1,8})?")
@@ -189,9 +189,12 @@ def test_bad_snapshot_leaves_empty_book():
     assert b.depth() == (0, 0) and b.update_id == 0
 
 
-def test_region_refills_when_top_is_eaten():
+@pytest.mark.parametrize("book_type", [PyOrderBook, OrderBook])
+def test_region_refills_when_top_is_eaten(book_type):
+    """PyOrderBook's sorted region, shrunk: refills and trims stay exact (the C book, with its
+    blocks, goes through the same moves)."""
     with region(2, 4):
-        b = OrderBook("BTCUSDT")
+        b = book_type("BTCUSDT")
         b.apply_snapshot(1, [[str(p), "1"] for p in range(90, 100)], [[str(p), "1"] for p in range(100, 110)])
         # Remove the best bids and asks one by one: the region must refill from the dict.
         for i, p in enumerate(range(99, 91, -1)):
@@ -219,11 +222,11 @@ levels_st = st.lists(st.tuples(st.integers(1, 400), st.integers(0, 5_000)), max_
 @settings(max_examples=150, deadline=None)
 @given(snap_bids=levels_st, snap_asks=levels_st,
        diffs=st.lists(st.tuples(levels_st, levels_st), max_size=25),
-       small=st.booleans(), n=st.integers(1, 30))
-def test_book_equals_brute_force_rebuild(snap_bids, snap_asks, diffs, small, n):
-    size = (2, 5) if small else (64, 512)
+       small=st.booleans(), n=st.integers(1, 30), book_type=st.sampled_from([OrderBook, PyOrderBook]))
+def test_book_equals_brute_force_rebuild(snap_bids, snap_asks, diffs, small, n, book_type):
+    size = (2, 5) if small else (64, 512)  # PyOrderBook's region; no effect on the C book
     with region(*size):
-        b = OrderBook("BTCUSDT")
+        b = book_type("BTCUSDT")
         b.apply_snapshot(10, [[_px(p), str(q)] for p, q in snap_bids],
                          [[_px(p), str(q)] for p, q in snap_asks])
         for uid, (db, da) in enumerate(diffs, 11):
@@ -320,18 +323,19 @@ any_str = st.one_of(eight, st.from_regex(VALID, fullmatch=True), st.text(max_siz
 
 
 @settings(max_examples=300, deadline=None)
-@given(p=any_str, q=any_str, side=st.sampled_from(["bids", "asks"]))
-def test_apply_diff_parses_exactly_like_parse_units(p, q, side):
-    """The hot loop inlines parse_units' fast path: it must accept and reject the same strings."""
+@given(p=any_str, q=any_str, side=st.sampled_from(["bids", "asks"]), book_type=st.sampled_from([OrderBook, PyOrderBook]))
+def test_apply_diff_parses_exactly_like_parse_units(p, q, side, book_type):
+    """Both books' hot loops (C, and Python's inlined fast path) accept and reject the strings
+    parse_units does."""
     def units(s):
         try:
             return parse_units(s)
         except ValueError:
             return None
     pu, qu = units(p), units(q)
-    b = OrderBook("BTCUSDT")
+    b = book_type("BTCUSDT")
     args = ([[p, q]], []) if side == "bids" else ([], [[p, q]])
-    if pu is None or qu is None or qu < 0 or not 0 < pu < 1 << 62:
+    if pu is None or qu is None or not 0 <= qu < 1 << 62 or not 0 < pu < 1 << 62:
         with pytest.raises(ValueError):
             b.apply_diff(*args, 7)
         return
