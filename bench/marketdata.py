@@ -174,14 +174,23 @@ def core_latencies(items: list[tuple], naive: bool, passes: int) -> list[int]:
     return samples
 
 
-def qf_book_rates(path: str = CAPTURE) -> tuple[float, float]:
-    """(capture lines/s of the `qf book` subprocess, of build_book in this process), medians of runs."""
+# `qf book` with bench/naive_book.py's dict book swapped in, for the comparison.
+_NAIVE_QF = ("import sys; import services.marketdata.sync as s; from bench.naive_book import NaiveBook; "
+             "s.OrderBook = NaiveBook; from services.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def qf_book_rates(path: str = CAPTURE, naive: bool = False) -> tuple[float, float]:
+    """(capture lines/s of the `qf book` subprocess, of build_book in this process), medians of
+    runs; with `naive`, both with NaiveBook in place of OrderBook."""
+    from services.marketdata import sync
     from services.marketdata.capture import build_book
 
     with gzip.open(path, "rb") as fh:
         lines = sum(1 for _ in fh)
     script = os.path.join(os.path.dirname(sys.executable), "qf")
     cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "services.cli"]
+    if naive:
+        cmd = [sys.executable, "-c", _NAIVE_QF]
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
     walls, inproc = [], []
     for _ in range(BOOK_RUNS):
@@ -191,9 +200,13 @@ def qf_book_rates(path: str = CAPTURE) -> tuple[float, float]:
         walls.append(time.perf_counter() - t0)
         if out.returncode != 0 or orjson.loads(out.stdout)["symbol"] != SYMBOL:
             raise RuntimeError(f"qf book failed: {out.stderr.decode()[-300:]}")
-        t0 = time.perf_counter()
-        build_book(path, SYMBOL)
-        inproc.append(time.perf_counter() - t0)
+        kept, sync.OrderBook = sync.OrderBook, NaiveBook if naive else sync.OrderBook
+        try:
+            t0 = time.perf_counter()
+            build_book(path, SYMBOL)
+            inproc.append(time.perf_counter() - t0)
+        finally:
+            sync.OrderBook = kept
     return lines / sorted(walls)[len(walls) // 2], lines / sorted(inproc)[len(inproc) // 2]
 
 
@@ -224,7 +237,8 @@ def run() -> dict[str, float]:
     - md_naive_*: both again with bench.naive_book.NaiveBook in place of OrderBook.
     - book_replay_msgs_per_s: capture lines / wall seconds of the real `qf book --capture ...
       --symbol btcusdt` subprocess (interpreter start and gzip included);
-      book_replay_inproc_msgs_per_s: the same build_book() call in this process.
+      book_replay_inproc_msgs_per_s: the same build_book() call in this process;
+      book_replay_naive_*: both with NaiveBook.
     Raises RuntimeError if the pipeline did not publish a book for every timed event.
     """
     from services.marketdata.service import MarketDataService
@@ -271,6 +285,8 @@ def run() -> dict[str, float]:
         gc.unfreeze()
     figures["book_replay_msgs_per_s"], figures["book_replay_inproc_msgs_per_s"] = (
         round(r) for r in qf_book_rates())
+    figures["book_replay_naive_msgs_per_s"], figures["book_replay_naive_inproc_msgs_per_s"] = (
+        round(r) for r in qf_book_rates(naive=True))
     return figures
 
 
