@@ -55,6 +55,8 @@ class Bench:
         self.stack = Stack(env, services=services, restart=False)
         self.md = Publisher(self.cfg.bus.md_pub, self.cfg.bus.hwm)
         self.beats = Subscriber(self.cfg.bus.risk_pub, ["heartbeat.risk"], self.cfg.bus.hwm)
+        self.broker_beats = (Subscriber(self.cfg.bus.broker_pub, ["heartbeat.broker"], self.cfg.bus.hwm)
+                             if "broker" in services else None)
         self.ctx = zmq.Context.instance()
         self.req = self.ctx.socket(zmq.REQ)
         self.req.setsockopt(zmq.LINGER, 0)
@@ -79,14 +81,15 @@ class Bench:
             raise RuntimeError("risk did not answer within 5 s")
         return messages.decode(self.req.recv(), messages.REQUESTS)
 
-    def heartbeat(self, ready=lambda stats: True) -> dict:
+    def heartbeat(self, ready=lambda stats: True, beats: Subscriber | None = None) -> dict:
+        beats = beats or self.beats
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
-            if self.beats.sock.poll(200):
-                stats = self.beats.recv()[1].stats or {}
+            if beats.sock.poll(200):
+                stats = beats.recv()[1].stats or {}
                 if ready(stats):
                     return stats
-        raise RuntimeError("no risk heartbeat with the figures asked for")
+        raise RuntimeError(f"no heartbeat on {beats.endpoint} with the figures asked for")
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + WAIT_S
@@ -159,6 +162,8 @@ class Bench:
     def close(self) -> None:
         self.req.close()
         self.beats.close()
+        if self.broker_beats is not None:
+            self.broker_beats.close()
         self.md.close()
         self.stack.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -172,6 +177,8 @@ def run() -> dict[str, float]:
         rtt = bench.round_trips(ORDERS, WARMUP, PACE_S)
         # risk's own histograms are cumulative: read them before the back-to-back phase
         inside = bench.heartbeat(lambda s: s.get("check_n", 0) >= WARMUP + ORDERS)
+        # the broker's own part of the hop: request read to reply sent, its commit included
+        broker = bench.heartbeat(lambda s: s.get("ack_n", 0) >= WARMUP + ORDERS, bench.broker_beats)
         b2b = bench.round_trips(B2B_ORDERS, 100, 0.0)
         checks = bench.checks_per_s()
         books, missed = bench.burst()
@@ -192,6 +199,8 @@ def run() -> dict[str, float]:
             "risk_serve_us_p50": float(inside["serve_us_p50"]), "risk_serve_us_p99": float(inside["serve_us_p99"]),
             "risk_broker_hop_us_p50": float(inside["broker_us_p50"]),
             "risk_broker_hop_us_p99": float(inside["broker_us_p99"]),
+            "risk_broker_inside_us_p50": float(broker["ack_us_p50"]),
+            "risk_broker_inside_us_p99": float(broker["ack_us_p99"]),
             "risk_checks_per_s": float(round(checks)),
             "risk_burst_books_sent": float(BURST), "risk_burst_books_received": float(books),
             "risk_burst_books_missed": float(missed), "risk_burst_books_missed_hwm1000": float(missed_at_1000)}

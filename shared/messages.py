@@ -93,7 +93,13 @@ def _check_dict_list(name, x):
 
 
 def _enum_checker(cls):
+    members = {m.value: m for m in cls}  # a dict lookup for the usual plain string; cls(x) for the rest
+
     def check(name, x):
+        if type(x) is str:
+            member = members.get(x)
+            if member is not None:
+                return member
         try:
             return cls(x)
         except ValueError:
@@ -125,6 +131,9 @@ def _checker_for(tp):
 
 # -- messages -----------------------------------------------------------------------
 
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list, tuple})  # neither Decimal nor Enum
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
@@ -135,8 +144,13 @@ class Message:
         out = {"v": VERSION, "type": self.TYPE}
         for name in self._names:
             value = getattr(self, name)
-            if isinstance(value, Decimal):
+            kind = type(value)
+            if kind is Decimal:
                 value = format(value, "f")  # never exponent notation ("1E-8")
+            elif kind in _PLAIN:
+                pass
+            elif isinstance(value, Decimal):
+                value = format(value, "f")
             elif isinstance(value, Enum):
                 value = value.value
             out[name] = value

@@ -63,11 +63,20 @@ def base_asset(symbol: str) -> str:
 
 def quote_asset(symbol: str) -> str:
     """'BTCUSDT' -> 'USDT'. Raises ValueError for a symbol with no known quote suffix."""
+    quote = _QUOTE_OF.get(symbol)
+    if quote is not None:
+        return quote
     sym = symbol.upper()
     for quote in QUOTE_ASSETS:
         if sym.endswith(quote) and len(sym) > len(quote):
+            if len(_QUOTE_OF) >= 1024:  # symbols come from requests: keep the memo bounded
+                _QUOTE_OF.clear()
+            _QUOTE_OF[symbol] = quote
             return quote
     raise ValueError(f"no known quote asset in symbol {symbol!r}")
+
+
+_QUOTE_OF: dict[str, str] = {}  # symbol -> quote asset, for symbols that have one (looked up per fill)
 
 
 def canonical(d: Decimal) -> Decimal:
@@ -116,6 +125,8 @@ class Order:
     fill_count: int = 0  # numbers fill ids `{order_id}-{n}`
     reason: str = ""
     updated_ts: int = 0
+    # (notional, filled_qty, avg_price) of the last avg_price asked: the division is made once per fill
+    _avg: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_request(cls, req: OrderRequest, order_id: str, now_ns: int) -> "Order":
@@ -151,8 +162,21 @@ class Order:
         """Average fill price rounded half-even to 1e-8; None before any fill."""
         if not self.filled_qty:
             return None
+        cached = self._avg
+        if cached is not None and cached[0] is self.notional and cached[1] is self.filled_qty:
+            return cached[2]
         with localcontext(MONEY):
-            return canonical((self.notional / self.filled_qty).quantize(STEP, ROUND_HALF_EVEN))
+            avg = canonical((self.notional / self.filled_qty).quantize(STEP, ROUND_HALF_EVEN))
+        self._avg = (self.notional, self.filled_qty, avg)
+        return avg
+
+    def copy(self) -> "Order":
+        """The same order as a new object (what dataclasses.replace(order) makes, for less)."""
+        new = Order(self.order_id, self.client_order_id, self.strategy, self.symbol, self.side, self.kind,
+                    self.tif, self.qty, self.price, self.created_ts, self.status, self.filled_qty, self.notional,
+                    self.fill_count, self.reason, self.updated_ts)
+        new._avg = self._avg
+        return new
 
     def fill(self, price: Decimal, qty: Decimal, ts: int) -> str:
         """Apply one fill; returns its fill id. Raises InvalidTransition for a

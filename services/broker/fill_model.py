@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from services.broker import core
@@ -265,7 +265,7 @@ class FillModel:
 
     def _done(self, update: Update) -> Update:
         order = update.order
-        update.order = replace(order)  # the state this update leaves it in, whatever comes next
+        update.order = order.copy()  # the state this update leaves it in, whatever comes next
         if not order.is_open:
             self.working.pop(order.client_order_id, None)
             resting = self.resting.get(order.symbol)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from typing import Callable
 
+import msgpack
 import zmq
 from prometheus_client import Counter, Histogram
 
@@ -18,13 +21,13 @@ from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
 from services.broker.latency import LatencyModel
 from services.broker.queue import make_queue_model
 from shared import messages
-from shared.bus import Publisher, Server, Subscriber
+from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
 from shared.db import database, init_db
 from shared.enums import OrderStatus
 from shared.errors import DecodeError
 from shared.messages import Ack, Book, Cancel, Error, OrderRequest, Trade
-from shared.runtime import HeartbeatMaker, Liveness, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
 log = logging.getLogger("qf.broker")
 
@@ -39,8 +42,43 @@ ACK_SECONDS = Histogram("qf_broker_request_seconds", "Request received to reply 
 POLL_MS = 100  # longest loop turn; bounds how long stop() takes
 DRAIN_MAX = 1000  # messages per socket per turn, so one busy socket cannot starve the other
 ACK_CACHE_MAX = 4096  # recent answers kept for Lazy Pirate retries; older ones come from the database
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
 
-Events = list[tuple[str, messages.Message]]
+
+def _fill_map(wire: dict) -> dict:
+    """A fill's wire map as carried in `Ack.fills` (core.fill_dict: without `v` and `type`)."""
+    out = dict(wire)
+    del out["v"], out["type"]
+    return out
+
+
+class OrderIds:
+    """Random order ids, as uuid.uuid4().hex makes them, from the kernel's random bytes fetched
+    4 KiB at a time (uuid4 asks for 16 bytes, a getrandom system call, per order)."""
+
+    def __init__(self) -> None:
+        self._buf, self._pos = b"", 0
+
+    def next(self) -> str:
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = os.urandom(4096), 0
+        raw = self._buf[self._pos:self._pos + 16]
+        self._pos += 16
+        return uuid.UUID(bytes=raw, version=4).hex
+
+
+_CHILDREN: dict = {}
+
+
+def _counter(metric, label: str):
+    """`metric.labels(label)`, kept: labels() costs a lock and a lookup per call."""
+    child = _CHILDREN.get((metric, label))
+    if child is None:
+        child = _CHILDREN[(metric, label)] = metric.labels(label)
+    return child
+
+
+Events = list[tuple[str, messages.Message, dict | None]]  # (topic, message, its wire map when made already)
 Waiter = tuple[list, float]  # (ROUTER envelope, perf_counter at receipt)
 
 
@@ -62,6 +100,8 @@ class BrokerService:
         self.cancel_waiters: dict[int, Waiter] = {}
         self._tokens = 0
         self.stats = {"orders": 0, "fills": 0, "rejects": 0, "decode_errors": 0, "commit_failures": 0}
+        self.ack_us = MicrosHistogram()  # request read to reply sent (simulated latency included), for heartbeats
+        self._order_ids = OrderIds()
         self._stop = threading.Event()
         self._closed = False
         init_db(cfg.common.db)
@@ -94,6 +134,7 @@ class BrokerService:
         self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
                                latency, b.fee_asset)
         self.account, fills = store.load_account(b.start_cash)
+        self.known = store.known_ids()
         self.stats["fills"] = fills
         for order, row in store.load_open():
             self.model.restore(order, row.arrival_ts, row.decision_mid, row.arrival_mid)
@@ -156,12 +197,13 @@ class BrokerService:
             DUPLICATES.inc()
             self.order_waiters[coid].append(waiter)
             return
-        if known is None and store.exists(coid):
+        if known is None and self.known.maybe(coid) and store.exists(coid):
             known = self._stored_ack(coid)
         if known is not None:
             DUPLICATES.inc()
             return self._reply(waiter, known)
-        order_id = uuid.uuid4().hex
+        self.known.add(coid)  # from here on it is in flight, then stored
+        order_id = self._order_ids.next()
         try:
             core.quote_asset(req.symbol)
             order = Order.from_request(req, order_id, now)
@@ -209,46 +251,56 @@ class BrokerService:
                 log.exception("commit_failed", extra={"orders": len(changes)})
                 self._reload()
                 return
-        events: Events = []
-        for u in updates:
+        told = []
+        for u in updates:  # the answers first: counters, events and log lines wait until they are sent
             if u.event == NOT_OPEN:
                 self._answer_cancel(u, None)
                 continue
-            ack = self._after_commit(u, events)
+            ack, wires = self._after_commit(u)
             if u.event == ARRIVED:
                 for waiter in self.order_waiters.pop(u.client_order_id, ()):
                     self._reply(waiter, ack)
             if u.cancel_token is not None:
                 self._answer_cancel(u, ack)
+            told.append((u, wires))
+        events: Events = []
+        for u, wires in told:
+            self._account(u, wires, events)
         self._publish(events)
 
-    def _after_commit(self, u: Update, events: Events) -> Ack:
+    def _after_commit(self, u: Update) -> tuple[Ack, list[dict]]:
+        """The answer for `u` (remembered for retries) and its fills' wire maps."""
         order, fills = u.order, u.fills
+        wires = [f.to_wire() for f in fills]  # once: the ack's fill maps, then the fill.* events
         prior = self.acks.get(order.client_order_id)
         if prior is None and order.fill_count > len(fills):
             ack = self._stored_ack(order.client_order_id)  # earlier fills fell out of the cache
         else:
-            maps = [*(prior.fills if prior is not None else ()), *map(core.fill_dict, fills)]
+            maps = [*(prior.fills if prior is not None else ()), *map(_fill_map, wires)]
             ack = core.ack_for(order, maps, order.updated_ts)
             self._remember(ack)
+        return ack, wires
+
+    def _account(self, u: Update, wires: list[dict], events: Events) -> None:
+        """Count what `u` did, queue its fill.* and order.* events, log it."""
+        order, fills = u.order, u.fills
         if u.event == ARRIVED:
             self.stats["orders"] += 1
         self.stats["fills"] += len(fills)
         for f in fills:
-            FILLS.labels(f.liquidity.value).inc()
-        ORDERS.labels(order.status.value).inc()
+            _counter(FILLS, f.liquidity.value).inc()
+        _counter(ORDERS, order.status.value).inc()
         if order.status is OrderStatus.REJECTED:
             self.stats["rejects"] += 1
         # Fills before the order's new status: risk drops a working order on its
         # terminal event, so it over-counts exposure for a moment instead of under-counting.
-        events.extend((f"fill.{order.symbol}", f) for f in fills)
-        events.append((f"order.{order.symbol}", core.order_event(order, order.updated_ts)))
+        events.extend((f"fill.{order.symbol}", f, w) for f, w in zip(fills, wires))
+        events.append((f"order.{order.symbol}", core.order_event(order, order.updated_ts), None))
         if log.isEnabledFor(logging.INFO):  # the fields (avg_price divides) cost more than the line at WARNING
             log.info("order", extra={"step": u.event, "order_id": order.order_id,
                                      "client_order_id": order.client_order_id, "status": order.status.value,
                                      "filled_qty": order.filled_qty, "avg_price": order.avg_price,
                                      "fills": len(fills), "reason": order.reason})
-        return ack
 
     def _answer_cancel(self, u: Update, ack: Ack | None) -> None:
         waiter = self.cancel_waiters.pop(u.cancel_token, None)
@@ -267,6 +319,12 @@ class BrokerService:
         poller = zmq.Poller()
         poller.register(self.server.sock, zmq.POLLIN)
         poller.register(self.md.sock, zmq.POLLIN)
+        if threading.current_thread() is threading.main_thread():  # the broker process itself, not a test
+            # As in risk: what start-up built is frozen, and the cycle collector runs rarely
+            # (at Python's default, a young-generation pass every ~700 allocations).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_THRESHOLD, 20, 100)
         try:
             database.connect(reuse_if_open=True)
             self.checkpointer.start()
@@ -295,9 +353,11 @@ class BrokerService:
         # Everything waiting is applied first and committed once (group commit): a
         # burst costs one transaction, and nothing is published before it is durable.
         updates: list[Update] = []
-        for _ in range(DRAIN_MAX):
+        for i in range(DRAIN_MAX):
+            if i == 1 and not readable(self.md.sock):
+                break
             try:
-                _topic, msg = self.md.recv(zmq.NOBLOCK)
+                _topic, msg = self.md.recv(NOBLOCK)
             except zmq.Again:
                 break
             except DecodeError as exc:
@@ -312,9 +372,11 @@ class BrokerService:
         self._guarded(lambda: self._process(updates))
 
     def _drain_requests(self) -> None:
-        for _ in range(DRAIN_MAX):
+        for i in range(DRAIN_MAX):
+            if i == 1 and not readable(self.server.sock):
+                break
             try:
-                envelope, payload = self.server.recv(zmq.NOBLOCK)
+                envelope, payload = self.server.recv(NOBLOCK)
             except zmq.Again:
                 break
             if payload is None:
@@ -339,16 +401,22 @@ class BrokerService:
 
     def _reply(self, waiter: Waiter, msg: messages.Message) -> None:
         self.server.reply(waiter[0], messages.encode(msg))
-        ACK_SECONDS.observe(time.perf_counter() - waiter[1])
+        took = time.perf_counter() - waiter[1]
+        ACK_SECONDS.observe(took)
+        self.ack_us.record_ns(int(took * 1e9))
 
     def _publish(self, events: Events) -> None:
-        for topic, msg in events:
-            self.pub.publish(topic, msg)
+        pub = self.pub
+        for topic, msg, wire in events:
+            if wire is None:
+                pub.publish(topic, msg)
+            else:  # what publish() sends, from the wire map made for the ack
+                pub.send_raw(topic.encode(), msgpack.packb({**wire, "seq": pub.next_seq(topic)}, use_bin_type=True))
 
     def _beat(self) -> None:
         stats = {**self.stats, "open": len(self.open), "in_flight": self.model.pending,
                  "feed_lag_ms": self.model.latency.describe()["feed_lag_ms"],
-                 "equity": str(self.account.equity(self.model.marks()))}
+                 "equity": str(self.account.equity(self.model.marks())), **self.ack_us.stats("ack")}
         self.pub.publish("heartbeat.broker", self.heartbeat.make("ok", stats))
         self.liveness.touch()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -12,12 +13,16 @@ import peewee as pw
 
 from services.broker import core
 from services.broker.core import Account, Order
-from shared.db import EquitySnapshot, FillRow, OrderRow, database, insert_rows
+from shared.db import DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Fill
 
 log = logging.getLogger("qf.broker")
 CHECKPOINT_S = 0.5  # how often the checkpointer moves committed WAL frames into the database file
+# Past this size the checkpointer truncates the WAL (see Checkpointer), waiting at most
+# RESTART_WAIT_S for readers; writers wait behind it, so this is a rare, bounded stall.
+WAL_RESTART_BYTES = 64 << 20
+RESTART_WAIT_S = 0.1
 
 _UPDATE_COLS = ("status", "filled_qty", "avg_price", "reason", "updated_ts", "arrival_ts", "decision_mid",
                 "arrival_mid")
@@ -91,24 +96,53 @@ def _sqlite() -> sqlite3.Connection | None:
     return database.connection() if isinstance(database.obj, pw.SqliteDatabase) else None
 
 
-def _insert_sql(model: type, cols: tuple[str, ...]) -> str:
-    key = (model, cols)
-    sql = _RAW_SQL.get(key)
-    if sql is None:
-        meta = model._meta.fields
-        sql = _RAW_SQL[key] = (f'INSERT INTO "{model._meta.table_name}" ("'
-                               + '", "'.join(meta[c].column_name for c in cols)
-                               + '") VALUES (' + ", ".join("?" * len(cols)) + ")")
-    return sql
+def _dec(value: object) -> str | None:
+    """A money value as DecimalText stores it: its exact "f" text (any other value goes
+    through the column's own db_value, which refuses floats)."""
+    if type(value) is Decimal:
+        return format(value, "f")
+    return None if value is None else DecimalText().db_value(value)
 
 
-def _insert(cur: sqlite3.Cursor, model: type, row: dict) -> None:
+def _row_sql(model: type, cols: tuple[str, ...]) -> str:
     meta = model._meta.fields
-    cur.execute(_insert_sql(model, tuple(row)), [meta[c].db_value(v) for c, v in row.items()])
+    return (f'INSERT INTO "{model._meta.table_name}" ("' + '", "'.join(meta[c].column_name for c in cols)
+            + '") VALUES (' + ", ".join("?" * len(cols)) + ")")
 
 
-_RAW_SQL: dict = {}
+# The SQLite path binds tuples built straight from the objects (what order_fields/fill_fields
+# and the columns' db_value would give, value for value): building dicts and converting them
+# column by column cost more than the statements on the path the ack waits for.
+_ORDER_COLS = ("order_id", "client_order_id", "strategy", "symbol", "side", "kind", "tif", "qty", "price",
+               "status", "filled_qty", "avg_price", "reason", "created_ts", "updated_ts", "arrival_ts",
+               "decision_mid", "arrival_mid")
+_FILL_COLS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price", "qty", "fee", "fee_asset",
+              "liquidity", "exch_ts", "ts", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
+              "slippage_arrival", "queue_wait_ns")
+_EQUITY_COLS = ("ts", "equity", "cash", "note")
+_ORDER_INSERT = _row_sql(OrderRow, _ORDER_COLS)
+_FILL_INSERT = _row_sql(FillRow, _FILL_COLS)
+_EQUITY_INSERT = _row_sql(EquitySnapshot, _EQUITY_COLS)
 _RAW_UPDATE = ('UPDATE "orders" SET ' + ", ".join(f'"{c}" = ?' for c in _UPDATE_COLS) + ' WHERE "order_id" = ?')
+
+
+def _order_params(c: Change, avg: Decimal | None) -> tuple:
+    o = c.order
+    return (o.order_id, o.client_order_id, o.strategy, o.symbol, o.side.value, o.kind.value, o.tif.value,
+            _dec(o.qty), _dec(o.price), o.status.value, _dec(o.filled_qty), _dec(avg), o.reason, o.created_ts,
+            o.updated_ts, c.arrival_ts, _dec(c.decision_mid), _dec(c.arrival_mid))
+
+
+def _update_params(c: Change, avg: Decimal | None) -> tuple:
+    o = c.order
+    return (o.status.value, _dec(o.filled_qty), _dec(avg), o.reason, o.updated_ts, c.arrival_ts,
+            _dec(c.decision_mid), _dec(c.arrival_mid), o.order_id)
+
+
+def _fill_params(f: Fill, mid: Decimal | None) -> tuple:
+    return (f.fill_id, f.order_id, f.client_order_id, f.symbol, f.side.value, _dec(f.price), _dec(f.qty),
+            _dec(f.fee), f.fee_asset, f.liquidity.value, f.exch_ts, f.ts, _dec(mid), _dec(f.decision_mid),
+            _dec(f.arrival_mid), _dec(f.slippage_decision), _dec(f.slippage_arrival), f.queue_wait_ns)
 
 
 def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> Account:
@@ -136,30 +170,38 @@ def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal
 
 
 def _write(changes: Iterable[Change], acct: Account, marks: dict[str, Decimal], cur: sqlite3.Cursor | None) -> None:
+    if cur is not None:
+        return _write_sqlite(changes, acct, marks, cur)
     for c in changes:
         fields = order_fields(c)
-        if cur is None and c.new:
+        if c.new:
             insert_rows(OrderRow, [fields])
-        elif cur is None:
-            _update_order(fields)
-        elif c.new:
-            _insert(cur, OrderRow, fields)
         else:
-            meta = OrderRow._meta.fields
-            cur.execute(_RAW_UPDATE, [meta[k].db_value(fields[k]) for k in _UPDATE_COLS] + [fields["order_id"]])
+            _update_order(fields)
         if c.fills:
             mid = marks.get(c.order.symbol)
             rows = [fill_fields(f, mid) for f in c.fills]
             for f in c.fills:
                 acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
-            snap = dict(ts=c.order.updated_ts, equity=acct.equity(marks), cash=acct.cash, note=c.order.order_id)
-            if cur is None:
-                insert_rows(FillRow, rows)
-                insert_rows(EquitySnapshot, [snap])
-            else:
-                for row in rows:
-                    _insert(cur, FillRow, row)
-                _insert(cur, EquitySnapshot, snap)
+            insert_rows(FillRow, rows)
+            insert_rows(EquitySnapshot, [dict(ts=c.order.updated_ts, equity=acct.equity(marks), cash=acct.cash,
+                                              note=c.order.order_id)])
+
+
+def _write_sqlite(changes: Iterable[Change], acct: Account, marks: dict[str, Decimal], cur: sqlite3.Cursor) -> None:
+    execute = cur.execute
+    for c in changes:
+        avg = c.order.avg_price
+        if c.new:
+            execute(_ORDER_INSERT, _order_params(c, avg))
+        else:
+            execute(_RAW_UPDATE, _update_params(c, avg))
+        if c.fills:
+            mid = marks.get(c.order.symbol)
+            for f in c.fills:
+                execute(_FILL_INSERT, _fill_params(f, mid))
+                acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
+            execute(_EQUITY_INSERT, (c.order.updated_ts, _dec(acct.equity(marks)), _dec(acct.cash), c.order.order_id))
 
 
 def snapshot(ts: int, account: Account, marks: dict[str, Decimal], note: str = "periodic") -> None:
@@ -178,6 +220,47 @@ def exists(client_order_id: str) -> bool:
     cur = database.execute_sql(f'SELECT 1 FROM "orders" WHERE "client_order_id" = {param} LIMIT 1',
                                [client_order_id])
     return cur.fetchone() is not None
+
+
+class KnownIds:
+    """The client_order_ids stored in the orders table, as a Bloom filter: `maybe(coid)` is
+    False only for an id that is certainly not stored (no false negatives), so a new order
+    skips the indexed lookup `exists` and a repeat still finds its stored answer. Fed with
+    every stored id at start and every id the broker takes after (`add`); sized for 16 bits
+    an id (false positives, which cost only the lookup, stay rare until the history doubles)."""
+
+    def __init__(self, ids: Iterable[str] = (), count: int = 0) -> None:
+        size = 1 << 24
+        while size < count * 16:
+            size <<= 1
+        self.mask = size - 1
+        self.bits = bytearray(size >> 3)
+        for coid in ids:
+            self.add(coid)
+
+    def _slots(self, coid: str) -> tuple[int, int, int]:
+        h = hash(coid)
+        a, b = h & self.mask, ((h >> 32) | 1) & self.mask
+        return a, (a + b) & self.mask, (a + 2 * b) & self.mask
+
+    def add(self, coid: str) -> None:
+        bits = self.bits
+        for i in self._slots(coid):
+            bits[i >> 3] |= 1 << (i & 7)
+
+    def maybe(self, coid: str) -> bool:
+        bits = self.bits
+        for i in self._slots(coid):
+            if not bits[i >> 3] & (1 << (i & 7)):
+                return False
+        return True
+
+
+def known_ids() -> KnownIds:
+    """A KnownIds of every client_order_id stored now (needs the database bound)."""
+    count = OrderRow.select().count()
+    query = OrderRow.select(OrderRow.client_order_id).tuples().iterator()
+    return KnownIds((coid for (coid,) in query), count)
 
 
 def stored(client_order_id: str) -> tuple[Order, list[Fill]] | None:
@@ -213,13 +296,18 @@ class Checkpointer:
     """WAL checkpoints on a thread and connection of their own. SQLite's automatic
     checkpoint runs inside the commit that crosses its threshold and stalls it 4–12 ms;
     `start()` turns it off on the caller's connection and checkpoints every CHECKPOINT_S
-    (PASSIVE: never blocks the writer). A no-op for a non-SQLite database."""
+    (PASSIVE: never blocks the writer). A passive checkpoint never waits either, so under steady
+    commits with readers on the file the WAL may never be found fully copied when a writer
+    starts, and is then never reused: it grows without bound (100 MB after ~2,300 orders in
+    the risk benchmark). Past WAL_RESTART_BYTES a TRUNCATE checkpoint resets it, waiting at most
+    RESTART_WAIT_S (its busy timeout) for readers. A no-op for a non-SQLite database."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
+        self.restarts = 0  # TRUNCATE checkpoints that reset the WAL
 
     def start(self) -> None:
         """Call from the thread that commits, with the database open."""
@@ -230,13 +318,20 @@ class Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
-        con = sqlite3.connect(self.path, timeout=5, check_same_thread=False)
+        con = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, check_same_thread=False)
+        wal = self.path + "-wal"
         try:
             while not self._stop.wait(CHECKPOINT_S):
                 try:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.checkpoints += 1
-                except sqlite3.Error:
+                    if os.path.exists(wal) and os.path.getsize(wal) > WAL_RESTART_BYTES:
+                        busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                        if busy:
+                            log.warning("wal_truncate_busy", extra={"wal_bytes": os.path.getsize(wal)})
+                        else:
+                            self.restarts += 1
+                except (sqlite3.Error, OSError):
                     log.exception("checkpoint_failed")
         finally:
             con.close()

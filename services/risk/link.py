@@ -10,6 +10,8 @@ from typing import Callable
 
 import zmq
 
+from shared.bus import NOBLOCK, readable, recv_frames, send_frames
+
 log = logging.getLogger("qf.risk")
 
 Callback = Callable[[bytes | None], None]  # the broker's reply, or None: no answer (fail closed)
@@ -57,7 +59,7 @@ class BrokerLink:
         broker is not connected or the send queue is full."""
         reqid = next(self.ids).to_bytes(8, "big")
         try:
-            self.sock.send_multipart((reqid, b"", payload), zmq.NOBLOCK)
+            send_frames(self.sock, (reqid, b"", payload), NOBLOCK)
         except zmq.Again:
             self.stats["send_failed"] += 1
             return False
@@ -68,10 +70,13 @@ class BrokerLink:
     def receive(self) -> int:
         """Deliver every waiting reply to its callback; returns how many. A reply to a request
         that already timed out is dropped (its sender was told BROKER_UNAVAILABLE)."""
-        n = 0
+        n, reads = 0, 0
         while True:
+            if reads == 1 and not readable(self.sock):  # the usual one reply: no zmq.Again to pay for
+                return n
+            reads += 1
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.sock, NOBLOCK)
             except zmq.Again:
                 return n
             if len(frames) != 3 or frames[1] != b"":

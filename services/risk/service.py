@@ -18,7 +18,7 @@ from services.risk.link import BrokerLink
 from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter,
                                      MicrosHistogram)
 from shared import messages
-from shared.bus import Publisher, Server, Subscriber
+from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
 from shared.db import database, init_db
 from shared.enums import ControlAction
@@ -167,7 +167,8 @@ class RiskService:
             self.stats["books"] += 1
             self.engine.on_book(msg.symbol, msg.mid, now)
         elif isinstance(msg, Fill):
-            self.desk.apply_fills([msg.to_wire()], now)
+            if not self.engine.ledger.has_seen(msg.fill_id):  # the usual case: booked from the broker's answer
+                self.desk.apply_fills([msg.to_wire()], now)
         elif isinstance(msg, OrderEvent):
             self.engine.on_order(msg.client_order_id, msg.status, msg.filled_qty)
 
@@ -267,9 +268,11 @@ class RiskService:
             log.exception("loop_step_failed")
 
     def _drain(self, sub: Subscriber) -> None:
-        for _ in range(DRAIN_MAX):
+        for i in range(DRAIN_MAX):
+            if i == 1 and not readable(sub.sock):
+                return
             try:
-                _topic, msg = sub.recv(zmq.NOBLOCK)
+                _topic, msg = sub.recv(NOBLOCK)
             except zmq.Again:
                 return
             except DecodeError as exc:
@@ -285,9 +288,11 @@ class RiskService:
                 log.exception("event_failed")
 
     def _serve(self) -> None:
-        for _ in range(DRAIN_MAX):
+        for i in range(DRAIN_MAX):
+            if i == 1 and not readable(self.server.sock):
+                return
             try:
-                envelope, payload = self.server.recv(zmq.NOBLOCK)
+                envelope, payload = self.server.recv(NOBLOCK)
             except zmq.Again:
                 return
             started = time.perf_counter_ns()

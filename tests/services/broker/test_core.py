@@ -173,3 +173,27 @@ def test_state_machine_invariants(qty, steps):
         assert D(0) <= order.filled_qty <= order.qty
         assert (order.status is S.FILLED) == (order.filled_qty == order.qty)
         assert (order.status is S.PARTIALLY_FILLED) == (0 < order.filled_qty < order.qty and order.is_open)
+
+
+def test_copy_is_a_field_for_field_copy_and_avg_price_follows_later_fills():
+    import dataclasses
+    order = new_order("1")
+    order.fill(D("100"), D("0.4"), 20)
+    assert order.avg_price == D("100")
+    snap = order.copy()
+    assert snap == dataclasses.replace(order) and snap is not order
+    order.fill(D("101"), D("0.6"), 30)  # the original moves on; the copy and its average do not
+    assert (order.avg_price, snap.avg_price) == (D("100.6"), D("100"))
+    assert (snap.filled_qty, snap.status) == (D("0.4"), OrderStatus.PARTIALLY_FILLED)
+    order.notional = D("200")  # set directly (as a stored order is rebuilt): the average is computed afresh
+    assert order.avg_price == D("200")
+
+
+def test_order_ids_are_distinct_uuid4_hex():
+    import uuid
+
+    from services.broker.service import OrderIds
+    ids = OrderIds()
+    made = [ids.next() for _ in range(1000)]  # several refills of the random buffer
+    assert len(set(made)) == 1000
+    assert all(len(i) == 32 and uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in made)

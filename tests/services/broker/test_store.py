@@ -63,3 +63,79 @@ def test_a_failed_commit_writes_nothing_and_leaves_no_transaction_open(db):
     third = _order("c")  # the connection still commits
     store.commit([store.Change(third, True, [])], Account(D(1000)), {})
     assert store.exists("c")
+
+
+def test_the_raw_rows_are_the_rows_peewee_would_write(db):
+    order = _order("r")
+    order.fill(D("100.10"), D("0.25"), 30)
+    fill = _fill(order, 0)
+    change = store.Change(order, True, [fill], 31, D("100.05"), D("100.07"))
+    fields = store.order_fields(change)
+    meta = OrderRow._meta.fields
+    assert store._order_params(change, order.avg_price) == tuple(meta[c].db_value(fields[c])
+                                                                 for c in store._ORDER_COLS)
+    row = store.fill_fields(fill, D("100.06"))
+    meta = FillRow._meta.fields
+    assert store._fill_params(fill, D("100.06")) == tuple(meta[c].db_value(row[c]) for c in store._FILL_COLS)
+
+
+def test_known_ids_never_forget_a_stored_order(db):
+    for coid in ("a", "b"):
+        store.commit([store.Change(_order(coid), True, [])], Account(D(1000)), {})
+    known = store.known_ids()
+    assert known.maybe("a") and known.maybe("b")
+    ids = [f"coid-{i}" for i in range(20_000)]
+    for coid in ids[::2]:
+        known.add(coid)
+    assert all(known.maybe(coid) for coid in ids[::2])  # no false negatives
+    assert sum(known.maybe(coid) for coid in ids[1::2]) < 20  # and few false positives
+
+
+def test_the_wal_is_truncated_once_it_passes_its_limit(db, tmp_path, monkeypatch):
+    """A passive checkpoint never waits, so under steady commits with readers on the file the
+    WAL is never found fully copied when a writer starts, is never reused, and never shrinks.
+    Past WAL_RESTART_BYTES the checkpointer truncates it."""
+    import os
+    import sqlite3
+    import threading
+
+    from tests.conftest import wait_for
+
+    limit = 256 * 1024
+    monkeypatch.setattr(store, "CHECKPOINT_S", 0.01)
+    monkeypatch.setattr(store, "WAL_RESTART_BYTES", limit)
+    path = str(tmp_path / "store.db")
+    wal = path + "-wal"
+    cp = store.Checkpointer(path)
+    cp.start()
+    stop = threading.Event()
+
+    def reader() -> None:  # the API and risk read the same file while the broker writes
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            while not stop.is_set():
+                con.execute("SELECT count(*) FROM fills").fetchall()
+        finally:
+            con.close()
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    acct, biggest = Account(D(10**9)), 0
+    try:
+        for i in range(1500):
+            order = _order(f"o{i}")
+            order.status = OrderStatus.FILLED
+            acct = store.commit([store.Change(order, True, [_fill(order, 0)])], acct, {"BTCUSDT": D("100")})
+            if i % 50 == 0:
+                biggest = max(biggest, os.path.getsize(wal))
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+    try:
+        wait_for(lambda: os.path.getsize(wal) < limit, 20, "the WAL to be truncated")
+    finally:
+        cp.stop()
+    assert biggest > limit  # the path was taken: without it the WAL would have stayed this big
+    assert cp.restarts >= 1 and FillRow.select().count() == 1500
