@@ -324,7 +324,8 @@ class RiskConfig:
     adjust: bool = setting("QF_RISK_ADJUST", "true", _bool,
                            "cut an order over a position limit to what fits (ADJUSTED) instead of rejecting it")
     spin_us: int = setting("QF_RISK_SPIN_US", "0", _int(0, 100_000),
-                           "busy-poll this long after each message before sleeping (idle-core wake-ups)")
+                           "busy-poll (yielding to other threads) this long after each message before "
+                           "sleeping: the next order finds a warm core; costs a core's CPU while it lasts")
     control_timeout_ms: int = setting("QF_RISK_CONTROL_TIMEOUT_MS", "3000", _int(10, 60_000),
                                       "how long the API waits for risk's answer to a control request")
 
