@@ -205,15 +205,11 @@ static void side_remove(Side *s, int64_t key) {
 static const int64_t SCALE[9] = {100000000, 10000000, 1000000, 100000, 10000, 1000, 100, 10, 1};
 #define MAX_WHOLE (MAX_UNITS / UNITS)  /* whole parts above this cannot be below MAX_UNITS */
 
-/* Parse a decimal string as parse_units does: an optional '-', ASCII digits, optionally '.' and
- * 1..8 ASCII digits; no exponent, sign '+', space or '_'. Values whose magnitude reaches
- * MAX_UNITS are refused too (nothing real is that big, and they would not fit). Returns 0 and
- * sets *out, or -1 without setting an exception (the caller names the level). */
-static inline int parse_units(PyObject *o, int64_t *out) {
-    if (!PyUnicode_CheckExact(o) || !PyUnicode_IS_COMPACT_ASCII(o))
-        return -1;
-    const char *p = (const char *)PyUnicode_DATA(o);
-    const char *end = p + PyUnicode_GET_LENGTH(o);
+/* The decimal at [p, end): an optional '-', ASCII digits, optionally '.' and 1..8 ASCII digits,
+ * below MAX_UNITS in magnitude. Sets *out (in units of 1e-8) and returns where the decimal ends
+ * (the caller checks what follows: the string's end, or its closing quote), or NULL if there is
+ * no such decimal there. No exponent, '+', space or '_': exactly parse_units' grammar. */
+static inline const char *decimal(const char *p, const char *end, int64_t *out) {
     int neg = 0;
     if (p < end && *p == '-') {
         neg = 1;
@@ -227,23 +223,32 @@ static inline int parse_units(PyObject *o, int64_t *out) {
         p++;
     }
     if (p == start || whole > MAX_WHOLE)
-        return -1;
+        return NULL;
     uint64_t frac = 0;
-    if (p < end) {
-        if (*p != '.')
-            return -1;
+    if (p < end && *p == '.') {
         const char *fs = ++p;
-        while (p < end && (unsigned)(*p - '0') < 10 && p - fs < 8)
+        while (p < end && (unsigned)(*p - '0') < 10 && p - fs < 8)  /* a 9th digit is left over */
             frac = frac * 10 + (uint64_t)(*p++ - '0');
-        if (p != end || p == fs)
-            return -1;
+        if (p == fs)
+            return NULL;
         frac *= (uint64_t)SCALE[p - fs];
     }
     uint64_t v = whole * (uint64_t)UNITS + frac;
     if (v >= (uint64_t)MAX_UNITS)
-        return -1;
+        return NULL;
     *out = neg ? -(int64_t)v : (int64_t)v;
-    return 0;
+    return p;
+}
+
+/* Parse a decimal string as parse_units does (see decimal); values whose magnitude reaches
+ * MAX_UNITS are refused too (nothing real is that big, and they would not fit). Returns 0 and
+ * sets *out, or -1 without setting an exception (the caller names the level). */
+static inline int parse_units(PyObject *o, int64_t *out) {
+    if (!PyUnicode_CheckExact(o) || !PyUnicode_IS_COMPACT_ASCII(o))
+        return -1;
+    const char *p = (const char *)PyUnicode_DATA(o);
+    const char *end = p + PyUnicode_GET_LENGTH(o);
+    return decimal(p, end, out) == end ? 0 : -1;
 }
 
 /* ---- parsed depth levels ------------------------------------------------------------------- */
@@ -387,40 +392,12 @@ static inline int scan_int(Scan *sc, long long *out) {
  * has only '-', digits and '.', so no escape or other character can be part of it. */
 static inline int scan_units(Scan *sc, int64_t *out) {
     skip_ws(sc);
-    const char *p = sc->p, *end = sc->end;
-    if (p >= end || *p != '"')
+    if (sc->p >= sc->end || *sc->p != '"')
         return 0;
-    p++;
-    int neg = 0;
-    if (p < end && *p == '-') {
-        neg = 1;
-        p++;
-    }
-    const char *start = p;
-    uint64_t whole = 0;
-    while (p < end && (unsigned)(*p - '0') < 10) {
-        if (whole <= MAX_WHOLE)
-            whole = whole * 10 + (uint64_t)(*p - '0');
-        p++;
-    }
-    if (p == start || whole > MAX_WHOLE)
+    const char *q = decimal(sc->p + 1, sc->end, out);
+    if (q == NULL || q >= sc->end || *q != '"')
         return 0;
-    uint64_t frac = 0;
-    if (p < end && *p == '.') {
-        const char *fs = ++p;
-        while (p < end && (unsigned)(*p - '0') < 10 && p - fs < 8)
-            frac = frac * 10 + (uint64_t)(*p++ - '0');
-        if (p == fs)
-            return 0;
-        frac *= (uint64_t)SCALE[p - fs];
-    }
-    if (p >= end || *p != '"')
-        return 0;
-    uint64_t v = whole * (uint64_t)UNITS + frac;
-    if (v >= (uint64_t)MAX_UNITS)
-        return 0;
-    sc->p = p + 1;
-    *out = neg ? -(int64_t)v : (int64_t)v;
+    sc->p = q + 1;
     return 1;
 }
 
@@ -757,17 +734,25 @@ static PyObject *side_top(const Side *s, Py_ssize_t n, int is_bid) {
     return out;
 }
 
-static PyObject *Book_top(BookObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t n = 10;
+/* The optional level count of top(n=10) and metrics(n=10): 0, or -1 with an exception set. */
+static int optional_n(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_ssize_t *n) {
+    *n = 10;
     if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "top(n=10)");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
     }
     if (nargs == 1) {
-        n = PyNumber_AsSsize_t(args[0], NULL);  /* clamps huge values */
-        if (n == -1 && PyErr_Occurred())
-            return NULL;
+        *n = PyNumber_AsSsize_t(args[0], NULL);  /* clamps huge values */
+        if (*n == -1 && PyErr_Occurred())
+            return -1;
     }
+    return 0;
+}
+
+static PyObject *Book_top(BookObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t n;
+    if (optional_n(args, nargs, "top(n=10)", &n) < 0)
+        return NULL;
     PyObject *b = side_top(&self->bids, n, 1);
     if (b == NULL)
         return NULL;
@@ -851,16 +836,9 @@ static PyObject *float_levels(const Side *s, Py_ssize_t n, int is_bid, __int128 
 }
 
 static PyObject *Book_metrics(BookObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t n = 10;
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "metrics(n=10)");
+    Py_ssize_t n;
+    if (optional_n(args, nargs, "metrics(n=10)", &n) < 0)
         return NULL;
-    }
-    if (nargs == 1) {
-        n = PyNumber_AsSsize_t(args[0], NULL);
-        if (n == -1 && PyErr_Occurred())
-            return NULL;
-    }
     if (n < 1)
         return PyErr_Format(PyExc_ValueError, "metrics needs n >= 1, got %zd", n);
     if (self->bids.nb == 0 || self->asks.nb == 0)
