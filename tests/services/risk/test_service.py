@@ -387,3 +387,21 @@ def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, 
     assert c2.request(order("new", "0.001")).reason["code"] == "HALTED"
     control(c2, ControlAction.RESUME, "back")
     assert c2.request(order("new2", "0.002")).verdict is Verdict.APPROVED
+
+
+def test_a_busy_polling_risk_answers_like_a_sleeping_one(risk_env, runner, md, make_book, feed, clients, db_rows):
+    """QF_RISK_SPIN_US: risk polls (yielding the core) between messages instead of sleeping;
+    the answers, the bookkeeping and the stop at teardown are the same."""
+    cfg = load({**risk_env, "QF_RISK_SPIN_US": "100000"})
+    broker = runner.start(BrokerService(cfg))
+    risk = runner.start(RiskService(cfg))
+    feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in risk.engine.book_ns)
+    client = clients(cfg.bus.risk_rep)
+    for i in range(3):
+        decision = client.request(order(f"s{i}", "0.001"))
+        assert decision.verdict is Verdict.APPROVED and decision.order["status"] == "FILLED"
+    over = client.request(order("s9", "0.01"))
+    assert over.verdict is Verdict.REJECTED and over.reason["code"] == "MAX_POSITION"
+    settled(client)
+    assert risk.engine.ledger.qty("BTCUSDT") == D("0.003")
+    assert count(db_rows, cfg, "fills") == 3
