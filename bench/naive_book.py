@@ -4,7 +4,7 @@ from __future__ import annotations
 from heapq import nlargest, nsmallest
 from typing import Iterable, Sequence
 
-from services.marketdata.book import UNITS, BookMetrics, EmptyBookError, parse_units
+from services.marketdata.book import BookMetrics, EmptyBookError, parse_units
 
 
 class NaiveBook:

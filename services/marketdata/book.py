@@ -399,7 +399,7 @@ class PyOrderBook:
 
 
 try:
-    from services.marketdata._cbook import Levels, OrderBook, bind as _bind, parse_depth_frame
+    from services.marketdata._cbook import Levels, OrderBook, bind as _bind, parse_depth_frame  # noqa: F401 (the API)
 except ImportError as exc:  # pragma: no cover - a broken install, not a runtime condition
     raise ImportError(
         f"the C order book (services/marketdata/_cbook.c) is not built: {exc}. Install the project "

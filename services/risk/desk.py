@@ -15,7 +15,8 @@ from services.risk.checks import Reason
 from services.risk.core import Denial, RiskEngine
 from services.risk.link import BrokerLink
 from services.risk.store import Forwarded, Outbox
-from services.risk.telemetry import BAD_FRAMES, DECISIONS, FAILURES, LogLimiter, MicrosHistogram
+from services.risk.telemetry import BAD_FRAMES, DECISIONS, FAILURES, LogLimiter
+from shared.runtime import MicrosHistogram
 from shared import messages
 from shared.enums import OrderKind, OrderStatus, TimeInForce, Verdict
 from shared.errors import DecodeError

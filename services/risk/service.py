@@ -16,8 +16,7 @@ from services.risk.core import RiskEngine
 from services.risk.desk import Notify, OrderDesk
 from services.risk.flatten import FlattenJob
 from services.risk.link import BrokerLink
-from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter,
-                                     MicrosHistogram)
+from services.risk.telemetry import BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter
 from shared import messages
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
@@ -25,7 +24,7 @@ from shared.db import database, init_db
 from shared.enums import ControlAction
 from shared.errors import DecodeError
 from shared.messages import Book, Cancel, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest, RiskState
-from shared.runtime import HeartbeatMaker, Liveness, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
 log = logging.getLogger("qf.risk")
 

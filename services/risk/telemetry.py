@@ -6,7 +6,6 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.runtime import MicrosHistogram  # noqa: F401 - risk's latency figures use it from here
 
 DECISIONS = Counter("qf_risk_decisions_total", "Order decisions, by verdict and reason code", ["verdict", "code"])
 BAD_FRAMES = Counter("qf_risk_decode_errors_total", "Frames that were not valid messages", ["source"])

@@ -10,7 +10,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.risk.telemetry import MicrosHistogram
+from shared.runtime import MicrosHistogram
 from shared.bus import NOBLOCK, readable, recv_frames, send_frames
 
 
