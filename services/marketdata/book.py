@@ -14,7 +14,6 @@ UNITS = 10**8
 """Integer units per 1.0 of price or quantity (Binance's finest step is 1e-8)."""
 
 _SCALE = [10 ** (8 - i) for i in range(9)]  # units per 1 of the last digit, by decimals
-_ZERO8 = "0.00000000"  # how Binance spot writes a removed level's quantity
 # Sorted-region sizes per side (see OrderBook): refilled up to _REGION keys,
 # trimmed back to _REGION when it passes _REGION_MAX.
 _REGION = 64
@@ -53,7 +52,7 @@ def parse_units(s: str) -> int:
     """
     # Fast path for what Binance spot sends: ASCII digits with exactly 8 decimals.
     # replace(.., 1) drops only the first '.', so a second dot fails isdigit();
-    # isascii() is a flag read; OrderBook.apply_diff inlines the same test.
+    # isascii() is a flag read.
     if type(s) is str and len(s) > 9 and s[-9] == "." and s.isascii():
         d = s.replace(".", "", 1)
         if d.isdigit():
@@ -75,8 +74,8 @@ def units_to_str(u: int) -> str:
 
 
 def _level(lv, s) -> int:
-    """Slow path of apply_diff for string `s` of level `lv`: parse_units, with a ValueError
-    naming the level. (Price ranges are checked by the caller.)"""
+    """parse_units of string `s` of level `lv`, with a ValueError naming the level. (Ranges
+    are checked by the caller.)"""
     try:
         return _parse(s)
     except ValueError as e:
@@ -204,96 +203,35 @@ class PyOrderBook:
 
     def _apply(self, bids, asks) -> None:
         """apply_diff without the update id."""
-        # The hot path (~45 changes per event, up to ~1,100): per level, the fast
-        # path of parse_units inlined for the price and the quantity, a string
-        # compare for removals, then one or two dict operations. No parse cache:
-        # among the other traffic of a live feed its lookups miss the CPU caches
-        # and cost more than parsing (measured; see bench/marketdata.py). The two
-        # loops differ only in the key's sign.
         try:
-            d, keys, edge = self._bids, self._bid_keys, self._bid_edge
-            for lv in bids:
-                if type(lv) is not list and type(lv) is not tuple:
-                    raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
-                p, q = lv
-                if len(p) > 9 and p[-9] == "." and p.isascii():
-                    k = p.replace(".", "", 1)
-                    k = int(k) if k.isdigit() else _level(lv, p)
-                else:
-                    k = _level(lv, p)
-                if q == _ZERO8:
-                    if d.pop(k, None) is not None:
-                        if k >= edge:
-                            del keys[bisect_left(keys, k)]
-                    elif not 0 < k < _MAX_PRICE:  # an absent level is fine, a price of 0 is not
-                        raise ValueError(f"bad bid price in {lv!r}")
-                    continue
-                if len(q) > 9 and q[-9] == "." and q.isascii():
-                    qu = q.replace(".", "", 1)
-                    qu = int(qu) if qu.isdigit() else _level(lv, q)
-                else:
-                    qu = _level(lv, q)
-                if 0 < qu < _MAX_PRICE:
-                    if k not in d:
-                        if not 0 < k < _MAX_PRICE:
-                            raise ValueError(f"bad bid price in {lv!r}")
-                        if k >= edge:
-                            insort(keys, k)
-                    d[k] = qu
-                elif qu == 0:
-                    if d.pop(k, None) is not None:
-                        if k >= edge:
-                            del keys[bisect_left(keys, k)]
-                    elif not 0 < k < _MAX_PRICE:
-                        raise ValueError(f"bad bid price in {lv!r}")
-                else:
-                    raise ValueError(f"bid quantity out of range in {lv!r}")
-            if len(keys) > _REGION_MAX:
-                self._bid_edge = _trim(keys)
-            d, keys, edge = self._asks, self._ask_keys, self._ask_edge
-            for lv in asks:
-                if type(lv) is not list and type(lv) is not tuple:
-                    raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
-                p, q = lv
-                if len(p) > 9 and p[-9] == "." and p.isascii():
-                    k = p.replace(".", "", 1)
-                    k = -int(k) if k.isdigit() else -_level(lv, p)
-                else:
-                    k = -_level(lv, p)
-                if q == _ZERO8:
-                    if d.pop(k, None) is not None:
-                        if k >= edge:
-                            del keys[bisect_left(keys, k)]
-                    elif not 0 < -k < _MAX_PRICE:  # an absent level is fine, a price of 0 is not
-                        raise ValueError(f"bad ask price in {lv!r}")
-                    continue
-                if len(q) > 9 and q[-9] == "." and q.isascii():
-                    qu = q.replace(".", "", 1)
-                    qu = int(qu) if qu.isdigit() else _level(lv, q)
-                else:
-                    qu = _level(lv, q)
-                if 0 < qu < _MAX_PRICE:
-                    if k not in d:
-                        if not 0 < -k < _MAX_PRICE:
-                            raise ValueError(f"bad ask price in {lv!r}")
-                        if k >= edge:
-                            insort(keys, k)
-                    d[k] = qu
-                elif qu == 0:
-                    if d.pop(k, None) is not None:
-                        if k >= edge:
-                            del keys[bisect_left(keys, k)]
-                    elif not 0 < -k < _MAX_PRICE:
-                        raise ValueError(f"bad ask price in {lv!r}")
-                else:
-                    raise ValueError(f"ask quantity out of range in {lv!r}")
-            if len(keys) > _REGION_MAX:
-                self._ask_edge = _trim(keys)
+            self._bid_edge = self._apply_side(bids, self._bids, self._bid_keys, self._bid_edge, 1, "bid")
+            self._ask_edge = self._apply_side(asks, self._asks, self._ask_keys, self._ask_edge, -1, "ask")
         except ValueError as e:
             raise ValueError(f"{self.symbol}: {e}") from None
         except (TypeError, AttributeError, KeyError) as e:
             # Not strings where strings belong (an int, a list, a map...).
             raise ValueError(f"{self.symbol}: malformed depth levels: {e!r}") from None
+
+    @staticmethod
+    def _apply_side(levels, d: dict[int, int], keys: list[int], edge: int, sign: int, name: str) -> int:
+        """One side's changes (keys are sign * price); returns the side's new region edge."""
+        for lv in levels:
+            if type(lv) is not list and type(lv) is not tuple:
+                raise ValueError(f"level is not a [price, qty] pair: {lv!r}")
+            p, q = lv
+            pu, qu = _level(lv, p), _level(lv, q)
+            if not 0 < pu < _MAX_PRICE:  # an absent level may be removed, a price of 0 is never right
+                raise ValueError(f"bad {name} price in {lv!r}")
+            if not 0 <= qu < _MAX_PRICE:
+                raise ValueError(f"{name} quantity out of range in {lv!r}")
+            k = sign * pu
+            if qu:
+                if k not in d and k >= edge:
+                    insort(keys, k)
+                d[k] = qu
+            elif d.pop(k, None) is not None and k >= edge:
+                del keys[bisect_left(keys, k)]
+        return _trim(keys) if len(keys) > _REGION_MAX else edge
 
     def _bid_region(self, need: int) -> list[int]:
         keys = self._bid_keys

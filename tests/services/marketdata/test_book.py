@@ -295,7 +295,7 @@ def test_uncrossed_stream_gives_consistent_metrics(mid, snap, diffs, n):
     assert all(q > 0 for _, q in m.bids + m.asks)
 
 
-# -- apply_diff's inlined parser and level checks ----------------------------------------
+# -- apply_diff's parser and level checks (both books) ------------------------------------
 
 @pytest.mark.parametrize("bids, asks", [
     (["12"], []), ([{"100.00000000": 1, "1.00000000": 2}], []), ([["1.00000000"]], []),
@@ -325,7 +325,7 @@ any_str = st.one_of(eight, st.from_regex(VALID, fullmatch=True), st.text(max_siz
 @settings(max_examples=300, deadline=None)
 @given(p=any_str, q=any_str, side=st.sampled_from(["bids", "asks"]), book_type=st.sampled_from([OrderBook, PyOrderBook]))
 def test_apply_diff_parses_exactly_like_parse_units(p, q, side, book_type):
-    """Both books' hot loops (C, and Python's inlined fast path) accept and reject the strings
+    """Both books (C, and Python's through parse_units) accept and reject the strings
     parse_units does."""
     def units(s):
         try:
