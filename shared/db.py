@@ -216,3 +216,49 @@ class RiskCheckpoint(BaseModel):
 
 
 MODELS = (*MODELS, RiskCheckpoint)
+
+
+class JournalApplied(BaseModel):
+    """The newest broker journal record stored here (shared/journal.py): one row, id 1. A record
+    with a seq up to this one is never applied twice."""
+    id = pw.IntegerField(primary_key=True)
+    seq = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "journal_applied"
+
+
+MODELS = (*MODELS, JournalApplied)
+
+
+def _insert_sql(model: type[BaseModel], cols: tuple[str, ...], param: str) -> str:
+    meta = model._meta.fields
+    return (f'INSERT INTO "{model._meta.table_name}" ("' + '", "'.join(meta[c].column_name for c in cols)
+            + '") VALUES (' + ", ".join(param for _ in cols) + ")")
+
+
+# The broker's statements, as its journal records them: (kind, parameter tuple), the values
+# already as the columns store them (money as exact decimal text). Kinds are part of the
+# journal's format: append new ones, never renumber.
+ORDER_COLS = ("order_id", "client_order_id", "strategy", "symbol", "side", "kind", "tif", "qty", "price",
+              "status", "filled_qty", "avg_price", "reason", "created_ts", "updated_ts", "arrival_ts",
+              "decision_mid", "arrival_mid")
+ORDER_UPDATE_COLS = ("status", "filled_qty", "avg_price", "reason", "updated_ts", "arrival_ts", "decision_mid",
+                     "arrival_mid")  # then order_id
+FILL_COLS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price", "qty", "fee", "fee_asset",
+             "liquidity", "exch_ts", "ts", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
+             "slippage_arrival", "queue_wait_ns")
+EQUITY_COLS = ("ts", "equity", "cash", "note")
+ORDER_INSERT, ORDER_UPDATE, FILL_INSERT, EQUITY_INSERT = 0, 1, 2, 3
+
+
+def journal_sql(param: str = "?") -> dict[int, str]:
+    """The SQL of each journal statement kind, with `param` as the placeholder."""
+    return {ORDER_INSERT: _insert_sql(OrderRow, ORDER_COLS, param),
+            ORDER_UPDATE: ('UPDATE "orders" SET ' + ", ".join(f'"{c}" = {param}' for c in ORDER_UPDATE_COLS)
+                           + f' WHERE "order_id" = {param}'),
+            FILL_INSERT: _insert_sql(FillRow, FILL_COLS, param),
+            EQUITY_INSERT: _insert_sql(EquitySnapshot, EQUITY_COLS, param)}
+
+
+JOURNAL_SQL = journal_sql()

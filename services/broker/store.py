@@ -13,7 +13,8 @@ import peewee as pw
 
 from services.broker import core
 from services.broker.core import Account, Order
-from shared.db import DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows
+from shared.db import (EQUITY_INSERT, FILL_INSERT, JOURNAL_SQL, ORDER_INSERT, ORDER_UPDATE, DecimalText,
+                       EquitySnapshot, FillRow, OrderRow, database, insert_rows, journal_sql)
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Fill
 
@@ -24,9 +25,6 @@ CHECKPOINT_S = 0.5  # how often the checkpointer moves committed WAL frames into
 WAL_RESTART_BYTES = 64 << 20
 RESTART_WAIT_S = 0.1
 
-_UPDATE_COLS = ("status", "filled_qty", "avg_price", "reason", "updated_ts", "arrival_ts", "decision_mid",
-                "arrival_mid")
-_UPDATE_SQL: dict[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -38,23 +36,6 @@ class Change:
     arrival_ts: int | None = None
     decision_mid: Decimal | None = None
     arrival_mid: Decimal | None = None
-
-
-def order_fields(c: Change) -> dict:
-    o = c.order
-    return dict(order_id=o.order_id, client_order_id=o.client_order_id, strategy=o.strategy, symbol=o.symbol,
-                side=o.side.value, kind=o.kind.value, tif=o.tif.value, qty=o.qty, price=o.price,
-                status=o.status.value, filled_qty=o.filled_qty, avg_price=o.avg_price, reason=o.reason,
-                created_ts=o.created_ts, updated_ts=o.updated_ts, arrival_ts=c.arrival_ts,
-                decision_mid=c.decision_mid, arrival_mid=c.arrival_mid)
-
-
-def fill_fields(f: Fill, mid: Decimal | None) -> dict:
-    return dict(fill_id=f.fill_id, order_id=f.order_id, client_order_id=f.client_order_id, symbol=f.symbol,
-                side=f.side.value, price=f.price, qty=f.qty, fee=f.fee, fee_asset=f.fee_asset,
-                liquidity=f.liquidity.value, exch_ts=f.exch_ts, ts=f.ts, mid_at_fill=mid,
-                decision_mid=f.decision_mid, arrival_mid=f.arrival_mid, slippage_decision=f.slippage_decision,
-                slippage_arrival=f.slippage_arrival, queue_wait_ns=f.queue_wait_ns)
 
 
 def fill_from_row(row: FillRow) -> Fill:
@@ -77,19 +58,6 @@ def order_from_row(row: OrderRow, fills: list[FillRow]) -> Order:
     return order
 
 
-def _update_order(fields: dict) -> None:
-    # peewee's statement builder costs ~300 µs a call; the SQL is built once
-    key = type(database.obj).__name__
-    sql = _UPDATE_SQL.get(key)
-    if sql is None:
-        param = database.obj.param
-        sql = ('UPDATE "orders" SET ' + ", ".join(f'"{c}" = {param}' for c in _UPDATE_COLS)
-               + f' WHERE "order_id" = {param}')
-        _UPDATE_SQL[key] = sql
-    meta = OrderRow._meta.fields
-    database.execute_sql(sql, [meta[c].db_value(fields[c]) for c in _UPDATE_COLS] + [fields["order_id"]])
-
-
 def _sqlite() -> sqlite3.Connection | None:
     """This thread's sqlite3 connection (peewee opens it in autocommit mode, so BEGIN/COMMIT
     are ours to issue), or None for another database."""
@@ -104,28 +72,11 @@ def _dec(value: object) -> str | None:
     return None if value is None else DecimalText().db_value(value)
 
 
-def _row_sql(model: type, cols: tuple[str, ...]) -> str:
-    meta = model._meta.fields
-    return (f'INSERT INTO "{model._meta.table_name}" ("' + '", "'.join(meta[c].column_name for c in cols)
-            + '") VALUES (' + ", ".join("?" * len(cols)) + ")")
-
-
-# The SQLite path binds tuples built straight from the objects (what order_fields/fill_fields
+# The statements bind tuples built straight from the objects (what order_fields/fill_fields
 # and the columns' db_value would give, value for value): building dicts and converting them
-# column by column cost more than the statements on the path the ack waits for.
-_ORDER_COLS = ("order_id", "client_order_id", "strategy", "symbol", "side", "kind", "tif", "qty", "price",
-               "status", "filled_qty", "avg_price", "reason", "created_ts", "updated_ts", "arrival_ts",
-               "decision_mid", "arrival_mid")
-_FILL_COLS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price", "qty", "fee", "fee_asset",
-              "liquidity", "exch_ts", "ts", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
-              "slippage_arrival", "queue_wait_ns")
-_EQUITY_COLS = ("ts", "equity", "cash", "note")
-_ORDER_INSERT = _row_sql(OrderRow, _ORDER_COLS)
-_FILL_INSERT = _row_sql(FillRow, _FILL_COLS)
-_EQUITY_INSERT = _row_sql(EquitySnapshot, _EQUITY_COLS)
-_RAW_UPDATE = ('UPDATE "orders" SET ' + ", ".join(f'"{c}" = ?' for c in _UPDATE_COLS) + ' WHERE "order_id" = ?')
-
-
+# column by column cost more than the statements on the path the ack waits for. They are
+# journal statements (shared/db.py JOURNAL_SQL): written to the journal before the answer,
+# into SQLite after it.
 def _order_params(c: Change, avg: Decimal | None) -> tuple:
     o = c.order
     return (o.order_id, o.client_order_id, o.strategy, o.symbol, o.side.value, o.kind.value, o.tif.value,
@@ -145,63 +96,51 @@ def _fill_params(f: Fill, mid: Decimal | None) -> tuple:
             _dec(f.arrival_mid), _dec(f.slippage_decision), _dec(f.slippage_arrival), f.queue_wait_ns)
 
 
-def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> Account:
-    """Write `changes` in ONE transaction, with an equity snapshot after each order
-    that filled. Returns the account with the fills applied (the caller swaps it in
-    only now that the commit succeeded). Raises peewee or sqlite3 errors (nothing written)."""
+def statements(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> tuple[list, Account]:
+    """The journal statements that store `changes`, with an equity snapshot after each order
+    that filled, and the account with the fills applied (the caller swaps it in only once the
+    statements are durable)."""
     acct = Account(account.cash, dict(account.positions), dict(account.last_price))
+    out: list = []
+    for c in changes:
+        avg = c.order.avg_price
+        if c.new:
+            out.append((ORDER_INSERT, _order_params(c, avg)))
+        else:
+            out.append((ORDER_UPDATE, _update_params(c, avg)))
+        if c.fills:
+            mid = marks.get(c.order.symbol)
+            for f in c.fills:
+                out.append((FILL_INSERT, _fill_params(f, mid)))
+                acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
+            out.append((EQUITY_INSERT, (c.order.updated_ts, _dec(acct.equity(marks)), _dec(acct.cash),
+                                        c.order.order_id)))
+    return out, acct
+
+
+def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> Account:
+    """Write `changes` straight into the database in ONE transaction (no journal), with an
+    equity snapshot after each order that filled. Returns the account with the fills applied.
+    Raises peewee or sqlite3 errors (nothing written)."""
+    stmts, acct = statements(changes, account, marks)
     con = _sqlite()
     if con is None:
+        sql = journal_sql(database.obj.param)
         with database.atomic():
-            _write(changes, acct, marks, None)
+            for kind, params in stmts:
+                database.execute_sql(sql[kind], list(params))
         return acct
-    # SQLite: the statements on the raw cursor, BEGIN/COMMIT by hand; peewee's transaction
-    # and execute_sql wrappers cost ~40 µs a commit on the path the ack waits for
     cur = con.cursor()
     cur.execute("BEGIN")
     try:
-        _write(changes, acct, marks, cur)
+        for kind, params in stmts:
+            cur.execute(JOURNAL_SQL[kind], params)
         cur.execute("COMMIT")
     except BaseException:
         if con.in_transaction:
             con.execute("ROLLBACK")
         raise
     return acct
-
-
-def _write(changes: Iterable[Change], acct: Account, marks: dict[str, Decimal], cur: sqlite3.Cursor | None) -> None:
-    if cur is not None:
-        return _write_sqlite(changes, acct, marks, cur)
-    for c in changes:
-        fields = order_fields(c)
-        if c.new:
-            insert_rows(OrderRow, [fields])
-        else:
-            _update_order(fields)
-        if c.fills:
-            mid = marks.get(c.order.symbol)
-            rows = [fill_fields(f, mid) for f in c.fills]
-            for f in c.fills:
-                acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
-            insert_rows(FillRow, rows)
-            insert_rows(EquitySnapshot, [dict(ts=c.order.updated_ts, equity=acct.equity(marks), cash=acct.cash,
-                                              note=c.order.order_id)])
-
-
-def _write_sqlite(changes: Iterable[Change], acct: Account, marks: dict[str, Decimal], cur: sqlite3.Cursor) -> None:
-    execute = cur.execute
-    for c in changes:
-        avg = c.order.avg_price
-        if c.new:
-            execute(_ORDER_INSERT, _order_params(c, avg))
-        else:
-            execute(_RAW_UPDATE, _update_params(c, avg))
-        if c.fills:
-            mid = marks.get(c.order.symbol)
-            for f in c.fills:
-                execute(_FILL_INSERT, _fill_params(f, mid))
-                acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
-            execute(_EQUITY_INSERT, (c.order.updated_ts, _dec(acct.equity(marks)), _dec(acct.cash), c.order.order_id))
 
 
 def snapshot(ts: int, account: Account, marks: dict[str, Decimal], note: str = "periodic") -> None:

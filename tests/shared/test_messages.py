@@ -94,3 +94,20 @@ def test_random_maps_never_escape_as_other_errors(raw):
     except DecodeError:
         return
     assert isinstance(msg.qty, Decimal) and msg.qty.is_finite()
+
+
+_MONEY = st.one_of(st.none(), st.just(m.Decimal(0)), st.decimals(allow_nan=False, allow_infinity=False, places=8,
+                                                                  min_value=-10**6, max_value=10**6))
+
+
+@given(price=st.decimals(allow_nan=False, allow_infinity=False, places=8, min_value="0.00000001", max_value=10**6),
+       quality=st.tuples(_MONEY, _MONEY, _MONEY, _MONEY), wait=st.sampled_from([0, 1, 10**9]),
+       seq=st.one_of(st.none(), st.integers(0, 2**40)))
+def test_the_direct_fill_map_is_the_generic_one_without_unset_quality(price, quality, wait, seq):
+    fill = m.Fill(ts=1, fill_id="f-1", order_id="o-1", client_order_id="c-1", symbol="BTCUSDT", side=m.Side.SELL,
+                  price=price, qty=m.Decimal("0.5"), fee=price * m.Decimal("0.0005"), fee_asset="USDT",
+                  liquidity=m.Liquidity.MAKER, exch_ts=2, decision_mid=quality[0], arrival_mid=quality[1],
+                  slippage_decision=quality[2], slippage_arrival=quality[3], queue_wait_ns=wait)
+    generic = m.Message.to_wire(fill, seq)
+    expected = {k: v for k, v in generic.items() if k not in m.Fill._QUALITY or not (v is None or v == 0)}
+    assert fill.to_wire(seq) == expected and list(fill.to_wire(seq)) == list(expected)

@@ -18,6 +18,8 @@ from services.broker.replay import market_events
 from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.config import load
+from shared.db import close_db, init_db
+from shared.journal import journal_path, recover
 from shared.enums import OrderKind, Side, TimeInForce
 from shared.messages import Ack, Book, Cancel, Fill, Heartbeat, OrderRequest
 from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, tcp_env, wait_for
@@ -135,7 +137,14 @@ class OrderFlow(threading.Thread):
 
 
 def check_database(path: str, told: dict[str, dict]) -> int:
-    """integrity_check ok; every told fill stored once, unchanged; orders and cash balance. Returns fills stored."""
+    """With no broker running: integrity_check ok; every told fill stored once, unchanged; orders and
+    cash balance. Returns fills stored. What the broker made durable but had not stored yet is in its
+    journal: it is stored first, as by any process that opens the journal (risk rebuilding, the next broker)."""
+    init_db(path, create=False)
+    try:
+        assert recover(journal_path(path, ""), wait_s=0)["journal"] == "recovered"  # no broker holds it
+    finally:
+        close_db()
     con = sqlite3.connect(path, timeout=5)
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

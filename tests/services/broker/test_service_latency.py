@@ -1,6 +1,7 @@
 """BrokerService with simulated latency on an injected clock: deferred replies, cancels, trades, storage."""
 from __future__ import annotations
 
+import os
 import sqlite3
 from decimal import Decimal as D
 
@@ -11,6 +12,7 @@ from services.broker.service import BrokerService
 from shared import messages
 from shared.bus import Subscriber
 from shared.config import load
+from shared.errors import ConfigError
 from shared.enums import OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Ack, Cancel, Fill, Heartbeat, OrderRequest, Trade
 
@@ -197,28 +199,53 @@ def test_equity_is_snapshot_periodically(env, runner, wait_until, db_rows):
     assert {r for r in db_rows(cfg.common.db, "SELECT equity, cash FROM equity")} == {("10000", "10000")}
 
 
-def test_a_failed_commit_tells_nobody_and_the_broker_goes_on(cfg, runner, md_pub, make_book, feed, clients,
-                                                             db_rows):
+def test_a_failed_journal_write_tells_nobody_and_the_broker_goes_on(cfg, runner, md_pub, make_book, feed, clients,
+                                                                    db_rows):
+    svc = runner.start(BrokerService(cfg))
+    feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
+    journal_fd = svc.journal.fd
+    svc.journal.fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full: every write fails with ENOSPC
+    c = clients(cfg.bus.broker_rep)
+    with pytest.raises(AssertionError, match="no reply"):
+        c.request(order("boom", "0.3"), timeout=1.0)
+    assert svc.stats["commit_failures"] == 1
+    c.close()
+    os.close(svc.journal.fd)
+    svc.journal.fd = journal_fd  # space again
+    ok = clients(cfg.bus.broker_rep).request(order("fine", "0.3"))
+    # the model was rebuilt from the database; the books, with what "boom" took, were kept (conservative)
+    assert [(f["price"], f["qty"]) for f in ok.fills] == [("100.5", "0.1"), ("101", "0.2")]
+    assert db_rows(cfg.common.db, "SELECT client_order_id FROM orders") == [("fine",)]
+    retry = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
+    assert retry.status is OrderStatus.FILLED
+    assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM fills WHERE client_order_id = 'boom'")[0][0] >= 1
+
+
+def test_a_database_refusing_rows_loses_nothing_told(cfg, runner, md_pub, make_book, feed, clients, db_rows,
+                                                     wait_until):
     svc = runner.start(BrokerService(cfg))
     feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
     con = sqlite3.connect(cfg.common.db)
     con.execute("CREATE TRIGGER refuse BEFORE INSERT ON fills WHEN NEW.client_order_id = 'boom' "
                 "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
     con.commit()
-    c = clients(cfg.bus.broker_rep)
-    with pytest.raises(AssertionError, match="no reply"):
-        c.request(order("boom", "0.3"), timeout=1.0)
-    assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM orders") == [(0,)] and svc.stats["commit_failures"] == 1
-    c.close()
-    ok = clients(cfg.bus.broker_rep).request(order("fine", "0.3"))
-    # the model was rebuilt from the database; the books, with what "boom" took, were kept (conservative)
-    assert [(f["price"], f["qty"]) for f in ok.fills] == [("100.5", "0.1"), ("101", "0.2")]
+    boom = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))  # durable in the journal: answered
+    assert boom.status is OrderStatus.FILLED
+    wait_until(lambda: svc.stats["store_failures"] >= 1, "the refused store")
+    after = clients(cfg.bus.broker_rep).request(order("after", "0.3"))  # the broker goes on
+    assert after.status is OrderStatus.FILLED
+    plain = sqlite3.connect(cfg.common.db)
+    assert plain.execute("SELECT COUNT(*) FROM fills").fetchone() == (0,)  # nothing half-stored
+    plain.close()
+    assert len(svc.journal.pending) >= 2
     con.execute("DROP TRIGGER refuse")
     con.commit()
     con.close()
-    retry = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
-    assert retry.status is OrderStatus.FILLED
-    assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM fills WHERE client_order_id = 'boom'")[0][0] >= 1
+    # the next try (STORE_RETRY_S later) stores both, in order, once
+    rows = db_rows(cfg.common.db, "SELECT client_order_id, price, qty FROM fills ORDER BY ts, fill_id")
+    assert rows == [("boom", "100.5", "0.3"), ("after", "100.5", "0.1"), ("after", "101", "0.2")]
+    assert db_rows(cfg.common.db, "SELECT client_order_id, status FROM orders ORDER BY created_ts") == [
+        ("boom", "FILLED"), ("after", "FILLED")]
 
 
 def test_an_older_database_gets_the_new_columns(env, runner, wait_until, db_rows):
@@ -234,3 +261,9 @@ def test_an_older_database_gets_the_new_columns(env, runner, wait_until, db_rows
     assert svc.account.positions == {"BTCUSDT": D("1")}
     cols = {r[1] for r in db_rows(path, "PRAGMA table_info(fills)")}
     assert {"decision_mid", "arrival_mid", "slippage_decision", "slippage_arrival", "queue_wait_ns"} <= cols
+
+
+def test_a_second_broker_on_the_same_database_is_refused(cfg, runner):
+    runner.start(BrokerService(cfg))
+    with pytest.raises(ConfigError, match="one broker per database"):
+        BrokerService(cfg)

@@ -7,7 +7,7 @@ import pytest
 
 from services.broker import store
 from services.broker.core import Account, Order
-from shared.db import EquitySnapshot, FillRow, OrderRow, close_db, database, init_db
+from shared.db import FILL_COLS, ORDER_COLS, EquitySnapshot, FillRow, OrderRow, close_db, database, init_db
 from shared.enums import Liquidity, OrderKind, OrderStatus, Side
 from shared.messages import Fill, OrderRequest
 
@@ -70,13 +70,23 @@ def test_the_raw_rows_are_the_rows_peewee_would_write(db):
     order.fill(D("100.10"), D("0.25"), 30)
     fill = _fill(order, 0)
     change = store.Change(order, True, [fill], 31, D("100.05"), D("100.07"))
-    fields = store.order_fields(change)
+    o = order  # the reference: each column's value through peewee's own db_value
+    fields = dict(order_id=o.order_id, client_order_id=o.client_order_id, strategy=o.strategy, symbol=o.symbol,
+                  side=o.side.value, kind=o.kind.value, tif=o.tif.value, qty=o.qty, price=o.price,
+                  status=o.status.value, filled_qty=o.filled_qty, avg_price=o.avg_price, reason=o.reason,
+                  created_ts=o.created_ts, updated_ts=o.updated_ts, arrival_ts=31, decision_mid=D("100.05"),
+                  arrival_mid=D("100.07"))
     meta = OrderRow._meta.fields
-    assert store._order_params(change, order.avg_price) == tuple(meta[c].db_value(fields[c])
-                                                                 for c in store._ORDER_COLS)
-    row = store.fill_fields(fill, D("100.06"))
+    assert store._order_params(change, order.avg_price) == tuple(meta[c].db_value(fields[c]) for c in ORDER_COLS)
+    f = fill
+    row = dict(fill_id=f.fill_id, order_id=f.order_id, client_order_id=f.client_order_id, symbol=f.symbol,
+               side=f.side.value, price=f.price, qty=f.qty, fee=f.fee, fee_asset=f.fee_asset,
+               liquidity=f.liquidity.value, exch_ts=f.exch_ts, ts=f.ts, mid_at_fill=D("100.06"),
+               decision_mid=f.decision_mid, arrival_mid=f.arrival_mid, slippage_decision=f.slippage_decision,
+               slippage_arrival=f.slippage_arrival, queue_wait_ns=f.queue_wait_ns)
     meta = FillRow._meta.fields
-    assert store._fill_params(fill, D("100.06")) == tuple(meta[c].db_value(row[c]) for c in store._FILL_COLS)
+    assert store._fill_params(fill, D("100.06")) == tuple(meta[c].db_value(row[c]) for c in FILL_COLS)
+    assert set(fields) == set(ORDER_COLS) and set(row) == set(FILL_COLS)
 
 
 def test_known_ids_never_forget_a_stored_order(db):

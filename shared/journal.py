@@ -1,0 +1,219 @@
+"""The broker's journal: order changes made durable by one write() before anyone is told, written into SQLite after.
+
+Why: a SQLite transaction for one filled order touches ten B-trees and appends ten pages to the
+WAL (~140 µs on the broker's path, ~270 µs at p99, after the core slept between orders); one
+append to a file costs a few µs. Both survive a kill -9 (SQLite's WAL at synchronous=NORMAL does
+not fsync either: the kernel holds the data), neither survives power loss.
+
+A record is `<length u32><crc32 u32><seq u64>` and a msgpack body: a list of `[kind, params]`
+statements (kinds in `shared.db.JOURNAL_SQL`), applied in order in one transaction that also
+stores the record's `seq` (table `journal_applied`), so a record is applied exactly once even if
+the process dies between that commit and the file's reset. Whoever holds the file's lock (flock)
+owns it: the broker while it runs; after a crash, the next process that opens the journal
+applies what is left (the broker at start, or risk rebuilding its state first).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import zlib
+from typing import Iterable
+
+import msgpack
+
+log = logging.getLogger("qf.journal")
+
+HEADER = struct.Struct("<IIQ")  # body length, crc32 of the body, seq
+
+
+class JournalError(Exception):
+    """The journal cannot be read back: a damaged record with good ones after it."""
+
+
+class JournalBusy(Exception):
+    """Another process (a running broker) holds the journal."""
+
+
+def journal_path(db: str, run_dir: str) -> str:
+    """Where the journal of database `db` lives: beside a SQLite file (same volume), else in `run_dir`."""
+    if "://" in db:
+        return os.path.join(run_dir, "broker.journal")
+    return db + ".broker-journal"
+
+
+def read(path: str) -> tuple[list[tuple[int, list]], int]:
+    """Every whole record of the file at `path` as (seq, statements), and the byte length they
+    take. A torn last record (a write cut short by a crash, never acknowledged) is left out;
+    a damaged record followed by more data raises JournalError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return [], 0
+    out, pos = [], 0
+    while pos < len(data):
+        if pos + HEADER.size > len(data):
+            break  # torn header
+        length, crc, seq = HEADER.unpack_from(data, pos)
+        end = pos + HEADER.size + length
+        body = data[pos + HEADER.size:end]
+        if end > len(data):
+            break  # torn: the write was cut short (a length field gone bad lands here too)
+        if zlib.crc32(body) != crc:
+            if end == len(data):
+                break  # the last record, damaged before its write finished: never acknowledged
+            raise JournalError(f"{path}: damaged record at byte {pos} (seq {seq}) with {len(data) - end} "
+                               "bytes after it")
+        out.append((seq, msgpack.unpackb(body, raw=False, use_list=True)))
+        pos = end
+    if pos < len(data):
+        log.warning("journal_torn_tail", extra={"path": path, "bytes": len(data) - pos})
+    return out, pos
+
+
+class Journal:
+    """The open journal, locked for this process: `append` makes a record durable, `pending`
+    holds what is not yet in SQLite, `applied(seq)` forgets up to `seq` and empties the file
+    once nothing is pending. `Journal(path)` raises JournalBusy when another process holds it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise JournalBusy(f"{path} is held by another process (a running broker)") from None
+        records, size = read(path)
+        if size < os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, size)  # the torn tail goes: appends must follow whole records
+        self.size = size
+        self.pending: list[tuple[int, list]] = records
+        self.seq = records[-1][0] if records else 0
+        self.appended = 0
+
+    def append(self, statements: list) -> int:
+        """Write one record of `statements`; returns its seq once the kernel holds it. Raises
+        OSError (the file is cut back to its previous length: no partial record stays)."""
+        seq = self.seq + 1
+        body = msgpack.packb(statements, use_bin_type=True)
+        record = HEADER.pack(len(body), zlib.crc32(body), seq) + body
+        try:
+            written = os.write(self.fd, record)
+            if written != len(record):
+                raise OSError(f"short write to {self.path}: {written} of {len(record)} bytes")
+        except BaseException:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                log.exception("journal_truncate_failed")
+            raise
+        self.size += len(record)
+        self.seq = seq
+        self.pending.append((seq, statements))
+        self.appended += 1
+        return seq
+
+    def skip_applied(self, applied_seq: int) -> None:
+        """Drop pending records with seq ≤ `applied_seq` (stored by an earlier process that died
+        before emptying the file); a seq counter behind the database's catches up."""
+        self.pending = [r for r in self.pending if r[0] > applied_seq]
+        self.seq = max(self.seq, applied_seq)
+        if not self.pending:
+            self._reset()
+
+    def applied(self, seq: int) -> None:
+        """Records up to `seq` are in SQLite: forget them, and empty the file when none is left."""
+        self.pending = [r for r in self.pending if r[0] > seq]
+        if not self.pending:
+            self._reset()
+
+    def _reset(self) -> None:
+        if self.size:
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+
+def statements_of(records: Iterable[tuple[int, list]]) -> list:
+    """All statements of `records`, in order."""
+    return [s for _, body in records for s in body]
+
+
+def applied_seq() -> int:
+    """The newest record seq stored in the bound database (0: none)."""
+    from shared.db import JournalApplied
+    row = JournalApplied.get_or_none(JournalApplied.id == 1)
+    return row.seq if row is not None else 0
+
+
+def store(records: list[tuple[int, list]]) -> int:
+    """Apply `records` to the bound database in ONE transaction, with the newest seq; returns
+    that seq (0 for none). Raises peewee or sqlite3 errors (nothing stored)."""
+    import sqlite3
+
+    import peewee as pw
+
+    from shared.db import JOURNAL_SQL, database, journal_sql
+    if not records:
+        return 0
+    seq = records[-1][0]
+    mark = ('INSERT INTO "journal_applied" ("id", "seq") VALUES (1, {p}) '
+            'ON CONFLICT ("id") DO UPDATE SET "seq" = excluded."seq"')
+    if isinstance(database.obj, pw.SqliteDatabase):
+        # the raw cursor, BEGIN/COMMIT by hand: peewee's wrappers cost more than the statements
+        con: sqlite3.Connection = database.connection()
+        cur = con.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for _, body in records:
+                for kind, params in body:
+                    cur.execute(JOURNAL_SQL[kind], params)
+            cur.execute(mark.format(p="?"), (seq,))
+            cur.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return seq
+    param = database.obj.param
+    sql = journal_sql(param)
+    with database.atomic():
+        for _, body in records:
+            for kind, params in body:
+                database.execute_sql(sql[kind], list(params))
+        database.execute_sql(mark.format(p=param), [seq])
+    return seq
+
+
+def recover(path: str, wait_s: float = 1.0) -> dict:
+    """Make the database current with the journal at `path` before reading it: when no process
+    holds the journal (its broker died), store what it left and empty it; when the broker runs,
+    wait up to `wait_s` for it to store what it holds (it does within milliseconds). Needs the
+    database bound. Returns what was done, for the caller's log line."""
+    import time
+    try:
+        journal = Journal(path)
+    except JournalBusy:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                return {"journal": "held", "journal_waiting": 0}
+            time.sleep(0.005)
+        return {"journal": "held", "journal_waiting": os.path.getsize(path)}
+    try:
+        journal.skip_applied(applied_seq())
+        left = len(journal.pending)
+        if left:
+            journal.applied(store(journal.pending))
+        return {"journal": "recovered", "journal_records": left}
+    finally:
+        journal.close()
