@@ -35,6 +35,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: f
         time.sleep(step)  # polling interval of a bounded wait, not synchronisation
 
 
+def journal_stored(db: str, timeout: float = 5.0) -> None:
+    """Wait until the broker has stored what its journal holds (it does within milliseconds of
+    its answers): only then does another process reading the database `db` see every fill told."""
+    from shared.journal import journal_path
+    path = journal_path(db, "")
+    wait_for(lambda: not os.path.exists(path) or os.path.getsize(path) == 0, timeout,
+             f"the broker to store its journal {path}", step=0.002)
+
+
 def tcp_env(tmp_path, **extra: str) -> dict[str, str]:
     """QF_ settings for a stack on free loopback ports with its own database."""
     env = {

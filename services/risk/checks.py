@@ -130,8 +130,9 @@ def check_position(position: Decimal, working_same_side: Decimal, side: Side, qt
     still fill, plus this order. MAX_POSITION (base) or MAX_NOTIONAL (× `ref_price`) when
     that exceeds a limit, unless the order moves the worst case toward flat without
     crossing it (so an order that shrinks an over-limit position still passes)."""
-    before = position + side.sign * working_same_side
-    after = before + side.sign * qty
+    sign = side.sign
+    before = position + sign * working_same_side
+    after = before + sign * qty
     if abs(after) < abs(before) and after * before >= 0:
         return None
     if abs(after) > rules.max_position:

@@ -52,7 +52,9 @@ class FlattenJob:
         for order in orders:
             self.service.desk.submit_order(order, None, self.now, self._decided, time.perf_counter_ns())
 
-    def _decided(self, decision: Decision, _payload: bytes | None, _spent_ns: int, _since_ns: int) -> None:
+    def _decided(self, payload: bytes, _spent_ns: int, _since_ns: int) -> None:
+        decision = messages.decode(payload, messages.REQUESTS)
+        assert isinstance(decision, Decision)  # the desk encodes nothing else
         self.results.append({"client_order_id": decision.client_order_id, "action": "CLOSE",
                              "verdict": decision.verdict.value, "qty": f"{decision.qty:f}",
                              "reason": (decision.reason or {}).get("code", ""),

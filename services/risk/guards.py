@@ -14,16 +14,17 @@ class TokenBucket:
     """`capacity` tokens, refilled evenly over `period_ns`; starts full. Integer
     arithmetic (one token = `period_ns` units), so it is exact and deterministic."""
 
-    __slots__ = ("capacity", "period", "level", "t")
+    __slots__ = ("capacity", "period", "full", "level", "t")
 
     def __init__(self, capacity: int, period_ns: int, now_ns: int) -> None:
         self.capacity, self.period = capacity, period_ns
-        self.level = capacity * period_ns
+        self.level = self.full = capacity * period_ns
         self.t = now_ns
 
     def _refill(self, now_ns: int) -> None:
         if now_ns > self.t:  # a clock that steps back refills nothing
-            self.level = min(self.capacity * self.period, self.level + (now_ns - self.t) * self.capacity)
+            level = self.level + (now_ns - self.t) * self.capacity
+            self.level = level if level < self.full else self.full
             self.t = now_ns
 
     def available(self, now_ns: int) -> bool:
@@ -50,11 +51,23 @@ class RateLimiter:
         return pair is None or (pair[0].available(now_ns) and pair[1].available(now_ns))
 
     def acquire(self, strategy: str, now_ns: int) -> bool:
-        """Take a token of both buckets of `strategy` when both have one; returns whether it did."""
+        """Take a token of both buckets of `strategy` when both have one; returns whether it did.
+        The same as `allows` then `take`, refilled and taken here in one call: it is on every
+        approved order's path, where each call costs."""
         pair = self.buckets.get(strategy)
-        if pair is not None and not (pair[0].available(now_ns) and pair[1].available(now_ns)):
+        if pair is None:
+            self.take(strategy, now_ns)
+            return True
+        sec, mnt = pair
+        sec._refill(now_ns)
+        if sec.level < sec.period:
             return False
-        self.take(strategy, now_ns)
+        mnt._refill(now_ns)
+        if mnt.level < mnt.period:
+            return False
+        sec.level -= sec.period
+        mnt.level -= mnt.period
+        self.buckets.move_to_end(strategy)
         return True
 
     def take(self, strategy: str, now_ns: int) -> None:

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from typing import Callable
 
 import zmq
@@ -13,11 +14,11 @@ import zmq
 from services.risk import limits as risk_limits
 from services.risk import store
 from services.risk.core import RiskEngine
-from services.risk.desk import Notify, OrderDesk
+from services.risk.desk import OrderDesk
 from services.risk.flatten import FlattenJob
 from services.risk.link import BrokerLink
 from services.risk.telemetry import BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter
-from shared import messages
+from shared import journal, messages
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
 from shared.db import database, init_db
@@ -67,7 +68,10 @@ class RiskService:
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx)
         init_db(cfg.common.db)
         try:
-            found = store.rebuild(self.engine, forwarded, self.clock())
+            # What the broker made durable but has not stored yet is in its journal: stored first
+            # (its broker died) or waited for (it runs), so the rebuild reads everything it told.
+            stored = journal.recover(journal.journal_path(cfg.common.db, cfg.common.run_dir))
+            found = {**store.rebuild(self.engine, forwarded, self.clock()), **stored}
             store.prune_checkpoints()
             self.outbox.flush(self.engine, self.clock())  # a new day or peak seen at start is kept
         finally:
@@ -93,18 +97,19 @@ class RiskService:
         except DecodeError as exc:
             return self._bad_request(now, exc.reason, exc.detail)
         decoded = time.perf_counter_ns()
-        later = (lambda raw: self.server.reply(envelope, raw))  # after broker hops: not timed
-        if isinstance(req, (OrderRequest, Cancel)) and not 0 < len(req.client_order_id) <= MAX_ID:
+        kind = type(req)
+        if (kind is OrderRequest or kind is Cancel) and not 0 < len(req.client_order_id) <= MAX_ID:
             return self._bad_request(now, "bad_field", f"client_order_id: 1 to {MAX_ID} characters")
-        if isinstance(req, OrderRequest):
+        if kind is OrderRequest:
             if len(req.strategy) > MAX_ID:
                 return self._bad_request(now, "bad_field", f"strategy: at most {MAX_ID} characters")
-            self.desk.submit_order(req, payload, now, self._replier(envelope, received_ns, decoded), decoded)
+            self.desk.submit_order(req, payload, now, partial(self._answer, envelope, received_ns, decoded), decoded)
             return None
-        if isinstance(req, Cancel):
+        later = (lambda raw: self.server.reply(envelope, raw))  # after broker hops: not timed
+        if kind is Cancel:
             self.desk.submit_cancel(req.client_order_id, now, later)
             return None
-        if isinstance(req, Control):
+        if kind is Control:
             reply = self.control(req, now, later)
             if reply is not None:
                 self._reply(envelope, reply, received_ns, decoded, 0, decoded)
@@ -117,9 +122,11 @@ class RiskService:
         self.quiet.log_event(logging.WARNING, "bad_request", code, {"code": code, "detail": detail[:200]})
         return messages.encode(Error(ts=now, code=code, text=detail[:500]))
 
-    def _replier(self, envelope: list[bytes], received_ns: int, decoded_ns: int) -> Notify:
-        return lambda decision, payload, spent_ns, since_ns: self._reply(
-            envelope, payload or messages.encode(decision), received_ns, decoded_ns, spent_ns, since_ns)
+    def _answer(self, envelope: list[bytes], received_ns: int, decoded_ns: int, payload: bytes, spent_ns: int,
+                since_ns: int) -> None:
+        """An order's answer (the desk's Notify, its first three arguments bound with partial: a
+        cheaper object to make on every order than a closure)."""
+        self._reply(envelope, payload, received_ns, decoded_ns, spent_ns, since_ns)
 
     def _reply(self, envelope: list[bytes], reply: bytes, received_ns: int, decoded_ns: int, spent_ns: int,
                since_ns: int) -> None:

@@ -3,7 +3,6 @@
 Each service folder's conftest.py defines `env` (its QF_ settings); `cfg` builds on it."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import uuid
@@ -15,9 +14,8 @@ import zmq
 from shared import messages
 from shared.bus import Publisher
 from shared.config import Config, load
-from shared.journal import journal_path
 from shared.messages import Book
-from tests.conftest import wait_for
+from tests.conftest import journal_stored, wait_for
 
 WAIT_S = 5.0  # bound of every wait; the happy path takes milliseconds
 
@@ -138,9 +136,7 @@ def feed(pub: Publisher, book: Book, seen: Callable[[], object], what: str = "th
 def db_rows(path: str, sql: str, *args) -> list[tuple]:
     """Read the database through a separate plain sqlite3 connection (what another process sees),
     once the broker has stored what its journal holds (within milliseconds of its answers)."""
-    journal = journal_path(path, "")
-    wait_for(lambda: not os.path.exists(journal) or os.path.getsize(journal) == 0, 5,
-             f"the broker to store its journal {journal}", step=0.002)
+    journal_stored(path)
     con = sqlite3.connect(path, timeout=5)
     try:
         return con.execute(sql, args).fetchall()

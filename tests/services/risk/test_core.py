@@ -1,9 +1,13 @@
 """Risk core: each check alone, the gate's order, ADJUSTED, rates, loss streak, breakers, state."""
 from __future__ import annotations
 
+import dataclasses
+from decimal import Context, Inexact, getcontext, localcontext
 from decimal import Decimal as D
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.risk import checks as ck
 from services.risk.checks import Reason, SymbolRules
@@ -133,6 +137,21 @@ def test_denials_carry_code_and_text(req, code):
     assert denial.as_reason() == {"code": code, "text": denial.text} and ck.TEXTS[code] in denial.text
 
 
+def test_the_gate_is_exact_whatever_the_callers_decimal_context_and_leaves_it_as_it_was():
+    """check() computes in its own copy of MONEY, not in the caller's context (here 3 digits,
+    which would round 0.005 × 100.25 to 0.501 and let through a notional over the limit)."""
+    tight = Context(prec=3, traps=[])
+    reqs = [order(), order("0.015"), order(kind=OrderKind.LIMIT, price="100.5"), order("0.001", coid="x"),
+            order(kind=OrderKind.LIMIT, price="120")]
+    rules = {"BTCUSDT": dataclasses.replace(RULES, max_order_notional=D("0.5012"))}
+    plain = [engine(rules=rules).check(r, T0 + MS) for r in reqs]
+    eng = engine(rules=rules)
+    with localcontext(tight) as ctx:
+        assert [eng.check(r, T0 + MS) for r in reqs] == plain
+        assert getcontext() is ctx and ctx.prec == 3 and not ctx.flags[Inexact]
+    assert plain[0].code == Reason.MAX_ORDER_NOTIONAL  # 0.50125 > 0.5012: exact, not rounded to 0.501
+
+
 def test_book_goes_stale_and_a_one_sided_book_is_no_mark():
     eng = engine()
     assert isinstance(eng.check(order(), T0 + 1000 * MS), Approval)
@@ -229,6 +248,23 @@ def test_token_bucket_is_exact_and_ignores_a_clock_stepping_back():
     r = RateLimiter(per_s=100, per_min=2)
     r.take("s", T0), r.take("s", T0)
     assert not r.allows("s", T0 + S) and r.allows("s", T0 + 30 * S)
+
+
+@given(steps=st.lists(st.tuples(st.sampled_from("abc"), st.integers(-S, S)), max_size=60),
+       per_s=st.integers(1, 4), per_min=st.integers(1, 12))
+def test_acquire_is_allows_then_take(steps, per_s, per_min):
+    """RateLimiter.acquire refills and takes in one call; the two-step way is the reference."""
+    fast, slow = RateLimiter(per_s, per_min), RateLimiter(per_s, per_min)
+    now = T0
+    for strategy, dt in steps:
+        now += dt  # the clock may step back too
+        expect = slow.allows(strategy, now)
+        if expect:
+            slow.take(strategy, now)
+        assert fast.acquire(strategy, now) == expect
+        assert list(fast.buckets) == list(slow.buckets)
+        assert [(b.level, b.t) for pair in fast.buckets.values() for b in pair] == [
+            (b.level, b.t) for pair in slow.buckets.values() for b in pair]
 
 
 def test_loss_streak_pauses_entries_but_not_exits():

@@ -19,7 +19,7 @@ from shared.bus import Publisher
 from shared.config import load
 from shared.enums import ControlAction, OrderKind, Side
 from shared.messages import Book, Control, OrderRequest
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, journal_stored, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 WAIT_S = 20.0  # bound of every wait on a process (start-up imports take ~1 s on a busy machine)
@@ -92,6 +92,7 @@ def order(coid: str, side: Side, qty: str) -> bytes:
 
 def brute_force(db: str) -> tuple[Fraction, Fraction, Fraction]:
     """Position, average-cost realized P&L and fees from every stored fill, in exact fractions."""
+    journal_stored(db)
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT side, qty, price, fee FROM fills ORDER BY ts, fill_id").fetchall()
     qty = cost = realized = fees = Fraction(0)

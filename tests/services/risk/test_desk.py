@@ -5,8 +5,10 @@ from decimal import Decimal as D
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from services.risk.desk import encode_decision, read_ack
+from services.risk.desk import approval_parts, decision_parts, encode_decision, read_ack
 from shared import messages
 from shared.enums import OrderStatus, Verdict
 from shared.errors import DecodeError
@@ -39,7 +41,43 @@ def test_read_ack_takes_what_risk_needs_and_refuses_the_rest():
     good = msgpack.unpackb(ack_bytes())
     bad = [[1, 2], {**good, "v": 2}, {**good, "type": "decision"}, {**good, "client_order_id": "other"},
            {**good, "status": "DONE"}, {**good, "filled_qty": 0.004}, {**good, "fills": [1]},
-           {**good, "fills": "none"}, msgpack.unpackb(messages.encode(Error(ts=1, code="UNKNOWN_ORDER", text="c")))]
+           {**good, "fills": "none"}, {**good, "status": None}, {**good, "status": 3}, {**good, "status": "filled"},
+           msgpack.unpackb(messages.encode(Error(ts=1, code="UNKNOWN_ORDER", text="c")))]
     for wire in bad:
         with pytest.raises(DecodeError):
             read_ack(wire, "c")
+
+
+REUSED = msgpack.Packer()
+
+
+class Shout(str):
+    """A str subclass: not the plain string the status table is keyed by."""
+
+
+def test_read_ack_takes_every_status_and_str_subclasses_of_them():
+    for status in OrderStatus:
+        wire = {**msgpack.unpackb(ack_bytes()), "status": status.value}
+        assert read_ack(wire, "c")[0] is status
+        assert read_ack({**wire, "status": Shout(status.value)}, "c")[0] is status
+
+
+@given(coid=st.text(min_size=1, max_size=128), ts=st.integers(0, 2**64 - 1),
+       qty=st.decimals(min_value=D("1e-8"), max_value=D("1e12"), places=8),
+       verdict=st.sampled_from([Verdict.APPROVED, Verdict.ADJUSTED]),
+       reason=st.none() | st.fixed_dictionaries({"code": st.just("MAX_POSITION"), "text": st.text(max_size=60)}),
+       fills=st.integers(0, 3))
+def test_the_decision_made_while_the_broker_works_is_the_one_encoded_at_its_answer(coid, ts, qty, verdict,
+                                                                                    reason, fills):
+    """The desk packs a decision in two parts before the broker answers, then only its time
+    stamp: byte for byte what packing the whole Decision with the broker's map would give."""
+    raw = ack_bytes(client_order_id=coid, fills=[FILL] * fills)
+    head = Decision(ts=0, client_order_id=coid, verdict=verdict, reason=reason, qty=qty)
+    before, after = decision_parts(head, REUSED.pack)  # as the desk does: one Packer for every order
+    assert (before, after) == decision_parts(head) == approval_parts(coid, verdict, reason, qty, REUSED.pack)
+    spliced = before + msgpack.packb(ts) + after + raw
+    decision = Decision(ts=ts, client_order_id=coid, verdict=verdict, reason=reason, qty=qty,
+                        order=msgpack.unpackb(raw))
+    assert spliced == messages.encode(decision)  # the broker's map packs to the same bytes here
+    assert spliced == encode_decision(decision, raw)
+    assert messages.decode(spliced, messages.REQUESTS) == decision

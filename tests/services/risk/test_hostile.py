@@ -20,6 +20,7 @@ from shared.config import load
 from shared.enums import OrderKind, Side, Verdict
 from shared.errors import DecodeError
 from shared.messages import Ack, ControlReply, Decision, Error, OrderRequest
+from tests.conftest import journal_stored
 
 FRAMES = 10_000
 DECODE_CODES = {"oversized", "bad_msgpack", "not_a_map", "bad_version", "unknown_type", "missing_field", "bad_field",
@@ -168,6 +169,7 @@ def test_ten_thousand_hostile_frames(tcp_cfg, runner, make_book, feed, wait_unti
                             kind=OrderKind.MARKET, qty=D("0.001"))
         decision = messages.decode(_ask(req, messages.encode(good)), messages.REQUESTS)
         assert decision.verdict in (Verdict.APPROVED, Verdict.REJECTED), decision
+        journal_stored(cfg.common.db)
         with sqlite3.connect(cfg.common.db) as con:
             stored = con.execute("SELECT side, qty FROM fills WHERE symbol = 'BTCUSDT'").fetchall()
         want = sum((D(q) * (1 if s == "BUY" else -1) for s, q in stored), D(0))
