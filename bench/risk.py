@@ -1,4 +1,6 @@
-"""Risk over real processes on tcp loopback: round trips via the broker (risk sleeping between orders, and busy-polling with QF_RISK_SPIN_US), time inside risk, checks/s, a book burst."""
+"""Risk over real processes on tcp loopback: round trips via the broker (risk as configured by default,
+busy-polling QF_RISK_SPIN_US after each message, and sleeping between orders), time inside risk, checks/s,
+a book burst."""
 from __future__ import annotations
 
 import os
@@ -23,7 +25,6 @@ PACE_S = 0.002  # between orders: a live strategy sends after a book, not back t
 B2B_ORDERS = 3000  # then back to back: the pipeline kept busy
 CHECKS, WINDOW = 20_000, 64  # pipelined orders for checks/s, and how many in flight
 BURST = 50_000  # books published as fast as possible
-SPIN_US = 2500  # QF_RISK_SPIN_US of the risk_spin_* figures: longer than the pause between orders
 WAIT_S = 60.0
 
 
@@ -185,15 +186,15 @@ def run() -> dict[str, float]:
         books, missed = bench.burst()
     finally:
         bench.close()
-    # the paced round trips again with risk busy-polling between orders (QF_RISK_SPIN_US)
-    spin = Bench(QF_RISK_SPIN_US=str(SPIN_US))
-    spin.stack.start()
+    # the paced round trips again with risk sleeping at once between orders (QF_RISK_SPIN_US=0)
+    sleeping = Bench(QF_RISK_SPIN_US="0")
+    sleeping.stack.start()
     try:
-        spin.wait_ready()
-        spin_rtt = spin.round_trips(ORDERS, WARMUP, PACE_S)
-        spin_inside = spin.heartbeat(lambda s: s.get("check_n", 0) >= WARMUP + ORDERS)
+        sleeping.wait_ready()
+        sleep_rtt = sleeping.round_trips(ORDERS, WARMUP, PACE_S)
+        sleep_inside = sleeping.heartbeat(lambda s: s.get("check_n", 0) >= WARMUP + ORDERS)
     finally:
-        spin.close()
+        sleeping.close()
     # the same burst at ZeroMQ's default high-water mark, to show what the setting prevents
     small = Bench(services=("risk",), QF_ZMQ_HWM="1000")
     small.stack.start()
@@ -212,8 +213,9 @@ def run() -> dict[str, float]:
             "risk_broker_inside_us_p50": float(broker["ack_us_p50"]),
             "risk_broker_inside_us_p99": float(broker["ack_us_p99"]),
             "risk_checks_per_s": float(round(checks)),
-            "risk_spin_roundtrip_us_p50": pct(spin_rtt, 50), "risk_spin_roundtrip_us_p99": pct(spin_rtt, 99),
-            "risk_spin_check_us_p50": float(spin_inside["check_us_p50"]),
-            "risk_spin_check_us_p99": float(spin_inside["check_us_p99"]),
+            "risk_sleeping_roundtrip_us_p50": pct(sleep_rtt, 50),
+            "risk_sleeping_roundtrip_us_p99": pct(sleep_rtt, 99),
+            "risk_sleeping_check_us_p50": float(sleep_inside["check_us_p50"]),
+            "risk_sleeping_check_us_p99": float(sleep_inside["check_us_p99"]),
             "risk_burst_books_sent": float(BURST), "risk_burst_books_received": float(books),
             "risk_burst_books_missed": float(missed), "risk_burst_books_missed_hwm1000": float(missed_at_1000)}

@@ -390,10 +390,12 @@ def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, 
     assert c2.request(order("new2", "0.002")).verdict is Verdict.APPROVED
 
 
-def test_a_busy_polling_risk_answers_like_a_sleeping_one(risk_env, runner, md, make_book, feed, clients, db_rows):
-    """QF_RISK_SPIN_US: risk polls (yielding the core) between messages instead of sleeping;
-    the answers, the bookkeeping and the stop at teardown are the same."""
-    cfg = load({**risk_env, "QF_RISK_SPIN_US": "100000"})
+@pytest.mark.parametrize("spin_us", ["0", "100000"])
+def test_sleeping_or_busy_polling_risk_answers_alike(spin_us, risk_env, runner, md, make_book, feed, clients,
+                                                    db_rows):
+    """QF_RISK_SPIN_US: risk sleeps at once (0) or polls (yielding the core) between messages (the
+    default, 2500, between the two); the answers, the bookkeeping and the stop at teardown are the same."""
+    cfg = load({**risk_env, "QF_RISK_SPIN_US": spin_us})
     broker = runner.start(BrokerService(cfg))
     risk = runner.start(RiskService(cfg))
     feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in risk.engine.book_ns)
