@@ -50,6 +50,10 @@ def run_service(name: str) -> int:
     except ConfigError as exc:  # a setting only the service itself can judge
         print(f"qf {name}: {exc}", file=sys.stderr)
         return 2
+    except FatalError as exc:  # e.g. a damaged broker journal: one line saying what a person must look at
+        log.error("fatal", extra={"error": str(exc)})
+        print(f"qf {name}: {exc}", file=sys.stderr)
+        return 1
     on_stop_signals(service.stop)
     try:
         service.run()

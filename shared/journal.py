@@ -23,13 +23,16 @@ from typing import Iterable
 
 import msgpack
 
+from shared.errors import FatalError
+
 log = logging.getLogger("qf.journal")
 
 HEADER = struct.Struct("<IIQ")  # body length, crc32 of the body, seq
 
 
-class JournalError(Exception):
-    """The journal cannot be read back: a damaged record with good ones after it."""
+class JournalError(FatalError):
+    """The journal cannot be read back: a damaged record with good ones after it. Nothing may
+    start on it (acknowledged fills are in it): the file needs a person."""
 
 
 class JournalBusy(Exception):
@@ -88,9 +91,13 @@ class Journal:
         except BlockingIOError:
             os.close(self.fd)
             raise JournalBusy(f"{path} is held by another process (a running broker)") from None
-        records, size = read(path)
-        if size < os.fstat(self.fd).st_size:
-            os.ftruncate(self.fd, size)  # the torn tail goes: appends must follow whole records
+        try:
+            records, size = read(path)
+            if size < os.fstat(self.fd).st_size:
+                os.ftruncate(self.fd, size)  # the torn tail goes: appends must follow whole records
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = size
         self.pending: list[tuple[int, list]] = records
         self.seq = records[-1][0] if records else 0

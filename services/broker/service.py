@@ -87,6 +87,10 @@ def _counter(metric, label: str):
     return child
 
 
+class StoreUnavailable(Exception):
+    """The database refuses the journal's rows, so what it says of an order may be out of date."""
+
+
 Events = list[tuple[str, messages.Message, dict | None]]  # (topic, message, its wire map when made already)
 Waiter = tuple[list, float]  # (ROUTER envelope, perf_counter at receipt)
 
@@ -180,7 +184,10 @@ class BrokerService:
         self.cancel_waiters.clear()
 
     def _stored_ack(self, client_order_id: str, reason: str | None = None) -> Ack | None:
-        self._store_journal(force=True)  # the database must hold all the order's fills
+        """The order's answer from the database, which must first hold everything the journal
+        does; raises StoreUnavailable when it refuses (an answer from it could be out of date)."""
+        if not self._store_journal(force=True):
+            raise StoreUnavailable(f"the database refuses the journal's rows; {client_order_id} cannot be looked up")
         found = store.stored(client_order_id)
         if found is None:
             return None
@@ -212,7 +219,10 @@ class BrokerService:
         if isinstance(req, OrderRequest):
             self.place(waiter, req, now)
         elif isinstance(req, Cancel):
-            self.cancel(waiter, req.client_order_id, now)
+            try:
+                self.cancel(waiter, req.client_order_id, now)
+            except StoreUnavailable as exc:
+                self._reply(waiter, Error(ts=now, code="STORE_UNAVAILABLE", text=str(exc)))
         else:
             self.stats["decode_errors"] += 1
             BAD_FRAMES.labels("request").inc()
@@ -226,8 +236,16 @@ class BrokerService:
             DUPLICATES.inc()
             self.order_waiters[coid].append(waiter)
             return
-        if known is None and self.known.maybe(coid) and self._store_journal(force=True) and store.exists(coid):
-            known = self._stored_ack(coid)
+        if known is None and self.known.maybe(coid):
+            # maybe stored: looked up in the database, once it holds what the journal does; if
+            # it cannot, the order might be a repeat: refused (its retry comes later), never run twice
+            try:
+                if not self._store_journal(force=True):
+                    raise StoreUnavailable("the database refuses the journal's rows")
+                if store.exists(coid):
+                    known = self._stored_ack(coid)
+            except StoreUnavailable as exc:
+                return self._reply(waiter, Error(ts=now, code="STORE_UNAVAILABLE", text=str(exc)))
         if known is not None:
             DUPLICATES.inc()
             return self._reply(waiter, known)

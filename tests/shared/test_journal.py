@@ -10,8 +10,8 @@ import pytest
 
 from shared import journal
 from shared.db import EQUITY_INSERT, ORDER_INSERT, close_db, init_db
-from shared.journal import HEADER, Journal, JournalBusy, JournalError, read, recover
-from tests.conftest import ROOT
+from shared.journal import HEADER, Journal, JournalBusy, JournalError, journal_path, read, recover
+from tests.conftest import ROOT, clean_environ, tcp_env
 
 
 def equity(ts: int) -> list:
@@ -126,3 +126,18 @@ def test_recover_stores_what_a_killed_writer_left_and_waits_for_a_live_one(db, t
     live.applied(journal.store(live.pending))
     assert recover(path, wait_s=0.05) == {"journal": "held", "journal_waiting": 0}
     live.close()
+
+
+def test_the_broker_refuses_to_start_on_a_damaged_journal(tmp_path):
+    settings = tcp_env(tmp_path)
+    path = journal_path(settings["QF_DB"], settings["QF_RUN_DIR"])
+    j = Journal(path)
+    for ts in (1, 2):
+        j.append(equity(ts))
+    j.close()
+    with open(path, "r+b") as f:
+        f.seek(HEADER.size + 1)
+        f.write(b"\xff")
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "broker"], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean_environ(), **settings, "PYTHONPATH": ROOT}, timeout=60)
+    assert proc.returncode == 1 and "damaged record at byte 0" in proc.stderr, proc.stderr[-500:]

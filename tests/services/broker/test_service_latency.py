@@ -8,6 +8,7 @@ from decimal import Decimal as D
 import pytest
 import zmq
 
+from services.broker import service as service_module
 from services.broker.service import BrokerService
 from shared import messages
 from shared.bus import Subscriber
@@ -267,3 +268,24 @@ def test_a_second_broker_on_the_same_database_is_refused(cfg, runner):
     runner.start(BrokerService(cfg))
     with pytest.raises(ConfigError, match="one broker per database"):
         BrokerService(cfg)
+
+
+def test_a_repeat_the_database_cannot_confirm_is_refused_never_run_twice(cfg, runner, md_pub, make_book, feed,
+                                                                          clients, db_rows, monkeypatch):
+    monkeypatch.setattr(service_module, "ACK_CACHE_MAX", 1)  # answers fall out of the cache at once
+    svc = runner.start(BrokerService(cfg))
+    feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
+    con = sqlite3.connect(cfg.common.db)
+    con.execute("CREATE TRIGGER refuse BEFORE INSERT ON fills BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    con.commit()
+    first = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))  # durable in the journal only
+    clients(cfg.bus.broker_rep).request(order("other", "0.1"))  # "boom" leaves the answer cache
+    again = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
+    assert isinstance(again, messages.Error) and again.code == "STORE_UNAVAILABLE"
+    con.execute("DROP TRIGGER refuse")
+    con.commit()
+    con.close()
+    retry = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
+    assert (retry.order_id, retry.status, retry.fills) == (first.order_id, OrderStatus.FILLED, first.fills)
+    assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM orders WHERE client_order_id = 'boom'") == [(1,)]
+    assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM fills WHERE client_order_id = 'boom'") == [(1,)]
