@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from shared import config as qfconfig
@@ -60,6 +61,12 @@ def run_service(name: str) -> int:
     except FatalError as exc:
         log.error("fatal", extra={"error": str(exc)})
         return 1
+    finally:
+        # Stopped. Ctrl-C reaches every process of the terminal's group, then `qf up` sends each
+        # a SIGTERM: one arriving while the interpreter shuts down (its handlers reset) would
+        # end a clean stop with -15 instead of 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
