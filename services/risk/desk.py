@@ -68,18 +68,15 @@ def read_ack(wire: object, client_order_id: str) -> tuple[OrderStatus, Decimal, 
         raise DecodeError("bad_field", str(exc)[:120]) from None
 
 
-def decision_parts(decision: Decision, pack: Callable[[object], bytes] | None = None
-                   ) -> tuple[bytes, bytes] | None:
+def decision_parts(decision: Decision, pack: Callable[[object], bytes] | None = None) -> tuple[bytes, bytes]:
     """`decision`'s msgpack cut around its `ts` value, without its `order`: the encoded decision
     is then `before + msgpack.packb(ts) + after + ack`, the broker's answer `ack` spliced in as
     `order` byte for byte (the same map, not packed again). Made while the broker works, so
-    only the time stamp is packed once it answered. None when the map is not a fixmap (< 16
-    keys): what makes the splice this simple. `pack`: a `msgpack.Packer().pack` to reuse
-    (msgpack.packb makes a Packer and its buffer on each call)."""
+    only the time stamp is packed once it answered. A decision's map is a fixmap (< 16 keys):
+    what makes the splice this simple. `pack`: a `msgpack.Packer().pack` to reuse (msgpack.packb
+    makes a Packer and its buffer on each call)."""
     wire = decision.to_wire()
     del wire["order"]
-    if len(wire) >= 15:
-        return None
     pack = pack or msgpack.Packer().pack
     keys = list(wire)
     at = keys.index("ts")
@@ -91,21 +88,10 @@ def decision_parts(decision: Decision, pack: Callable[[object], bytes] | None = 
 def approval_parts(client_order_id: str, verdict: Verdict, reason: dict | None, qty: Decimal,
                    pack: Callable[[object], bytes]) -> tuple[bytes, bytes]:
     """`decision_parts` of the Decision(ts=…, client_order_id, verdict, reason, qty) an order the
-    broker took gets, from the values alone: no message made, its constant keys packed once."""
-    if Decision._names != _APPROVAL_KEYS:  # the message changed: the general way still holds
-        return decision_parts(Decision(ts=0, client_order_id=client_order_id, verdict=verdict, reason=reason,
-                                       qty=qty), pack)
+    broker took gets, from the values alone: no message made, its constant keys packed once
+    (in Decision's field order: tests/services/risk/test_desk.py holds it to messages.encode)."""
     return _APPROVAL_HEAD, b"".join((_K_COID, pack(client_order_id), _K_VERDICT, _VERDICTS[verdict], _K_REASON,
                                      pack(reason), _K_QTY, pack(format(qty, "f")), _ORDER_KEY))
-
-
-def encode_decision(decision: Decision, ack: bytes) -> bytes:
-    """The decision's msgpack with the broker's answer spliced in as `order`, byte for byte:
-    the same map `decision.order` holds, without packing it again on the reply path."""
-    parts = decision_parts(decision)
-    if parts is None:
-        return messages.encode(decision)
-    return parts[0] + msgpack.packb(decision.ts) + parts[1] + ack
 
 
 _APPROVAL_HEAD = decision_parts(Decision(ts=0, client_order_id="", verdict=Verdict.APPROVED))[0]  # v, type, ts
@@ -122,7 +108,7 @@ class InFlight:
     decoded_ns: int
     sent_ns: int
     notify: list[Notify]
-    parts: tuple[bytes, bytes] | None = None
+    parts: tuple[bytes, bytes]
 
 
 class OrderDesk:
@@ -215,9 +201,8 @@ class OrderDesk:
             return
         # Risk's verdict stands once the broker answered; the broker's own outcome, a
         # REJECTED status with its reason included, travels in `order`.
-        parts = flight.parts
-        payload = (b"".join((parts[0], self._pack(now), parts[1], raw)) if parts is not None else
-                   encode_decision(self._decision(flight, now, wire), raw))
+        before, after = flight.parts
+        payload = b"".join((before, self._pack(now), after, raw))
         self._notify(flight.notify, payload, spent, back)
         self.inflight.pop(req.client_order_id, None)  # nothing ran in between: no retry could join it
         self.broker_us.record_ns(back - flight.sent_ns)
@@ -226,12 +211,6 @@ class OrderDesk:
         except Exception:
             FAILURES.inc()
             log.exception("broker_reply_failed", extra={"client_order_id": req.client_order_id[:80]})
-
-    @staticmethod
-    def _decision(flight: InFlight, now: int, wire: dict) -> Decision:
-        return Decision(ts=now, client_order_id=flight.req.client_order_id,
-                        verdict=Verdict.ADJUSTED if flight.cut else Verdict.APPROVED, reason=flight.cut,
-                        qty=flight.qty, order=wire)
 
     def _settle(self, flight: InFlight, status: OrderStatus, filled: Decimal, fills: list, reason: object,
                 payload: bytes, now: int) -> None:
