@@ -17,12 +17,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 import struct
+import time
 import zlib
 from typing import Iterable
 
 import msgpack
+import peewee as pw
 
+from shared.db import JOURNAL_SQL, JournalApplied, database, journal_sql
 from shared.errors import FatalError
 
 log = logging.getLogger("qf.journal")
@@ -101,7 +105,6 @@ class Journal:
         self.size = size
         self.pending: list[tuple[int, list]] = records
         self.seq = records[-1][0] if records else 0
-        self.appended = 0
 
     def append(self, statements: list) -> int:
         """Write one record of `statements`; returns its seq once the kernel holds it. Raises
@@ -122,7 +125,6 @@ class Journal:
         self.size += len(record)
         self.seq = seq
         self.pending.append((seq, statements))
-        self.appended += 1
         return seq
 
     def skip_applied(self, applied_seq: int) -> None:
@@ -157,7 +159,6 @@ def statements_of(records: Iterable[tuple[int, list]]) -> list:
 
 def applied_seq() -> int:
     """The newest record seq stored in the bound database (0: none)."""
-    from shared.db import JournalApplied
     row = JournalApplied.get_or_none(JournalApplied.id == 1)
     return row.seq if row is not None else 0
 
@@ -165,40 +166,43 @@ def applied_seq() -> int:
 def store(records: list[tuple[int, list]]) -> int:
     """Apply `records` to the bound database in ONE transaction, with the newest seq; returns
     that seq (0 for none). Raises peewee or sqlite3 errors (nothing stored)."""
-    import sqlite3
-
-    import peewee as pw
-
-    from shared.db import JOURNAL_SQL, database, journal_sql
     if not records:
         return 0
     seq = records[-1][0]
-    mark = ('INSERT INTO "journal_applied" ("id", "seq") VALUES (1, {p}) '
-            'ON CONFLICT ("id") DO UPDATE SET "seq" = excluded."seq"')
+    write(statements_of(records), seq)
+    return seq
+
+
+_MARK = ('INSERT INTO "journal_applied" ("id", "seq") VALUES (1, {p}) '
+         'ON CONFLICT ("id") DO UPDATE SET "seq" = excluded."seq"')
+
+
+def write(statements: list, seq: int | None = None) -> None:
+    """Execute journal `statements` in ONE transaction on the bound database, storing `seq` as
+    the newest applied record when given. Raises peewee or sqlite3 errors (nothing written)."""
     if isinstance(database.obj, pw.SqliteDatabase):
         # the raw cursor, BEGIN/COMMIT by hand: peewee's wrappers cost more than the statements
         con: sqlite3.Connection = database.connection()
         cur = con.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            for _, body in records:
-                for kind, params in body:
-                    cur.execute(JOURNAL_SQL[kind], params)
-            cur.execute(mark.format(p="?"), (seq,))
+            for kind, params in statements:
+                cur.execute(JOURNAL_SQL[kind], params)
+            if seq is not None:
+                cur.execute(_MARK.format(p="?"), (seq,))
             cur.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return seq
+        return
     param = database.obj.param
     sql = journal_sql(param)
     with database.atomic():
-        for _, body in records:
-            for kind, params in body:
-                database.execute_sql(sql[kind], list(params))
-        database.execute_sql(mark.format(p=param), [seq])
-    return seq
+        for kind, params in statements:
+            database.execute_sql(sql[kind], list(params))
+        if seq is not None:
+            database.execute_sql(_MARK.format(p=param), [seq])
 
 
 def recover(path: str, wait_s: float = 1.0) -> dict:
@@ -206,7 +210,6 @@ def recover(path: str, wait_s: float = 1.0) -> dict:
     holds the journal (its broker died), store what it left and empty it; when the broker runs,
     wait up to `wait_s` for it to store what it holds (it does within milliseconds). Needs the
     database bound. Returns what was done, for the caller's log line."""
-    import time
     try:
         journal = Journal(path)
     except JournalBusy:

@@ -13,8 +13,9 @@ import peewee as pw
 
 from services.broker import core
 from services.broker.core import Account, Order
-from shared.db import (EQUITY_INSERT, FILL_INSERT, JOURNAL_SQL, ORDER_INSERT, ORDER_UPDATE, DecimalText,
-                       EquitySnapshot, FillRow, OrderRow, database, insert_rows, journal_sql)
+from shared import journal
+from shared.db import (EQUITY_INSERT, FILL_INSERT, ORDER_INSERT, ORDER_UPDATE, DecimalText, EquitySnapshot, FillRow,
+                       OrderRow, database, insert_rows)
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Fill
 
@@ -123,23 +124,7 @@ def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal
     equity snapshot after each order that filled. Returns the account with the fills applied.
     Raises peewee or sqlite3 errors (nothing written)."""
     stmts, acct = statements(changes, account, marks)
-    con = _sqlite()
-    if con is None:
-        sql = journal_sql(database.obj.param)
-        with database.atomic():
-            for kind, params in stmts:
-                database.execute_sql(sql[kind], list(params))
-        return acct
-    cur = con.cursor()
-    cur.execute("BEGIN")
-    try:
-        for kind, params in stmts:
-            cur.execute(JOURNAL_SQL[kind], params)
-        cur.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
+    journal.write(stmts)
     return acct
 
 
