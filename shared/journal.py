@@ -141,6 +141,15 @@ class Journal:
         if not self.pending:
             self._reset()
 
+    def catch_up(self) -> int:
+        """Store into the bound database what an earlier holder left unstored (records it stored
+        but did not forget are skipped); returns how many records that was. Raises like `store`."""
+        self.skip_applied(applied_seq())
+        left = len(self.pending)
+        if left:
+            self.applied(store(self.pending))
+        return left
+
     def _reset(self) -> None:
         if self.size:
             os.ftruncate(self.fd, 0)
@@ -220,10 +229,6 @@ def recover(path: str, wait_s: float = 1.0) -> dict:
             time.sleep(0.005)
         return {"journal": "held", "journal_waiting": os.path.getsize(path)}
     try:
-        journal.skip_applied(applied_seq())
-        left = len(journal.pending)
-        if left:
-            journal.applied(store(journal.pending))
-        return {"journal": "recovered", "journal_records": left}
+        return {"journal": "recovered", "journal_records": journal.catch_up()}
     finally:
         journal.close()

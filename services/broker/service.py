@@ -151,10 +151,8 @@ class BrokerService:
 
     def _load(self) -> None:
         # what an earlier run made durable but did not store goes in first: the state is read from SQLite
-        self.journal.skip_applied(journal.applied_seq())
-        recovered = len(self.journal.pending)
+        recovered = self.journal.catch_up()
         if recovered:
-            self.journal.applied(journal.store(self.journal.pending))
             log.warning("journal_recovered", extra={"records": recovered, "journal": self.journal.path})
         b = self.cfg.broker
         latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, b.seed)
@@ -184,10 +182,8 @@ class BrokerService:
         self.cancel_waiters.clear()
 
     def _stored_ack(self, client_order_id: str, reason: str | None = None) -> Ack | None:
-        """The order's answer from the database, which must first hold everything the journal
-        does; raises StoreUnavailable when it refuses (an answer from it could be out of date)."""
-        if not self._store_journal(force=True):
-            raise StoreUnavailable(f"the database refuses the journal's rows; {client_order_id} cannot be looked up")
+        """The order's answer from the database (StoreUnavailable: see `_require_stored`)."""
+        self._require_stored(client_order_id)
         found = store.stored(client_order_id)
         if found is None:
             return None
@@ -195,6 +191,12 @@ class BrokerService:
         ack = core.ack_for(order, map(core.fill_dict, fills), order.updated_ts)
         self._remember(ack)
         return ack if reason is None else dataclasses.replace(ack, reason=reason)
+
+    def _require_stored(self, client_order_id: str) -> None:
+        """Before looking an order up: the database must hold everything the journal does, or
+        what it says could be out of date; raises StoreUnavailable when it refuses the rows."""
+        if not self._store_journal(force=True):
+            raise StoreUnavailable(f"the database refuses the journal's rows: {client_order_id} cannot be looked up")
 
     def _remember(self, ack: Ack) -> None:
         self.acks[ack.client_order_id] = ack
@@ -240,8 +242,7 @@ class BrokerService:
             # maybe stored: looked up in the database, once it holds what the journal does; if
             # it cannot, the order might be a repeat: refused (its retry comes later), never run twice
             try:
-                if not self._store_journal(force=True):
-                    raise StoreUnavailable("the database refuses the journal's rows")
+                self._require_stored(coid)
                 if store.exists(coid):
                     known = self._stored_ack(coid)
             except StoreUnavailable as exc:
