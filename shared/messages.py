@@ -381,8 +381,20 @@ class Heartbeat(Message):
     stats: dict | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert(Message):
+    """`alert.{service}`: something an operator must hear about (the notifier relays it).
+    Raised once per `code` while the condition lasts (shared/alerts.py), then `resolved`."""
+    TYPE = "alert"
+    service: str
+    code: str  # stable, machine-readable: BROKER_ERROR, STORE_UNAVAILABLE, BOOK_STALLED, ...
+    severity: str  # "error", "warning", or "resolved" when the condition ended
+    text: str  # one line for a person
+    count: int = 1  # occurrences since the last alert of this code went out
+
+
 EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in
-                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat)}
+                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat, Alert)}
 REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in
                                       (OrderRequest, Decision, Ack, Cancel, Control, ControlReply, Error)}
 

@@ -47,6 +47,7 @@ def _every_message():
                 avg_price=Decimal("2"), fills=[{"fill_id": "f"}])
     yield m.Heartbeat(ts=1, service="broker", pid=1, started_ts=1, status="ok", stats={"fills": 3})
     yield m.RiskState(ts=1, state="HALTED", reason="r", equity=Decimal("10"), drawdown=Decimal("0.1"))
+    yield m.Alert(ts=1, service="risk", code="BROKER_ERROR", severity="error", text="bad ack", count=2)
 
 
 @pytest.mark.parametrize("msg", list(_every_message()), ids=lambda x: type(x).__name__)
