@@ -23,7 +23,7 @@ def _load_config() -> qfconfig.Config:
     try:
         return qfconfig.load()
     except ConfigError as exc:
-        print(f"qf: {exc}", file=sys.stderr)
+        print(qfconfig.mask_secrets(f"qf: {exc}"), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -48,16 +48,20 @@ def run_service(name: str) -> int:
         from services.broker.service import BrokerService as cls
     try:
         service = cls(cfg)
-    except ConfigError as exc:  # a setting only the service itself can judge
-        print(f"qf {name}: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # a setting only the service itself can judge, or a file it cannot use
+        # (StorageError: a read-only or missing directory, not a database, a damaged journal)
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
         return 2
-    except FatalError as exc:  # e.g. a damaged broker journal: one line saying what a person must look at
+    except FatalError as exc:  # e.g. a database that refuses writes at start: one line, and `qf up` retries
         log.error("fatal", extra={"error": str(exc)})
-        print(f"qf {name}: {exc}", file=sys.stderr)
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
         return 1
     on_stop_signals(service.stop)
     try:
         service.run()
+    except ConfigError as exc:  # what a service opens once it runs (marketdata's, strategy's run dir)
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
+        return 2
     except FatalError as exc:
         log.error("fatal", extra={"error": str(exc)})
         return 1
@@ -82,9 +86,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         cfg = qfconfig.load(env)
     except ConfigError as exc:
-        print(f"qf up: {exc}", file=sys.stderr)
+        print(qfconfig.mask_secrets(f"qf up: {exc}"), file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.common.db)), exist_ok=True) if "://" not in cfg.common.db else None
+    if "://" not in cfg.common.db:
+        from shared.storage import ensure_dir
+        try:
+            ensure_dir(os.path.dirname(os.path.abspath(cfg.common.db)))
+        except ConfigError as exc:
+            print(qfconfig.mask_secrets(f"qf up: {exc}"), file=sys.stderr)
+            return 2
     return run_up(cfg, env)
 
 
@@ -129,17 +139,24 @@ def _run_marketdata(overrides: dict[str, str], name: str, **service_args) -> int
     try:
         cfg = qfconfig.load({**os.environ, **overrides})
     except ConfigError as exc:
-        print(f"qf {name}: {exc}", file=sys.stderr)
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
         return 2
     log = qflog.setup("marketdata", cfg.common.log_level)
     log.info("config", extra=cfg.effective())
     from services.marketdata.service import MarketDataService
     from shared.runtime import on_stop_signals
 
-    service = MarketDataService(cfg, **service_args)
+    try:
+        service = MarketDataService(cfg, **service_args)
+    except ConfigError as exc:  # e.g. a recording directory that cannot be written
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
+        return 2
     on_stop_signals(service.stop)
     try:
         service.run()
+    except ConfigError as exc:
+        print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
+        return 2
     except (FatalError, OSError) as exc:
         log.error("fatal", extra={"error": str(exc)})
         return 1
@@ -167,6 +184,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:  # noqa: ARG001 - uniform signature
     print("| variable | default | meaning |\n|---|---|---|")
     for env, default, help_ in qfconfig.all_settings():
+        default = qfconfig.mask_secrets(default)
         print(f"| `{env}` | `{default}` | {help_} |" if default else f"| `{env}` | (empty) | {help_} |")
     return 0
 

@@ -1,7 +1,10 @@
 """`qf up`: every service as a supervised OS process, with a live status line.
 
 Restarts a service that dies (exponential backoff, reset after a healthy
-minute, and says so), stops all cleanly on Ctrl-C/SIGTERM. The same `Stack`
+minute, and says so), except one that exits with status 2: it says it cannot
+start (a bad setting, a read-only or unusable database or directory, a damaged
+journal), which no restart fixes, so `qf up` prints its line, stops everything
+and exits 2. Stops all cleanly on Ctrl-C/SIGTERM. The same `Stack`
 drives the end-to-end tests and the benchmarks, so what they measure is
 what a user runs."""
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Callable, Mapping
 import zmq
 
 from shared.bus import Subscriber
-from shared.config import Config
+from shared.config import Config, mask_secrets
 from shared.errors import DecodeError
 
 # Binding sides first; marketdata last so subscribers are connected when data flows.
 SERVICES = ("broker", "risk", "api", "strategy", "marketdata")
 RESTART_BASE_S, RESTART_CAP_S, HEALTHY_AFTER_S = 0.5, 30.0, 60.0
+CANNOT_START = 2  # a service's exit status for a problem only a person can fix (ConfigError, StorageError)
 
 
 class Child:
@@ -37,6 +41,8 @@ class Child:
         self.failures = 0
         self.restart_at: float | None = None
         self.restarts = 0
+        self.gave_up = False  # exited with CANNOT_START: not restarted
+        self.pump: threading.Thread | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=300)
 
     @property
@@ -67,11 +73,12 @@ class Stack:
         c.restart_at = None
         t = threading.Thread(target=self._pump, args=(c, c.proc), daemon=True, name=f"out-{c.name}")
         t.start()
+        c.pump = t
         self._threads.append(t)
 
     def _pump(self, c: Child, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            line = line.rstrip("\n")
+            line = mask_secrets(line.rstrip("\n"))  # also what a service printed without our logging
             c.tail.append(line)
             self.on_line(c.name, line)
         proc.stdout.close()
@@ -87,8 +94,14 @@ class Stack:
             if c.proc is None or self.stopping:
                 continue
             code = c.proc.poll()
+            if c.gave_up:
+                continue
             if code is not None and c.restart_at is None:
                 if not self.restart:
+                    continue
+                if code == CANNOT_START:
+                    c.gave_up = True
+                    self.on_event(f"{c.name} cannot start (exit status 2): {self.last_words(c)}; not restarting it")
                     continue
                 ran = now - c.started_at
                 c.failures = 0 if ran >= HEALTHY_AFTER_S else c.failures + 1
@@ -99,6 +112,17 @@ class Stack:
                 c.restarts += 1
                 self.on_event(f"restarting {c.name} (restart #{c.restarts})")
                 self._spawn(c)
+
+    def last_words(self, c: Child) -> str:
+        """The last line `c` printed (its error, when it exited): read once its output is drained."""
+        if c.pump is not None:
+            c.pump.join(timeout=2)
+        return next((line for line in reversed(c.tail) if line.strip()), "(no output)")
+
+    @property
+    def failed(self) -> list[str]:
+        """Services that exited with status 2 and are not restarted."""
+        return [c.name for c in self.children if c.gave_up]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         c = self.child(name)
@@ -180,13 +204,15 @@ class StatusMonitor:
 
 
 def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
-    """The `qf up` loop: start the stack, show status, stop on a signal."""
+    """The `qf up` loop: start the stack, show status, stop on a signal (returns 0) or when a
+    service cannot start (returns 2)."""
     out = out or sys.stdout
     tty = out.isatty()
     lock = threading.Lock()
     status = {"line": ""}
 
     def emit(text: str) -> None:
+        text = mask_secrets(text)
         with lock:
             if tty:
                 out.write("\r\x1b[K" + text + "\n" + status["line"])
@@ -203,9 +229,14 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
     monitor = StatusMonitor(cfg)
     stack.start()
     last_plain = 0.0
+    code = 0
     try:
         while not stop.wait(0.2):
             stack.poll()
+            if stack.failed:  # restarting would fail the same way, and the stack is no use without it
+                emit(f"{'qf up':<10} | {', '.join(stack.failed)} cannot start; fix the line above and run qf up again")
+                code = CANNOT_START
+                break
             monitor.drain()
             line = monitor.line(stack.up, len(stack.children))
             with lock:
@@ -221,7 +252,7 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
         codes = stack.stop()
         monitor.close()
         emit(f"{'qf up':<10} | stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
-    return 0
+    return code
 
 
 def child_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:

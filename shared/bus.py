@@ -58,6 +58,10 @@ def _prepare_ipc(endpoint: str) -> None:
             os.makedirs(parent, exist_ok=True)
 
 
+MAX_GAP = 1 << 32  # sequence jumps a Subscriber counts as missed messages
+MAX_TOPICS = 10_000  # topics a Subscriber keeps a last seq for
+
+
 class Publisher:
     """PUB socket that sends `[topic, payload]` with a `seq` counted per topic, so a
     subscriber that filters topics still sees every gap in what it asked for.
@@ -128,8 +132,12 @@ class Subscriber:
         seq = raw.get("seq")
         if type(seq) is int:
             last = self.last_seq.get(frames[0])
-            if last is not None and seq > last + 1:
+            # A jump beyond MAX_GAP is a corrupt or hostile seq, not messages lost: counting it
+            # once made `missed` too big to pack into a heartbeat (issue #11's fuzz).
+            if last is not None and last + 1 < seq <= last + MAX_GAP:
                 self.missed += seq - last - 1
+            if len(self.last_seq) >= MAX_TOPICS and frames[0] not in self.last_seq:
+                self.last_seq.clear()  # topics come from the publisher: keep the map bounded
             self.last_seq[frames[0]] = seq  # lower: the publisher restarted
         return frames[0].decode("utf-8", "replace"), msg
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -11,6 +12,30 @@ from typing import Any, Callable, Mapping
 from shared.errors import ConfigError
 
 PREFIX = "QF_"
+
+
+# -- masking: credentials never leave a process as text ------------------------------
+
+# `scheme://user:password@host…`: the password is everything after the user's `:` up to the
+# token's LAST `@` (a password may hold a raw `@`, `/` or `:`); a URL ends at whitespace.
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):\S*@")
+# `?password=…`, `&api_key=…`, `;token=…`: a parameter whose name ends in a secret word.
+_SECRET_PARAM = re.compile(r"(?P<head>[?&;][A-Za-z0-9_.\-]*?(?:password|passwd|pwd|token|secret|key|signature)=)"
+                           r"[^&;#\s\"]*", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by `***`: the userinfo
+    password (`postgresql://qf:***@db/qf`) and the value of query parameters named
+    password/token/secret/key (also `api_key`, `access_token`…). Takes a setting's value,
+    a log line or an error message; returns it unchanged when it holds no credentials.
+    Errs on the side of masking: a token with several `@` loses everything up to the last."""
+    if "://" in text:
+        text = _USERINFO.sub(lambda m: m["head"] + ":" + MASK + "@", text)
+    if "=" in text:
+        text = _SECRET_PARAM.sub(lambda m: m["head"] + MASK, text)
+    return text
 
 
 # -- parsers: str -> value, raising ValueError with a human sentence ---------------
@@ -247,6 +272,10 @@ class MarketDataConfig:
                                   "REST depth snapshot limit (USD-M: at most 1000)")
     watchdog_s: float = setting("QF_MD_WATCHDOG_S", "10", _float(0.5, 600), "reconnect after this much silence")
     backoff_max_s: float = setting("QF_MD_BACKOFF_MAX_S", "30", _float(0.1, 3600), "reconnect backoff cap")
+    sync_timeout_s: float = setting("QF_MD_SYNC_TIMEOUT_S", "10", _float(0.5, 600),
+                                    "a symbol whose frames keep coming but no book this long is stalled: its "
+                                    "buffer is dropped and a new snapshot fetched; twice this long, reconnect "
+                                    "(snapshot retries of a symbol back off up to half of it)")
     book_ticker: bool = setting("QF_MD_BOOK_TICKER", "false", _bool,
                                 "also subscribe to bookTicker and check the book's best levels against it")
     rotate_s: float = setting("QF_MD_ROTATE_S", "82800", _float(1.0, 86_000),
@@ -301,6 +330,9 @@ class RiskConfig:
                                    "max resting (GTC LIMIT) orders in total")
     price_band_bps: Decimal = setting("QF_RISK_PRICE_BAND_BPS", "100", _decimal(Decimal(0), Decimal("10000")),
                                       "a LIMIT price must be within this many bps of the mid (0: no band)")
+    fill_band_bps: Decimal = setting("QF_RISK_FILL_BAND_BPS", "1000", _decimal(Decimal(0), Decimal("100000")),
+                                     "a broker fill further than this many bps from risk's mid is not credible: "
+                                     "REJECTED BROKER_ERROR, not booked (0: no band)")
     orders_per_s: int = setting("QF_RISK_ORDERS_PER_S", "10", _int(1, 1_000_000),
                                 "orders per second per strategy (token bucket)")
     orders_per_min: int = setting("QF_RISK_ORDERS_PER_MIN", "300", _int(1, 60_000_000),
@@ -385,7 +417,8 @@ class Config:
     api: ApiConfig
 
     def effective(self) -> dict[str, str]:
-        """Every setting as `QF_NAME -> text`, secrets masked; for the start-up log."""
+        """Every setting as `QF_NAME -> text` for the start-up log: secret settings as `***`,
+        credentials inside URL-like values (a password in QF_DB) masked by `mask_secrets`."""
         out = {}
         for name in SECTIONS:
             section = getattr(self, name)
@@ -394,7 +427,7 @@ class Config:
                 if isinstance(value, tuple):
                     value = ",".join(value).lower()
                 text = str(value)
-                out[f.metadata["env"]] = "***" if f.metadata["secret"] and text else text
+                out[f.metadata["env"]] = (MASK if text else text) if f.metadata["secret"] else mask_secrets(text)
         return out
 
 
@@ -424,7 +457,8 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
-                problems.append(f"{var}={raw!r}: {exc}")
+                shown = MASK if f.metadata["secret"] else mask_secrets(raw)  # an error names the setting, not its secret
+                problems.append(f"{var}={shown!r}: {mask_secrets(str(exc))}")
         if len(values) == len(fields(cls)):
             sections[name] = cls(**values)
     if problems:

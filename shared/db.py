@@ -5,10 +5,14 @@ SQLite's NUMERIC affinity, which would store them as REAL."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from decimal import Decimal
 
 import peewee as pw
 from playhouse.db_url import connect as connect_url
+
+from shared import storage
+from shared.errors import StorageError
 
 database = pw.DatabaseProxy()
 
@@ -128,19 +132,47 @@ SQLITE_PRAGMAS = {
 
 def init_db(target: str, create: bool = True) -> pw.Database:
     """Open `target` (a SQLite path, or a peewee URL such as postgresql://…),
-    bind the models to it and create missing tables. Returns the database."""
+    bind the models to it and create missing tables. Returns the database. Raises
+    StorageError (one line naming the file) for a SQLite file that cannot be used at all:
+    on a read-only file system, a directory, not a database, damaged; other errors as they come."""
     if "://" in target:
         db = connect_url(target)
     else:
-        parent = os.path.dirname(os.path.abspath(target))
-        os.makedirs(parent, exist_ok=True)
+        if os.path.isdir(target):
+            raise StorageError(f"cannot use {target} as the database: it is a directory")
+        storage.ensure_dir(os.path.dirname(os.path.abspath(target)))
         db = pw.SqliteDatabase(target, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     database.initialize(db)
-    db.connect(reuse_if_open=True)
-    if create:
-        db.create_tables(MODELS, safe=True)
-        add_missing_columns(db)
+    try:
+        db.connect(reuse_if_open=True)
+        if create:
+            db.create_tables(MODELS, safe=True)
+            add_missing_columns(db)
+    except (pw.DatabaseError, sqlite3.Error) as exc:
+        if "://" in target:
+            raise
+        error = _unusable(target, exc)
+        if error is None:
+            raise
+        if not db.is_closed():
+            db.close()
+        raise error from None
     return db
+
+
+def _unusable(path: str, exc: BaseException) -> StorageError | None:
+    """The StorageError for a SQLite file that cannot be used at all, or None for an error that
+    may pass (a lock, a full disk)."""
+    text = str(exc).lower()
+    if storage.read_only(path):
+        return StorageError(f"cannot write {path}: read-only file system")
+    if "file is not a database" in text:
+        return StorageError(f"{path} is not a SQLite database (file is not a database)")
+    if "malformed" in text:
+        return StorageError(f"{path} is damaged ({exc})")
+    if "unable to open database file" in text or "readonly database" in text:
+        return StorageError(f"cannot open {path} for writing: {exc}")
+    return None
 
 
 def add_missing_columns(db: pw.Database) -> list[str]:

@@ -20,6 +20,13 @@ class ConfigError(FatalError):
     in one line and exits with status 2."""
 
 
+class StorageError(ConfigError):
+    """A file or directory a service must write cannot be used at start: a read-only or
+    missing directory, a path that is a directory, a file that is not a database, a damaged
+    journal. Raised at start, naming the path and the problem; the process prints it in one
+    line and exits with status 2, which `qf up` does not restart: only a person can fix it."""
+
+
 class DecodeError(QFError):
     """A frame that is not a valid message. Handled by the receiving loop:
     drop the frame, count it, log it; never crash a service."""

@@ -27,16 +27,17 @@ import msgpack
 import peewee as pw
 
 from shared.db import JOURNAL_SQL, JournalApplied, database, journal_sql
-from shared.errors import FatalError
+from shared import storage
+from shared.errors import StorageError
 
 log = logging.getLogger("qf.journal")
 
 HEADER = struct.Struct("<IIQ")  # body length, crc32 of the body, seq
 
 
-class JournalError(FatalError):
+class JournalError(StorageError):
     """The journal cannot be read back: a damaged record with good ones after it. Nothing may
-    start on it (acknowledged fills are in it): the file needs a person."""
+    start on it (acknowledged fills are in it): the file needs a person (exit status 2)."""
 
 
 class JournalBusy(Exception):
@@ -87,9 +88,13 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        storage.ensure_dir(os.path.dirname(os.path.abspath(path)))
+        if os.path.isdir(path):
+            raise StorageError(f"cannot use {path} as the broker journal: it is a directory")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a read-only volume, a directory the process may not write
+            raise storage.cannot("write", path, exc) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -108,7 +113,8 @@ class Journal:
 
     def append(self, statements: list) -> int:
         """Write one record of `statements`; returns its seq once the kernel holds it. Raises
-        OSError (the file is cut back to its previous length: no partial record stays)."""
+        OSError, e.g. ENOSPC on a full disk (the file is cut back to its previous length: no
+        partial record stays, and nothing of this record is pending)."""
         seq = self.seq + 1
         body = msgpack.packb(statements, use_bin_type=True)
         record = HEADER.pack(len(body), zlib.crc32(body), seq) + body

@@ -166,7 +166,7 @@ class Ledger:
         self.start_cash = start_cash
         self.positions: dict[str, Position] = {}
         self.remember = remember
-        self.seen: OrderedDict[str, None] = OrderedDict()
+        self.seen: OrderedDict[str, str] = OrderedDict()  # fill_id -> the client_order_id it was booked for
 
     def position(self, symbol: str) -> Position:
         """The position of `symbol`, created flat on first use."""
@@ -182,11 +182,17 @@ class Ledger:
     def has_seen(self, fill_id: str) -> bool:
         return fill_id in self.seen
 
+    def booked_for(self, fill_id: str) -> str | None:
+        """The client_order_id a remembered fill was applied for ("" when not given); None when not
+        remembered. A repeat of a fill belongs to the same order: risk refuses an ack reusing another's id."""
+        return self.seen.get(fill_id)
+
     def apply(self, fill_id: str, symbol: str, side: Side | str, qty: Decimal, price: Decimal,
-              fee: Decimal = ZERO, fee_asset: str = "") -> tuple[Position, Decimal | None] | None:
+              fee: Decimal = ZERO, fee_asset: str = "", owner: str = "") -> tuple[Position, Decimal | None] | None:
         """Apply one fill unless `fill_id` was applied before. Returns None for a duplicate,
         else `(position, round-trip P&L or None)` (see Position.apply). Raises
-        ValueError for a bad side, qty or price (nothing applied, the id not burned)."""
+        ValueError for a bad side, qty or price (nothing applied, the id not burned). `owner`:
+        the client_order_id of the fill, remembered with its id (`booked_for`)."""
         side_ = _SIDES.get(side)
         if side_ is None:
             raise ValueError(f"side must be BUY or SELL, got {str(side)[:20]!r}")
@@ -195,7 +201,7 @@ class Ledger:
         pos = self.position(symbol)
         trip = pos.apply(side_, qty, price, fee, fee_asset)
         if self.remember:
-            self.seen[fill_id] = None
+            self.seen[fill_id] = owner
             if len(self.seen) > self.remember:
                 self.seen.popitem(last=False)
         return pos, trip
@@ -219,7 +225,9 @@ class Ledger:
                                          ("fee", abs(fee), MAX_QTY, 30)):
             if not value < top or value.as_tuple().exponent < -places:
                 raise ValueError(f"fill {fill_id[:40]!r}: {name} {str(value)[:40]} is out of range")
-        return self.apply(fill_id, symbol, fill.get("side"), qty, price, fee, fee_asset)
+        owner = fill.get("client_order_id", "")
+        return self.apply(fill_id, symbol, fill.get("side"), qty, price, fee, fee_asset,
+                          owner if type(owner) is str else "")
 
     def mark(self, symbol: str, price: Decimal) -> None:
         """Mark `symbol` at `price` (> 0, exact) for unrealized P&L."""

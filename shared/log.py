@@ -1,14 +1,19 @@
 """key=value logging: one line per event on unbuffered stdout."""
 import logging
 import sys
+import threading
 import time
+import traceback
+
+from shared.config import mask_secrets
 
 _OWN_KEYS = frozenset({"ts", "level", "svc", "event", "exc"})
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 def _fmt_value(value: object) -> str:
-    text = str(value)
+    # masked before quoting: a URL's credentials never reach a log line (issue #11)
+    text = mask_secrets(str(value))
     if text == "" or any(c in text for c in ' "=\n\t'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
@@ -36,13 +41,25 @@ class KeyValueFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+def _print_masked(exc_type, exc, tb) -> None:
+    sys.stderr.write(mask_secrets("".join(traceback.format_exception(exc_type, exc, tb))))
+    sys.stderr.flush()
+
+
+def _thread_excepthook(args) -> None:
+    if args.exc_type is not SystemExit:
+        _print_masked(args.exc_type, args.exc_value, args.exc_traceback)
+
+
 def setup(service: str, level: str = "INFO") -> logging.Logger:
-    """Route the root logger to stdout in key=value form; returns the service logger."""
+    """Route the root logger to stdout in key=value form; returns the service logger.
+    Uncaught exceptions (main thread and others) are printed with URL credentials masked."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(KeyValueFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    sys.excepthook, threading.excepthook = _print_masked, _thread_excepthook
     # werkzeug/gunicorn chatter stays at warning unless asked for
     logging.getLogger("websockets").setLevel(max(root.level, logging.INFO))
     try:

@@ -21,7 +21,15 @@ from shared.errors import DecodeError
 
 VERSION = 1
 MAX_FRAME = 1 << 20  # a bigger payload is refused before unpacking
-_MAX_DECIMAL_LEN = 40
+# Wire decimals (docs/protocol.md): at most 64 characters, finite, and 1e-30 <= |x| < 1e30 (or a
+# plain 0). An exponent is what makes a short string dangerous: "9e999999" overflows the first
+# sum it enters, "1e-999999" is a million digits once written out without one. Within these
+# bounds every product the broker makes (price x qty x fee rate, at most ~46 digits) is still
+# a readable wire decimal, and Decimal arithmetic at 50 digits never overflows.
+MAX_DECIMAL_LEN = 64
+DECIMAL_MAX_ADJUSTED = 29  # the leading digit's exponent: |x| < 1e30
+DECIMAL_MIN_ADJUSTED = -30  # |x| >= 1e-30; a zero written with an exponent below that is refused too
+MAX_NAME = 128  # client_order_id, strategy, symbol of a request: 1 to 128 characters (answer caches stay bounded)
 
 
 # -- field checkers: wire value -> python value, or DecodeError ----------------------
@@ -58,16 +66,31 @@ def _check_bool(name, x):
 
 
 def _check_decimal(name, x):
-    if type(x) is str and len(x) <= _MAX_DECIMAL_LEN:
+    if type(x) is str and len(x) <= MAX_DECIMAL_LEN:
         try:
             d = Decimal(x)
         except InvalidOperation:
             raise _bad(name, "decimal string", x) from None
-        if d.is_finite():
-            return d
-    elif type(x) is int:
-        return Decimal(x)
-    raise _bad(name, "finite decimal string", x)
+    elif type(x) is int or type(x) is Decimal:
+        d = Decimal(x)
+    else:
+        raise _bad(name, "decimal string", x)
+    if d.is_finite() and DECIMAL_MIN_ADJUSTED <= d.adjusted() <= DECIMAL_MAX_ADJUSTED:
+        return d
+    raise _bad(name, "finite decimal string, 1e-30 <= |x| < 1e30", x)
+
+
+def check_decimal(name: str, value: Any) -> Decimal:
+    """A wire decimal (decimal string, int or Decimal) -> Decimal within the wire bounds (finite,
+    at most MAX_DECIMAL_LEN characters, 1e-30 <= |x| < 1e30 or 0). Raises DecodeError bad_field.
+    The one parser for money read from a map that the message classes do not type (ack fills)."""
+    return _check_decimal(name, value)
+
+
+def _check_name(name, x):
+    if type(x) is str and 0 < len(x) <= MAX_NAME:
+        return x
+    raise _bad(name, f"str of 1 to {MAX_NAME} characters", x)
 
 
 def _check_levels(name, x):
@@ -107,8 +130,9 @@ def _enum_checker(cls):
     return check
 
 
+Name = typing.NewType("Name", str)  # an identifier a request brings in: 1 to MAX_NAME characters
 _CHECKERS = {int: _check_int, float: _check_float, str: _check_str, bool: _check_bool,
-             Decimal: _check_decimal, dict: _check_dict}
+             Decimal: _check_decimal, dict: _check_dict, Name: _check_name}
 Levels = list  # [[price, qty], ...] floats, best first
 DictList = typing.NewType("DictList", list)
 
@@ -220,9 +244,9 @@ class MdStatus(Message):
 class OrderRequest(Message):
     """Request `order`: strategy → risk → broker."""
     TYPE = "order"
-    client_order_id: str
-    strategy: str
-    symbol: str
+    client_order_id: Name
+    strategy: Name
+    symbol: Name
     side: Side
     kind: OrderKind
     qty: Decimal
@@ -266,7 +290,7 @@ class Ack(Message):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(Message):
     TYPE = "cancel"
-    client_order_id: str
+    client_order_id: Name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

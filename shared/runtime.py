@@ -1,6 +1,7 @@
 """What every service shell shares: liveness files, heartbeats, the stop signal, a µs latency histogram."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -8,7 +9,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from shared import storage
 from shared.messages import Heartbeat
+
+log = logging.getLogger("qf.runtime")
 
 LIVENESS_MAX_AGE_S = 10.0
 
@@ -19,17 +23,36 @@ def liveness_path(run_dir: str, service: str) -> Path:
 
 class Liveness:
     """Touches `{run_dir}/{service}.alive` from the service's own loop, so a
-    container health check (`qf health SERVICE`) sees a loop that still turns."""
+    container health check (`qf health SERVICE`) sees a loop that still turns.
+    `Liveness(run_dir, service)` raises StorageError when `run_dir` cannot be made or written."""
 
     def __init__(self, run_dir: str, service: str) -> None:
         self.path = liveness_path(run_dir, service)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.ensure_writable_dir(str(self.path.parent))
+        self.failing: str | None = None  # why the last touch failed; None while touches work
+        self.failures = 0
 
-    def touch(self) -> None:
-        self.path.touch()
+    def touch(self) -> bool:
+        """Mark the loop alive; False when the file system refused (logged once per streak of
+        failures, never raised: a full or failing disk must not stop the loop it reports on)."""
+        try:
+            self.path.touch()
+        except OSError as exc:
+            self.failures += 1
+            if self.failing is None:
+                self.failing = storage.problem(exc)
+                log.warning("liveness_touch_failed", extra={"path": str(self.path), "problem": self.failing})
+            return False
+        if self.failing is not None:
+            log.info("liveness_touch_recovered", extra={"path": str(self.path), "failures": self.failures})
+            self.failing = None
+        return True
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a read-only run dir at shutdown: nothing left to do about it
+            pass
 
 
 def is_alive(run_dir: str, service: str, max_age_s: float = LIVENESS_MAX_AGE_S) -> bool:

@@ -81,3 +81,61 @@ def make_config(tmp_path):
     def make(**env: str) -> qfconfig.Config:
         return qfconfig.load(tcp_env(tmp_path, **env))
     return make
+
+
+class SmallDisk:
+    """A real, small file system (tmpfs) mounted at `path` for one test: `fill()` takes every
+    free byte with a filler file, `free()` deletes it, `read_only()` / `read_write()` remount it."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.filler = os.path.join(str(path), "filler")
+
+    def fill(self) -> int:
+        """Write the filler until the file system refuses a single byte; returns bytes written."""
+        written = 0
+        with open(self.filler, "ab", buffering=0) as f:
+            for chunk in (1 << 20, 1 << 12, 1):
+                block = b"\0" * chunk
+                while True:
+                    try:
+                        n = f.write(block)
+                    except OSError:
+                        break
+                    written += n or 0
+                    if not n:
+                        break
+        return written
+
+    def free(self) -> None:
+        os.unlink(self.filler)
+
+    def read_only(self) -> None:
+        """Remount read-only (refused while a file on it is open for writing)."""
+        import subprocess
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, capture_output=True)
+
+    def read_write(self) -> None:
+        import subprocess
+        subprocess.run(["mount", "-o", "remount,rw", str(self.path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs at tmp_path/disk, unmounted after the test (which stops its processes
+    first). Skips, saying why, where mounting is not permitted (needs root or CAP_SYS_ADMIN)."""
+    import subprocess
+    path = tmp_path / "disk"
+    path.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs for a real full or read-only disk: {exc}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real full or read-only disk: {done.stderr.strip()}")
+    try:
+        yield SmallDisk(path)
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)  # a straggler holds a file

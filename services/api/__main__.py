@@ -5,7 +5,7 @@ import sys
 
 from services.api.service import run_api
 from shared import log as qflog
-from shared.config import load
+from shared.config import load, mask_secrets
 from shared.errors import ConfigError
 
 
@@ -14,7 +14,7 @@ def main() -> int:
     try:
         cfg = load()
     except ConfigError as exc:
-        print(f"qf api: {exc}", file=sys.stderr)
+        print(mask_secrets(f"qf api: {exc}"), file=sys.stderr)
         return 2
     qflog.setup("api", cfg.common.log_level).info("config", extra=cfg.effective())
     run_api(cfg)

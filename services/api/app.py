@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import re
 import time
 
@@ -11,13 +10,15 @@ import peewee as pw
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from services.api import queries
+from services.api.body import read_object
+from services.api.dbreader import DatabaseUnavailable, ReadOnlyDatabase
+from services.api.errors import ApiError, bad_param, error_body, error_code
 from shared import messages
 from shared.bus import LazyPirateClient, NoReply
 from shared.config import Config
-from shared.db import database, init_db
 from shared.enums import ControlAction
 from shared.errors import DecodeError
 from shared.messages import Control, ControlReply, Error
@@ -26,41 +27,12 @@ log = logging.getLogger("qf.api")
 
 _SYMBOL = re.compile(r"[A-Za-z0-9]{1,20}")
 
+# Only the control endpoint takes a body, one small flat object; nothing else reads one.
+CONTROL_MAX_BYTES = 4096
+MAX_BODY_BYTES = 64 * 1024
 
-class ApiError(Exception):
-    """An error the client gets as `{"error": {"code", "message"}}` with `status`.
-    Raised by views; turned into a response by the app's error handler."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def bad_param(message: str) -> ApiError:
-    return ApiError(400, "bad_param", message)
-
-
-class _Database:
-    """Opens the database lazily, once per process: gunicorn forks workers, and a
-    SQLite connection must never cross a fork, so each worker opens its own."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.db: pw.Database | None = None
-        self.pid: int | None = None
-
-    def ensure(self) -> None:
-        """Bind the models to this app's database. Raises ApiError(503) if it cannot be opened."""
-        if self.db is None or self.pid != os.getpid():
-            try:
-                self.db = init_db(self.target)
-            except Exception as exc:  # sqlite3/peewee/OS errors alike mean "unavailable"
-                self.db = None
-                log.warning("db_open_failed", extra={"detail": str(exc)})  # the client gets no paths
-                raise ApiError(503, "db_unavailable", "the database cannot be opened") from exc
-            self.pid = os.getpid()
-        elif database.obj is not self.db:
-            database.initialize(self.db)  # another app in this process (tests) rebound the models
+__all__ = ["ApiError", "bad_param", "error_body", "create_app", "check_token", "ask_risk",
+           "CONTROL_MAX_BYTES", "MAX_BODY_BYTES"]
 
 
 def check_token(expected: str, header: str | None) -> None:
@@ -99,32 +71,43 @@ def ask_risk(cfg: Config, action: ControlAction, by: str, reason: str) -> dict:
             "equity": reply.equity, "detail": reply.detail}
 
 
+def _names(names) -> str:
+    """Names a client sent, for an error message: at most 5, each cut to 40 characters."""
+    shown = sorted(names)
+    return ", ".join(repr(n[:40]) for n in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
+def _valid_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # a lone surrogate (`"\ud800"` in JSON) cannot be sent on to risk
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _control_body() -> tuple[ControlAction, str, str]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise bad_param("the body must be a JSON object: {\"action\": \"HALT|RESUME|FLATTEN\", \"reason\": \"…\"}")
-    unknown = sorted(set(body) - {"action", "reason", "by"})
+    body = read_object(request, CONTROL_MAX_BYTES)
+    unknown = set(body) - {"action", "reason", "by"}
     if unknown:
-        raise bad_param(f"unknown field(s): {', '.join(unknown)}; allowed: action, reason, by")
+        raise bad_param(f"unknown field(s): {_names(unknown)}; allowed: action, reason, by")
     action = body.get("action")
     if action not in ("HALT", "RESUME", "FLATTEN"):
         raise bad_param(f"action must be HALT, RESUME or FLATTEN, got {str(action)[:40]!r}")
     reason, by = body.get("reason"), body.get("by", "")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500 or not _valid_text(reason):
         raise bad_param("reason must be a non-empty string of at most 500 characters")
-    if not isinstance(by, str) or len(by) > 80:
+    if not isinstance(by, str) or len(by) > 80 or not _valid_text(by):
         raise bad_param("by must be a string of at most 80 characters")
     return ControlAction(action), f"api:{by}" if by else "api", reason.strip()
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
-
-
 def _params(allowed: set[str]) -> dict[str, str]:
-    unknown = sorted(set(request.args) - allowed)
+    unknown = set(request.args) - allowed
     if unknown:
-        raise bad_param(f"unknown parameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise bad_param(f"unknown parameter(s): {_names(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+    repeated = sorted(k for k in allowed if len(request.args.getlist(k)) > 1)
+    if repeated:  # which one would count is a guess: refuse rather than pick
+        raise bad_param(f"parameter(s) given more than once: {', '.join(repeated)}")
     return {k: request.args[k] for k in allowed if k in request.args}
 
 
@@ -182,13 +165,14 @@ class _TradingCollector:
 def create_app(cfg: Config) -> Flask:
     """The API app for `cfg`; the database is opened on the first request of each process."""
     app = Flask("services.api")
-    db = _Database(cfg.common.db)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # views that read a body set their own, smaller cap
+    db = ReadOnlyDatabase(cfg.common.db)
     app.extensions["qf_db"] = db
 
     @app.before_request
     def _open_db():
         if request.endpoint not in (None, "health", "control", "risk_state"):  # health reports failures itself
-            db.ensure()
+            db.ensure()  # per request: notices a database file deleted or replaced since the last one
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
@@ -197,14 +181,23 @@ def create_app(cfg: Config) -> Flask:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="quantumflow"'
         return resp, exc.status
 
+    @app.errorhandler(DatabaseUnavailable)
+    def _db_unavailable(exc: DatabaseUnavailable):
+        return jsonify(error_body(exc.code, exc.message)), 503  # the client gets no paths
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify(error_body(code, exc.description or exc.name)), exc.code
+        if exc.code is None:  # not an error answer (werkzeug's RoutingException): as it is
+            return exc
+        resp = jsonify(error_body(error_code(exc.name or "error"), exc.description or exc.name))
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            resp.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return resp, exc.code
 
     @app.errorhandler(pw.DatabaseError)
     def _db_error(exc: pw.DatabaseError):
         log.warning("db_error", extra={"path": request.path, "detail": str(exc)})
+        db.close()  # the next request opens a fresh connection
         return jsonify(error_body("db_unavailable", "the database cannot be queried")), 503
 
     @app.errorhandler(Exception)
@@ -217,9 +210,13 @@ def create_app(cfg: Config) -> Flask:
         try:
             db.ensure()
             queries.ping()
-        except (ApiError, pw.DatabaseError) as exc:
+        except DatabaseUnavailable as exc:  # db.ensure() logged it, once per outage
+            return jsonify({"status": "error", "db": "error", **error_body(exc.code, exc.message)}), 503
+        except pw.DatabaseError as exc:
             log.warning("health_db_error", extra={"detail": str(exc)})
-            return jsonify({"status": "error", "db": "error"}), 503
+            db.close()
+            return jsonify({"status": "error", "db": "error",
+                            **error_body("db_unavailable", "the database cannot be queried")}), 503
         return jsonify({"status": "ok", "db": "ok"})
 
     @app.get("/api/v1/trades")

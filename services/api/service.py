@@ -1,14 +1,17 @@
 """Runs the API app under gunicorn (sync workers, key=value logs, quick graceful stop)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from services.api.app import create_app
+from services.api.errors import error_body, error_code
 from shared.config import Config
 
 log = logging.getLogger("qf.api")
@@ -27,6 +30,16 @@ class KeyValueLogger(GunicornLogger):
             for handler in [h for h in self.error_log.handlers if getattr(h, "_gunicorn", False)]:
                 self.error_log.removeHandler(handler)
             self.error_log.propagate = True
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's answer to a request it refuses before the app sees it (a bad request line,
+    headers over its limits: 400/414/431; a crash outside Flask: 500), as the API's JSON error
+    instead of gunicorn's HTML page. Same signature as `gunicorn.util.write_error`."""
+    body = json.dumps(error_body(error_code(reason), (mesg or reason)[:200])).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def gunicorn_options(cfg: Config) -> dict[str, Any]:
@@ -57,6 +70,10 @@ class ApiApplication(BaseApplication):
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        # gunicorn has no setting for its error pages; its workers call util.write_error, so
+        # it is replaced in this (the API's own) process before the workers fork: every
+        # answer of the API is JSON, the ones gunicorn gives itself too
+        gunicorn_util.write_error = write_json_error
         # gunicorn ≥ 25.1 opens a control socket in $HOME by default: one per host
         # user, so two APIs (or a test run beside a real one) would fight over it
         if "control_socket_disable" in self.cfg.settings:

@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 
 from shared.enums import OPEN_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
 from shared.errors import InvalidTransition
+from shared.ledger import MAX_PRICE, MAX_QTY
 from shared.messages import Ack, Fill, OrderEvent, OrderRequest
 
 STEP = Decimal("1e-8")  # Binance's finest price/qty step
@@ -21,6 +22,7 @@ QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "E
 
 # Reasons the broker gives (Ack.reason / OrderRow.reason).
 NO_BOOK = "NO_BOOK"
+BAD_BOOK = "BAD_BOOK"  # the symbol's latest book was refused (market.py): nothing trades on it until a sane one
 NO_LIQUIDITY = "NO_LIQUIDITY"
 IOC_REMAINDER = "IOC_REMAINDER"
 BAD_ORDER = "BAD_ORDER"
@@ -130,11 +132,13 @@ class Order:
 
     @classmethod
     def from_request(cls, req: OrderRequest, order_id: str, now_ns: int) -> "Order":
-        """A new PENDING order for `req`. Raises ValueError for qty ≤ 0 or a LIMIT without a positive price."""
-        if req.qty <= 0:
-            raise ValueError(f"qty must be positive, got {req.qty}")
-        if req.kind is OrderKind.LIMIT and (req.price is None or req.price <= 0):
-            raise ValueError("a LIMIT order needs a positive price")
+        """A new PENDING order for `req`. Raises ValueError for a qty outside (0, MAX_QTY] or a LIMIT
+        without a price in (0, MAX_PRICE] (shared/ledger.py: beyond anything traded, and what keeps
+        every notional, fee and cash sum exact at 50 digits)."""
+        if not 0 < req.qty <= MAX_QTY:
+            raise ValueError(f"qty must be in (0, {MAX_QTY}], got {req.qty}")
+        if req.kind is OrderKind.LIMIT and (req.price is None or not 0 < req.price <= MAX_PRICE):
+            raise ValueError(f"a LIMIT order needs a price in (0, {MAX_PRICE}]")
         price = req.price if req.kind is OrderKind.LIMIT else None
         return cls(order_id=order_id, client_order_id=req.client_order_id, strategy=req.strategy,
                    symbol=req.symbol, side=req.side, kind=req.kind, tif=req.tif, qty=req.qty,

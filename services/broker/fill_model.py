@@ -4,11 +4,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Iterable
 
-from services.broker import core
+from services.broker import core, market as mkt
 from services.broker.core import Order
 from services.broker.latency import LatencyModel
-from services.broker.market import Market, to_dec, to_units
+from services.broker.market import Market, Refused, check_book, check_trade, to_dec, to_units
 from services.broker.queue import QueuePos, RiskAverseQueue
 from shared.enums import Liquidity, OrderKind, Side, TimeInForce
 from shared.messages import Book, Fill, Trade
@@ -56,15 +57,24 @@ class FillModel:
     the entry latency and is processed when that book state is visible here
     (`now + entry + feed lag`), by `advance`, `on_book` or `on_trade`, against
     the book as it stood then. Requests travel in order (one connection), so
-    none overtakes an earlier one. Each call returns the Updates it made."""
+    none overtakes an earlier one. Each call returns the Updates it made.
+
+    Books and trades are checked once, as they arrive (market.check_book /
+    check_trade): one the broker cannot trust changes nothing but the symbol's
+    trust (an order arriving meanwhile is REJECTED `BAD_BOOK`) and is counted by
+    reason; `refusals()` hands the counts over. `symbols`: the only symbols whose
+    books are kept (None: any, up to market.MAX_MARKETS)."""
 
     def __init__(self, taker_fee: Decimal, maker_fee: Decimal, queue: RiskAverseQueue,
-                 latency: LatencyModel, fee_asset: str = "quote") -> None:
+                 latency: LatencyModel, fee_asset: str = "quote", symbols: Iterable[str] | None = None) -> None:
         if fee_asset not in FEE_MODES:
             raise ValueError(f"fee_asset must be one of {FEE_MODES}, got {fee_asset!r}")
         self.taker_fee, self.maker_fee = taker_fee, maker_fee
         self.queue, self.latency, self.fee_asset = queue, latency, fee_asset
+        self.symbols = None if symbols is None else frozenset(symbols)
         self.markets: dict[str, Market] = {}
+        self._refused: dict[str, int] = {}  # Refused.reason -> books and trades refused since refusals()
+        self._last_refusal: Refused | None = None
         self.working: dict[str, Working] = {}  # client_order_id -> in flight or resting
         self.resting: dict[str, dict[str, Working]] = {}  # symbol -> client_order_id -> resting
         self._pending: list[tuple[int, int, int, str, int | None]] = []  # (due, seq, kind, coid, token)
@@ -138,6 +148,18 @@ class FillModel:
     def marks(self) -> dict[str, Decimal]:
         return {s: m.mid for s, m in self.markets.items() if m.mid is not None}
 
+    def refusals(self) -> tuple[dict[str, int], Refused | None]:
+        """Books and trades refused since the last call, counted by reason, and the last of them
+        (for a log line); both reset. Call after on_book/on_trade, as often as convenient."""
+        counts, last = self._refused, self._last_refusal
+        if counts:
+            self._refused, self._last_refusal = {}, None
+        return counts, last
+
+    def _refuse(self, exc: Refused) -> None:
+        self._refused[exc.reason] = self._refused.get(exc.reason, 0) + 1
+        self._last_refusal = exc
+
     # -- time and market events ----------------------------------------------------------
 
     def advance(self, now: int) -> list[Update]:
@@ -154,14 +176,26 @@ class FillModel:
 
     def on_book(self, book: Book, now: int) -> list[Update]:
         """A new book at `now`: requests due before it meet the previous book; then
-        resting orders advance in their queues and fill where the book crosses them."""
+        resting orders advance in their queues and fill where the book crosses them.
+        A refused book (counted) leaves the symbol's book untrusted and fills nothing."""
+        market = self.markets.get(book.symbol)
+        try:
+            if market is None and (len(self.markets) >= mkt.MAX_MARKETS if self.symbols is None
+                                   else book.symbol not in self.symbols):
+                raise Refused(mkt.SYMBOL, book.symbol[:40])
+            bids, asks = check_book(book)
+        except Refused as exc:
+            self._refuse(exc)
+            out = self.advance(now)
+            if market is not None:
+                market.distrust()
+            return out
         self.latency.feed.observe(book.recv_ts, book.exch_ts)
         out = self.advance(now)
-        market = self.markets.get(book.symbol)
         if market is None:
-            market = self.markets[book.symbol] = Market(book)
+            market = self.markets[book.symbol] = Market(book, bids, asks)
         else:
-            market.update(book)
+            market.update(book, bids, asks)
         resting = self.resting.get(book.symbol)
         if resting:
             queue, bids, asks = self.queue, market.bids, market.asks
@@ -182,13 +216,19 @@ class FillModel:
 
     def on_trade(self, trade: Trade, now: int) -> list[Update]:
         """A market trade at `now`: it advances the queues at its price, fills the
-        orders it reaches, and fills in full every order whose price it traded through."""
-        self.latency.feed.observe(trade.recv_ts, trade.exch_ts)
+        orders it reaches, and fills in full every order whose price it traded through.
+        A trade that could fill something is checked first; a bad one (counted) fills nothing."""
+        if trade.exch_ts <= mkt.MAX_EXCH_MS:
+            self.latency.feed.observe(trade.recv_ts, trade.exch_ts)
         out = self.advance(now)
         resting = self.resting.get(trade.symbol)
         if not resting:
             return out
-        price, qty = to_units(trade.price), to_units(trade.qty)
+        try:
+            price, qty = check_trade(trade)
+        except Refused as exc:
+            self._refuse(exc)
+            return out
         seller_took = trade.buyer_is_maker  # the aggressor sold: bids were hit
         used = 0  # of this trade, what our earlier orders at its price took (they are ahead of later ones)
         for w in list(resting.values()):  # time priority
@@ -212,8 +252,8 @@ class FillModel:
         order = w.order
         w.arrival_ts = now
         market = self.markets.get(order.symbol)
-        if market is None:
-            order.reject(core.NO_BOOK, now)
+        if market is None or not market.trusted:
+            order.reject(core.NO_BOOK if market is None else core.BAD_BOOK, now)
             return self._done(Update(ARRIVED, order.client_order_id, order, working=w))
         w.arrival_mid = market.mid
         view = market.opposite(order.side)

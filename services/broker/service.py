@@ -11,20 +11,24 @@ from collections import OrderedDict
 from typing import Callable
 
 import msgpack
+import peewee as pw
+import sqlite3
 import zmq
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.broker import core, store
 from services.broker.core import Order
 from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
 from services.broker.latency import LatencyModel
+from services.broker.outage import StoreHealth
 from services.broker.queue import make_queue_model
-from shared import messages
+from shared import messages, storage
+from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared import journal
 from shared.config import Config
 from shared.db import database, init_db
-from shared.enums import OrderStatus
+from shared.enums import TERMINAL_STATUSES, OrderStatus
 from shared.errors import ConfigError, DecodeError, FatalError
 from shared.messages import Ack, Book, Cancel, Error, OrderRequest, Trade
 from shared.journal import Journal, JournalBusy
@@ -36,7 +40,13 @@ ORDERS = Counter("qf_broker_orders_total", "Order changes committed, by resultin
 FILLS = Counter("qf_broker_fills_total", "Fills committed, by liquidity", ["liquidity"])
 DUPLICATES = Counter("qf_broker_duplicates_total", "Repeated client_order_id answered without a new order")
 BAD_FRAMES = Counter("qf_broker_decode_errors_total", "Frames that were not valid messages", ["source"])
+BAD_MD = Counter("qf_broker_bad_market_data_total", "Books and trades refused as untrustworthy (market.py), by reason",
+                 ["reason"])
+MD_LOG_S = 1.0  # at most one log line a second about refused market data (a bad feed repeats itself)
 FAILURES = Counter("qf_broker_request_failures_total", "Messages or commits that failed inside the broker")
+STORE_AVAILABLE = Gauge("qf_broker_store_available", "1 while the broker's journal and database take writes, "
+                        "0 during a storage outage (see docs/fill-model.md)")
+STORE_REFUSED = Counter("qf_broker_store_refusals_total", "Requests answered with error STORE_UNAVAILABLE")
 ACK_SECONDS = Histogram("qf_broker_request_seconds", "Request received to reply sent, simulated latency included",
                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5))
 
@@ -49,7 +59,10 @@ GC_THRESHOLD = 50_000  # allocations between young-generation collections (Pytho
 # right after each answer instead competes with the rest of the round trip for the 2 cores
 # (+140 µs at the median in the risk benchmark); bigger batches make the order that waits for one slower.
 STORE_IDLE_MS, STORE_RECORDS, STORE_AGE_S = 1, 8, 0.01
-STORE_RETRY_S = 1.0  # after a failed store, the next try waits this long (the records stay in the journal)
+# After a failed write the storage is probed (services/broker/outage.py) with a backoff; the
+# records stay in the journal meanwhile. STORE_UNAVAILABLE is the alert's code and the answer's.
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+READ_ERRORS = (pw.PeeweeException, sqlite3.Error, OSError)
 
 
 def _fill_map(wire: dict) -> dict:
@@ -88,7 +101,8 @@ def _counter(metric, label: str):
 
 
 class StoreUnavailable(Exception):
-    """The database refuses the journal's rows, so what it says of an order may be out of date."""
+    """An answer the broker cannot give now: its storage cannot be read, or cannot take the
+    writes the request needs. Answered with error STORE_UNAVAILABLE (retry later)."""
 
 
 Events = list[tuple[str, messages.Message, dict | None]]  # (topic, message, its wire map when made already)
@@ -112,8 +126,9 @@ class BrokerService:
         self.order_waiters: dict[str, list[Waiter]] = {}
         self.cancel_waiters: dict[int, Waiter] = {}
         self._tokens = 0
+        self._md_log = [0.0, 0]  # monotonic time of the last line about bad market data, lines held back since
         self.stats = {"orders": 0, "fills": 0, "rejects": 0, "decode_errors": 0, "commit_failures": 0,
-                      "store_failures": 0}
+                      "store_failures": 0, "snapshot_failures": 0, "store_refused": 0}
         self.ack_us = MicrosHistogram()  # request read to reply sent (simulated latency included), for heartbeats
         self._order_ids = OrderIds()
         self._stop = threading.Event()
@@ -123,15 +138,25 @@ class BrokerService:
             self.journal = Journal(path)
         except JournalBusy as exc:
             raise ConfigError(f"{exc}: one broker per database (QF_DB)") from None
-        self._store_after = 0.0  # monotonic time before which no store is tried (after a failure)
         self._oldest = 0.0  # monotonic time the oldest unstored journal record was appended
-        init_db(cfg.common.db)
-        self._load()
-        database.close()  # run() may be on another thread; it opens its own connection
+        self.health = StoreHealth()
+        try:
+            try:
+                init_db(cfg.common.db)
+                self._load()
+            except READ_ERRORS as exc:  # e.g. a full disk refusing what the journal holds: `qf up` retries
+                raise FatalError(f"cannot bring {cfg.common.db} up to date: "
+                                 f"{storage.problem(exc, cfg.common.db)}") from None
+            database.close()  # run() may be on another thread; it opens its own connection
+            self.liveness = Liveness(cfg.common.run_dir, "broker")
+        except BaseException:
+            self.journal.close()
+            raise
         self.server = Server(cfg.bus.broker_rep, ctx)
         self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade."], cfg.bus.hwm, ctx)
         self.pub = Publisher(cfg.bus.broker_pub, cfg.bus.hwm, ctx)
-        self.liveness = Liveness(cfg.common.run_dir, "broker")
+        self.alerts = Alerter("broker", self.pub.publish)
+        STORE_AVAILABLE.set(1)
         self.heartbeat = HeartbeatMaker("broker")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
         self.equity_ticker = Ticker(int(cfg.broker.equity_s * 1000))
@@ -150,41 +175,43 @@ class BrokerService:
     # -- state from the database ----------------------------------------------------
 
     def _load(self) -> None:
+        """Store what the journal holds, then rebuild the model, cash and positions from the
+        database (all or nothing: on an error nothing is replaced). Raises peewee, sqlite3 or OS errors."""
         # what an earlier run made durable but did not store goes in first: the state is read from SQLite
         recovered = self.journal.catch_up()
         if recovered:
             log.warning("journal_recovered", extra={"records": recovered, "journal": self.journal.path})
         b = self.cfg.broker
         latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, b.seed)
-        self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
-                               latency, b.fee_asset)
-        self.account, fills = store.load_account(b.start_cash)
-        self.known = store.known_ids()
-        self.stats["fills"] = fills
+        model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
+                          latency, b.fee_asset, self.cfg.md.symbols)
+        account, fills = store.load_account(b.start_cash)
+        known = store.known_ids()
         for order, row in store.load_open():
-            self.model.restore(order, row.arrival_ts, row.decision_mid, row.arrival_mid)
-        log.info("rebuilt", extra={"fills": fills, "open_orders": len(self.model.working),
-                                   "cash": self.account.cash, "queue_model": self.model.queue.name,
-                                   **latency.describe()})
+            model.restore(order, row.arrival_ts, row.decision_mid, row.arrival_mid)
+        self.model, self.account, self.known = model, account, known
+        self.stats["fills"] = fills
+        log.info("rebuilt", extra={"fills": fills, "open_orders": len(model.working),
+                                   "cash": account.cash, "queue_model": model.queue.name, **latency.describe()})
 
     def _reload(self) -> None:
         """After a failed journal write the model is ahead of what is durable: rebuild it from
-        the database (keeping the books). Requests in flight get no answer; their clients retry.
-        Raises FatalError when even that fails: a broker that cannot tell what it did must stop."""
+        the database, keeping the books (the frozen model was shown every book meanwhile, its
+        own doings thrown away). Raises like `_load` (the frozen model stays; the next probe
+        tries again)."""
         markets = self.model.markets
-        try:
-            self._load()
-        except Exception as exc:
-            log.exception("reload_failed")
-            raise FatalError(f"cannot rebuild the broker's state from {self.cfg.common.db}: {exc}") from exc
+        self._load()
         self.model.markets = markets
-        self.order_waiters.clear()
-        self.cancel_waiters.clear()
 
     def _stored_ack(self, client_order_id: str, reason: str | None = None) -> Ack | None:
-        """The order's answer from the database (StoreUnavailable: see `_require_stored`)."""
-        self._require_stored(client_order_id)
-        found = store.stored(client_order_id)
+        """The order's answer from the database and what the journal holds that the database
+        does not yet, or None for an order the broker never had. Raises StoreUnavailable when
+        the database cannot be read."""
+        try:
+            found = store.stored(client_order_id, journal.statements_of(self.journal.pending))
+        except READ_ERRORS as exc:
+            raise StoreUnavailable(f"{client_order_id} cannot be looked up: "
+                                   f"{storage.problem(exc, self.cfg.common.db)}") from None
         if found is None:
             return None
         order, fills = found
@@ -192,11 +219,16 @@ class BrokerService:
         self._remember(ack)
         return ack if reason is None else dataclasses.replace(ack, reason=reason)
 
-    def _require_stored(self, client_order_id: str) -> None:
-        """Before looking an order up: the database must hold everything the journal does, or
-        what it says could be out of date; raises StoreUnavailable when it refuses the rows."""
-        if not self._store_journal(force=True):
-            raise StoreUnavailable(f"the database refuses the journal's rows: {client_order_id} cannot be looked up")
+    def _is_stored(self, client_order_id: str) -> bool:
+        """Whether the broker has the order: in the database (one indexed lookup) or in the
+        journal's unstored records. Raises StoreUnavailable when the database cannot be read."""
+        try:
+            return store.exists(client_order_id) or (
+                bool(self.journal.pending) and store.inserts(client_order_id,
+                                                             journal.statements_of(self.journal.pending)))
+        except READ_ERRORS as exc:
+            raise StoreUnavailable(f"{client_order_id} cannot be looked up: "
+                                   f"{storage.problem(exc, self.cfg.common.db)}") from None
 
     def _remember(self, ack: Ack) -> None:
         self.acks[ack.client_order_id] = ack
@@ -224,32 +256,38 @@ class BrokerService:
             try:
                 self.cancel(waiter, req.client_order_id, now)
             except StoreUnavailable as exc:
-                self._reply(waiter, Error(ts=now, code="STORE_UNAVAILABLE", text=str(exc)))
+                self._refuse(waiter, now, str(exc))
         else:
             self.stats["decode_errors"] += 1
             BAD_FRAMES.labels("request").inc()
             self._reply(waiter, Error(ts=now, code="unexpected_type", text=req.TYPE))
 
     def place(self, waiter: Waiter, req: OrderRequest, now: int) -> None:
-        """A new order goes in flight; a known client_order_id gets its order's answer (never a second order)."""
+        """A new order goes in flight; a known client_order_id gets its order's answer (never a
+        second order); while the broker could not make a new order durable, a new one is
+        refused with error STORE_UNAVAILABLE (nothing of it is kept: its retry is a new order)."""
         coid = req.client_order_id
         known = self.acks.get(coid)
-        if known is None and self.model.in_flight(coid):
+        if known is None and not self.health.frozen and self.model.in_flight(coid):
             DUPLICATES.inc()
             self.order_waiters[coid].append(waiter)
             return
         if known is None and self.known.maybe(coid):
-            # maybe stored: looked up in the database, once it holds what the journal does; if
-            # it cannot, the order might be a repeat: refused (its retry comes later), never run twice
+            # maybe stored: looked up in the database and the journal's unstored records; if the
+            # database cannot be read, the order might be a repeat: refused (its retry comes later),
+            # never run twice
             try:
-                self._require_stored(coid)
-                if store.exists(coid):
+                if self._is_stored(coid):
                     known = self._stored_ack(coid)
             except StoreUnavailable as exc:
-                return self._reply(waiter, Error(ts=now, code="STORE_UNAVAILABLE", text=str(exc)))
+                return self._refuse(waiter, now, str(exc))
         if known is not None:
             DUPLICATES.inc()
             return self._reply(waiter, known)
+        if self.health.down:
+            refusal = self.health.refusal(len(self.journal.pending))
+            if refusal is not None:
+                return self._refuse(waiter, now, refusal)
         self.known.add(coid)  # from here on it is in flight, then stored
         order_id = self._order_ids.next()
         try:
@@ -266,7 +304,14 @@ class BrokerService:
 
     def cancel(self, waiter: Waiter, client_order_id: str, now: int) -> None:
         """A cancel for an order held by the exchange takes effect after the latency;
-        a finished one is answered now with reason "not open"; an unknown one with an Error."""
+        a finished one is answered now with reason "not open"; an unknown one with an Error.
+        Raises StoreUnavailable for an open order while nothing can be made durable."""
+        if self.health.frozen:
+            known = self.acks.get(client_order_id) or self._stored_ack(client_order_id)
+            if known is not None and known.status not in TERMINAL_STATUSES:
+                raise StoreUnavailable(f"cannot cancel {client_order_id} now: {self.health.why}")
+            return self._reply(waiter, dataclasses.replace(known, reason=core.NOT_OPEN) if known else
+                               Error(ts=now, code="UNKNOWN_ORDER", text=client_order_id))
         self._tokens += 1
         if self.model.cancel(client_order_id, now, self._tokens):
             self.cancel_waiters[self._tokens] = waiter
@@ -280,8 +325,9 @@ class BrokerService:
 
     def _process(self, updates: list[Update]) -> None:
         """Make `updates` durable (one journal record), then reply to whoever waits and publish;
-        the rows go into SQLite later (`_store_journal`)."""
-        if not updates:
+        the rows go into SQLite later (`_store_journal`). When the journal refuses the record,
+        nobody is told of it: see `_freeze`."""
+        if not updates or self.health.frozen:  # frozen: what the model does is thrown away (see _freeze)
             return
         changes = []
         for u in updates:
@@ -297,12 +343,11 @@ class BrokerService:
                     self._oldest = time.monotonic()
                 self.journal.append(statements)
                 self.account = account
-            except Exception:
+            except Exception as exc:
                 # nothing was made durable, so nothing is told; the model is rebuilt from the database
                 FAILURES.inc()
                 self.stats["commit_failures"] += 1
-                log.exception("commit_failed", extra={"orders": len(changes)})
-                self._reload()
+                self._freeze(f"cannot write {self.journal.path}: {storage.problem(exc)}", exc)
                 return
         told = []
         for u in updates:  # the answers first: counters, events and log lines wait until they are sent
@@ -327,7 +372,12 @@ class BrokerService:
         wires = [f.to_wire() for f in fills]  # once: the ack's fill maps, then the fill.* events
         prior = self.acks.get(order.client_order_id)
         if prior is None and order.fill_count > len(fills):
-            ack = self._stored_ack(order.client_order_id)  # earlier fills fell out of the cache
+            try:
+                ack = self._stored_ack(order.client_order_id)  # earlier fills fell out of the cache
+            except StoreUnavailable:  # durable already: answered with this update's fills only, not cached
+                ack = None
+            if ack is None:
+                ack = core.ack_for(order, map(_fill_map, wires), order.updated_ts)
         else:
             maps = [*(prior.fills if prior is not None else ()), *map(_fill_map, wires)]
             ack = core.ack_for(order, maps, order.updated_ts)
@@ -361,8 +411,11 @@ class BrokerService:
             return
         if ack is None:  # the order finished before the cancel arrived
             known = self.acks.get(u.client_order_id)
-            ack = dataclasses.replace(known, reason=core.NOT_OPEN) if known else \
-                self._stored_ack(u.client_order_id, core.NOT_OPEN)
+            try:
+                ack = dataclasses.replace(known, reason=core.NOT_OPEN) if known else \
+                    self._stored_ack(u.client_order_id, core.NOT_OPEN)
+            except StoreUnavailable as exc:
+                return self._refuse(waiter, self.clock(), str(exc))
         self._reply(waiter, ack or Error(ts=self.clock(), code="UNKNOWN_ORDER", text=u.client_order_id))
 
     # -- loop -----------------------------------------------------------------------------
@@ -378,11 +431,12 @@ class BrokerService:
             gc.collect()
             gc.freeze()
             gc.set_threshold(GC_THRESHOLD, 20, 100)
+        poll, health = poller.poll, self.health
         try:
             database.connect(reuse_if_open=True)
             self.checkpointer.start()
             while not self._stop.is_set():
-                ready = dict(poller.poll(self._timeout_ms()))
+                ready = dict(poll(self._timeout_ms()))
                 if not ready:
                     self._guarded(lambda: self._store_journal(idle=True))
                 if self.md.sock in ready:
@@ -392,8 +446,10 @@ class BrokerService:
                 self._guarded(lambda: self._process(self.model.advance(self.clock())))
                 if self.journal.pending:
                     self._guarded(self._store_journal)
-                if self.equity_ticker.due():
-                    self._guarded(lambda: store.snapshot(self.clock(), self.account, self.model.marks()))
+                if health.down and health.probe_due(time.monotonic()):
+                    self._guarded(self._probe)
+                if self.equity_ticker.due() and not health.down:
+                    self._guarded(self._snapshot)
                 if self.ticker.due():
                     self._beat()
         finally:
@@ -401,7 +457,10 @@ class BrokerService:
             log.info("stopped", extra={"orders": self.stats["orders"], "fills": self.stats["fills"]})
 
     def _timeout_ms(self) -> int:
-        wait = STORE_IDLE_MS if self.journal.pending else POLL_MS
+        if self.health.down:  # no idle store: the probe is the next try
+            wait = min(POLL_MS, int(self.health.wait_s(time.monotonic()) * 1000) + 1)
+        else:
+            wait = STORE_IDLE_MS if self.journal.pending else POLL_MS
         due = self.model.next_due()
         if due is None:
             return wait
@@ -409,25 +468,98 @@ class BrokerService:
 
     def _store_journal(self, force: bool = False, idle: bool = False) -> bool:
         """Store the journal's records into SQLite in one transaction when `force`d, when the
-        loop was `idle`, or when enough wait or the oldest waited long enough. Returns whether
-        nothing is left unstored. A failure leaves the records in the journal, to be retried."""
+        loop was `idle`, or when enough wait or the oldest waited long enough (during a storage
+        outage only when forced: the probe's turn). Returns whether nothing is left unstored. A
+        failure leaves the records in the journal and starts (or extends) an outage."""
         pending = self.journal.pending
         if not pending:
             return True
-        now = time.monotonic()
-        if not force and (now < self._store_after or not (
-                idle or len(pending) >= STORE_RECORDS or now - self._oldest >= STORE_AGE_S)):
+        if not force and (self.health.down or not (
+                idle or len(pending) >= STORE_RECORDS or time.monotonic() - self._oldest >= STORE_AGE_S)):
             return False
         try:
             self.journal.applied(journal.store(pending))
-            self._store_after = 0.0
             return True
-        except Exception:
+        except Exception as exc:
             FAILURES.inc()
             self.stats["store_failures"] += 1
-            self._store_after = now + STORE_RETRY_S
-            log.exception("store_failed", extra={"records": len(pending), "journal": self.journal.path})
+            self._outage(f"cannot store the journal into {self.cfg.common.db}: "
+                         f"{storage.problem(exc, self.cfg.common.db)}", exc)
             return False
+
+    # -- storage outages (docs/fill-model.md, "Disk full") ---------------------------------------
+
+    def _refuse(self, waiter: Waiter, now: int, why: str) -> None:
+        self.stats["store_refused"] += 1
+        STORE_REFUSED.inc()
+        self._reply(waiter, Error(ts=now, code=STORE_UNAVAILABLE, text=why[:500]))
+
+    def _outage(self, why: str, exc: BaseException | None, frozen: bool = False) -> None:
+        """A write failed: start an outage (logged with its traceback, alerted once) or note one
+        more failure of the current one (counted by the alert; logged when it reminds)."""
+        started = self.health.fail(why, time.monotonic(), frozen)
+        if started:
+            STORE_AVAILABLE.set(0)
+            log.error("store_unavailable", exc_info=exc, extra={"why": why, "frozen": frozen,
+                                                                 "journal_pending": len(self.journal.pending)})
+        text = f"broker: {why}" + ("; new orders are refused until it can write" if self.health.frozen else "")
+        if self.alerts.raise_(STORE_UNAVAILABLE, text) and not started:
+            log.warning("store_still_unavailable", extra={"why": why, "down_s": round(self.health.down_s(
+                time.monotonic()), 1), "journal_pending": len(self.journal.pending)})
+
+    def _freeze(self, why: str, exc: BaseException) -> None:
+        """The journal refused a record: nothing can be made durable. The model, ahead of what
+        is durable, stops (books are only kept) until the probe rebuilds it from the database;
+        whoever waits for an order or a cancel is answered STORE_UNAVAILABLE now (an order in
+        flight was never stored nor announced: its retry is a new order)."""
+        self._outage(why, exc, frozen=True)
+        now = self.clock()
+        waiting = [w for ws in self.order_waiters.values() for w in ws] + list(self.cancel_waiters.values())
+        self.order_waiters.clear()
+        self.cancel_waiters.clear()
+        for waiter in waiting:
+            self._refuse(waiter, now, f"the broker cannot make orders durable: {why}; retry later")
+
+    def _probe(self) -> None:
+        """Try the storage again: room for a burst of writes beside the journal, a record through
+        the journal into the database (stores what waits), the model rebuilt when frozen. Ends
+        the outage when all of that worked (the alert resolved), else backs off."""
+        why = None
+        room = storage.has_room(os.path.dirname(os.path.abspath(self.journal.path)))
+        if room is not None:
+            why = f"no room for writes beside {self.journal.path}: {storage.problem(room)}"
+        else:
+            try:
+                if not self.journal.pending:
+                    self._oldest = time.monotonic()
+                self.journal.append([])  # a record of nothing: the journal and the database take a write
+            except OSError as exc:
+                why = f"cannot write {self.journal.path}: {storage.problem(exc)}"
+        if why is None:
+            try:
+                self.journal.applied(journal.store(self.journal.pending))
+                if self.health.frozen:
+                    self._reload()
+            except Exception as exc:
+                why = f"cannot store the journal into {self.cfg.common.db}: {storage.problem(exc, self.cfg.common.db)}"
+        now = time.monotonic()
+        if why is not None:
+            self.health.probe_failed(why, now)
+            self._outage(why, None)
+            return
+        lasted = self.health.recover(now)
+        STORE_AVAILABLE.set(1)
+        log.warning("store_recovered", extra={"down_s": round(lasted, 3), "probes": self.health.probes})
+        self.alerts.resolve(STORE_UNAVAILABLE, "broker: the journal and the database take writes again; "
+                                               "new orders are taken")
+
+    def _snapshot(self) -> None:
+        try:
+            store.snapshot(self.clock(), self.account, self.model.marks())
+        except Exception as exc:
+            self.stats["snapshot_failures"] += 1
+            self._outage(f"cannot write an equity snapshot into {self.cfg.common.db}: "
+                         f"{storage.problem(exc, self.cfg.common.db)}", exc)
 
     def _drain_md(self) -> None:
         # Everything waiting is applied first and committed once (group commit): a
@@ -443,13 +575,28 @@ class BrokerService:
             except DecodeError as exc:
                 self.stats["decode_errors"] += 1
                 BAD_FRAMES.labels("md").inc()
-                log.warning("bad_md_frame", extra={"code": exc.reason, "detail": exc.detail})
+                self._log_bad_md("bad_md_frame", exc.reason, exc.detail)
                 continue
             if isinstance(msg, Book):
                 self._guarded(lambda: updates.extend(self.model.on_book(msg, self.clock())))
             elif isinstance(msg, Trade):
                 self._guarded(lambda: updates.extend(self.model.on_trade(msg, self.clock())))
         self._guarded(lambda: self._process(updates))
+        refused, last = self.model.refusals()
+        if refused:
+            for reason, n in refused.items():
+                _counter(BAD_MD, reason).inc(n)
+            self.stats["bad_market_data"] = self.stats.get("bad_market_data", 0) + sum(refused.values())
+            self._log_bad_md("market_data_refused", last.reason, last.detail)
+
+    def _log_bad_md(self, event: str, code: str, detail: str) -> None:
+        """One warning line a second at most (MD_LOG_S), saying how many were held back before it."""
+        now, state = time.monotonic(), self._md_log
+        if now - state[0] < MD_LOG_S:
+            state[1] += 1
+            return
+        log.warning(event, extra={"code": code, "detail": detail[:120], "held_back": state[1]})
+        state[0], state[1] = now, 0
 
     def _drain_requests(self) -> None:
         for i in range(DRAIN_MAX):
@@ -496,12 +643,16 @@ class BrokerService:
                 pub.send_raw(topic.encode(), msgpack.packb({**wire, "seq": pub.next_seq(topic)}, use_bin_type=True))
 
     def _beat(self) -> None:
+        health = self.health
         stats = {**self.stats, "open": len(self.open), "in_flight": self.model.pending,
                  "journal_pending": len(self.journal.pending),
+                 "store": ("frozen" if health.frozen else "unavailable") if health.down else "ok",
+                 "store_down_s": round(health.down_s(time.monotonic()), 3), "store_outages": health.outages,
+                 "checkpoint_failures": self.checkpointer.failures,
                  "feed_lag_ms": self.model.latency.describe()["feed_lag_ms"],
                  "equity": str(self.account.equity(self.model.marks())), **self.ack_us.stats("ack")}
-        self.pub.publish("heartbeat.broker", self.heartbeat.make("ok", stats))
-        self.liveness.touch()
+        self.pub.publish("heartbeat.broker", self.heartbeat.make("store_unavailable" if health.down else "ok", stats))
+        self.liveness.touch()  # never raises: a full disk must not stop the loop
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler or another thread)."""

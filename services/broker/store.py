@@ -14,8 +14,8 @@ import peewee as pw
 from services.broker import core
 from services.broker.core import Account, Order
 from shared import journal
-from shared.db import (EQUITY_INSERT, FILL_INSERT, ORDER_INSERT, ORDER_UPDATE, DecimalText, EquitySnapshot, FillRow,
-                       OrderRow, database, insert_rows)
+from shared.db import (EQUITY_INSERT, FILL_COLS, FILL_INSERT, ORDER_COLS, ORDER_INSERT, ORDER_UPDATE,
+                       ORDER_UPDATE_COLS, DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows)
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Fill
 
@@ -187,13 +187,47 @@ def known_ids() -> KnownIds:
     return KnownIds((coid for (coid,) in query), count)
 
 
-def stored(client_order_id: str) -> tuple[Order, list[Fill]] | None:
-    """The stored order and its fills (oldest first), or None."""
+def stored(client_order_id: str, pending: list = ()) -> tuple[Order, list[Fill]] | None:
+    """The order and its fills (oldest first) as the database holds them with the journal
+    statements `pending` (durable, not stored yet: the database may be refusing them) applied
+    over it, or None. Raises peewee or sqlite3 errors when the database cannot be read."""
     row = OrderRow.get_or_none(OrderRow.client_order_id == client_order_id)
+    rows = [] if row is None else list(
+        FillRow.select().where(FillRow.order_id == row.order_id).order_by(FillRow.ts, FillRow.fill_id))
+    if pending:
+        row = _overlay(client_order_id, row, rows, pending)
     if row is None:
         return None
-    rows = list(FillRow.select().where(FillRow.order_id == row.order_id).order_by(FillRow.ts, FillRow.fill_id))
     return order_from_row(row, rows), [fill_from_row(f) for f in rows]
+
+
+def _overlay(client_order_id: str, row: OrderRow | None, fills: list[FillRow], statements: list) -> OrderRow | None:
+    """Apply what `statements` do to the order `client_order_id` onto its `row` (None: not
+    stored) and its `fills` (appended); returns the row."""
+    order_id = row.order_id if row is not None else None
+    for kind, params in statements:
+        if kind == ORDER_INSERT:
+            if params[1] == client_order_id:
+                row = _row(OrderRow, ORDER_COLS, params)
+                order_id = row.order_id
+        elif order_id is None:
+            continue
+        elif kind == ORDER_UPDATE and params[-1] == order_id:
+            for col, value in zip(ORDER_UPDATE_COLS, params):
+                setattr(row, col, OrderRow._meta.fields[col].python_value(value))
+        elif kind == FILL_INSERT and params[1] == order_id:
+            fills.append(_row(FillRow, FILL_COLS, params))
+    return row
+
+
+def _row(model: type, cols: tuple[str, ...], params) -> object:
+    fields_ = model._meta.fields
+    return model(**{c: fields_[c].python_value(v) for c, v in zip(cols, params)})
+
+
+def inserts(client_order_id: str, statements: list) -> bool:
+    """Whether journal `statements` insert the order `client_order_id`."""
+    return any(kind == ORDER_INSERT and params[1] == client_order_id for kind, params in statements)
 
 
 def load_account(start_cash: Decimal) -> tuple[Account, int]:
@@ -232,6 +266,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
         self.restarts = 0  # TRUNCATE checkpoints that reset the WAL
+        self.failures = 0  # checkpoints that failed (a full disk fails each one: logged once a streak)
+        self.failing = False
 
     def start(self) -> None:
         """Call from the thread that commits, with the database open."""
@@ -255,8 +291,14 @@ class Checkpointer:
                             log.warning("wal_truncate_busy", extra={"wal_bytes": os.path.getsize(wal)})
                         else:
                             self.restarts += 1
+                    if self.failing:
+                        self.failing = False
+                        log.info("checkpoint_recovered", extra={"failures": self.failures})
                 except (sqlite3.Error, OSError):
-                    log.exception("checkpoint_failed")
+                    self.failures += 1
+                    if not self.failing:  # the WAL keeps the frames; the next turn tries again
+                        self.failing = True
+                        log.exception("checkpoint_failed")
         finally:
             con.close()
 

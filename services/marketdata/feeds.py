@@ -187,6 +187,9 @@ class ReplayFeed:
     def server_shutdown(self, route: Route) -> None:
         """A recorded serverShutdown has no connection to replace."""
 
+    def reconnect(self, market: Market, why: str) -> None:
+        """A capture has no connection to replace."""
+
     def close(self) -> None:
         """Nothing to release: files are closed as each capture ends."""
 

@@ -107,6 +107,17 @@ class Link:
         conn.route.retired = True
         return [("disconnected", time.time_ns(), why, conn.route), *out]
 
+    def reconnect(self, why: str) -> bool:
+        """Close the live connection (if open) so that a new one replaces it, as after a loss:
+        a book stalled on it. Returns whether one was closed."""
+        live = self.live
+        if live is None or live.opened_at is None or live.closing:
+            return False
+        log.warning("binance reconnecting", extra={"market": self.market.value, "route": live.route.label,
+                                                   "why": why})
+        live.close(why)
+        return True
+
     def switched(self, route: Route) -> None:
         """The service now publishes from `route` (the standby): close the old connection."""
         if self.standby is None or self.standby.route is not route:
@@ -157,6 +168,12 @@ class LiveFeed:
 
     def switched(self, route: Route) -> None:
         self.links[route.market].switched(route)
+
+    def reconnect(self, market: Market, why: str) -> None:
+        """Replace `market`'s live connection (a book on it stalled)."""
+        link = self.links.get(market)
+        if link is not None:
+            link.reconnect(why)
 
     def server_shutdown(self, route: Route) -> None:
         """Binance announced a shutdown of `route`'s server: replace the connection now."""

@@ -61,6 +61,13 @@ class MdMetrics:
         self.used_weight: dict[str, int] = {}  # last X-MBX-USED-WEIGHT-1m per market
         self.last_event = dict.fromkeys(self.keys, 0)  # recv time (ns) of the last applied depth event
         self.synced = dict.fromkeys(self.keys, False)
+        # stalls (guard.py): books missing while their frames keep arriving
+        self.stalls = dict.fromkeys(self.keys, 0)
+        self.stall_recoveries = dict.fromkeys(self.keys, 0)
+        self.stall_actions: dict[tuple[str, str], int] = {}  # (key, resnapshot|reconnect) -> n
+        self.snapshots_deferred: dict[str, int] = {}  # snapshot requests held back by the backoff
+        self.unsynced_since = dict.fromkeys(self.keys, 0)  # wall ns since which there is no book (0: synced)
+        self.unsynced_total = dict.fromkeys(self.keys, 0.0)  # seconds without a book, periods ended
         self.event_time = Hist(EVENT_BUCKETS_S)
         self.lag = {k: Hist(LAG_BUCKETS_S) for k in self.keys}
 
@@ -114,6 +121,21 @@ class MdCollector:
                      {k: ((now - t) / 1e9 if t else math.nan) for k, t in m.last_event.items()})
         yield _gauge("qf_md_synced", "1 while the published book is synced", "symbol",
                      {k: int(v) for k, v in m.synced.items()})
+        running = {k: ((now - t) / 1e9 if t else 0.0) for k, t in m.unsynced_since.items()}
+        yield _gauge("qf_md_unsynced_seconds", "Time the symbol has had no book, now (0 while it has one)",
+                     "symbol", running)
+        yield _counter("qf_md_no_book_seconds", "Time without a book, all periods (the current one included)",
+                       "symbol", {k: m.unsynced_total[k] + running[k] for k in m.unsynced_total})
+        yield _counter("qf_md_stalls", "Books missing while their frames kept arriving (QF_MD_SYNC_TIMEOUT_S)",
+                       "symbol", m.stalls)
+        yield _counter("qf_md_stall_recoveries", "Stalls ended by a synced book", "symbol", m.stall_recoveries)
+        acts = CounterMetricFamily("qf_md_stall_actions", "What was done about stalls: resnapshot, reconnect",
+                                   labels=["symbol", "action"])
+        for (key, action), n in list(m.stall_actions.items()):
+            acts.add_metric([key, action], n)
+        yield acts
+        yield _counter("qf_md_snapshots_deferred", "Snapshot requests held back by the per-symbol backoff",
+                       "symbol", m.snapshots_deferred)
         lag = HistogramMetricFamily("qf_md_exchange_lag_seconds",
                                     "Local receive time minus Binance event time (E), by symbol", labels=["symbol"])
         for key, h in m.lag.items():
@@ -144,8 +166,10 @@ def serve(bind: str, m: MdMetrics):
 
     Returns (server, port); stop it with server.shutdown() then server.server_close().
     Raises OSError if the address cannot be bound."""
+    from shared.alerts import ALERTS  # qf_alerts_total: BOOK_STALLED raised by this process
     host, _, port = bind.rpartition(":")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MdCollector(m))
+    registry.register(ALERTS)
     server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     return server, server.server_address[1]

@@ -11,10 +11,12 @@ from typing import Callable
 import orjson
 
 from services.marketdata.sync import Market
+from shared import storage
 
 log = logging.getLogger("qf.marketdata.record")
 
 FLUSH_S = 0.5  # half the promise: a flush late by a slow loop turn still keeps it
+RETRY_S = 5.0  # after a write failed (a full disk), records are dropped this long, then a new segment is tried
 
 
 def segment_name(out: str, started: time.struct_time, seq: int) -> str:
@@ -33,12 +35,17 @@ class Recorder:
     decoded message; `snapshot()` a REST snapshot. USD-M records carry `"x": "usdm"` (stream
     names do not say the market). `tick()` flushes every FLUSH_S (a gzip sync flush, so all
     complete lines so far are readable after a crash) and starts a new segment after
-    `rotate_s` seconds or `rotate_bytes` bytes. Raises OSError if a file cannot be created.
+    `rotate_s` seconds or `rotate_bytes` bytes. `Recorder(out)` raises StorageError when the
+    directory of `out` cannot be made or written (a read-only volume). A write that fails later
+    (a full disk) never reaches the feed: the segment is given up (readable up to its last
+    flush), records are dropped and counted (`dropped`) for RETRY_S, then a new segment is
+    tried; logged once when it starts failing and once when it records again.
     """
 
     def __init__(self, out: str, rotate_s: float = 3600.0, rotate_bytes: int = 256 << 20,
                  flush_s: float = FLUSH_S, clock: Callable[[], float] = time.monotonic) -> None:
         segment_name(out, time.gmtime(), 1)  # validates the suffix now, not at the first message
+        storage.ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
         self.out, self.rotate_s, self.rotate_bytes, self.flush_s, self.clock = out, rotate_s, rotate_bytes, flush_s, clock
         self.gz = out.endswith(".gz")
         self.segments: list[str] = []
@@ -47,6 +54,10 @@ class Recorder:
         self._fh = None
         self._opened = self._flushed = 0.0
         self._dirty = False
+        self.failing: str | None = None  # why the last write failed, while recording is off
+        self.dropped = 0  # records not written because writes failed
+        self._retry_at = 0.0
+        self._reopened = False  # a segment opened after a failure: it needs its own snapshots
 
     def _open(self) -> None:
         name = segment_name(self.out, time.gmtime(), len(self.segments) + 1)
@@ -58,11 +69,39 @@ class Recorder:
         log.info("recording", extra={"file": name})
 
     def _write(self, line: bytes) -> None:
-        if self._fh is None:
-            self._open()
-        self._fh.write(line)
+        if self.failing is not None and self.clock() < self._retry_at:
+            self.dropped += 1
+            return
+        try:
+            if self._fh is None:
+                self._open()
+                if self.failing is not None:
+                    log.warning("recording again", extra={"file": self.segments[-1], "dropped": self.dropped})
+                    self.failing, self._reopened = None, True
+            self._fh.write(line)
+        except OSError as exc:
+            self.dropped += 1
+            self._failed(exc)
+            return
         self.lines += 1
         self._dirty = True
+
+    def _failed(self, exc: OSError) -> None:
+        """A write failed: give the segment up and drop records for RETRY_S."""
+        first = self.failing is None
+        self.failing = storage.problem(exc)
+        self._retry_at = self.clock() + RETRY_S
+        if first:
+            log.error("recording failed", extra={"file": self.segments[-1] if self.segments else self.out,
+                                                 "problem": self.failing, "retry_s": RETRY_S})
+        fh, raw = self._fh, self._raw
+        self._fh = self._raw = None
+        for f in (fh, raw):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # the same full disk: what was flushed stays readable
+                    pass
 
     def ws(self, recv_ns: int, raw, market: Market) -> None:
         """Record one stream message received at recv_ns (ns since epoch)."""
@@ -87,15 +126,21 @@ class Recorder:
         """Flush when due; rotate when the segment is old or big enough. Call it often.
         Returns True when a segment was just closed (the caller fetches fresh snapshots so the
         next segment can be replayed on its own)."""
+        if self._reopened:
+            self._reopened = False
+            return True
         if self._fh is None:
             return False
         now = self.clock() if now is None else now
-        if self._dirty and now - self._flushed >= self.flush_s:
-            self.flush()
-            self._flushed = now
-        if now - self._opened >= self.rotate_s or self._raw.tell() >= self.rotate_bytes:
-            self._close_segment()
-            return True
+        try:
+            if self._dirty and now - self._flushed >= self.flush_s:
+                self.flush()
+                self._flushed = now
+            if now - self._opened >= self.rotate_s or self._raw.tell() >= self.rotate_bytes:
+                self._close_segment()
+                return True
+        except OSError as exc:
+            self._failed(exc)
         return False
 
     def flush(self) -> None:
@@ -118,4 +163,7 @@ class Recorder:
     def close(self) -> None:
         """Finish the current segment (complete gzip file)."""
         if self._fh is not None:
-            self._close_segment()
+            try:
+                self._close_segment()
+            except OSError as exc:
+                self._failed(exc)

@@ -10,17 +10,21 @@ from msgpack import packb as _packb
 
 from services.marketdata.book import EmptyBookError, parse_depth_frame, parse_units
 from services.marketdata.feeds import is_server_shutdown
+from services.marketdata.guard import Action, BookGuard
 from services.marketdata.metrics import MdMetrics
-from services.marketdata.symbols import Route
+from services.marketdata.symbols import Route, split_key
 from services.marketdata.sync import BadEventError, BookSync, Market, SyncResult
 from shared.bus import Publisher
 from shared.messages import Book, MdStatus, Trade, book_wire
 
 log = logging.getLogger("qf.marketdata")
 
-APPLIED, GAP = SyncResult.APPLIED, SyncResult.GAP
+APPLIED, GAP, SUSPECT = SyncResult.APPLIED, SyncResult.GAP, SyncResult.SUSPECT
 SWITCH_UNEQUAL_AFTER_S = 1.0  # a standby ahead of the live books this long takes over anyway
+STALL_ALERT = "BOOK_STALLED"
+UNSYNCED_STATES = ("CONNECTING", "SYNCING", "DISCONNECTED")  # no book, and one is wanted
 _perf_ns = time.perf_counter_ns
+_mono = time.monotonic
 
 
 class BookRouter:
@@ -28,13 +32,19 @@ class BookRouter:
     the live ones: only while synced, never twice, never older than one already out.
 
     A standby route takes over when each of its books equals the live one (so not one book
-    state is skipped), or after SWITCH_UNEQUAL_AFTER_S when it is ahead of it."""
+    state is skipped), or after SWITCH_UNEQUAL_AFTER_S when it is ahead of it.
+
+    With a `guard` (live feeds), snapshots of a symbol are backed off and a stalled book is
+    recovered: call check_books(monotonic now) every ~0.1 s."""
 
     def __init__(self, keys: tuple[str, ...], depth_n: int, recorder=None) -> None:
         self.keys, self.depth_n, self.recorder = tuple(keys), depth_n, recorder
         self.m = MdMetrics(self.keys)
         self.pub = None  # anything with publish(topic, msg)
-        self.feed = None  # anything with request_snapshot / switched / server_shutdown
+        self.feed = None  # anything with request_snapshot / switched / server_shutdown / reconnect
+        self.guard: BookGuard | None = None  # snapshot backoff and stall recovery (live feeds)
+        self.alerter = None  # shared.alerts.Alerter: BOOK_STALLED
+        self._deferred: dict[tuple[Route, str], tuple[str, BookSync]] = {}  # snapshots waiting for their backoff
         self._live_feed = False  # unknown streams are errors live, normal in a replay
         self.state = dict.fromkeys(self.keys, "CONNECTING")
         self.state_detail = dict.fromkeys(self.keys, "")
@@ -47,7 +57,10 @@ class BookRouter:
         self.book_topic_b = {k: t.encode() for k, t in self.book_topic.items()}
         self.trade_topic = {k: f"trade.{k}" for k in self.keys}
         self.stats = {"book_events": 0, "trades": 0, "bad_messages": 0, "gaps": 0, "resyncs": 0,
-                      "reconnects": 0, "ignored": 0}
+                      "reconnects": 0, "ignored": 0, "stalls": 0, "stall_recoveries": 0}
+        now_ns = time.time_ns()
+        for k in self.keys:
+            self.m.unsynced_since[k] = now_ns  # CONNECTING: no book yet
         self._warned: set[str] = set()
         self.live_route: dict[Market, Route] = {}
         self.standby: dict[Market, Route] = {}
@@ -126,15 +139,43 @@ class BookRouter:
             for key in r.keys.values():
                 self.last_uid[key], self.last_trade[key] = 0, -1
                 self._set_state(key, "DISCONNECTED", why)
+                if self.guard is not None:
+                    self.guard.disconnected(key)
 
     # -- publishing --------------------------------------------------------------------
 
     def _set_state(self, key: str, state: str, detail: str = "") -> None:
-        if self.state.get(key) != state:
+        prev = self.state.get(key)
+        if prev != state:
             self.state[key], self.state_detail[key] = state, detail
             self.m.synced[key] = state == "SYNCED"
+            self._time_without_book(key, prev, state)
             log.info("book state", extra={"symbol": key, "state": state, "detail": detail})
             self.pub.publish(f"status.{key}", MdStatus(ts=time.time_ns(), symbol=key, state=state, detail=detail))
+
+    def _time_without_book(self, key: str, prev: str | None, state: str) -> None:
+        """Account the time `key` has no book (a period opens when it leaves SYNCED, closes
+        when it is SYNCED again or the replay is over) and tell the guard."""
+        m, now_ns = self.m, time.time_ns()
+        if state in UNSYNCED_STATES:
+            if not m.unsynced_since[key]:
+                m.unsynced_since[key] = now_ns
+            if prev == "SYNCED" and self.guard is not None:
+                self.guard.unsynced(key, _mono())
+            return
+        since = m.unsynced_since[key]
+        if since:
+            m.unsynced_total[key] += (now_ns - since) / 1e9
+            m.unsynced_since[key] = 0
+        if state == "SYNCED" and self.guard is not None:
+            self.guard.synced(key, _mono())
+
+    def status_detail(self, key: str) -> str:
+        """`key`'s state detail, led by how long it has had no book while it has none."""
+        since, detail = self.m.unsynced_since[key], self.state_detail[key]
+        if not since or self.state[key] not in UNSYNCED_STATES:
+            return detail
+        return f"no book for {(time.time_ns() - since) / 1e9:.1f}s: {detail}"
 
     def _publish_book(self, key: str, sync: BookSync, exch_ts, recv_ns: int) -> None:
         book = sync.book
@@ -235,6 +276,9 @@ class BookRouter:
     def _on_depth(self, route: Route, name: str, key: str, data: dict, recv_ns: int, raw) -> None:
         sync = route.syncs[name]
         result = sync.on_depth(data)  # U/u are checked ints from here on
+        if result is SUSPECT:
+            return self._bad("implausible_ids", f"{key}: U={data['U']} u={data['u']} jumps past "
+                             f"{sync.book.update_id if sync.synced else sync.buffered_range()}"[:160])
         if route.live:
             if self.recorder is not None and data["u"] > self.rec_last_u[key]:
                 self.rec_last_u[key] = data["u"]
@@ -258,11 +302,19 @@ class BookRouter:
             if result is APPLIED:
                 return self._try_switch(route)
         if result is GAP:
-            self.stats["gaps"] += 1
-            self.m.gaps[key] += 1
-            log.warning("book gap, resyncing", extra={"symbol": key, "route": route.label, "gap": str(sync.last_gap)})
+            self._on_gap(route, key, sync)
         if sync.needs_snapshot:
             self._need_snapshot(route, name, key, "gap in update ids" if result is GAP else "waiting for a snapshot")
+
+    def _on_gap(self, route: Route, key: str, sync: BookSync) -> None:
+        self.stats["gaps"] += 1
+        self.m.gaps[key] += 1
+        gap = sync.last_gap
+        log.warning("book gap, resyncing", extra={"symbol": key, "route": route.label, "gap": str(gap)})
+        if route.live and gap is not None and gap.last_u < self.last_uid[key]:
+            # The stream is behind a book already published: that book took an event the
+            # exchange never sent. Its id must not hold back the true books that follow.
+            self.last_uid[key] = 0
 
     def _need_snapshot(self, route: Route, name: str, key: str, why: str) -> None:
         sync = route.syncs[name]
@@ -270,9 +322,101 @@ class BookRouter:
             return
         if route.live:
             self._set_state(key, "SYNCING", why)
-        if self.feed is not None and sync.buffered and name not in route.awaiting:
-            route.awaiting.add(name)  # one request at a time: events keep coming while it is out
+            if (route, name) not in self._deferred:
+                self.state_detail[key] = why  # heartbeats say the latest reason
+        if self.feed is None or not sync.buffered or name in route.awaiting:
+            return  # one request at a time: events keep coming while it is out
+        guard = self.guard
+        if guard is None:
+            route.awaiting.add(name)
             self.feed.request_snapshot(route, name.upper())
+            return
+        if (route, name) in self._deferred:
+            return
+        now = _mono()
+        wait = guard.snapshot_wait(key, now)
+        if wait > 0:  # snapshots of this symbol did not hold: check_books asks when it is time
+            self._deferred[(route, name)] = (key, sync)
+            self.m.bump(self.m.snapshots_deferred, key)
+            if route.live:
+                self.state_detail[key] = f"{why}; snapshot #{guard.attempts(key) + 1} in {wait:.1f}s (backoff)"
+            return
+        self._request_snapshot(route, name, key, now)
+
+    def _request_snapshot(self, route: Route, name: str, key: str, now: float) -> None:
+        self.guard.snapshot_sent(key, now)
+        route.awaiting.add(name)
+        self.feed.request_snapshot(route, name.upper())
+
+    # -- stalls (live feeds) -----------------------------------------------------------
+
+    def check_books(self, now: float) -> None:
+        """Send the snapshot requests whose backoff has passed, and recover stalled books
+        (guard.py). `now` is monotonic seconds. Does nothing without a guard."""
+        guard = self.guard
+        if guard is None:
+            return
+        for (route, name), (key, sync) in list(self._deferred.items()):
+            if route.retired or route.syncs.get(name) is not sync or not sync.needs_snapshot \
+                    or name in route.awaiting or not sync.buffered:
+                del self._deferred[(route, name)]  # moot; the next event asks again if need be
+            elif guard.snapshot_wait(key, now) <= 0:
+                del self._deferred[(route, name)]
+                self._request_snapshot(route, name, key, now)
+        ev = self.m.events
+        counts = {k: (ev[(k, "depth")][0] + ev[(k, "trade")][0] + ev[(k, "bookTicker")][0], self.m.books[k])
+                  for k in self.keys}
+        actions, recovered = guard.check(now, counts)
+        for action in actions:
+            self._on_stall(action)
+        for key in recovered:
+            self._on_recovered(key)
+
+    def _on_stall(self, a: Action) -> None:
+        key, guard, m = a.key, self.guard, self.m
+        market, name = split_key(key)
+        name = name.lower()
+        m.stalls[key] = guard.stalls[key]
+        self.stats["stalls"] = sum(guard.stalls.values())
+        if not m.unsynced_since[key]:  # a synced book that stopped moving: no book since its frames came
+            m.unsynced_since[key] = time.time_ns() - int(a.waited_s * 1e9)
+        why = f"no book for {a.waited_s:.1f}s while its frames keep arriving"
+        route = self.live_route.get(market)
+        if route is not None and name in route.awaiting:
+            # Its snapshot is still on its way (REST slow, the weight gate or a 429/418 ban
+            # holding it): a new buffer would only make that snapshot too old, and a new
+            # connection would drop every other book of the market for nothing.
+            m.bump(m.stall_actions, (key, "wait_for_snapshot"))
+            self.state_detail[key] = f"stalled: {why}; its snapshot is still on its way (REST)"
+            text = f"{key}: {why}; its snapshot request is still on its way (REST slow or rate limited)"
+        elif a.kind == "resnapshot":
+            m.bump(m.stall_actions, (key, a.kind))
+            log.warning("book stalled: dropping its buffer, new snapshot", extra={"symbol": key, "why": why})
+            if route is not None and name in route.syncs:
+                route.syncs[name].discard()  # events buffered so far may hold the lie that stalled it
+                route.tickers[name].clear()
+                self._deferred.pop((route, name), None)
+            self.last_uid[key] = 0  # a book published from a lie must not hold back the truth
+            self._set_state(key, "SYNCING", f"stalled: {why}; buffer dropped, asking for a new snapshot")
+            self.state_detail[key] = f"stalled: {why}; buffer dropped, asking for a new snapshot"
+            text = f"{key}: {why}; dropped its buffer, asking for a new snapshot"
+        else:
+            m.bump(m.stall_actions, (key, a.kind))
+            log.warning("book stalled: replacing the connection", extra={"symbol": key, "why": why})
+            reconnect = getattr(self.feed, "reconnect", None)
+            if reconnect is not None:
+                reconnect(market, f"stalled: no book of {key} for {a.waited_s:.1f}s")
+            text = f"{key}: {why}; a new snapshot did not help, reconnecting"
+        if self.alerter is not None:
+            self.alerter.raise_(STALL_ALERT, text)
+
+    def _on_recovered(self, key: str) -> None:
+        guard = self.guard
+        self.m.stall_recoveries[key] = guard.recoveries[key]
+        self.stats["stall_recoveries"] = sum(guard.recoveries.values())
+        log.info("book back after a stall", extra={"symbol": key})
+        if self.alerter is not None and not any(guard.is_stalled(k) for k in self.keys):
+            self.alerter.resolve(STALL_ALERT, f"{key}: book synced again")
 
     def on_snapshot(self, name: str, snap, recv_ns: int, route: Route) -> None:
         """One REST depth snapshot of exchange symbol `name` for the books of `route`."""
@@ -300,8 +444,7 @@ class BookRouter:
                      extra={"symbol": key, "lastUpdateId": snap.get("lastUpdateId"),
                             "buffered": str(sync.buffered_range())})
         elif result is GAP:
-            self.stats["gaps"] += 1
-            self.m.gaps[key] += 1
+            self._on_gap(route, key, sync)
         if sync.synced:
             if not route.live:
                 return self._try_switch(route)

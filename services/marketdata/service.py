@@ -5,10 +5,12 @@ import logging
 import time
 
 from services.marketdata.feeds import ReplayFeed
+from services.marketdata.guard import BookGuard
 from services.marketdata.metrics import serve
 from services.marketdata.router import BookRouter
 from services.marketdata.symbols import split_key
 from services.marketdata.sync import Market
+from shared.alerts import Alerter
 from shared.bus import Publisher
 from shared.config import Config
 from shared.errors import FatalError
@@ -16,6 +18,8 @@ from shared.messages import MdStatus
 from shared.runtime import HeartbeatMaker, Liveness, Ticker
 
 log = logging.getLogger("qf.marketdata")
+
+CHECK_BOOKS_MS = 100  # snapshot backoffs and stalls are looked at this often (live feeds)
 
 
 class _NoPublisher:
@@ -73,6 +77,10 @@ class MarketDataService(BookRouter):
                     raise FatalError(f"cannot serve metrics on {cfg.md.metrics_bind}: {exc}") from None
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
             self.feed = self._make_feed()
+            if self._live_feed:  # a capture brings its own snapshots: nothing to pace or recover
+                self.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
+                self.alerter = Alerter("marketdata", self.pub.publish)
+            check = Ticker(CHECK_BOOKS_MS) if self.guard is not None else None
             log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
                                                   "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
             recorder = self.recorder
@@ -80,6 +88,10 @@ class MarketDataService(BookRouter):
                 self._dispatch(rec)
                 if recorder is not None and recorder.tick():
                     self._snapshots_for_new_segment()
+                if check is not None:
+                    now = time.monotonic()
+                    if check.due(now):
+                        self._check_books(now)
                 if beat.due():
                     self._heartbeat(hb, live)
                 if self._stop:
@@ -141,14 +153,24 @@ class MarketDataService(BookRouter):
             self.stats["bad_messages"] += 1
             log.exception("record failed", extra={"kind": str(kind)})
 
+    def _check_books(self, now: float) -> None:
+        try:
+            self.check_books(now)
+        except Exception:  # the net under the books must not take the service down either
+            self.m.bad("internal_error")
+            log.exception("check_books failed")
+
     def _heartbeat(self, hb: HeartbeatMaker, live: Liveness) -> None:
         states = set(self.state.values())
         status = "ok" if states == {"SYNCED"} else ",".join(sorted(states))
+        now_ns = time.time_ns()
         for key, state in self.state.items():
-            if state != "SYNCED":  # late subscribers learn why no book comes
-                self.pub.publish(f"status.{key}", MdStatus(ts=time.time_ns(), symbol=key, state=state,
-                                                          detail=self.state_detail[key]))
+            if state != "SYNCED":  # late subscribers learn why no book comes, and since when
+                self.pub.publish(f"status.{key}", MdStatus(ts=now_ns, symbol=key, state=state,
+                                                          detail=self.status_detail(key)))
         self.stats["reconnects"] = sum(self.m.reconnects.values())
+        since = [t for t in self.m.unsynced_since.values() if t]
+        self.stats["unsynced_s"] = round((now_ns - min(since)) / 1e9, 1) if since else 0.0
         extra = {"recorded": self.recorder.lines} if self.recorder is not None else {}
         self.pub.publish("heartbeat.marketdata", hb.make(status, {**self.stats, **extra, "state": status}))
         live.touch()

@@ -8,6 +8,15 @@ from enum import Enum
 
 from services.marketdata.book import OrderBook
 
+# How far one event may move a symbol's update id past the id before it (the book's, or the
+# buffered event's before it). Spot ids count one symbol's updates, each event holding all of a
+# 100 ms batch: 1,466 at most in the BTCUSDT capture of tests/data (median 28). USD-M ids are
+# shared far wider: u - pu reaches 794,496 there (median 2,275). A corrupted digit high up jumps
+# ~1e8 (spot, 11 digits) or ~1e10 (USD-M, 13): refused before it can become the book's id, where
+# it would make every true event after it look old (issue #11: a book stuck for good).
+MAX_ID_JUMP = {"spot": 10 ** 7, "usdm": 10 ** 10}
+BEHIND_LIMIT = 2  # events in a row older than the book (or buffer): the book took a lie, not them
+
 
 class Market(str, Enum):
     """Which Binance market a stream comes from: their sequencing rules differ."""
@@ -17,7 +26,7 @@ class Market(str, Enum):
 
 
 class SyncResult(str, Enum):
-    """What BookSync did with an input; the shell acts on GAP and SNAPSHOT_TOO_OLD."""
+    """What BookSync did with an input; the shell acts on GAP and SNAPSHOT_TOO_OLD, counts SUSPECT."""
 
     APPLIED = "applied"  # event applied, book current
     BUFFERED = "buffered"  # waiting for a snapshot
@@ -26,6 +35,7 @@ class SyncResult(str, Enum):
     SNAPSHOT_APPLIED = "snapshot_applied"  # book rebuilt and synced
     SNAPSHOT_TOO_OLD = "snapshot_too_old"  # snapshot cannot be lined up with events: fetch another
     SNAPSHOT_IGNORED = "snapshot_ignored"  # already synced: the snapshot is not needed
+    SUSPECT = "suspect"  # ids jump implausibly far: refused, book and buffer kept as they were
 
 
 class BadEventError(ValueError):
@@ -35,7 +45,8 @@ class BadEventError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Where the update-id chain broke: the last id we had and the event that did not follow."""
+    """Where the update-id chain broke: the last id we had and the event that did not follow
+    (`last_u < prev_u`: the stream is behind the book, which had taken an event it never sent)."""
 
     prev_u: int  # last update id applied (or buffered) before the gap
     first_u: int  # the event's U
@@ -53,7 +64,16 @@ class BookSync:
     Feed every depth event to on_depth() and every snapshot to on_snapshot();
     when needs_snapshot is True the shell fetches (or awaits) a snapshot.
     Counters: events_applied, gaps (chain breaks seen), resyncs (snapshots
-    applied after the first one). last_gap describes the latest break.
+    applied after the first one), suspects (events refused for an implausible
+    id jump). last_gap describes the latest break.
+
+    Beyond Binance's procedure, a stream that lies (a corrupted digit in U/u/pu) must cost
+    one resync, never a book stuck behind an id it will not see again: an event jumping
+    more than MAX_ID_JUMP ahead is refused (SUSPECT); after its first event a synced spot
+    book takes only U == previous u + 1 (Binance's rule; an overlap can only be a lie or a
+    replay); and BEHIND_LIMIT events in a row older than the book mean the book is the
+    liar: it is discarded (GAP) and resynced from them (as are BEHIND_LIMIT events in a row
+    too far ahead of it: then the book, not they, is wrong).
     """
 
     def __init__(self, symbol: str, market: Market = Market.SPOT, max_buffer: int = 10_000,
@@ -69,6 +89,7 @@ class BookSync:
         self.events_applied = 0
         self.gaps = 0
         self.resyncs = 0
+        self.suspects = 0
         self.last_gap: Gap | None = None
         # Oldest events fall out first when the snapshot is late: a snapshot
         # older than what is left is then refused and fetched again.
@@ -76,6 +97,9 @@ class BookSync:
         self._first = True  # the next applied event must straddle the snapshot
         self._snapshots = 0
         self._usdm = self.market is Market.USDM
+        self._max_jump = MAX_ID_JUMP[self.market.value]
+        self._behind = 0  # events in a row older than the book / the buffer's last
+        self._ahead = 0  # events in a row refused as too far ahead of it
 
     @property
     def buffered(self) -> int:
@@ -101,9 +125,26 @@ class BookSync:
             self._fail(f"depth event without {e}")
         if type(U) is not int or type(u) is not int or U > u or (self._usdm and type(pu) is not int):
             self._fail(f"depth event with bad update ids U={U!r} u={u!r} pu={pu!r}")
+        ref = self.book.update_id if self.synced else self._buffer[-1]["u"] if self._buffer else None
+        # (The first event after a snapshot that does not even straddle it is a plain gap.)
+        if ref is not None and u - ref > self._max_jump and \
+                not (self._first and self.synced and not self._straddles(event, ref)):
+            self._ahead += 1
+            if self._ahead < BEHIND_LIMIT:
+                # If it was a true event garbled on the way, the next one shows the gap.
+                self.suspects += 1
+                return SyncResult.SUSPECT
+            # Twice in a row: the stream is right and our reference is not; the chain rules
+            # below make that a gap.
+        self._ahead = 0
         if not self.synced:
             return self._buffer_event(event, U, u, pu)
         return self._apply(event, U, u, pu)
+
+    def discard(self) -> None:
+        """Drop the book and every buffered event and wait for a new snapshot: the shell's
+        last resort when no book has come for too long (a buffer it cannot trust)."""
+        self._lose_sync()
 
     def on_snapshot(self, snapshot: dict) -> SyncResult:
         """Take a REST depth snapshot (lastUpdateId, bids, asks) and return what happened.
@@ -137,7 +178,7 @@ class BookSync:
         self._snapshots += 1
         if self._snapshots > 1:
             self.resyncs += 1
-        self.synced, self.needs_snapshot, self._first = True, False, True
+        self.synced, self.needs_snapshot, self._first, self._behind = True, False, True, 0
         pending = list(buf)
         buf.clear()
         for i, ev in enumerate(pending):
@@ -159,33 +200,46 @@ class BookSync:
         if buf:
             prev = buf[-1]["u"]
             if u <= prev:
-                return SyncResult.DROPPED_OLD
-            # Same rules as for a synced book; a spot overlap (U <= prev) is fine.
+                self._behind += 1
+                if self._behind < BEHIND_LIMIT:
+                    return SyncResult.DROPPED_OLD
+                # The stream has moved on below the buffer's last event: that one was the lie.
+                return self._restart_buffer(event, prev, U, u, pu)
+            self._behind = 0
+            # Same rules as for a synced book.
             if (pu != prev) if self._usdm else (U > prev + 1):
                 # Events before the break can never be completed: start over.
-                self._note_gap(prev, U, u, pu)
+                return self._restart_buffer(event, prev, U, u, pu)
+            if not self._usdm and U <= prev:
+                # A spot overlap: harmless if true (levels are absolute as of u), but a synced
+                # book refuses it, so the buffer starts over from it rather than keep an event
+                # the book could not take after it.
                 buf.clear()
-                buf.append(event)
-                return SyncResult.GAP
+        self._behind = 0
         buf.append(event)
         return SyncResult.BUFFERED
 
+    def _restart_buffer(self, event: dict, prev: int, U: int, u: int, pu: int | None) -> SyncResult:
+        self._note_gap(prev, U, u, pu)
+        self._behind = 0
+        self._buffer.clear()
+        self._buffer.append(event)
+        return SyncResult.GAP
+
     def _apply(self, event: dict, U: int, u: int, pu: int | None) -> SyncResult:
         uid = self.book.update_id
-        if self._usdm:
+        if u < uid or (u == uid and not (self._usdm and self._first)):
             if self._first:
-                if u < uid:
-                    return SyncResult.DROPPED_OLD
-                ok = U <= uid or pu == uid
-            else:
-                if u <= uid:
-                    return SyncResult.DROPPED_OLD
-                ok = pu == uid
+                return SyncResult.DROPPED_OLD  # older than the snapshot: nothing to do
+            self._behind += 1
+            if self._behind < BEHIND_LIMIT:
+                return SyncResult.DROPPED_OLD  # a stray repeat changes nothing
+            ok = False  # the stream is behind the book: the book took an event never sent
+        elif self._usdm:
+            ok = (U <= uid or pu == uid) if self._first else pu == uid
         else:
-            if u <= uid:
-                return SyncResult.DROPPED_OLD
-            # U < uid+1 (overlap) is fine: levels carry absolute quantities as of u.
-            ok = U <= uid + 1
+            # The first event straddles the snapshot; after it, Binance's rule: U == prev u + 1.
+            ok = U <= uid + 1 if self._first else U == uid + 1
         if not ok:
             self._lose_sync()
             self._note_gap(uid, U, u, pu)
@@ -195,7 +249,7 @@ class BookSync:
             self.book.apply_diff(event["b"], event["a"], u)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             self._fail(f"bad depth event U={U} u={u}: {e!r}")
-        self._first = False
+        self._first, self._behind = False, 0
         self.events_applied += 1
         return SyncResult.APPLIED
 
@@ -206,7 +260,7 @@ class BookSync:
     def _lose_sync(self) -> None:
         self.book.clear()
         self._buffer.clear()
-        self.synced, self.needs_snapshot, self._first = False, True, True
+        self.synced, self.needs_snapshot, self._first, self._behind = False, True, True, 0
 
     def _fail(self, msg: str):
         # The event's changes are lost, so a synced book can no longer be trusted.

@@ -46,7 +46,7 @@ TEXTS = {
     Reason.RATE_LIMIT: "order rate limit of the strategy reached",
     Reason.LOSS_COOLDOWN: "entries paused after a streak of losing round trips",
     Reason.BROKER_UNAVAILABLE: "broker did not answer",
-    Reason.BROKER_ERROR: "broker could not read the order",
+    Reason.BROKER_ERROR: "the broker refused the order with an error, or its answer was unreadable or not credible",
 }
 
 

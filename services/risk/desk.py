@@ -1,4 +1,4 @@
-"""The order desk: check, forward to the broker without blocking, answer; cancels; the answer caches."""
+"""The order desk: check, forward to the broker without blocking, vet its answer, answer; cancels; the answer caches."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,17 +15,20 @@ from services.risk.checks import Reason
 from services.risk.core import Denial, RiskEngine
 from services.risk.link import BrokerLink
 from services.risk.store import Forwarded, Outbox
-from services.risk.telemetry import BAD_FRAMES, DECISIONS, FAILURES, LogLimiter
+from services.risk.telemetry import BAD_ACKS, BAD_FRAMES, DECISIONS, FAILURES, LogLimiter
+from services.risk.vet import WHYS, BadAnswer, vet_ack, vet_fill, vet_status
+from shared.alerts import Alerter
 from shared.runtime import MicrosHistogram
 from shared import messages
 from shared.enums import OrderKind, OrderStatus, TimeInForce, Verdict
 from shared.errors import DecodeError
-from shared.ledger import to_decimal
-from shared.messages import Ack, Cancel, Decision, Error, OrderRequest
+from shared.ledger import quote_asset
+from shared.messages import Ack, Cancel, Decision, Error, OrderEvent, OrderRequest
 
 log = logging.getLogger("qf.risk")
 
 DECISION_CACHE_MAX = 4096  # answers kept so a retried client_order_id gets the same one
+BAD_ANSWER_QUIET_NS = 60 * 1_000_000_000  # the BROKER_ERROR alert resolves after this long without a refused answer
 # The encoded decision, the ns risk spent on the order before it went to the broker (0 if it
 # did not), and the perf_counter_ns since which risk works on it again (the broker's answer in
 # hand). Bytes, not a Decision: the reply is all the client needs, and building the message
@@ -37,35 +40,6 @@ _TS_KEY = msgpack.packb("ts")
 _APPROVAL_KEYS = ("ts", "client_order_id", "verdict", "reason", "qty", "order")
 _K_COID, _K_VERDICT, _K_REASON, _K_QTY = (msgpack.packb(k) for k in _APPROVAL_KEYS[1:5])
 _VERDICTS = {v: msgpack.packb(v.value) for v in (Verdict.APPROVED, Verdict.ADJUSTED)}
-_STATUSES = {s.value: s for s in OrderStatus}  # a dict lookup: OrderStatus(x) is a slow Enum call
-
-
-def read_ack(wire: object, client_order_id: str) -> tuple[OrderStatus, Decimal, list]:
-    """What risk needs of the broker's answer map: `(status, filled_qty, fills)`. Raises
-    DecodeError for anything but an `ack` of this order with those fields well typed (the
-    fills themselves are checked one by one as the ledger books them)."""
-    if type(wire) is not dict or wire.get("v") != messages.VERSION:
-        raise DecodeError("bad_version" if type(wire) is dict else "not_a_map", "broker answer")
-    if wire.get("type") != "ack":
-        if wire.get("type") == "error":
-            raise DecodeError("broker_error", f"{wire.get('code')}: {wire.get('text')}"[:200])
-        raise DecodeError("unexpected_type", str(wire.get("type"))[:40])
-    if wire.get("client_order_id") != client_order_id:
-        raise DecodeError("bad_field", f"client_order_id {str(wire.get('client_order_id'))[:40]!r}")
-    fills = wire.get("fills", [])
-    if type(fills) is not list:
-        raise DecodeError("bad_field", "fills: expected a list of maps")
-    for fill in fills:
-        if type(fill) is not dict:
-            raise DecodeError("bad_field", "fills: expected a list of maps")
-    try:
-        status = wire.get("status")
-        status = _STATUSES.get(status) if type(status) is str else None
-        if status is None:
-            status = OrderStatus(wire.get("status"))  # not a plain known string: raises, or a str subclass
-        return status, to_decimal(wire.get("filled_qty"), "filled_qty"), fills
-    except ValueError as exc:
-        raise DecodeError("bad_field", str(exc)[:120]) from None
 
 
 def decision_parts(decision: Decision, pack: Callable[[object], bytes] | None = None) -> tuple[bytes, bytes]:
@@ -114,12 +88,26 @@ class InFlight:
 class OrderDesk:
     """Orders and cancels between the clients and the broker. Orders wait for the broker
     without blocking anything else; while one waits, its whole quantity counts against the
-    limits (fail closed). `stats` counts verdicts; denials go to `outbox` and a quiet log."""
+    limits (fail closed). `stats` counts verdicts; denials go to `outbox` and a quiet log.
+
+    Nothing the broker says is relayed or booked before `services.risk.vet` found it credible
+    of the order risk sent: an ack, a cancel's reply, a `fill.*` or `order.*` event. A refused
+    one is counted (qf_risk_bad_acks_total, stats `bad_acks`) and raised to `alerts` as
+    BROKER_ERROR (resolved after BAD_ANSWER_QUIET_NS without another); the order it spoke of
+    keeps its worst case counted, as when the broker is silent, until the broker's events
+    settle it or it expires (RiskEngine.on_sent)."""
 
     def __init__(self, engine: RiskEngine, broker: BrokerLink, outbox: Outbox, forwarded: Forwarded,
-                 stats: dict, clock: Callable[[], int], quiet: LogLimiter) -> None:
+                 stats: dict, clock: Callable[[], int], quiet: LogLimiter, alerts: Alerter | None = None) -> None:
         self.engine, self.broker, self.outbox, self.forwarded = engine, broker, outbox, forwarded
         self.stats, self.clock, self.quiet = stats, clock, quiet
+        stats.setdefault("bad_acks", 0)
+        self.alerts = alerts if alerts is not None else Alerter("risk", clock=clock)
+        self.last_bad_ns = 0
+        self.band_bps = engine.limits.fill_band_bps
+        # (quote, base) of each traded symbol, for judging fees; a fill of any other symbol is refused
+        self.assets = {s: (quote_asset(s), s[:-len(quote_asset(s))] if quote_asset(s) else "")
+                       for s in engine.limits.rules}
         self.decisions: OrderedDict[str, bytes] = OrderedDict()  # client_order_id -> the encoded decision
         self.inflight: dict[str, InFlight] = {}
         self.broker_us = MicrosHistogram()
@@ -191,13 +179,21 @@ class OrderDesk:
                                    f"{self.broker.timeout_ns // 1_000_000} ms"), now, flight.notify, spent, back, False)
             return
         try:
-            wire = msgpack.unpackb(raw, raw=False)
-            status, filled, fills = read_ack(wire, req.client_order_id)
-        except Exception as exc:  # DecodeError, or one of msgpack's several exception types
+            wire, (status, filled, fills) = self._vet_ack(raw, req, flight.qty)
+        except DecodeError as exc:
             self.inflight.pop(req.client_order_id, None)
             self.broker_us.record_ns(back - flight.sent_ns)
-            self.engine.untrack(req.client_order_id)  # the broker did not take it
-            self._deny(req, Denial(Reason.BROKER_ERROR, str(exc)[:200]), now, flight.notify, spent, back, False)
+            if exc.reason == "broker_error":  # the broker's own `error`: it did not take the order
+                self.engine.untrack(req.client_order_id)
+                self._deny(req, Denial(Reason.BROKER_ERROR, str(exc)[:200]), now, flight.notify, spent, back, False)
+                return
+            # Not credible: the strategy is told REJECTED, and nothing of it is booked. The broker
+            # may still have done something, so the order's worst case stays counted (on_sent)
+            # until its fill/order events settle it or it expires; not remembered, so a retry
+            # asks again (and is judged again first).
+            self._deny(req, Denial(Reason.BROKER_ERROR, f"broker answer refused ({exc.reason}): {exc.detail}"[:300]),
+                       now, flight.notify, spent, back, False)
+            self._refused("ack", exc, req.client_order_id)
             return
         # Risk's verdict stands once the broker answered; the broker's own outcome, a
         # REJECTED status with its reason included, travels in `order`.
@@ -211,6 +207,40 @@ class OrderDesk:
         except Exception:
             FAILURES.inc()
             log.exception("broker_reply_failed", extra={"client_order_id": req.client_order_id[:80]})
+
+    def _vet_ack(self, raw: bytes, req: OrderRequest, qty: Decimal) -> tuple[dict, tuple]:
+        """The broker's answer unpacked and vetted against `req` approved for `qty`:
+        `(wire, (status, filled_qty, fills))`. Raises DecodeError (BadAnswer: not credible)."""
+        try:
+            wire = msgpack.unpackb(raw, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise DecodeError("bad_msgpack", str(exc)[:80]) from None
+        try:
+            return wire, vet_ack(wire, req.client_order_id, req.symbol, req.side, qty,
+                                 req.price if req.kind is OrderKind.LIMIT else None, self.assets,
+                                 self.engine.mids, self.band_bps, self.engine.ledger.booked_for)
+        except DecodeError:
+            raise
+        except Exception as exc:  # a value no check foresaw: refused all the same, never relayed
+            raise BadAnswer("malformed", f"{type(exc).__name__}: {exc}"[:120]) from None
+
+    def _refused(self, source: str, exc: DecodeError, client_order_id: object) -> None:
+        """Count, log (rate-limited) and alert a broker answer or event refused by the vetting."""
+        why = exc.reason if exc.reason in WHYS else "malformed"
+        self.stats["bad_acks"] += 1
+        BAD_ACKS.labels(source, why).inc()
+        self.last_bad_ns = self.clock()
+        coid = str(client_order_id)[:80]
+        self.quiet.log_event(logging.WARNING, "broker_answer_refused", f"refused_{source}",
+                             {"source": source, "why": why, "client_order_id": coid, "detail": exc.detail[:200]})
+        self.alerts.raise_(Reason.BROKER_ERROR, f"risk refused the broker's {source} for {coid} ({why}): "
+                                                f"{exc.detail[:160]}")
+
+    def tick(self, now: int) -> None:
+        """Once per heartbeat: resolve the BROKER_ERROR alert after BAD_ANSWER_QUIET_NS without a refusal."""
+        if self.last_bad_ns and now - self.last_bad_ns >= BAD_ANSWER_QUIET_NS \
+                and self.alerts.is_active(Reason.BROKER_ERROR):
+            self.alerts.resolve(Reason.BROKER_ERROR, "the broker's answers have been credible again")
 
     def _settle(self, flight: InFlight, status: OrderStatus, filled: Decimal, fills: list, reason: object,
                 payload: bytes, now: int) -> None:
@@ -263,12 +293,49 @@ class OrderDesk:
             self.decisions.popitem(last=False)
 
     def apply_fills(self, fills, now: int) -> None:
+        """Book vetted fill maps (each once per fill_id)."""
         for fill in fills:
             try:
                 self.stats["fills"] += self.engine.on_fill(fill, now)
-            except (ValueError, TypeError, ArithmeticError) as exc:
+            except (ValueError, TypeError, ArithmeticError) as exc:  # the vetting is stricter: a bug
                 BAD_FRAMES.labels("fill").inc()
                 self.quiet.log_event(logging.WARNING, "bad_fill", "fill", {"detail": str(exc)[:200]})
+
+    def on_fill_event(self, fill: dict, now: int) -> None:
+        """A `fill.*` event's map not booked yet: vetted against the order when risk tracks it
+        (symbol, side, at most what still works) and the book, then booked; else refused."""
+        coid = fill.get("client_order_id")
+        coid = coid if type(coid) is str else ""
+        work = self.engine.working.get(coid)
+        try:
+            if work is None:
+                vet_fill(fill, coid, None, None, None, None, self.assets, self.engine.mids, self.band_bps)
+            else:
+                qty, _ = vet_fill(fill, coid, None, work.symbol, work.side, None, self.assets, self.engine.mids,
+                                  self.band_bps)
+                if qty > work.remaining:
+                    raise BadAnswer("over_qty", f"fill {str(fill.get('fill_id'))[:40]!r}: {qty} above the "
+                                                f"{work.remaining} still working")
+        except DecodeError as exc:
+            BAD_FRAMES.labels("fill").inc()
+            self._refused("fill", exc, coid)
+            return
+        self.apply_fills((fill,), now)
+
+    def on_order_event(self, event: OrderEvent) -> None:
+        """An `order.*` event: applied to the order risk tracks when its status and filled
+        quantity can be true of it; refused (counted, alerted) otherwise."""
+        work = self.engine.working.get(event.client_order_id)
+        if work is None:
+            return  # ended or never known: nothing to settle
+        try:
+            if event.symbol != work.symbol:
+                raise BadAnswer("wrong_symbol", f"order event of {event.symbol[:24]} for a {work.symbol} order")
+            vet_status(event.status, event.filled_qty, work.qty)
+        except BadAnswer as exc:
+            self._refused("order", exc, event.client_order_id)
+            return
+        self.engine.on_order(event.client_order_id, event.status, event.filled_qty)
 
     def submit_cancel(self, client_order_id: str, now: int, notify: Callable[[bytes], None]) -> None:
         """Pass a cancel to the broker (always allowed, even HALTED); `notify` gets its reply
@@ -278,14 +345,38 @@ class OrderDesk:
                 raw = messages.encode(Error(ts=self.clock(), code=Reason.BROKER_UNAVAILABLE,
                                             text=f"no reply from {self.broker.endpoint}"))
             else:
-                try:
-                    reply = messages.decode(raw, messages.REQUESTS)
-                except DecodeError:
-                    reply = None
-                if isinstance(reply, Ack):
-                    self.apply_fills(reply.fills, self.clock())
-                    self.engine.on_order(client_order_id, reply.status, reply.filled_qty)
+                raw = self._cancel_answer(client_order_id, raw)
             notify(raw)
         if not self.broker.send(messages.encode(Cancel(ts=now, client_order_id=client_order_id)), answered):
             answered(None)
+
+    def _cancel_answer(self, client_order_id: str, raw: bytes) -> bytes:
+        """The broker's reply to a cancel, as its client gets it: an `ack` that is credible of the
+        order (then booked), or the broker's own `error`, byte for byte; anything else is refused
+        (counted, alerted, nothing booked; the order stays counted as it was) and answered with
+        an `error` BROKER_ERROR."""
+        try:
+            reply = messages.decode(raw, messages.REQUESTS)
+            if isinstance(reply, Error):
+                return raw  # its own typed refusal: UNKNOWN_ORDER, STORE_UNAVAILABLE, ...
+            if not isinstance(reply, Ack):
+                raise DecodeError("unexpected_type", reply.TYPE)
+            work = self.engine.working.get(client_order_id)
+            wire = msgpack.unpackb(raw, raw=False)
+            if work is None:  # ended or never known here: the ack is held to itself and the book
+                status, filled, fills = vet_ack(wire, client_order_id, None, None, None, None, self.assets,
+                                                self.engine.mids, self.band_bps, self.engine.ledger.booked_for)
+            else:
+                status, filled, fills = vet_ack(wire, client_order_id, work.symbol, work.side, work.qty, None,
+                                                self.assets, self.engine.mids, self.band_bps,
+                                                self.engine.ledger.booked_for)
+        except Exception as exc:
+            if not isinstance(exc, DecodeError):
+                exc = BadAnswer("malformed", f"{type(exc).__name__}: {exc}"[:120])
+            self._refused("cancel", exc, client_order_id)
+            return messages.encode(Error(ts=self.clock(), code=Reason.BROKER_ERROR,
+                                         text=f"broker answer refused ({exc.reason}): {exc.detail}"[:500]))
+        self.apply_fills(fills, self.clock())
+        self.engine.on_order(client_order_id, status, filled)
+        return raw
 

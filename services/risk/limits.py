@@ -21,6 +21,7 @@ class RiskLimits:
     stale_book_ms: int = 5000
     max_open_orders: int = 10
     price_band_bps: Decimal = Decimal(100)
+    fill_band_bps: Decimal = Decimal(1000)  # a broker's fill further than this from the mid is refused; 0: off
     orders_per_s: int = 10
     orders_per_min: int = 300
     loss_streak: int = 0  # 0: the loss-streak pause is off
@@ -80,7 +81,7 @@ def from_config(cfg: "Config") -> RiskLimits:
         values.update(overrides.get(sym, {}))
         rules[sym] = SymbolRules(symbol=sym, **values)
     return RiskLimits(rules=rules, stale_book_ms=r.stale_book_ms, max_open_orders=r.max_open_orders,
-                      price_band_bps=r.price_band_bps, orders_per_s=r.orders_per_s,
+                      price_band_bps=r.price_band_bps, fill_band_bps=r.fill_band_bps, orders_per_s=r.orders_per_s,
                       orders_per_min=r.orders_per_min, loss_streak=r.loss_streak,
                       loss_window_ns=int(r.loss_window_min * MINUTE_NS),
                       loss_pause_ns=int(r.loss_pause_min * MINUTE_NS), daily_loss=r.daily_loss,
@@ -91,7 +92,8 @@ def from_config(cfg: "Config") -> RiskLimits:
 def describe(limits: RiskLimits) -> list[dict[str, str]]:
     """One dict per log line, for printing the limits at start: the global ones, then each symbol's."""
     g = {"stale_book_ms": limits.stale_book_ms, "max_open_orders": limits.max_open_orders,
-         "price_band_bps": limits.price_band_bps, "orders_per_s": limits.orders_per_s,
+         "price_band_bps": limits.price_band_bps, "fill_band_bps": limits.fill_band_bps,
+         "orders_per_s": limits.orders_per_s,
          "orders_per_min": limits.orders_per_min, "loss_streak": limits.loss_streak,
          "loss_window_min": limits.loss_window_ns / MINUTE_NS, "loss_pause_min": limits.loss_pause_ns / MINUTE_NS,
          "daily_loss": limits.daily_loss, "daily_loss_soft": limits.daily_loss_soft,

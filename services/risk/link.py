@@ -10,9 +10,15 @@ from typing import Callable
 
 import zmq
 
+from shared import messages
 from shared.bus import NOBLOCK, readable, recv_frames, send_frames
 
 log = logging.getLogger("qf.risk")
+
+# A reply bigger than this drops the broker's connection (libzmq reconnects; the requests on it
+# time out, fail closed) instead of being read into memory: an honest ack is a few hundred
+# bytes a fill, and the broker's ROUTER refuses requests of this size too.
+MAX_REPLY = messages.MAX_FRAME * 2
 
 Callback = Callable[[bytes | None], None]  # the broker's reply, or None: no answer (fail closed)
 
@@ -50,6 +56,7 @@ class BrokerLink:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
         sock.connect(self.endpoint)
         return sock
 

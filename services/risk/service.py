@@ -4,11 +4,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sqlite3
 import threading
 import time
 from functools import partial
 from typing import Callable
 
+import peewee as pw
 import zmq
 
 from services.risk import limits as risk_limits
@@ -18,12 +20,13 @@ from services.risk.desk import OrderDesk
 from services.risk.flatten import FlattenJob
 from services.risk.link import BrokerLink
 from services.risk.telemetry import BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter
-from shared import journal, messages
+from shared import journal, messages, storage
+from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
 from shared.db import database, init_db
 from shared.enums import ControlAction
-from shared.errors import DecodeError
+from shared.errors import DecodeError, FatalError
 from shared.messages import Book, Cancel, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest, RiskState
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
@@ -54,9 +57,9 @@ class RiskService:
             log.info("limits", extra=line)
         self.engine = RiskEngine(self.limits, cfg.broker.start_cash)
         forwarded = store.Forwarded()
-        self.outbox = store.Outbox()
         self.stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
-                      "books": 0, "fills": 0, "events_lost": 0}
+                      "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0}
+        self.outbox = store.Outbox(OUTBOX_MAX, self.stats)  # bounded, backs off, alerts while writes fail
         self.check_us, self.serve_us = MicrosHistogram(), MicrosHistogram()
         self.quiet = LogLimiter(log)
         self._stop = threading.Event()
@@ -66,22 +69,35 @@ class RiskService:
         # in the queue instead of being lost, and the ledger drops the overlap.
         self.md = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx)
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx)
-        init_db(cfg.common.db)
+        try:
+            init_db(cfg.common.db)
+        except (pw.PeeweeException, sqlite3.Error, OSError) as exc:  # e.g. a full disk: one line, `qf up` retries
+            raise FatalError(f"cannot open {cfg.common.db}: {storage.problem(exc, cfg.common.db)}") from None
         try:
             # What the broker made durable but has not stored yet is in its journal: stored first
             # (its broker died) or waited for (it runs), so the rebuild reads everything it told.
             stored = journal.recover(journal.journal_path(cfg.common.db, cfg.common.run_dir))
             found = {**store.rebuild(self.engine, forwarded, self.clock()), **stored}
-            store.prune_checkpoints()
-            self.outbox.flush(self.engine, self.clock())  # a new day or peak seen at start is kept
+        except (pw.PeeweeException, sqlite3.Error, OSError) as exc:  # one line, and `qf up` retries
+            raise FatalError(f"cannot rebuild risk's state from {cfg.common.db}: "
+                             f"{storage.problem(exc, cfg.common.db)}") from None
+        else:
+            try:  # a full disk must not keep risk from deciding (fail-closed needs no disk): rows wait
+                store.prune_checkpoints()
+                self.outbox.flush(self.engine, self.clock())  # a new day or peak seen at start is kept
+            except Exception as exc:
+                log.warning("start_rows_not_written", extra={"problem": storage.problem(exc, cfg.common.db)})
         finally:
             database.close()  # run() may be on another thread; it opens its own connection
         log.info("rebuilt", extra={**found, "positions": self.engine.position_map(),
                                    "peak_equity": self.engine.peak, "day_start_equity": self.engine.day_start})
         self.server = Server(cfg.bus.risk_rep, ctx)
         self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx)
-        self.desk = OrderDesk(self.engine, self.broker, self.outbox, forwarded, self.stats, self.clock, self.quiet)
         self.pub = Publisher(cfg.bus.risk_pub, cfg.bus.hwm, ctx)
+        self.alerts = Alerter("risk", self.pub.publish, clock=self.clock)
+        self.outbox.attach(self.alerts)
+        self.desk = OrderDesk(self.engine, self.broker, self.outbox, forwarded, self.stats, self.clock, self.quiet,
+                              self.alerts)
         self.liveness = Liveness(cfg.common.run_dir, "risk")
         self.heartbeat = HeartbeatMaker("risk")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
@@ -175,9 +191,9 @@ class RiskService:
             self.engine.on_book(msg.symbol, msg.mid, now)
         elif isinstance(msg, Fill):
             if not self.engine.ledger.has_seen(msg.fill_id):  # the usual case: booked from the broker's answer
-                self.desk.apply_fills([msg.to_wire()], now)
+                self.desk.on_fill_event(msg.to_wire(), now)  # vetted like an ack's fills
         elif isinstance(msg, OrderEvent):
-            self.engine.on_order(msg.client_order_id, msg.status, msg.filled_qty)
+            self.desk.on_order_event(msg)
 
     def _settle(self, now: int) -> None:
         """Store, then publish, the state changes the engine made."""
@@ -258,7 +274,7 @@ class RiskService:
                                            or self.clock() - self.outbox.oldest_ns >= FLUSH_NS):
                     self._flush(self.clock())
                 if self.ticker.due():
-                    self._beat()
+                    self._guard(self._beat)  # a beat that fails must not take risk down with it
         finally:
             self.close()
             log.info("stopped", extra={**self.stats, **self.check_us.stats("check"), **self.serve_us.stats("serve"),
@@ -325,6 +341,7 @@ class RiskService:
     def _beat(self) -> None:
         now = self.clock()
         self.engine.expire(now)
+        self.desk.tick(now)
         self._flush(now)  # the peak a risk.state implies is stored before it is published
         self._publish_state(now)
         stats = {**self.stats, "state": self.engine.state.value, "equity": str(self.engine.equity()),

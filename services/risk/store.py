@@ -5,7 +5,11 @@ import logging
 from collections import OrderedDict
 from decimal import Decimal
 
+import peewee as pw
+
 from services.risk.core import RiskEngine, StateChange
+from shared import storage
+from shared.alerts import Alerter
 from shared.db import EquitySnapshot, FillRow, OrderRow, RiskCheckpoint, RiskEvent, database, insert_rows
 from shared.enums import OPEN_STATUSES, OrderKind, Side, TimeInForce, TradingState
 
@@ -13,6 +17,8 @@ log = logging.getLogger("qf.risk")
 
 RECENT_ORDERS = 100_000  # client_order_ids known to the broker, for retries across a restart
 CHECKPOINTS_KEPT = 1000  # older checkpoint rows are pruned at start; only the newest is read
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the alert's code while the database refuses risk's rows
+RETRY_FIRST_NS, RETRY_MAX_NS = 100_000_000, 5_000_000_000  # after a failed write: 0.1 s, doubling to 5 s
 
 
 class Forwarded:
@@ -86,12 +92,33 @@ def prune_checkpoints() -> int:
 
 class Outbox:
     """Rows waiting to be written: denials and state changes (RiskEvent) and, when the
-    engine's figures moved, a checkpoint. Written in one transaction by `flush`."""
+    engine's figures moved, a checkpoint. Written in one transaction by `flush`.
 
-    def __init__(self) -> None:
+    A database that refuses writes (a full or read-only disk) must not stop risk deciding:
+    the rows wait (at most `limit`; older ones are dropped and counted in `stats["events_lost"]`),
+    `flush` tries again after a backoff (RETRY_FIRST_NS doubling to RETRY_MAX_NS) and is a no-op
+    in between, the outage is alerted once (`alerts`, code STORE_UNAVAILABLE) and resolved
+    by the first write that works."""
+
+    def __init__(self, limit: int = 100_000, stats: dict | None = None) -> None:
         self.events: list[dict] = []
         self.oldest_ns = 0
         self.checkpoints = 0  # written since the last prune
+        self.limit = limit
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("events_lost", 0)
+        self.stats.setdefault("store_failures", 0)
+        self.alerts: Alerter | None = None
+        self.failing: str | None = None  # why the last write failed, while writes fail
+        self.failing_since_ns = 0
+        self.retry_ns = 0
+        self.delay_ns = RETRY_FIRST_NS
+
+    def attach(self, alerts: Alerter) -> None:
+        """Alert through `alerts` (the service's, made once its PUB exists): at once if writes already fail."""
+        self.alerts = alerts
+        if self.failing is not None:
+            alerts.raise_(STORE_UNAVAILABLE, self._alert_text())
 
     def __len__(self) -> int:
         return len(self.events)
@@ -111,19 +138,63 @@ class Outbox:
 
     def flush(self, engine: RiskEngine, now_ns: int) -> int:
         """Write the waiting rows and, if `engine.dirty`, a checkpoint; one transaction.
-        Returns the rows written. Raises peewee errors (the rows stay queued)."""
+        Returns the rows written (0 while backing off after a failure). Raises the peewee or
+        OS error of the first failure of a streak, for the caller to log (the rows stay queued);
+        later failures of the streak are counted, not raised."""
         checkpoint = engine.dirty
         if not self.events and not checkpoint:
             return 0
-        with database.atomic():
-            insert_rows(RiskEvent, self.events)
-            if checkpoint:
-                insert_rows(RiskCheckpoint, [dict(ts=now_ns, **engine.snapshot())])
+        if self.failing is not None and now_ns < self.retry_ns:
+            return 0
+        try:
+            with database.atomic():
+                insert_rows(RiskEvent, self.events)
+                if checkpoint:
+                    insert_rows(RiskCheckpoint, [dict(ts=now_ns, **engine.snapshot())])
+        except Exception as exc:
+            if self._failed(exc, now_ns):
+                raise
+            return 0
         written = len(self.events) + checkpoint
         self.events = []
         engine.dirty = False
         self.checkpoints += checkpoint
+        if self.failing is not None:
+            self._recovered(now_ns)
         if self.checkpoints >= CHECKPOINTS_KEPT:  # a rising market moves the peak every second
             self.checkpoints = 0
-            prune_checkpoints()
+            try:
+                prune_checkpoints()
+            except Exception:  # only housekeeping: the next prune catches up
+                log.warning("checkpoint_prune_failed", exc_info=True)
         return written
+
+    def _failed(self, exc: BaseException, now_ns: int) -> bool:
+        """Note a failed write; True for the first of a streak."""
+        self.stats["store_failures"] += 1
+        lost = len(self.events) - self.limit
+        if lost > 0:
+            del self.events[:lost]
+            self.stats["events_lost"] += lost
+        first = self.failing is None
+        self.failing = storage.problem(exc, database.obj.database if isinstance(database.obj, pw.SqliteDatabase)
+                                       else None)
+        if first:
+            self.failing_since_ns, self.delay_ns = now_ns, RETRY_FIRST_NS
+        else:
+            self.delay_ns = min(RETRY_MAX_NS, self.delay_ns * 2)
+        self.retry_ns = now_ns + self.delay_ns
+        if self.alerts is not None:
+            self.alerts.raise_(STORE_UNAVAILABLE, self._alert_text())
+        return first
+
+    def _recovered(self, now_ns: int) -> None:
+        log.warning("risk_rows_written_again", extra={"down_s": round((now_ns - self.failing_since_ns) / 1e9, 3),
+                                                       "lost": self.stats["events_lost"]})
+        self.failing = None
+        if self.alerts is not None:
+            self.alerts.resolve(STORE_UNAVAILABLE, "risk: denials, state changes and checkpoints are stored again")
+
+    def _alert_text(self) -> str:
+        return (f"risk: the database refuses denials, state changes and checkpoints ({self.failing}); "
+                f"risk keeps deciding, {len(self.events)} rows wait")

@@ -9,6 +9,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter("qf_risk_decisions_total", "Order decisions, by verdict and reason code", ["verdict", "code"])
 BAD_FRAMES = Counter("qf_risk_decode_errors_total", "Frames that were not valid messages", ["source"])
+BAD_ACKS = Counter("qf_risk_bad_acks_total", "Broker answers and events refused as not credible (REJECTED "
+                   "BROKER_ERROR, nothing booked), by source (ack/cancel/fill/order) and why", ["source", "why"])
 FAILURES = Counter("qf_risk_failures_total", "Messages whose handling failed inside risk")
 STATE_CHANGES = Counter("qf_risk_state_changes_total", "Trading-state changes, by cause", ["code"])
 DECIDE_SECONDS = Histogram("qf_risk_decision_seconds", "Time to decide one order, broker round trip included",

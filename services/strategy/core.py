@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Iterable
 
 from shared.config import StrategyConfig
 from shared.enums import OrderKind, Side, Verdict
-from shared.messages import Book, Decision
+from shared.errors import DecodeError
+from shared.messages import Book, Decision, check_decimal
 
 ZERO = Decimal(0)
 
@@ -58,42 +59,52 @@ class Features:
 
 
 def _decimal(value: Any, what: str) -> Decimal:
-    """A wire decimal (string or int) → Decimal; floats are refused (money is exact)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise ValueError(f"{what}: expected a decimal string, got {type(value).__name__}")
+    """A wire decimal (string or int) → Decimal within the wire bounds (shared/messages.py);
+    floats are refused (money is exact). Raises ValueError."""
     try:
-        result = Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"{what}: {value!r} is not a decimal") from None
-    if not result.is_finite():
-        raise ValueError(f"{what}: {value!r} is not finite")
-    return result
+        return check_decimal(what, value)
+    except DecodeError as exc:
+        raise ValueError(exc.detail) from None
 
 
-def fills_of(decision: Decision, side: Side) -> tuple[Decimal, Decimal | None]:
-    """(signed filled base qty, average price) from a decision's broker ack.
+def fills_of(decision: Decision, side: Side, max_qty: Decimal | None = None) -> tuple[Decimal, Decimal | None]:
+    """(signed filled base qty, average price) from a decision's broker ack for an order on `side`.
 
     The fills list is authoritative; an ack without fills falls back to its
-    `filled_qty`. Raises ValueError on a malformed ack (nothing is applied)."""
+    `filled_qty`. Raises ValueError on a malformed ack, whatever its shape, and on
+    one that is not credible for the order: a fill on the other side, or more filled
+    than `max_qty` (the order's qty). Nothing is applied then: a spot long/flat
+    position driven short or past its order by a lying ack would never trade again."""
     order = decision.order or {}
     fills = order.get("fills") or []
+    if type(fills) is not list or any(type(f) is not dict for f in fills):
+        raise ValueError("fills: expected a list of maps")
     qty, notional = ZERO, ZERO
     for i, fill in enumerate(fills):
         q = _decimal(fill.get("qty"), f"fills[{i}].qty")
         if q < 0:
             raise ValueError(f"fills[{i}].qty is negative")
-        fill_side = Side(fill.get("side", side.value))
-        qty += q * fill_side.sign
+        if fill.get("side", side.value) != side.value:
+            raise ValueError(f"fills[{i}].side: expected {side.value}, the order's side")
+        qty += q * side.sign
         if fill.get("price") is not None:
             notional += q * _decimal(fill["price"], f"fills[{i}].price")
     if not fills and order.get("filled_qty") is not None:
         qty = _decimal(order["filled_qty"], "filled_qty") * side.sign
+    if qty * side.sign < 0 or (max_qty is not None and qty * side.sign > max_qty):
+        raise ValueError(f"filled {qty * side.sign} of an order for {max_qty}")
     avg = order.get("avg_price")
     if avg is not None:
         avg = _decimal(avg, "avg_price")
     elif fills and qty:
         avg = notional / abs(qty)
     return qty, avg
+
+
+def credible(book: Book) -> bool:
+    """Whether the strategy may decide on `book`: its imbalance is a share in [-1, 1] (top-N
+    (bid - ask) / (bid + ask)); anything else was not computed from a real book."""
+    return -1.0 <= book.imbalance <= 1.0
 
 
 class ImbalanceStrategy:
@@ -113,8 +124,13 @@ class ImbalanceStrategy:
         self.id_prefix = id_prefix or cfg.name
         self.features = Features()
         self._state = {s.upper(): _SymbolState() for s in symbols}
+        self.refused_books = 0  # books not credible (see `credible`): counted, never decided on
         self._by_cid: dict[str, str] = {}
         self._n = 0
+
+    def trades(self, symbol: str) -> bool:
+        """Whether `symbol` is one of the strategy's symbols (books of others are ignored)."""
+        return symbol in self._state
 
     def position(self, symbol: str) -> Decimal:
         """The strategy's own base position in `symbol` (exact)."""
@@ -131,6 +147,9 @@ class ImbalanceStrategy:
         st = self._state.get(book.symbol)
         if st is None:
             return None  # a symbol we were not configured for
+        if not credible(book):
+            self.refused_books += 1
+            return None
         imbalance = self.features.update(book)
         if st.in_flight is not None:
             return None
@@ -164,6 +183,6 @@ class ImbalanceStrategy:
         intent, st.in_flight = st.in_flight, None
         if decision.verdict is Verdict.REJECTED or intent is None:
             return Outcome(decision.client_order_id, symbol, decision.verdict, ZERO, None, st.position)
-        signed, avg = fills_of(decision, intent.side)
+        signed, avg = fills_of(decision, intent.side, intent.qty)
         st.position += signed
         return Outcome(decision.client_order_id, symbol, decision.verdict, abs(signed), avg, st.position)

@@ -43,8 +43,12 @@ class StrategyService:
         self.core = ImbalanceStrategy(cfg.strategy, cfg.md.symbols,
                                       id_prefix=f"{cfg.strategy.name}-{self.start_ns:x}")
         self._stop = threading.Event()
-        self.stats = {"books": 0, "stale_books": 0, "decode_errors": 0, "orders": 0,
+        self.stats = {"books": 0, "stale_books": 0, "other_symbols": 0, "decode_errors": 0, "orders": 0,
                       "approved": 0, "rejected": 0, "no_reply": 0, "errors": 0}
+        # newest unprocessed book per symbol the core trades; refilled before each book is handled,
+        # so a book that went stale while an order waited for risk is overwritten. Books of other
+        # symbols never enter it: a flood of made-up symbols cannot grow it.
+        self.pending: dict[str, Book] = {}
 
     def stop(self) -> None:
         """Ask `run()` to return; safe from a signal handler or another thread."""
@@ -61,9 +65,7 @@ class StrategyService:
         poller.register(sub.sock, zmq.POLLIN)
         log.info("started", extra={"md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep,
                                    "symbols": ",".join(cfg.md.symbols), "prefix": self.core.id_prefix})
-        # newest unprocessed book per symbol; refilled before each book is handled,
-        # so a book that went stale while an order waited for risk is overwritten
-        pending: dict[str, Book] = {}
+        pending = self.pending
         try:
             while not self._stop.is_set():
                 if ticker.due():
@@ -78,7 +80,7 @@ class StrategyService:
             client.close()
             sub.close()
             liveness.remove()
-            log.info("stopped", extra=dict(self.stats, missed=sub.missed))
+            log.info("stopped", extra=dict(self.stats, missed=sub.missed, refused_books=self.core.refused_books))
 
     def _drain(self, sub: Subscriber, pending: dict[str, Book]) -> None:
         """Read every waiting book into `pending`, keeping only the newest per symbol."""
@@ -92,6 +94,9 @@ class StrategyService:
                 log.warning("bad_frame", extra={"reason": exc.reason, "detail": exc.detail})
                 continue
             if not isinstance(msg, Book):
+                continue
+            if not self.core.trades(msg.symbol):
+                self.stats["other_symbols"] += 1
                 continue
             self.stats["books"] += 1
             if msg.symbol in pending:

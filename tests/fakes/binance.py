@@ -26,12 +26,25 @@ from tests.fakes.exchange import Msg, timeline
 _CLOSE = object()
 
 
+class Binary(bytes):
+    """A frame to send as a binary WebSocket message (anything else goes out as text)."""
+
+
+def inflate_digit(x: int, pos: int = 2) -> int:
+    """`x` with its digit at `pos` (from the left) raised to 9 (or carried if it is one): the
+    corrupted digit of issue #11, e.g. 50093696318 -> 50993696318."""
+    s = str(x)
+    d = int(s[pos])
+    return x + (9 - d if d < 9 else 1) * 10 ** (len(s) - 1 - pos)
+
+
 class _Client:
     def __init__(self, ws, streams: list[str]) -> None:
         self.ws, self.streams, self.opened = ws, set(streams), time.monotonic()
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.depth_stream = {s.split("@")[0]: s for s in streams if s.split("@")[1:2] == ["depth"]}
         self.sent = 0
+        self.muted: set[str] = set()  # symbols (lower case) whose depth this connection no longer gets
 
 
 class FakeBinance:
@@ -56,6 +69,12 @@ class FakeBinance:
         # faults
         self.drop: dict[str, int] = dict.fromkeys(self.books, 0)
         self.dropped: list[int] = []
+        self._corrupt: dict[str, list] = {s: [] for s in self.books}  # [fields, mutate, left, every, skip]
+        # (symbol, true u, monotonic t, event as sent, wall ns) of each corrupted event sent
+        self.corrupted: list[tuple[str, int, float, dict, int]] = []
+        self.last_sent: dict[tuple[str, str], bytes] = {}  # (SYMBOL, kind) -> the last frame queued to clients
+        self._garble: dict[str, list] = {s: [] for s in self.books}  # frame -> frame, for the next depth events
+        self.garbled: list[tuple[str, int, float]] = []  # (symbol, true u, monotonic t) of each garbled one
         self.silent = False
         self.snapshot_delay_s = 0.0
         self.snapshot_events_behind = 0  # with a delay: also hold it until this many newer events went out
@@ -113,6 +132,7 @@ class FakeBinance:
     def _emit(self, msg: Msg) -> None:
         sym, low, data = msg.symbol, msg.symbol.lower(), dict(msg.data)
         now_ms = time.time_ns() // 1_000_000
+        garble = None
         with self.lock:
             if msg.kind == "depth":
                 book = self.books[sym]
@@ -123,14 +143,19 @@ class FakeBinance:
                     self.dropped.append(data["u"])
                     return
                 self.emitted[sym].append((data["u"], time.monotonic()))
+                self._corrupt_next(sym, data)
+                if self._garble[sym]:
+                    garble = self._garble[sym].pop(0)
+                    self.garbled.append((sym, data["u"], time.monotonic()))
             clients = [] if self.silent else list(self.clients)
         data["E"] = now_ms
         if "T" in data:
             data["T"] = now_ms
         frames: dict[str, bytes] = {}
+        clean = None
         for c in clients:
             if msg.kind == "depth":
-                stream = c.depth_stream.get(low)
+                stream = c.depth_stream.get(low) if low not in c.muted else None
             elif msg.kind == "trade":
                 stream = f"{low}@aggTrade" if f"{low}@aggTrade" in c.streams else \
                     f"{low}@trade" if f"{low}@trade" in c.streams else None
@@ -141,8 +166,30 @@ class FakeBinance:
             frame = frames.get(stream)
             if frame is None:
                 payload = _agg_trade(data) if stream.endswith("@aggTrade") else data
-                frame = frames[stream] = orjson.dumps({"stream": stream, "data": payload})
+                frame = clean = orjson.dumps({"stream": stream, "data": payload})
+                frame = frames[stream] = garble(frame) if garble is not None else frame
             c.q.put(frame)
+        if clean is not None:  # queued to every client: a copy injected from now on comes after it
+            self.last_sent[(sym, msg.kind)] = clean
+
+    def _corrupt_next(self, sym: str, data: dict) -> None:
+        """Corrupt `data` (a copy, about to be sent) if a corruption of `sym` is pending. Lock held."""
+        pending = self._corrupt[sym]
+        if not pending:
+            return
+        job = pending[0]
+        fields, mutate, left, every, skip = job
+        if skip:
+            job[4] -= 1
+            return
+        true_u = data["u"]
+        for f in fields:
+            if f in data:
+                data[f] = mutate(data[f])
+        self.corrupted.append((sym, true_u, time.monotonic(), dict(data), time.time_ns()))
+        job[2], job[4] = left - 1, every - 1
+        if job[2] <= 0:
+            pending.pop(0)
 
     def true_top(self, symbol: str, update_id: int) -> tuple | None:
         """The exchange's top-10 levels (floats, best first) right after event `update_id`."""
@@ -178,7 +225,8 @@ class FakeBinance:
                 if frame is _CLOSE:
                     ws.close(1001, "server shutdown")
                     return
-                ws.send(frame if isinstance(frame, str) else frame.decode())
+                ws.send(bytes(frame) if type(frame) is Binary else frame if isinstance(frame, str)
+                        else frame.decode())
                 client.sent += 1
         except (ConnectionClosed, OSError):
             pass
@@ -198,9 +246,47 @@ class FakeBinance:
             self.drop[symbol.upper()] += n
 
     def inject(self, frame: str | bytes) -> None:
-        """Send `frame` as is to every connected client, in order with the stream."""
+        """Send `frame` as is to every connected client, in order with the stream (a `Binary`
+        goes out as a binary message, anything else as text)."""
         for c in list(self.clients):
             c.q.put(frame)
+
+    def corrupt_depth(self, symbol: str, fields: tuple[str, ...] = ("u",), n: int = 1, every: int = 1,
+                      mutate=inflate_digit) -> None:
+        """Send `n` of the next depth events of `symbol` (one in `every`) with `fields` (of U, u,
+        pu) changed by `mutate`, as a corrupted digit on the way would: the exchange's own book
+        moves with the true event. Each is noted in `corrupted`."""
+        with self.lock:
+            self._corrupt[symbol.upper()].append([tuple(fields), mutate, n, max(1, every), 0])
+
+    def garble_depth(self, symbol: str, garble) -> None:
+        """Send the next depth event of `symbol` as `garble(frame bytes)` (str, bytes or Binary)
+        instead: a frame damaged on the way. The exchange's own book moves with the true event."""
+        with self.lock:
+            self._garble[symbol.upper()].append(garble)
+
+    def corrupting(self, symbol: str) -> bool:
+        """True while corruptions (or garblings) of `symbol` asked for are still to be sent."""
+        with self.lock:
+            return bool(self._corrupt[symbol.upper()] or self._garble[symbol.upper()])
+
+    def mute_depth(self, symbol: str) -> None:
+        """The connections open now stop getting `symbol`'s depth events (its trades go on);
+        connections opened later get everything."""
+        with self.lock:
+            for c in self.clients:
+                c.muted.add(symbol.lower())
+
+    def serve_fresh_snapshots(self) -> None:
+        """End serve_stale_snapshots(): the next snapshot is the book as it is then."""
+        with self.lock:
+            self._stale[1] = 0
+
+    def weight_between(self, t0: float, t1: float) -> tuple[int, int]:
+        """(requests, request weight) of the REST requests made between monotonic t0 and t1."""
+        with self.lock:
+            got = [r for r in self.requests if t0 <= r["t"] < t1]
+        return len(got), sum(r["weight"] for r in got)
 
     def cut(self) -> None:
         """Cut every connection mid-stream: the TCP connection dies without a close frame."""
@@ -247,7 +333,8 @@ class FakeBinance:
                 self._weight = [minute, 0]
             self._weight[1] += depth_weight(self.market, limit)
             headers = {"X-MBX-USED-WEIGHT-1m": str(self._weight[1])}
-            entry = {"t": time.monotonic(), "symbol": symbol, "status": 200, "lastUpdateId": None}
+            entry = {"t": time.monotonic(), "symbol": symbol, "status": 200, "lastUpdateId": None,
+                     "weight": depth_weight(self.market, limit)}
             self.requests.append(entry)
             if path != expected:
                 entry["status"] = 404

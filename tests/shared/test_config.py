@@ -58,3 +58,104 @@ def test_readme_documents_every_setting():
     readme = open(f"{ROOT}/README.md").read()
     missing = [env for env, _, _ in config.all_settings() if f"`{env}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+# -- issue #11: credentials in URL-like settings are masked wherever settings are printed ------
+
+import logging  # noqa: E402
+import string  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from shared.log import KeyValueFormatter  # noqa: E402
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("postgresql://qf:s3cret@db:5432/qf", "postgresql://qf:***@db:5432/qf"),
+    ("postgresql://qf:p@ss:w/rd@db/qf?sslmode=require", "postgresql://qf:***@db/qf?sslmode=require"),
+    ("postgres://:onlypass@db/qf", "postgres://:***@db/qf"),
+    ("mysql://u:pw@h/db?password=x1&charset=utf8&api_key=k2", "mysql://u:***@h/db?password=***&charset=utf8&api_key=***"),
+    ("sqlite:////var/qf.db?Token=abc;secret=def#frag", "sqlite:////var/qf.db?Token=***;secret=***#frag"),
+    ("https://api.example/x?access_token=abc&limit=5", "https://api.example/x?access_token=***&limit=5"),
+    # nothing to mask: no password, or not a URL with credentials
+    ("postgresql://qf@db/qf", "postgresql://qf@db/qf"),
+    ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
+    ("wss://stream.binance.com:9443", "wss://stream.binance.com:9443"),
+    ("./data/quantumflow.db", "./data/quantumflow.db"),
+    ("ipc:///tmp/qf/risk.sock", "ipc:///tmp/qf/risk.sock"),
+])
+def test_mask_secrets_examples(url, masked):
+    assert config.mask_secrets(url) == masked
+    assert config.mask_secrets(f"error: cannot open {url} (refused)") == f"error: cannot open {masked} (refused)"
+
+
+def test_effective_config_masks_the_password_in_qf_db():
+    cfg = config.load({"QF_DB": "postgresql://qf:Xy7-s3cret@db:5432/qf?password=Qq9&sslmode=disable",
+                       "QF_BINANCE_REST": "https://user:Bb8@proxy.example:8443"})
+    eff = cfg.effective()
+    assert eff["QF_DB"] == "postgresql://qf:***@db:5432/qf?password=***&sslmode=disable"
+    assert eff["QF_BINANCE_REST"] == "https://user:***@proxy.example:8443"
+    assert not {"Xy7-s3cret", "Qq9", "Bb8"} & set(str(eff).replace("'", " ").replace("@", " ").split())
+    assert "s3cret" not in str(eff) and "Bb8" not in str(eff)
+
+
+def test_a_config_error_does_not_echo_a_secret():
+    with pytest.raises(ConfigError) as err:
+        config.load({"QF_BINANCE_REST": "ftp://u:Zz9secret@host/", "QF_BINANCE_WS": "https://x?token=Tt7"})
+    text = str(err.value)
+    assert "QF_BINANCE_REST" in text and "QF_BINANCE_WS" in text  # still names the settings
+    assert "Zz9secret" not in text and "Tt7" not in text and "u:***@host" in text
+
+
+def test_log_lines_and_tracebacks_mask_urls():
+    fmt = KeyValueFormatter("test")
+    try:
+        raise RuntimeError("could not connect to postgresql://qf:Ee5secret@db/qf")
+    except RuntimeError:
+        import sys
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("qf.test", logging.ERROR, __file__, 1, "open mysql://a:Ff6secret@h/x failed",
+                               None, exc_info)
+    record.target = "postgresql://qf:Gg7secret@db/qf?password=Hh8secret"
+    line = fmt.format(record)
+    assert "secret" not in line.replace("***", "")
+    assert 'target="postgresql://qf:***@db/qf?password=***"' in line and "a:***@h" in line
+
+
+# a URL as a user would write it, with credentials that contain no whitespace (a URL ends at one):
+# the other parts are lower-case, the secrets start with "ZQ", so "the secret is not in the
+# output" cannot be fooled by a host or path that happens to hold the same text
+_lower = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=12)
+_password = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_characters="\x85\xa0"),
+                    min_size=1, max_size=30).map(lambda s: "ZQ" + "".join(c for c in s if not c.isspace()))
+_param_secret = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters='&;#"'),
+                        min_size=1, max_size=30).map(lambda s: "ZQ" + s)
+_param_name = st.sampled_from(["password", "token", "secret", "key", "api_key", "access_token", "PASSWORD",
+                               "sslkey", "X-Amz-Signature", "client_secret", "pwd"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(scheme=st.sampled_from(["postgresql", "postgres", "mysql", "sqlite", "https", "redis", "cockroachdb"]),
+       user=_lower, password=_password, host=_lower, port=st.integers(1, 65535), path=_lower,
+       param=_param_name, param_secret=_param_secret, encode=st.booleans(), before=_lower, after=_lower)
+def test_no_secret_survives_masking_for_any_url(scheme, user, password, host, port, path, param, param_secret,
+                                                encode, before, after):
+    pw_text = quote(password, safe="") if encode else password
+    param_text = quote(param_secret, safe="") if encode else param_secret
+    url = f"{scheme}://{user}:{pw_text}@{host}:{port}/{path}?sslmode=x&{param}={param_text}&n=1"
+    secrets = {password, pw_text, param_secret, param_text}
+    for text in (url, f"{before} {url} {after}", f'QF_DB="{url}"', repr(url), f"cannot open {url!r}: no"):
+        out = config.mask_secrets(text)
+        assert not any(s in out for s in secrets), (text, out)
+        assert "ZQ" not in out, out
+    assert f"{user}:***@" in config.mask_secrets(url)
+    if "@" not in param_text:  # a raw `@` in the query: everything up to it is masked as the password
+        assert f"{param}=***" in config.mask_secrets(url)
+    record = logging.LogRecord("t", logging.INFO, "", 0, "config", None, None)
+    record.QF_DB = url
+    line = KeyValueFormatter("t").format(record)
+    assert "ZQ" not in line, line
+    eff = config.load({"QF_DB": url}).effective()
+    assert "ZQ" not in eff["QF_DB"], eff["QF_DB"]

@@ -140,4 +140,6 @@ def test_the_broker_refuses_to_start_on_a_damaged_journal(tmp_path):
         f.write(b"\xff")
     proc = subprocess.run([sys.executable, "-m", "services.cli", "broker"], cwd=ROOT, capture_output=True, text=True,
                           env={**clean_environ(), **settings, "PYTHONPATH": ROOT}, timeout=60)
-    assert proc.returncode == 1 and "damaged record at byte 0" in proc.stderr, proc.stderr[-500:]
+    # a file only a person can fix: one line, status 2 (which `qf up` does not restart), no traceback
+    assert proc.returncode == 2 and "damaged record at byte 0" in proc.stderr, proc.stderr[-500:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr + proc.stdout

@@ -112,3 +112,32 @@ def test_the_direct_fill_map_is_the_generic_one_without_unset_quality(price, qua
     generic = m.Message.to_wire(fill, seq)
     expected = {k: v for k, v in generic.items() if k not in m.Fill._QUALITY or not (v is None or v == 0)}
     assert fill.to_wire(seq) == expected and list(fill.to_wire(seq)) == list(expected)
+
+
+# -- bounds on what a request brings in (issue #11) ------------------------------------------------
+
+@pytest.mark.parametrize("text", ["9e999999", "1e-999999", "0E-999999", "1e30", "-1e30", "1E+30",
+                                  "1" * 31, "0." + "0" * 30 + "1", "9" * 65, "Infinity", "sNaN", "-nan"])
+def test_wire_decimals_beyond_the_bounds_are_bad_fields(text):
+    # "9e999999" reached the broker and overflowed its arithmetic (`internal`); "1e-999999" is a
+    # million digits once written out
+    with pytest.raises(DecodeError) as err:
+        m.decode(msgpack.packb({**ORDER.to_wire(), "qty": text}), m.REQUESTS)
+    assert err.value.reason == "bad_field"
+
+
+@pytest.mark.parametrize("text", ["1e29", "-" + "9" * 30, "1e-30", "0.00000001", "0", "-0", "0.000",
+                                  "123456789012345678901234567890.123456789012345678901234567891"[:64]])
+def test_wire_decimals_within_the_bounds_decode_exactly(text):
+    assert m.decode(msgpack.packb({**ORDER.to_wire(), "qty": text}), m.REQUESTS).qty == Decimal(text)
+
+
+@pytest.mark.parametrize("field,value", [("client_order_id", ""), ("client_order_id", "x" * 129),
+                                         ("strategy", ""), ("strategy", "s" * 129), ("symbol", "B" * 10_000)])
+def test_request_names_are_one_to_128_characters(field, value):
+    with pytest.raises(DecodeError) as err:
+        m.decode(msgpack.packb({**ORDER.to_wire(), field: value}), m.REQUESTS)
+    assert err.value.reason == "bad_field"
+    with pytest.raises(DecodeError):
+        m.decode(msgpack.packb({"v": 1, "type": "cancel", "ts": 1, "client_order_id": "x" * 129}), m.REQUESTS)
+    assert m.decode(msgpack.packb({**ORDER.to_wire(), field: "x" * 128}), m.REQUESTS)

@@ -1,6 +1,7 @@
 """API views over a real SQLite file: trades, exact average-cost positions, metrics, JSON errors."""
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from fractions import Fraction
 
@@ -41,8 +42,10 @@ def test_health_is_503_and_views_say_so_when_the_database_cannot_be_opened(tmp_p
     cfg = load({"QF_DB": str(tmp_path / "not-a-dir" / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run")})
     client = create_app(cfg).test_client()
     resp = client.get("/health")
-    assert (resp.status_code, resp.get_json()) == (503, {"status": "error", "db": "error"})
-    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_unavailable"
+    body = resp.get_json()
+    assert (resp.status_code, body["status"], body["db"]) == (503, "error", "error")
+    assert error_of(resp, 503)["code"] == "db_unreadable"  # the health body names the problem too
+    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_unreadable"
 
 
 def test_a_database_that_fails_mid_run_is_503_not_500(client, db):
@@ -197,3 +200,154 @@ def test_positions_equal_a_brute_force_ledger(fills):
     # the cash ledger balances exactly: what was paid and received = realized P&L - open cost
     cash = sum((-(u * UNIT) * p if s == "BUY" else u * UNIT * p for s, u, p, _ in fills), Decimal(0))
     assert cash == pos.realized - pos.cost
+
+
+# -- issue #11: the API reads the broker's database, never creates it, follows it being replaced ---
+
+def _fresh_db(path, fills: list[tuple[str, str, str, str]]) -> None:
+    """A database file at `path` (made elsewhere, as a restore would) holding `fills`
+    (fill_id, symbol, qty, price), checkpointed and closed: nothing left in a WAL."""
+    import sqlite3
+
+    from shared.db import FillRow, close_db, init_db
+    made = init_db(str(path))
+    with made.bind_ctx([FillRow]):
+        for n, (fid, symbol, qty, price) in enumerate(fills):
+            FillRow.create(fill_id=fid, order_id=f"o-{fid}", client_order_id=f"c-{fid}", symbol=symbol,
+                           side="BUY", price=Decimal(price), qty=Decimal(qty), fee=Decimal(0), fee_asset="USDT",
+                           liquidity="TAKER", exch_ts=n, ts=1_000 + n)
+    made.close()
+    close_db()
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _remove_db(path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
+
+
+def _fill_ids(client) -> list[str]:
+    resp = client.get("/api/v1/trades")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return sorted(t["fill_id"] for t in resp.get_json()["trades"])
+
+
+def test_a_missing_database_is_503_and_is_never_created(tmp_path):
+    target = tmp_path / "data" / "qf.db"
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    resp = client.get("/health")
+    body = resp.get_json()
+    assert (resp.status_code, body["status"], body["db"]) == (503, "error", "error")
+    assert body["error"]["code"] == "db_missing" and "broker" in body["error"]["message"]
+    for path in ("/api/v1/trades", "/api/v1/positions", "/api/v1/status", "/metrics"):
+        assert error_of(client.get(path), 503)["code"] == "db_missing", path
+    assert not (tmp_path / "data").exists()  # neither the file nor its directory
+
+    _fresh_db(tmp_path / "made-by-broker.db", [("f1", "BTCUSDT", "0.001", "100")])
+    target.parent.mkdir()
+    os.replace(tmp_path / "made-by-broker.db", target)
+    assert client.get("/health").status_code == 200  # the next request finds it: no restart needed
+    assert _fill_ids(client) == ["f1"]
+    app.extensions["qf_db"].close()
+
+
+def test_the_api_never_writes_the_database(tmp_path):
+    target = tmp_path / "qf.db"
+    target.write_bytes(b"")  # the broker created the file and has not made its tables yet
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_unavailable"
+    assert client.get("/health").status_code == 503
+    app.extensions["qf_db"].close()
+    assert target.read_bytes() == b""  # no tables made behind the broker's back
+
+
+def test_a_database_deleted_while_running_is_503_at_once_and_200_when_restored(tmp_path):
+    target = tmp_path / "qf.db"
+    _fresh_db(target, [("f1", "BTCUSDT", "0.001", "100")])
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    assert _fill_ids(client) == ["f1"]
+    _remove_db(target)  # the connection still holds the unlinked file: it must not be served
+    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_missing"
+    assert error_of(client.get("/health"), 503)["code"] == "db_missing"
+    _fresh_db(tmp_path / "backup.db", [("f1", "BTCUSDT", "0.001", "100"), ("f2", "ETHUSDT", "1", "2000")])
+    os.replace(tmp_path / "backup.db", target)
+    assert client.get("/health").status_code == 200
+    assert _fill_ids(client) == ["f1", "f2"]
+    app.extensions["qf_db"].close()
+
+
+def test_a_database_replaced_while_running_is_followed(tmp_path):
+    target = tmp_path / "qf.db"
+    _fresh_db(target, [("old1", "BTCUSDT", "0.001", "100")])
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    assert _fill_ids(client) == ["old1"]
+    _fresh_db(tmp_path / "other.db", [("new1", "ETHUSDT", "2", "1999.5"), ("new2", "ETHUSDT", "1", "2001")])
+    os.replace(tmp_path / "other.db", target)  # atomically, while the API holds the old file open
+    assert _fill_ids(client) == ["new1", "new2"]
+    (pos,) = client.get("/api/v1/positions").get_json()["positions"]
+    assert (pos["symbol"], pos["qty"]) == ("ETHUSDT", "3")
+    target.write_bytes(b"this is not a database" * 100)  # replaced in place by garbage: same inode
+    assert client.get("/api/v1/trades").status_code == 503
+    os.remove(target)
+    target.write_bytes(b"not a database either" * 100)  # a new file, not SQLite
+    assert error_of(client.get("/api/v1/trades"), 503)["code"] == "db_unreadable"
+    app.extensions["qf_db"].close()
+
+
+@pytest.mark.parametrize("query", ["limit=1&limit=2", "symbol=BTCUSDT&symbol=ETHUSDT", "since=1&since=1"])
+def test_a_parameter_given_twice_is_400(client, query):
+    assert "more than once" in error_of(client.get(f"/api/v1/trades?{query}"), 400)["message"]
+
+
+def test_unknown_parameters_are_named_briefly(client):
+    query = "&".join(f"p{i}={'x' * 100}" for i in range(50)) + "&" + "q" * 500 + "=1"
+    message = error_of(client.get(f"/api/v1/trades?{query}"), 400)["message"]
+    assert "and 46 more" in message and len(message) < 400
+
+
+def test_a_database_rewritten_in_place_is_read_afresh_after_a_failed_query(tmp_path):
+    """Same inode, new content (a restore by `cp` over the file): a query that fails drops the
+    connection, so the next request opens the file as it is now instead of failing for ever."""
+    target = tmp_path / "qf.db"
+    _fresh_db(target, [("old1", "BTCUSDT", "0.001", "100")])
+    _fresh_db(tmp_path / "restored.db", [("new1", "ETHUSDT", "1", "2000")])
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    assert _fill_ids(client) == ["old1"]
+    inode = target.stat().st_ino
+    with open(target, "r+b") as f:  # garbage over the header, in place
+        f.write(b"\0" * 4096)
+    assert client.get("/api/v1/trades").status_code == 503
+    with open(target, "r+b") as f:  # then a good database, in place
+        f.truncate(0)
+        f.write((tmp_path / "restored.db").read_bytes())
+    assert target.stat().st_ino == inode
+    assert _fill_ids(client) == ["new1"]
+    app.extensions["qf_db"].close()
+
+
+def test_a_database_path_that_is_a_directory_is_503_unreadable(tmp_path):
+    (tmp_path / "qf.db").mkdir()
+    app = create_app(load({"QF_DB": str(tmp_path / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run")}))
+    client = app.test_client()
+    assert error_of(client.get("/api/v1/status"), 503)["code"] == "db_unreadable"
+    assert error_of(client.get("/health"), 503)["code"] == "db_unreadable"
+
+
+def test_error_bodies_never_carry_a_urls_password():
+    from services.api.errors import error_body
+    body = error_body("db_unavailable", "cannot reach postgresql://qf:Zz9-pw@db/qf?password=Yy8")
+    assert "Zz9-pw" not in str(body) and "Yy8" not in str(body) and "qf:***@db" in str(body)

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from services.api.app import create_app
+from services.api.app import CONTROL_MAX_BYTES, create_app
+from services.api.body import nesting
 from services.risk.service import RiskService
 from shared.config import load
 
@@ -109,3 +110,93 @@ def test_silent_risk_is_503(api):
     assert error_of(resp, 503)["code"] == "risk_unavailable"
     assert error_of(api.get("/api/v1/risk/state", headers=auth()), 503)["code"] == "risk_unavailable"
     assert time.monotonic() - started < 5
+
+
+# -- issue #11: hostile bodies get a typed 400/413, never a 500, and never reach risk ---------
+
+def post_raw(api, data: bytes, content_type: str | None = "application/json", **headers):
+    headers = {**auth(), **headers}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return api.post("/api/v1/control", data=data, headers=headers)
+
+
+HOSTILE_BODIES = {
+    "nested arrays 100k deep": b"[" * 100_000 + b"]" * 100_000,  # over the size cap too
+    "nested arrays within the size cap": b"[" * 2000 + b"]" * 2000,
+    "nested objects within the size cap": b'{"a":' * 600 + b"1" + b"}" * 600,
+    "nested under a known field": b'{"action": "HALT", "reason": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+    "a scalar": b'"HALT"',
+    "an array": b'[{"action": "HALT", "reason": "x"}]',
+    "null": b"null",
+    "empty": b"",
+    "whitespace": b" \n\t ",
+    "invalid utf-8": b'{"action": "HALT", "reason": "\xff\xfe"}',
+    "utf-16": '{"action": "HALT", "reason": "x"}'.encode("utf-16"),
+    "a BOM": b'\xef\xbb\xbf{"action": "HALT", "reason": "x"}',
+    "a huge integer": b'{"action": "HALT", "reason": "x", "by": ' + b"9" * 3000 + b"}",
+    "a huge exponent": b'{"action": "HALT", "reason": 1e999999999}',
+    "NaN": b'{"action": "HALT", "reason": NaN}',
+    "Infinity": b'{"action": "HALT", "reason": "x", "by": -Infinity}',
+    "duplicate keys": b'{"action": "RESUME", "action": "HALT", "reason": "x"}',
+    "unknown field": b'{"action": "HALT", "reason": "x", "force": true}',
+    "many unknown fields": b"{" + b", ".join(b'"k%d": 1' % i for i in range(300)) + b"}",
+    "a lone surrogate": b'{"action": "HALT", "reason": "\\ud800"}',
+    "truncated": b'{"action": "HALT", "reason": "x"',
+    "trailing garbage": b'{"action": "HALT", "reason": "x"} {}',
+    "binary": bytes(range(256)) * 4,
+    "a string of brackets": b'{"action": "HALT", "reason": "' + b"[" * 3000 + b'"}',
+    "single quotes": b"{'action': 'HALT', 'reason': 'x'}",
+    "a comment": b'{"action": "HALT", /* */ "reason": "x"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
+def test_hostile_control_bodies_are_typed_400_or_413(risk, api, name):
+    data = HOSTILE_BODIES[name]
+    resp = post_raw(api, data)
+    expected = 413 if len(data) > CONTROL_MAX_BYTES else 400
+    body = error_of(resp, expected)
+    assert body["code"] == ("request_entity_too_large" if expected == 413 else "bad_param"), body
+    assert body["message"] and len(body["message"]) < 400
+    assert risk.engine.state.value == "ACTIVE"  # nothing reached risk
+
+
+def test_a_deep_body_is_refused_before_the_parser_recurses():
+    # the nesting scan itself is linear: far beyond any recursion limit, it just counts
+    assert nesting("[" * 200_000 + "]" * 200_000) == 200_000
+    assert nesting('{"a": "[[[{{{", "b": [[1], {"c": []}]}') == 4  # { [ { [
+    assert nesting('"\\"[[["') == 0
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/json; charset=latin-1",
+                                          "application/xml", "json"])
+def test_a_body_that_is_not_declared_json_is_400(risk, api, content_type):
+    resp = post_raw(api, b'{"action": "HALT", "reason": "x"}', content_type)
+    assert error_of(resp, 400)["code"] == "bad_param"
+    assert risk.engine.state.value == "ACTIVE"
+
+
+def test_a_body_at_the_size_cap_is_read_and_one_byte_more_is_413(risk, api):
+    head = b'{"action": "HALT", "reason": "x", "by": "'
+    fits = head + b" " * (CONTROL_MAX_BYTES - len(head) - 2) + b'"}'
+    assert len(fits) == CONTROL_MAX_BYTES
+    assert error_of(post_raw(api, fits), 400)["code"] == "bad_param"  # read whole: `by` is too long
+    over = fits[:-2] + b' "}'
+    assert error_of(post_raw(api, over), 413)["code"] == "request_entity_too_large"
+
+
+def test_a_valid_body_with_a_charset_and_json_suffix_still_works(risk, api):
+    resp = post_raw(api, b'{"action": "HALT", "reason": "drill"}', "application/json; charset=UTF-8")
+    assert resp.status_code == 200 and resp.get_json()["state"] == "HALTED"
+    resp = post_raw(api, b'{"action": "RESUME", "reason": "ok"}', "application/merge-patch+json")
+    assert resp.status_code == 200 and resp.get_json()["state"] == "ACTIVE"
+
+
+def test_every_error_is_json_with_the_error_shape(api):
+    for resp, status in ((api.get("/nope"), 404), (api.delete("/health"), 405), (api.put("/api/v1/control"), 405),
+                         (api.get("/api/v1/control"), 405), (api.post("/api/v1/control"), 401)):
+        body = error_of(resp, status)
+        assert resp.is_json and set(body) == {"code", "message"}, body
+    assert api.delete("/health").headers["Allow"] == "GET, HEAD, OPTIONS"

@@ -1,7 +1,7 @@
 """Broker core: transition table, fees, acks, accounts, and state-machine properties."""
 from __future__ import annotations
 
-from decimal import Decimal as D
+from decimal import Context, Decimal as D, localcontext
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +11,8 @@ from services.broker import core
 from services.broker.core import Account, Order, Trigger
 from shared.enums import TERMINAL_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
 from shared.errors import InvalidTransition
-from shared.messages import OrderRequest
+from shared.ledger import MAX_PRICE, MAX_QTY
+from shared.messages import MAX_DECIMAL_LEN, OrderRequest
 
 S = OrderStatus
 
@@ -78,6 +79,28 @@ def test_from_request_validates():
     rejected = Order.rejected(request("-1"), "o", 5, core.BAD_ORDER)
     assert rejected.status is S.REJECTED and rejected.reason == core.BAD_ORDER
     assert new_order(kind=OrderKind.MARKET, price="5").price is None  # a market order has no price
+
+
+@pytest.mark.parametrize("qty,price", [("9e999999", None), ("1000000000001", None), ("1", "1000000000000001"),
+                                       ("1", "-5"), ("-0", None)])
+def test_from_request_refuses_amounts_beyond_the_ledger_bounds(qty, price):
+    kind = OrderKind.MARKET if price is None else OrderKind.LIMIT
+    with pytest.raises(ValueError):
+        Order.from_request(request(qty, kind=kind, price=price), "o", 1)
+    assert new_order(str(MAX_QTY), kind=OrderKind.LIMIT, price=str(MAX_PRICE)).qty == MAX_QTY
+
+
+def test_the_largest_fill_stays_exact_and_readable_on_the_wire():
+    # every product of bounded amounts fits MONEY's 50 digits and the wire's decimal bounds
+    price, qty = MAX_PRICE - D("0.00000001"), MAX_QTY - D("0.00000001")
+    fee = core.fee(price, qty, D("0.00075"))
+    with localcontext(Context(prec=100)):
+        assert fee == price * qty * D("0.00075")  # exact
+    assert fee.adjusted() < 30 and len(format(fee, "f")) <= MAX_DECIMAL_LEN
+    acct = Account(D("1e6"))
+    acct.apply("BTCUSDT", Side.BUY, price, qty, fee)
+    with localcontext(Context(prec=100)):
+        assert acct.cash == D("1e6") - price * qty - fee
 
 
 # -- fees, quote assets ---------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """FillModel with hand-computed fills: latency, book walking, partial fills, queues, trade-through, fees."""
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal as D
 
 import pytest
 
 from services.broker import core
+from services.broker import market as mkt
+from services.broker.market import to_units
 from services.broker.core import Order
 from services.broker.fill_model import ARRIVED, CANCELLED, FILLED, NOT_OPEN, FillModel
 from services.broker.latency import MS, LatencyModel
@@ -291,3 +294,112 @@ def test_restored_orders_rejoin_the_back_of_their_level():
     assert m.working["r"].queue.ahead == 40_000_000
     [u] = m.on_trade(trade("100.5", "0.5", seller_took=False), 20)
     assert [(f.qty, f.queue_wait_ns, f.decision_mid) for f in u.fills] == [(D("0.1"), 15, D("100"))]
+
+
+# -- books and trades the broker will not trust (issue #11) ------------------------------------------
+
+@pytest.mark.parametrize("bids,asks,reason", [
+    ([[1e-300, 1.0]], ASKS, mkt.LEVEL_RANGE),  # positive, but 0 on the 1e-8 grid: a fill at price 0
+    (BIDS, [[1e-300, 1.0]], mkt.LEVEL_RANGE),
+    (BIDS, [[1e300, 1.0]], mkt.LEVEL_RANGE),  # its mid overflowed the Decimal context: `internal`
+    (BIDS, [[100.5, 1e300]], mkt.LEVEL_RANGE),
+    (BIDS, [[100.5, 1e-300]], mkt.LEVEL_RANGE),
+    (BIDS, [[100.5, 0.0]], mkt.LEVEL_RANGE),
+    (BIDS, [[100.5, -1.0]], mkt.LEVEL_RANGE),
+    ([[-100.0, 1.0]], ASKS, mkt.LEVEL_RANGE),
+    ([[0.0, 1.0]], ASKS, mkt.LEVEL_RANGE),
+    ([[110.0, 1.0]], [[90.0, 1.0]], mkt.CROSSED),  # it used to fill a sell at 110, through the mid
+    ([[100.5, 1.0]], [[100.5, 1.0]], mkt.CROSSED),  # locked
+    ([[99.0, 1.0], [100.0, 1.0]], ASKS, mkt.UNSORTED),  # worst bid first
+    (BIDS, [[101.0, 1.0], [100.5, 1.0]], mkt.UNSORTED),
+    (BIDS, [[100.5, 1.0], [100.5, 2.0]], mkt.UNSORTED),  # one price twice
+])
+def test_a_book_it_cannot_trust_is_refused_and_orders_are_rejected_until_a_sane_one(bids, asks, reason):
+    m = model()
+    m.on_book(book(), 0)
+    assert m.on_book(book(bids=bids, asks=asks), 1) == []
+    counts, last = m.refusals()
+    assert counts == {reason: 1} and last.reason == reason
+    assert m.refusals() == ({}, None)  # handed over once
+    for side in (Side.BUY, Side.SELL):
+        [u] = place(m, order(f"c-{side.value}", side=side), 2)
+        assert (u.order.status, u.order.reason, u.fills) == (S.REJECTED, core.BAD_BOOK, [])
+    assert m.mark("BTCUSDT") == D("100.25")  # marks stay those of the last trusted book
+    m.on_book(book(), 3)
+    [u] = place(m, order("after", "0.1"), 4)
+    assert [(f.price, f.qty) for f in u.fills] == [(D("100.5"), D("0.1"))]
+
+
+def test_a_first_book_that_is_refused_leaves_the_symbol_without_a_book():
+    m = model()
+    m.on_book(book(bids=[[1e-300, 1.0]]), 0)
+    [u] = place(m, order(), 1)
+    assert (u.order.status, u.order.reason) == (S.REJECTED, core.NO_BOOK)
+    assert m.markets == {} and m.refusals()[0] == {mkt.LEVEL_RANGE: 1}
+
+
+def test_a_refused_book_neither_fills_nor_moves_resting_orders():
+    m = model()
+    m.on_book(book(), 0)
+    [rest] = place(m, limit("r", "0.5", Side.BUY, "100.2"), 1)
+    assert rest.order.status is S.PENDING and m.working["r"].queue.ahead == 0
+    # crossed through the resting bid (ask 90 <= 100.2): a trusted book would fill it as maker
+    assert m.on_book(book(bids=[[100.0, 1.0]], asks=[[90.0, 5.0]]), 2) == []
+    assert m.working["r"].order.filled_qty == 0
+    assert m.refusals()[0] == {mkt.CROSSED: 1}
+
+
+@pytest.mark.parametrize("exch_ts", [-1, mkt.MAX_EXCH_MS + 1, 2**64 - 1])
+def test_an_exchange_time_out_of_range_is_refused(exch_ts):
+    # 2**64 - 1 decodes from msgpack, but no fill stamped with it fits SQLite's INTEGER:
+    # the journal's rows would never store
+    m = model()
+    m.on_book(book(exch_ts=exch_ts), 0)
+    assert m.markets == {} and m.refusals()[0] == {mkt.EXCH_TS: 1}
+
+
+def test_books_of_symbols_it_does_not_trade_are_refused():
+    m = FillModel(D("0.001"), D("0.001"), make_queue_model("risk_averse"), LatencyModel("constant", 0),
+                  symbols=["BTCUSDT"])
+    m.on_book(dataclasses.replace(book(), symbol="DOGEUSDT"), 0)
+    m.on_book(book(), 1)
+    assert list(m.markets) == ["BTCUSDT"] and m.refusals()[0] == {mkt.SYMBOL: 1}
+    unbounded = model()  # not told the symbols: at most MAX_MARKETS of them
+    for i in range(mkt.MAX_MARKETS + 5):
+        unbounded.on_book(dataclasses.replace(book(), symbol=f"S{i}USDT"), i)
+    assert len(unbounded.markets) == mkt.MAX_MARKETS and unbounded.refusals()[0] == {mkt.SYMBOL: 5}
+
+
+@pytest.mark.parametrize("price,qty", [("0", "1"), ("-100.5", "1"), ("100.5", "0"), ("100.5", "-1"),
+                                       ("100.000000001", "1"), ("100.5", "1e-20"), ("1e29", "1"), ("100.5", "1e29")])
+def test_a_trade_it_cannot_trust_fills_nothing(price, qty):
+    m = model()
+    m.on_book(book(), 0)
+    place(m, limit("b", "0.5", Side.BUY, "100.0"), 1)
+    place(m, limit("s", "0.5", Side.SELL, "100.5"), 1)
+    # a price of 0 or below "traded through" every resting bid; off-grid ones raised ValueError
+    assert m.on_trade(trade(price, qty, seller_took=True), 2) == []
+    assert m.on_trade(trade(price, qty, seller_took=False), 3) == []
+    assert m.refusals()[0] == {mkt.TRADE: 2}
+    assert [w.order.filled_qty for w in m.working.values()] == [0, 0]
+
+
+@pytest.mark.parametrize("qty", ["9e999999", "1e13", "1e-9", "12345678901234567890123456789.12345678"])
+def test_orders_beyond_the_bounds_or_the_grid_are_refused_never_rounded(qty):
+    # 9e999999 overflowed the Decimal context (`internal`); the 37-digit one was rounded to 28
+    # digits and accepted as another quantity
+    m = model()
+    m.on_book(book(), 0)
+    req = OrderRequest(ts=0, client_order_id="x", strategy="t", symbol="BTCUSDT", side=Side.BUY,
+                       kind=OrderKind.MARKET, qty=D(qty))
+    with pytest.raises(ValueError):
+        m.submit(Order.from_request(req, "o-x", 0), 0)
+    assert m.working == {} and m.pending == 0
+
+
+def test_to_units_is_exact_or_refuses():
+    assert to_units(D("92233720368.54775807")) == 2**63 - 1
+    assert to_units(D("1E+2")) == 10**10
+    for bad in ("1e-9", "NaN", "sNaN", "Infinity", "9e999999", "1.000000000000000000000000000000000000000000000001"):
+        with pytest.raises(ValueError):
+            to_units(D(bad))

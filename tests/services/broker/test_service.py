@@ -1,11 +1,14 @@
 """BrokerService over real ZeroMQ sockets and a real SQLite file, zero latency: fills, idempotency, cancels."""
 from __future__ import annotations
 
+import logging
+import time
 from decimal import Decimal as D
 
 import msgpack
 import pytest
 import zmq
+from prometheus_client import REGISTRY
 
 from services.broker.service import BrokerService
 from shared import messages
@@ -125,7 +128,7 @@ def test_idempotent_across_a_restart_on_the_same_database(cfg, env, runner, md_p
     # new endpoints, same database file
     cfg2 = load({**env, "QF_BROKER_REP": cfg.bus.broker_rep + "-2", "QF_BROKER_PUB": cfg.bus.broker_pub + "-2"})
     second_svc = runner.start(BrokerService(cfg2))
-    feed(md_pub, make_book(bids=BIDS, asks=[[50.0, 100.0]]), lambda: "BTCUSDT" in second_svc.books)
+    feed(md_pub, make_book(bids=[[49.5, 1.0]], asks=[[50.0, 100.0]]), lambda: "BTCUSDT" in second_svc.books)
     c2 = clients(cfg2.bus.broker_rep)
     assert c2.request(order("r1", "0.6")) == first
     assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM fills") == [(2,)]
@@ -206,3 +209,60 @@ def test_garbage_gets_an_error_and_the_broker_keeps_serving(broker, client, cfg,
     finally:
         dealer.close()
     assert client.request(order("after", "0.1")).status is OrderStatus.FILLED
+
+
+def _bad_md(svc) -> int:
+    return svc.stats.get("bad_market_data", 0) + svc.stats["decode_errors"]
+
+
+def test_books_it_cannot_trust_and_absurd_orders_each_get_a_typed_answer(broker, client, md_pub, make_book, feed,
+                                                                          wait_until):
+    # Before: a level at 1e-300 filled at price 0 (InvalidTransition escaped to the loop: no answer),
+    # one at 1e300 answered `internal`, a crossed book filled through the mid, and a qty of 9e999999
+    # answered `internal` (the Decimal context overflowed).
+    good = make_book(bids=BIDS, asks=ASKS)
+    hostile = [make_book(bids=[[1e-300, 1.0]], asks=ASKS), make_book(bids=BIDS, asks=[[1e300, 1.0]]),
+               make_book(bids=[[110.0, 1.0]], asks=[[90.0, 1.0]]), make_book(bids=BIDS, asks=[[101.0, 1.0], [100.5, 1.0]]),
+               make_book(bids=BIDS, asks=[[100.5, 0.0]]), make_book(bids=[[100.0, 1.0]], asks=[[100.0, 1.0]])]
+    nan_wire = {**good.to_wire(1), "asks": [[float("nan"), 1.0]]}  # msgpack carries NaN: refused when decoded
+    before = REGISTRY.get_sample_value("qf_broker_bad_market_data_total", {"reason": "level_range"}) or 0
+    for n, book in enumerate([*hostile, None]):
+        seen = _bad_md(broker)
+        if book is None:
+            md_pub.send_raw(b"book.BTCUSDT", msgpack.packb(nan_wire))
+        else:
+            md_pub.publish("book.BTCUSDT", book)
+        wait_until(lambda: _bad_md(broker) > seen, f"hostile book {n} to be refused")
+        if book is None:  # the NaN frame never reached the model: the last (sane) book stands
+            break
+        for side in (Side.BUY, Side.SELL):
+            ack = client.request(order(f"h{n}-{side.value}", "0.5", side=side))
+            assert isinstance(ack, Ack) and ack.fills == [], (n, ack)
+            assert (ack.status, ack.reason) == (OrderStatus.REJECTED, "BAD_BOOK"), (n, ack)
+        feed(md_pub, good, lambda: broker.model.markets["BTCUSDT"].trusted, "the sane book again")
+    assert (REGISTRY.get_sample_value("qf_broker_bad_market_data_total", {"reason": "level_range"}) or 0) >= before + 3
+    for qty, code in (("9e999999", "bad_field"), ("1e-999999", "bad_field"), ("1" * 70, "bad_field")):
+        raw = msgpack.packb({**order("big", "1").to_wire(), "qty": qty})
+        reply = messages.decode(client.raw(raw), messages.REQUESTS)
+        assert isinstance(reply, Error) and reply.code == code, (qty, reply)
+    for coid, qty in (("too-big", "1e13"), ("off-grid", "0.000000001"), ("many-digits", "1" * 25 + ".5")):
+        ack = client.request(order(coid, qty))
+        assert (ack.status, ack.reason) == (OrderStatus.REJECTED, "BAD_ORDER"), (qty, ack)
+    ack = client.request(order("sane", "0.5"))
+    assert (ack.status, [(f["price"], f["qty"]) for f in ack.fills]) == (OrderStatus.FILLED, [("100.5", "0.4"),
+                                                                                              ("101", "0.1")])
+
+
+def test_a_flood_of_bad_market_data_is_counted_and_logged_at_most_once_a_second(broker, client, md_pub, make_book,
+                                                                                 wait_until, caplog):
+    # one warning per bad frame used to reach the log: a broken feed at 1,000 frames/s was 1,000 lines/s
+    caplog.set_level(logging.WARNING, logger="qf.broker")
+    start, seen = time.monotonic(), _bad_md(broker)
+    crossed, nan = make_book(bids=[[110.0, 1.0]], asks=[[90.0, 1.0]]), {**make_book().to_wire(1), "mid": float("nan")}
+    for _ in range(500):
+        md_pub.publish("book.BTCUSDT", crossed)
+        md_pub.send_raw(b"book.BTCUSDT", msgpack.packb(nan))
+    wait_until(lambda: _bad_md(broker) >= seen + 1000, "the flood to be counted")
+    lines = [r for r in caplog.records if r.getMessage() in ("bad_md_frame", "market_data_refused")]
+    assert 1 <= len(lines) <= time.monotonic() - start + 2, len(lines)
+    assert client.request(order("after-flood", "0.1")).reason == "BAD_BOOK"  # the last book was crossed

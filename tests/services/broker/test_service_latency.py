@@ -200,19 +200,23 @@ def test_equity_is_snapshot_periodically(env, runner, wait_until, db_rows):
     assert {r for r in db_rows(cfg.common.db, "SELECT equity, cash FROM equity")} == {("10000", "10000")}
 
 
-def test_a_failed_journal_write_tells_nobody_and_the_broker_goes_on(cfg, runner, md_pub, make_book, feed, clients,
-                                                                    db_rows):
+def test_a_failed_journal_write_is_answered_store_unavailable_and_the_broker_recovers_by_itself(
+        cfg, runner, md_pub, make_book, feed, clients, db_rows, wait_until):
     svc = runner.start(BrokerService(cfg))
     feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
     journal_fd = svc.journal.fd
-    svc.journal.fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full: every write fails with ENOSPC
+    full = os.open("/dev/full", os.O_WRONLY)
+    svc.journal.fd = full  # the disk is full: every write fails with ENOSPC
     c = clients(cfg.bus.broker_rep)
-    with pytest.raises(AssertionError, match="no reply"):
-        c.request(order("boom", "0.3"), timeout=1.0)
-    assert svc.stats["commit_failures"] == 1
-    c.close()
-    os.close(svc.journal.fd)
+    boom = c.request(order("boom", "0.3"))  # nothing durable, nothing told: refused, not left unanswered
+    assert isinstance(boom, messages.Error) and boom.code == "STORE_UNAVAILABLE", boom
+    assert svc.stats["commit_failures"] == 1 and svc.health.frozen
+    refused = c.request(order("next", "0.3"))  # refused at once: nothing of it is kept
+    assert isinstance(refused, messages.Error) and refused.code == "STORE_UNAVAILABLE"
+    assert svc.stats["commit_failures"] == 1  # it never reached the journal
     svc.journal.fd = journal_fd  # space again
+    wait_until(lambda: not svc.health.down, "the broker to find the journal writable again")
+    os.close(full)
     ok = clients(cfg.bus.broker_rep).request(order("fine", "0.3"))
     # the model was rebuilt from the database; the books, with what "boom" took, were kept (conservative)
     assert [(f["price"], f["qty"]) for f in ok.fills] == [("100.5", "0.1"), ("101", "0.2")]
@@ -242,7 +246,7 @@ def test_a_database_refusing_rows_loses_nothing_told(cfg, runner, md_pub, make_b
     con.execute("DROP TRIGGER refuse")
     con.commit()
     con.close()
-    # the next try (STORE_RETRY_S later) stores both, in order, once
+    # the next probe (50 ms later, backing off to 1 s) stores both, in order, once
     rows = db_rows(cfg.common.db, "SELECT client_order_id, price, qty FROM fills ORDER BY ts, fill_id")
     assert rows == [("boom", "100.5", "0.3"), ("after", "100.5", "0.1"), ("after", "101", "0.2")]
     assert db_rows(cfg.common.db, "SELECT client_order_id, status FROM orders ORDER BY created_ts") == [
@@ -270,8 +274,8 @@ def test_a_second_broker_on_the_same_database_is_refused(cfg, runner):
         BrokerService(cfg)
 
 
-def test_a_repeat_the_database_cannot_confirm_is_refused_never_run_twice(cfg, runner, md_pub, make_book, feed,
-                                                                          clients, db_rows, monkeypatch):
+def test_a_repeat_while_the_database_refuses_rows_is_answered_from_the_journal_never_run_twice(
+        cfg, runner, md_pub, make_book, feed, clients, db_rows, monkeypatch, wait_until):
     monkeypatch.setattr(service_module, "ACK_CACHE_MAX", 1)  # answers fall out of the cache at once
     svc = runner.start(BrokerService(cfg))
     feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
@@ -280,11 +284,14 @@ def test_a_repeat_the_database_cannot_confirm_is_refused_never_run_twice(cfg, ru
     con.commit()
     first = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))  # durable in the journal only
     clients(cfg.bus.broker_rep).request(order("other", "0.1"))  # "boom" leaves the answer cache
-    again = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
-    assert isinstance(again, messages.Error) and again.code == "STORE_UNAVAILABLE"
+    wait_until(lambda: svc.health.down, "the refused store")
+    again = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))  # the database's row + the journal's
+    assert isinstance(again, Ack) and (again.order_id, again.status, again.fills) == (
+        first.order_id, OrderStatus.FILLED, first.fills)
     con.execute("DROP TRIGGER refuse")
     con.commit()
     con.close()
+    wait_until(lambda: not svc.health.down, "the store to work again")
     retry = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
     assert (retry.order_id, retry.status, retry.fills) == (first.order_id, OrderStatus.FILLED, first.fills)
     assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM orders WHERE client_order_id = 'boom'") == [(1,)]

@@ -149,3 +149,26 @@ def test_the_wal_is_truncated_once_it_passes_its_limit(db, tmp_path, monkeypatch
         cp.stop()
     assert biggest > limit  # the path was taken: without it the WAL would have stayed this big
     assert cp.restarts >= 1 and FillRow.select().count() == 1500
+
+
+def test_a_lookup_reads_the_database_with_the_journals_unstored_records_over_it(db):
+    """While the database refuses the journal's rows, a repeat is still answered as the broker told it."""
+    a = _order("a")
+    a.fill(D("100.10"), D("0.25"), 20)
+    stored_fill = _fill(a, 0)
+    store.commit([store.Change(a, True, [stored_fill])], Account(D(1000)), {})
+    # durable in the journal only: a's second fill and final status, and all of b
+    a.fill(D("100.10"), D("0.25"), 21)
+    b = _order("b")
+    b.fill(D("100.10"), D("0.25"), 22)
+    pending, _ = store.statements([store.Change(a, False, [_fill(a, 1)]), store.Change(b, True, [_fill(b, 0)])],
+                                  Account(D(1000)), {})
+    assert store.stored("a")[0].status is OrderStatus.PARTIALLY_FILLED  # the database alone is behind
+    order, fills = store.stored("a", pending)
+    assert (order.status, order.filled_qty, order.fill_count) == (OrderStatus.FILLED, D("0.5"), 2)
+    assert [f.fill_id for f in fills] == ["f-a-0", "f-a-1"] and fills[1].qty == D("0.25")
+    order, fills = store.stored("b", pending)
+    assert (order.order_id, order.status, [f.fill_id for f in fills]) == ("id-b", OrderStatus.PARTIALLY_FILLED,
+                                                                          ["f-b-0"])
+    assert store.stored("c", pending) is None
+    assert store.inserts("b", pending) and not store.inserts("a", pending)

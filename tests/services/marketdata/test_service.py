@@ -1,5 +1,6 @@
 """The marketdata shell record by record over real PUB/SUB: sync states, bad input, trades, switches."""
 import itertools
+import re
 import time
 from decimal import Decimal
 
@@ -216,3 +217,100 @@ def test_usdm_keys_route_by_connection_not_by_stream_name(bus, tmp_path, usdm_re
     assert topics == {"status.USDM:BTCUSDT", "book.USDM:BTCUSDT"}
     assert all(m.symbol == "USDM:BTCUSDT" for _, m in msgs)
     assert s.state["BTCUSDT"] == "CONNECTING" and s.syncs["USDM:BTCUSDT"].synced
+
+
+# -- lies and stalls (issue #11) -----------------------------------------------------------
+
+def test_a_book_published_at_a_lied_update_id_does_not_hold_back_the_true_books(svc, bus, spot):
+    snap, events = spot
+    ns = time.time_ns()
+    svc._dispatch(("snapshot", ns, "BTCUSDT", snap))
+    for ev in events[:10]:
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev)))
+    lie = {**events[10], "u": events[10]["u"] + 5000}  # a low digit: within MAX_ID_JUMP, taken
+    svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", lie)))
+    for ev in events[11:20]:  # the stream goes on below the lie: the book is discarded
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev)))
+    svc._dispatch(("snapshot", ns, "BTCUSDT", snapshot_at(events, snap, events[15]["u"])))
+    for ev in events[20:30]:
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev)))
+    seq = books_and_states(bus.drain())
+    cut = seq.index(("md_status", "SYNCING"))
+    assert seq[cut - 1] == ("book", lie["u"])  # the lie went out once: nothing could tell yet
+    # then the true books at once, though their ids are below the lie's
+    assert seq[cut + 1:] == [("md_status", "SYNCED")] + [("book", ev["u"]) for ev in events[19:30]]
+    assert svc.m.gaps["BTCUSDT"] == 1
+
+
+class FeedLog:
+    """A feed stand-in that writes down what the router asks of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def request_snapshot(self, route, name):
+        self.calls.append(("snapshot", name))
+
+    def reconnect(self, market, why):
+        self.calls.append(("reconnect", market.value, why))
+
+
+def test_a_stalled_book_is_resnapshotted_then_reconnected_alerted_and_counted(svc, bus, spot):
+    from services.marketdata.guard import BookGuard
+    from shared.alerts import Alerter
+    snap, events = spot
+    svc.guard, svc.feed = BookGuard(svc.keys, timeout_s=1.0), FeedLog()
+    svc.alerter = Alerter("marketdata", bus.pub.publish)
+    ns, t0 = time.time_ns(), time.monotonic()
+    for ev in events[:3]:
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev)))
+    svc._dispatch(("snapshot", ns, "BTCUSDT", snap))
+    for ev in events[3:10]:
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev)))
+    svc.check_books(t0)
+    trade = {"e": "aggTrade", "E": 1, "s": "BTCUSDT", "p": "61000.5", "q": "0.1", "m": True}
+    for i, dt in enumerate((0.1, 0.5, 1.0, 1.15, 1.5, 2.0, 2.15)):  # trades, no depth: frames, no book
+        svc._dispatch(("raw", ns, frame("btcusdt@aggTrade", {**trade, "a": i + 1})))
+        svc.check_books(t0 + dt)
+    assert svc.feed.calls[0] == ("snapshot", "BTCUSDT")
+    assert svc.feed.calls[1][:2] == ("reconnect", "spot") and "stalled" in svc.feed.calls[1][2]
+    msgs = [m for _, m in bus.drain()]
+    status = [m for m in msgs if m.TYPE == "md_status"]
+    assert [s.state for s in status] == ["SYNCING", "SYNCED", "SYNCING"]
+    assert re.match(r"stalled: no book for 1\.[01]s while its frames keep arriving; buffer dropped", status[-1].detail)
+    assert svc.status_detail("BTCUSDT").startswith("no book for ")
+    alerts = [m for m in msgs if m.TYPE == "alert"]
+    assert [(a.code, a.severity) for a in alerts] == [("BOOK_STALLED", "error")]  # the reminder is held back
+    assert svc.m.stalls["BTCUSDT"] == 1 and svc.stats["stalls"] == 1
+    assert svc.m.stall_actions == {("BTCUSDT", "resnapshot"): 1, ("BTCUSDT", "reconnect"): 1}
+    # the new connection brings a book back: the stall is over, the alert resolved
+    svc._dispatch(("disconnected", ns, "stalled", svc.live_route[Market.SPOT]))
+    route = Route(Market.SPOT, svc.keys, gen=5)
+    svc._dispatch(("route", ns, route))
+    for ev in events[40:43]:
+        svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", ev), route))
+    svc._dispatch(("snapshot", ns, "BTCUSDT", snapshot_at(events, snap, events[41]["u"]), route))
+    svc.check_books(t0 + 2.5)
+    msgs = [m for _, m in bus.drain()]
+    assert [m.update_id for m in msgs if m.TYPE == "book"] == [events[42]["u"]]
+    assert [(a.code, a.severity) for a in msgs if a.TYPE == "alert"] == [("BOOK_STALLED", "resolved")]
+    assert svc.m.stall_recoveries["BTCUSDT"] == 1 and svc.m.unsynced_since["BTCUSDT"] == 0
+    assert svc.m.unsynced_total["BTCUSDT"] > 0
+
+
+def test_snapshots_of_a_symbol_that_does_not_sync_wait_for_their_backoff(svc, bus, spot):
+    from services.marketdata.guard import BookGuard
+    snap, events = spot
+    svc.guard, svc.feed = BookGuard(svc.keys, timeout_s=10.0), FeedLog()
+    ns = time.time_ns()
+    stale = {**snap, "lastUpdateId": events[0]["U"] - 50}  # older than anything buffered
+    svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", events[0])))
+    assert svc.feed.calls == [("snapshot", "BTCUSDT")]
+    svc._dispatch(("snapshot", ns, "BTCUSDT", stale))  # too old: the next one waits its turn
+    svc._dispatch(("raw", ns, frame("btcusdt@depth@100ms", events[1])))
+    assert len(svc.feed.calls) == 1 and svc.m.snapshots_deferred["BTCUSDT"] >= 1
+    assert "(backoff)" in svc.state_detail["BTCUSDT"]
+    svc.check_books(time.monotonic())  # (less than 0.25 s later)
+    assert len(svc.feed.calls) == 1
+    svc.check_books(time.monotonic() + 0.3)
+    assert svc.feed.calls == [("snapshot", "BTCUSDT")] * 2

@@ -249,3 +249,117 @@ def test_dropped_event_is_a_gap_and_resync_recovers(spot_records):
     assert results.count(R.GAP) == 1 and s.gaps == 1 and s.resyncs == 1
     assert s.book.update_id == ref.book.update_id
     assert s.book.levels() == ref.book.levels()
+
+
+# -- a stream that lies (issue #11): one resync, never a book stuck for good ------------------
+
+BIG = 10 ** 9  # a corrupted digit high up: beyond MAX_ID_JUMP of either market
+
+
+def synced_at_12(market=Market.SPOT):
+    s = BookSync("BTCUSDT", market)
+    s.on_snapshot(snap(10))
+    assert s.on_depth(ev(11, 12, pu=10 if market is Market.USDM else None)) is R.APPLIED
+    return s
+
+
+def test_an_inflated_u_is_refused_and_the_next_true_event_shows_the_lost_one():
+    s = synced_at_12()
+    assert s.on_depth(ev(13, 14 + BIG, [("100", "9")])) is R.SUSPECT  # the true (13, 14), garbled
+    assert s.synced and s.book.update_id == 12 and s.suspects == 1
+    assert s.book.best_bid() == (parse_units("100"), parse_units("1"))  # not applied
+    assert s.on_depth(ev(15, 16)) is R.GAP  # 13-14 never arrived: resync
+    assert not s.synced and s.needs_snapshot and s.buffered_range() == (15, 16)
+
+
+def test_an_inflated_event_sent_in_addition_costs_nothing():
+    s = synced_at_12()
+    assert s.on_depth(ev(13 + BIG, 14 + BIG)) is R.SUSPECT
+    assert s.on_depth(ev(13, 14)) is R.APPLIED and s.synced and s.gaps == 0
+
+
+def test_a_book_that_took_a_small_lie_is_discarded_once_the_stream_is_behind_it():
+    s = synced_at_12()
+    assert s.on_depth(ev(13, 5000)) is R.APPLIED  # within MAX_ID_JUMP: indistinguishable yet
+    assert s.on_depth(ev(15, 16)) is R.DROPPED_OLD  # one: a stray repeat, perhaps
+    assert s.on_depth(ev(17, 18)) is R.GAP  # two in a row: the book is the liar
+    assert not s.synced and s.needs_snapshot and s.buffered_range() == (17, 18)
+    assert s.last_gap == Gap(5000, 17, 18, None) and s.last_gap.last_u < s.last_gap.prev_u
+    assert s.on_depth(ev(19, 20)) is R.BUFFERED
+    assert s.on_snapshot(snap(18)) is R.SNAPSHOT_APPLIED and s.book.update_id == 20
+
+
+def test_a_stray_old_event_is_dropped_and_the_book_kept():
+    s = synced_at_12()
+    assert s.on_depth(ev(5, 8)) is R.DROPPED_OLD
+    assert s.on_depth(ev(13, 14)) is R.APPLIED
+    assert s.on_depth(ev(11, 12)) is R.DROPPED_OLD
+    assert s.on_depth(ev(15, 15)) is R.APPLIED and s.synced and s.gaps == 0
+
+
+def test_after_its_first_event_a_synced_spot_book_takes_only_u_plus_one():
+    # Binance: "each new event's U should be equal to the previous event's u+1". An overlap
+    # can only be a replayed event with a changed u, whose older levels would be applied.
+    s = synced_at_12()
+    assert s.on_depth(ev(9, 15, [("100", "5")])) is R.GAP
+    assert not s.synced and s.book.depth() == (0, 0)
+
+
+def test_while_buffering_an_inflated_event_is_refused_or_pushed_out():
+    s = BookSync("BTCUSDT")
+    s.on_depth(ev(1, 5))
+    assert s.on_depth(ev(6, 9 + BIG)) is R.SUSPECT
+    assert s.on_depth(ev(6, 9)) is R.BUFFERED and s.buffered_range() == (1, 9)
+    assert s.on_depth(ev(10, 5000)) is R.BUFFERED  # a small lie: taken for now
+    assert s.on_depth(ev(12, 14)) is R.DROPPED_OLD
+    assert s.on_depth(ev(15, 16)) is R.GAP  # the stream went on below it: start from the stream
+    assert s.buffered_range() == (15, 16)
+    assert s.on_snapshot(snap(14)) is R.SNAPSHOT_APPLIED and s.book.update_id == 16
+
+
+def test_while_buffering_an_overlap_starts_the_buffer_over():
+    s = BookSync("BTCUSDT")
+    s.on_depth(ev(1, 5))
+    assert s.on_depth(ev(4, 7)) is R.BUFFERED and s.buffered_range() == (4, 7)
+    assert s.on_snapshot(snap(3)) is R.SNAPSHOT_APPLIED and s.book.update_id == 7
+
+
+def test_a_snapshot_far_older_than_the_stream_is_a_gap_at_once():
+    s = BookSync("BTCUSDT")
+    assert s.on_snapshot(snap(5)) is R.SNAPSHOT_APPLIED  # nothing buffered to tell it is stale
+    assert s.on_depth(ev(BIG, BIG + 5)) is R.GAP  # does not straddle it: a gap, whoever is wrong
+    assert s.needs_snapshot and s.buffered_range() == (BIG, BIG + 5)
+
+
+@pytest.mark.parametrize("market", [Market.SPOT, Market.USDM])
+def test_a_first_event_that_straddles_the_snapshot_but_jumps_far_is_refused(market):
+    s = BookSync("BTCUSDT", market)
+    usdm = market is Market.USDM
+    assert s.on_snapshot(snap(10)) is R.SNAPSHOT_APPLIED
+    lie = ev(11 + BIG * 100, 12 + BIG * 100, pu=10) if usdm else ev(11, 12 + BIG)
+    assert s.on_depth(lie) is R.SUSPECT and s.synced and s.book.update_id == 10
+    assert s.on_depth(ev(13, 14, pu=12 if usdm else None)) is R.GAP  # the true first one was lost
+
+
+def test_two_events_in_a_row_far_ahead_of_the_book_mean_the_book_is_wrong():
+    s = synced_at_12()
+    assert s.on_depth(ev(BIG, BIG + 5)) is R.SUSPECT
+    assert s.on_depth(ev(BIG + 6, BIG + 8)) is R.GAP
+    assert s.needs_snapshot and s.buffered_range() == (BIG + 6, BIG + 8)
+
+
+@pytest.mark.parametrize("fields", ["u", "U+u"])
+def test_usdm_an_inflated_event_is_refused_and_the_pu_chain_shows_the_lost_one(fields):
+    s = synced_at_12(Market.USDM)
+    bad = ev(13 + (BIG * 100 if fields == "U+u" else 0), 14 + BIG * 100, pu=12)
+    assert s.on_depth(bad) is R.SUSPECT and s.synced and s.book.update_id == 12
+    assert s.on_depth(ev(20, 30, pu=14)) is R.GAP
+    assert s.last_gap == Gap(12, 20, 30, 14)
+
+
+def test_usdm_a_book_that_took_a_small_lie_is_discarded_once_the_stream_is_behind_it():
+    s = synced_at_12(Market.USDM)
+    assert s.on_depth(ev(13, 90_000, pu=12)) is R.APPLIED  # the true u is 14
+    assert s.on_depth(ev(20, 30, pu=14)) is R.DROPPED_OLD
+    assert s.on_depth(ev(40, 50, pu=30)) is R.GAP
+    assert s.buffered_range() == (40, 50) and s.needs_snapshot

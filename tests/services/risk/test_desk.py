@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.risk.desk import approval_parts, decision_parts, read_ack
+from services.risk.desk import approval_parts, decision_parts
+from services.risk.vet import read_ack
 from shared import messages
 from shared.enums import OrderStatus, Verdict
 from shared.errors import DecodeError

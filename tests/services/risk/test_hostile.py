@@ -15,7 +15,7 @@ from services.broker.service import BrokerService
 from services.risk.checks import Reason
 from services.risk.service import RiskService
 from shared import messages
-from shared.bus import Publisher
+from shared.bus import Publisher, Subscriber
 from shared.config import load
 from shared.enums import OrderKind, Side, Verdict
 from shared.errors import DecodeError
@@ -204,3 +204,25 @@ def _ask(sock: zmq.Socket, payload: bytes) -> bytes:
     sock.send(payload)
     assert sock.poll(5000), "no answer"
     return sock.recv()
+
+
+def test_hostile_sequence_numbers_cannot_stop_risks_heartbeat(cfg, runner, md_pub, wait_until):
+    """A `seq` is the publisher's word too: jumps of 2^64 once made the missed-message count too big
+    to pack, and every heartbeat after it raised, out of risk's loop (found by tests/fuzz)."""
+    risk = runner.start(RiskService(cfg))
+    beats = Subscriber(cfg.bus.risk_pub, ["heartbeat.risk"], cfg.bus.hwm)
+    try:
+        wait_until(lambda: beats.sock.poll(0) and beats.recv(), "a first heartbeat")
+        wire = messages.book_wire(1, "BTCUSDT", 1, 1, [[100.0, 1.0]], [[100.5, 1.0]], 100.25, 0.5, 50.0, 0.0, 100.25, 1)
+
+        def hostile_then_beat():
+            for seq in (2**64 - 1, 1, 2**64 - 1, 1, 2**64 - 1, 2**63, 1):
+                md_pub.sock.send_multipart([b"book.BTCUSDT", msgpack.packb({**wire, "seq": seq})])
+            return risk.stats["books"] >= 7
+        wait_until(hostile_then_beat, "the books read")
+        while beats.sock.poll(0):
+            beats.recv()
+        _, beat = wait_until(lambda: beats.sock.poll(0) and beats.recv(), "a heartbeat after them")
+        assert beat.stats["md_missed"] < 2**64 and runner.running[0][1].is_alive()
+    finally:
+        beats.close()

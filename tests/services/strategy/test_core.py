@@ -155,3 +155,36 @@ def test_never_short_never_two_in_flight_and_cooldown_respected(config, book, se
             pending = None
         assert s.position("BTCUSDT") >= 0
 
+
+
+@pytest.mark.parametrize("order", [
+    {"fills": "abc"},  # walked as characters: AttributeError escaped the ValueError handler
+    {"fills": [1, 2]},
+    {"fills": [{"qty": "9e999999", "price": "1"}, {"qty": "9e999999", "price": "1"}]},  # the sum overflowed
+    {"fills": [{"qty": "1e-999999", "price": "1"}]},
+    {"fills": [{"qty": "0.001", "price": "1", "side": ["BUY"]}]},
+    {"fills": [{"qty": "0.001", "price": "1", "side": "HOLD"}]},
+    {"fills": [{"qty": "0.001", "price": "NaN"}]},
+    {"fills": [], "filled_qty": "Infinity"},
+    {"fills": [{"qty": "0.001"}], "avg_price": {"x": 1}},
+    # well formed, but not for this order: the position went short (a long/flat strategy then
+    # never traded again) or past what was asked
+    {"fills": [{"qty": "0.001", "price": "1", "side": "SELL"}]},
+    {"fills": [{"qty": "0.001", "price": "1"}, {"qty": "0.001", "price": "1"}]},
+    {"fills": [], "filled_qty": "0.01"},
+    {"fills": [], "filled_qty": "-0.001"},
+])
+def test_a_hostile_ack_of_any_shape_is_a_value_error_and_changes_nothing(config, book, order):
+    s = strategy(config)
+    buy = s.on_book(book(imbalance=0.9), 0)
+    with pytest.raises(ValueError):
+        s.on_decision(Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED, order=order))
+    assert s.position("BTCUSDT") == 0 and s.in_flight("BTCUSDT") is None
+
+
+@pytest.mark.parametrize("imbalance", [1.5, 1e300, -2.0, -1e308])
+def test_a_book_whose_imbalance_is_not_a_share_is_never_decided_on(config, book, imbalance):
+    s = strategy(config)
+    assert s.on_book(book(imbalance=imbalance), 0) is None and s.refused_books == 1
+    assert s.features.imbalance == {}  # nor remembered as a feature
+    assert s.on_book(book(imbalance=1.0), 1).side is Side.BUY  # the edge of the range is a real book

@@ -267,3 +267,48 @@ def test_client_order_ids_differ_across_restarts(config, tmp_path):
     first, second = StrategyService(cfg), StrategyService(cfg)
     assert first.core.id_prefix != second.core.id_prefix
     assert first.core.id_prefix.startswith("imbalance-")
+
+
+class HighWater(dict):
+    """A dict that remembers the most entries it ever held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.most = max(self.most, len(self))
+
+
+def test_books_of_made_up_symbols_never_queue_up(config, book, tmp_path, results):
+    # A flood of books with symbols the strategy does not trade used to be queued, one entry per
+    # symbol, and handled one per loop turn: memory without bound, and the real books waited behind.
+    pub = Publisher(f"inproc://md-{uuid.uuid4().hex}", hwm=100_000)
+    release = threading.Event()
+
+    def answer(req, n):
+        if n == 1:
+            release.wait(WAIT_S)  # the flood queues up while the first order waits for risk
+        return fill_all(req)
+
+    risk = FakeRisk(answer)
+    risk.start()
+    cfg = service_config(config, tmp_path, pub.endpoint, risk.endpoint)
+    svc = StrategyService(cfg)
+    svc.pending = HighWater()
+    try:
+        with running(svc):
+            pump(pub, risk, book, imbalance=0.9)
+            for i in range(5_000):
+                pub.publish(f"book.X{i}USDT", book(symbol=f"X{i}USDT", imbalance=0.9, recv_ts=10_000 + i))
+            pub.publish("book.BTCUSDT", book(imbalance=-0.9, recv_ts=99_999))
+            release.set()
+            assert results.next().verdict == "APPROVED"
+            _, sell = risk.next_request()
+            assert (sell.side, sell.signal_ts) == (Side.SELL, 99_999)
+            assert results.next().verdict == "APPROVED"
+            assert svc.pending.most <= 1 and svc.stats["other_symbols"] == 5_000
+    finally:
+        risk.close()
+        pub.close()

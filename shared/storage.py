@@ -1,0 +1,85 @@
+"""The files a service writes, checked at start: a problem becomes one StorageError line naming the path.
+
+A read-only volume, a missing directory that cannot be made, a path that is a directory:
+each used to surface as a Python traceback from deep inside `os.open` or SQLite. Start-up
+calls these instead, so `qf broker` says `cannot write /data/qf.db.broker-journal: read-only
+file system` and exits with status 2 (shared.errors.StorageError).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from shared.errors import StorageError
+
+SPACE_CHECK_BYTES = 1 << 20  # what `has_room` writes: room for a burst of journal records and WAL pages
+
+
+def problem(exc: BaseException, path: str | None = None) -> str:
+    """What went wrong, in a few lower-case words: `read-only file system`, `no space left
+    on device`, `permission denied`, ... (an OSError's strerror; a SQLite error's message, with
+    `read-only file system` when `path`'s file system is mounted read-only)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    if path is not None and read_only(path):
+        return "read-only file system"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def read_only(path: str) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) is mounted read-only."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        return bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def cannot(verb: str, path: str, exc: BaseException) -> StorageError:
+    """`StorageError("cannot <verb> <path>: <problem>")`."""
+    return StorageError(f"cannot {verb} {path}: {problem(exc, path)}")
+
+
+def ensure_dir(path: str) -> None:
+    """Make directory `path` (and its parents) unless it exists. Raises StorageError naming
+    the path (read-only parent, permission, a file in the way)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise StorageError(f"cannot use {path} as a directory: it is a file")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise cannot("create directory", path, exc) from None
+
+
+def ensure_writable_dir(path: str) -> None:
+    """`ensure_dir(path)`, then create and remove a file in it: permission bits alone do not
+    tell (root ignores them; a read-only mount does not). Raises StorageError naming the path."""
+    ensure_dir(path)
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".qf-write-check-"):
+            pass
+    except OSError as exc:
+        raise cannot("write", os.path.abspath(path), exc) from None
+
+
+def has_room(directory: str, nbytes: int = SPACE_CHECK_BYTES) -> OSError | None:
+    """Write `nbytes` to a scratch file in `directory` and remove it: None when that worked,
+    else the OSError (ENOSPC, EROFS, EIO...). A free-space figure would not do: root may
+    write into blocks reserved from others, and a file system can be full of inodes."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".qf-space-check-") as f:
+            block = bytes(min(nbytes, 1 << 16))
+            left = nbytes
+            while left > 0:
+                left -= f.write(block[:left])
+            f.flush()  # the kernel taking the pages is the test (no fsync: the journal does not either)
+    except OSError as exc:
+        return exc
+    return None
+
