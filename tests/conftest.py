@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from typing import Callable
 
@@ -33,6 +34,18 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)  # polling interval of a bounded wait, not synchronisation
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> int:
+    """SIGTERM `proc` if it still runs and wait for it; SIGKILL it after `grace_s`. Returns its
+    exit status (a test asserts 0 for a clean stop; -9 means it had to be killed)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
 
 
 def journal_stored(db: str, timeout: float = 5.0) -> None:

@@ -18,7 +18,6 @@ import collections
 import hashlib
 import json
 import random
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -33,7 +32,7 @@ import zmq
 from shared import messages
 from shared.bus import Server
 from shared.enums import TradingState
-from tests.conftest import ROOT, clean_environ, free_port, wait_for
+from tests.conftest import ROOT, clean_environ, free_port, stop_process, wait_for
 from tests.fuzz.seeded import FuzzRun
 
 PER_CLASS = 1000  # requests per class at scale 1: 8,000 in all, ~12 s on 2 cores
@@ -479,13 +478,7 @@ def test_fuzz_the_api_under_gunicorn(tmp_path):
         assert proc.poll() is None, run.why("the api died during the run")
         after = snapshot(port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_S)
+        stop_process(proc, STOP_S)
         risk.close()
     log = log_path.read_text(errors="replace")
     run.report(requests_per_second=round(len(requests) / elapsed), statuses={str(k): v for k, v in sorted(statuses.items())},

@@ -19,7 +19,7 @@ from shared.bus import Publisher, Subscriber
 from shared.config import load
 from shared.errors import DecodeError
 from shared.messages import Ack, Book, Error, Fill, Heartbeat, Trade
-from tests.conftest import ROOT, clean_environ, journal_stored, tcp_env, wait_for
+from tests.conftest import ROOT, clean_environ, journal_stored, tcp_env, stop_process, wait_for
 from tests.fuzz.seeded import HOSTILE_DECIMALS, HOSTILE_FLOATS, HOSTILE_INTS, FuzzRun, hostile_value, mutate
 
 START_CASH = D("100000")
@@ -195,13 +195,7 @@ class Broker:
     def stop(self) -> int:
         self._halt.set()
         self.req.close(linger=0)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._listener.join(5)
         self.events.close()
         self.md.close()

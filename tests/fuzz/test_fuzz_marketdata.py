@@ -28,7 +28,7 @@ import orjson
 from services.marketdata.binance import WEIGHT_LIMIT
 from services.marketdata.sync import Market
 from shared.config import load
-from tests.conftest import ROOT, SPOT_CAPTURE, USDM_CAPTURE, clean_environ, free_port, tcp_env, wait_for
+from tests.conftest import ROOT, SPOT_CAPTURE, USDM_CAPTURE, clean_environ, free_port, tcp_env, stop_process, wait_for
 from tests.fakes.binance import Binary, FakeBinance
 from tests.fakes.harness import Tap, exact_books
 from tests.fuzz.seeded import FuzzRun
@@ -317,13 +317,7 @@ def test_fuzz_marketdata(tmp_path):
         stats = beats[-1].stats
         assert proc.poll() is None, run.why(f"marketdata exited with {proc.returncode}")
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         tap.close()
         for f in fakes.values():
             f.stop()

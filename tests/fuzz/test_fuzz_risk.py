@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from shared.bus import Publisher, Subscriber
 from shared.config import load
 from shared.enums import ControlAction, OrderKind, OrderStatus, Side, Verdict
 from shared.messages import Book, Control, ControlReply, Decision, Error, Fill, OrderEvent, OrderRequest
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, free_port, stop_process, wait_for
 from tests.fuzz.seeded import seed_and_scale, write_report
 from tests.fakes.hostile_broker import (BENIGN, MUTATIONS, HostileBroker, Send, events_of, honest_ack, rejected_ack,
                                         reply)
@@ -221,13 +220,8 @@ class Risk:
         return self.proc.poll() is None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(WAIT_S)
+            return stop_process(self.proc, WAIT_S)
         finally:
             self.log.close()
 

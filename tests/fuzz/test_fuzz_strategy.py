@@ -21,7 +21,7 @@ from shared.config import load
 from shared.errors import DecodeError
 from shared.messages import Book, Decision, OrderRequest
 from shared.runtime import liveness_path
-from tests.conftest import ROOT, clean_environ, tcp_env, wait_for
+from tests.conftest import ROOT, clean_environ, tcp_env, stop_process, wait_for
 from tests.fuzz.seeded import (HOSTILE_DECIMALS, HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_STRINGS, FuzzRun,
                                hostile_value, mutate)
 
@@ -218,13 +218,7 @@ def test_fuzz_strategy(tmp_path):
         assert time.time() - alive.stat().st_mtime < LIVENESS_S, run.why("the strategy's liveness went stale")
         assert proc.poll() is None, run.why(f"the strategy exited with {proc.returncode}")
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         risk.close()
         md.close()
     assert proc.returncode == 0, run.why(f"exit status on SIGTERM {proc.returncode}: "
