@@ -194,7 +194,10 @@ class StatusMonitor:
             equity = f"{Decimal(str(equity)).quantize(Decimal('0.01')):,}"
         except (InvalidOperation, ValueError):
             equity = "-"
-        return (f"services {up}/{total} up | feed {md} | book {self.book_rate:.1f}/s | "
+        # a service that is up but not well (the broker on a full disk, say) says so here, not only in its log
+        trouble = [f"{name} {st}" for name, st in sorted(self.status.items()) if name != "marketdata" and st != "ok"]
+        services = f"services {up}/{total} up" + (f" ({', '.join(trouble)})" if trouble else "")
+        return (f"{services} | feed {md} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')} | "
                 f"equity {equity} | risk {risk.get('state', '-')}")
 

@@ -15,7 +15,7 @@ import zmq
 
 from services.marketdata.record import Recorder
 from services.marketdata.sync import Market
-from services.supervisor import Stack
+from services.supervisor import Stack, StatusMonitor
 from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.config import load
@@ -138,6 +138,11 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
     listener.start()
     events: list[str] = []
     stack = Stack(env, services=("broker", "risk"), on_event=events.append)  # what `qf up` runs: restarts on exit
+    monitor = StatusMonitor(cfg)  # `qf up`'s status line
+
+    def status_line() -> str:
+        monitor.drain()
+        return monitor.line(stack.up, len(stack.children))
     broker_ep, risk_ep = cfg.bus.broker_rep, cfg.bus.risk_rep
     told: dict[str, dict] = {}  # every fill an ack told of, by fill_id
     refused: list[str] = []
@@ -188,6 +193,8 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
         assert isinstance(decision, Decision) and decision.verdict.value == "REJECTED", decision
         refused.append("risk-full")
         wait_for(lambda: listener.beat.stats["store"] == "frozen", WAIT_S, "the heartbeat to show the outage")
+        wait_for(lambda: status_line().startswith("services 2/2 up (broker store_unavailable) |"), WAIT_S,
+                 "qf up's status line to show the outage")
         wait_for(lambda: listener.of("broker", "STORE_UNAVAILABLE") == ["error"], WAIT_S, "the broker's alert")
         wait_for(lambda: listener.of("risk", "STORE_UNAVAILABLE") == ["error"], WAIT_S, "risk's alert")
         stack.poll()
@@ -205,6 +212,7 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
                  "the broker's alert resolved")
         wait_for(lambda: listener.of("risk", "STORE_UNAVAILABLE") == ["error", "resolved"], WAIT_S,
                  "risk's alert resolved")
+        wait_for(lambda: status_line().startswith("services 2/2 up |"), WAIT_S, "qf up's status line to clear")
         stack.poll()
         assert {c.name: c.proc.pid for c in stack.children} == pids and not any("exited" in e for e in events)
         assert stack.child("broker").restarts == stack.child("risk").restarts == 0
@@ -212,6 +220,7 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
               f"orders filled again {recovered_s:.2f} s after space returned")
     finally:
         codes = stack.stop()
+        monitor.close()
         md.stop.set()
         listener.stop.set()
         md.join(5)
