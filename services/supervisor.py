@@ -225,16 +225,21 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
 
     stack = Stack(env, on_line=lambda n, l: emit(f"{n:<10} | {l}"),
                   on_event=lambda t: emit(f"{'qf up':<10} | {t}"))
-    stop = threading.Event()
+    # The handler only appends to a list. A threading.Event would be wrong here: Event.set()
+    # takes the lock that the main thread holds for a moment inside Event.wait(), and a second
+    # signal landing then (a second Ctrl-C, one forwarded by `timeout`) deadlocked `qf up`
+    # for good, its children stopped and never reaped.
+    stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} (feed {cfg.md.feed}); Ctrl-C stops everything")
     monitor = StatusMonitor(cfg)
     stack.start()
     last_plain = 0.0
     code = 0
     try:
-        while not stop.wait(0.2):
+        while not stopping:
+            time.sleep(0.2)  # a signal's handler runs at once; the loop notices within 0.2 s
             stack.poll()
             if stack.failed:  # restarting would fail the same way, and the stack is no use without it
                 emit(f"{'qf up':<10} | {', '.join(stack.failed)} cannot start; fix the line above and run qf up again")
@@ -253,6 +258,8 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
     finally:
         emit(f"{'qf up':<10} | stopping")
         codes = stack.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stopped: a signal during interpreter shutdown must not
+            signal.signal(sig, signal.SIG_IGN)  # turn the clean stop into a -2 (as in `qf <service>`)
         monitor.close()
         emit(f"{'qf up':<10} | stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
     return code

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import urllib.request
 
 import pytest
@@ -101,8 +102,11 @@ def test_supervisor_restarts_a_killed_service(tmp_path):
         stack.stop()
 
 
-def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path):
-    """The newcomer's command itself: `qf up --feed replay:…` as a real process."""
+@pytest.mark.parametrize("stop_with", ["one SIGTERM", "a storm of signals"])
+def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with):
+    """The newcomer's command itself: `qf up --feed replay:…` as a real process, stopped by one
+    SIGTERM, or by an impatient operator (Ctrl-C pressed again and again, a signal forwarded
+    twice): a second signal while `qf up` handled the first once deadlocked it for good."""
     import os
     import signal
     import subprocess
@@ -121,7 +125,13 @@ def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path):
         wait_for(lambda: _get(settings["QF_API_BIND"], "/health")[0] == 200, 30, "api /health = 200")
         wait_for(lambda: any("status services 5/5 up" in l and "fills" in l and "| fills -" not in l
                              for l in lines), 40, "a status line with fills")
-        proc.send_signal(signal.SIGTERM)
+        if stop_with == "one SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:  # every 0.2 ms for a second, so that some land while it is inside its own stop
+            storm_until = time.monotonic() + 1.0
+            while time.monotonic() < storm_until and proc.poll() is None:
+                proc.send_signal(signal.SIGINT if int(time.monotonic() * 1e4) % 2 else signal.SIGTERM)
+                time.sleep(0.0002)  # the pace of the storm, not a synchronisation
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
