@@ -84,9 +84,11 @@ def read(path: str) -> tuple[list[tuple[int, list]], int]:
 class Journal:
     """The open journal, locked for this process: `append` makes a record durable, `pending`
     holds what is not yet in SQLite, `applied(seq)` forgets up to `seq` and empties the file
-    once nothing is pending. `Journal(path)` raises JournalBusy when another process holds it."""
+    once nothing is pending. `Journal(path)` raises JournalBusy when another process holds it,
+    or still holds it after `wait_s`: risk holds it for the milliseconds its start-up recovery
+    takes (`recover`), so a broker starting beside it waits that out rather than give up."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wait_s: float = 0.0) -> None:
         self.path = path
         storage.ensure_dir(os.path.dirname(os.path.abspath(path)))
         if os.path.isdir(path):
@@ -95,11 +97,19 @@ class Journal:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as exc:  # a read-only volume, a directory the process may not write
             raise storage.cannot("write", path, exc) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise JournalBusy(f"{path} is held by another process (a running broker)") from None
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise JournalBusy(f"{path} is held by another process (a running broker)") from None
+                if not told:
+                    log.info("journal_busy_waiting", extra={"path": path, "wait_s": wait_s})
+                    told = True
+                time.sleep(0.01)  # polling a lock another process holds for milliseconds
         try:
             records, size = read(path)
             if size < os.fstat(self.fd).st_size:

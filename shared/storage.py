@@ -8,17 +8,30 @@ file system` and exits with status 2 (shared.errors.StorageError).
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
+
+import peewee as pw
 
 from shared.errors import StorageError
 
 SPACE_CHECK_BYTES = 1 << 20  # what `has_room` writes: room for a burst of journal records and WAL pages
 
 
+_STORAGE_ERRORS = (OSError, sqlite3.Error, pw.PeeweeException)
+
+
 def problem(exc: BaseException, path: str | None = None) -> str:
     """What went wrong, in a few lower-case words: `read-only file system`, `no space left
     on device`, `permission denied`, ... (an OSError's strerror; a SQLite error's message, with
-    `read-only file system` when `path`'s file system is mounted read-only)."""
+    `read-only file system` when `path`'s file system is mounted read-only). The first storage
+    error of a chain is the one told: a COMMIT that fails on a full disk makes peewee's
+    rollback fail too ("cannot rollback - no transaction is active"), which says nothing."""
+    for _ in range(8):
+        inner = exc.__context__
+        if not isinstance(inner, _STORAGE_ERRORS) or not isinstance(exc, _STORAGE_ERRORS):
+            break
+        exc = inner
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     if path is not None and read_only(path):

@@ -83,9 +83,10 @@ class Listener(threading.Thread):
 
     def __init__(self, *endpoints: str) -> None:
         super().__init__(daemon=True, name="listener")
-        self.subs = [Subscriber(ep, ["alert.", "heartbeat.broker"], 10_000) for ep in endpoints]
+        self.subs = [Subscriber(ep, ["alert.", "heartbeat."], 10_000) for ep in endpoints]
         self.alerts: list[Alert] = []
-        self.beat: Heartbeat | None = None
+        self.beat: Heartbeat | None = None  # the broker's latest
+        self.beats: set[str] = set()  # services heard from: their alerts cannot be missed any more
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -100,7 +101,9 @@ class Listener(threading.Thread):
                     if isinstance(msg, Alert):
                         self.alerts.append(msg)
                     elif isinstance(msg, Heartbeat):
-                        self.beat = msg
+                        self.beats.add(msg.service)
+                        if msg.service == "broker":
+                            self.beat = msg
         finally:
             for s in self.subs:
                 s.close()
@@ -164,12 +167,18 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
             told.update((f["fill_id"], f) for f in fills)
             return reply
 
-        kept = wait_for(lambda: filled("warm"), WAIT_S, "the broker to fill an order")
+        # a new id each try: an order sent before the broker has a book is REJECTED NO_BOOK, and
+        # a repeat of its id gets that answer again (never a second order)
+        warm = iter(range(1_000_000))
+        kept = wait_for(lambda: filled(f"warm-{next(warm)}"), WAIT_S, "the broker to fill an order")
         for i in range(5):
             assert filled(f"before-{i}"), i
-        assert wait_for(lambda: filled("via-risk", risk_ep), WAIT_S, "risk to approve an order the broker fills")
+        assert wait_for(lambda: filled(f"via-risk-{next(warm)}", risk_ep), WAIT_S,
+                        "risk to approve an order the broker fills")
         pids = {c.name: c.proc.pid for c in stack.children}
         wait_for(lambda: listener.beat is not None and listener.beat.stats["store"] == "ok", WAIT_S, "a heartbeat")
+        # the listener hears both PUBs (a SUB connects a while after the PUB binds): no alert can be missed
+        wait_for(lambda: listener.beats >= {"broker", "risk"}, WAIT_S, "heartbeats from broker and risk")
 
         fill_to_the_last_byte(small_disk, cfg.common.db)
 
@@ -184,7 +193,7 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
             refused.append(f"full-{i}")
             slowest = max(slowest, took)
         # repeats: a known order gets its answer (from the cache), a refused one is refused again
-        again, _ = ask(broker_ep, order("warm"))
+        again, _ = ask(broker_ep, order(kept.client_order_id))
         assert isinstance(again, Ack) and (again.order_id, again.fills) == (kept.order_id, kept.fills)
         again, _ = ask(broker_ep, order("full-0"))
         assert isinstance(again, Error) and again.code == "STORE_UNAVAILABLE"
@@ -197,6 +206,9 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
                  "qf up's status line to show the outage")
         wait_for(lambda: listener.of("broker", "STORE_UNAVAILABLE") == ["error"], WAIT_S, "the broker's alert")
         wait_for(lambda: listener.of("risk", "STORE_UNAVAILABLE") == ["error"], WAIT_S, "risk's alert")
+        for alert in listener.alerts:  # the alerts name the real problem (not the failed rollback after it)
+            if alert.code == "STORE_UNAVAILABLE":
+                assert "full" in alert.text or "no space left" in alert.text, alert.text
         stack.poll()
         assert all(c.running for c in stack.children) and {c.name: c.proc.pid for c in stack.children} == pids
 
@@ -216,8 +228,14 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
         stack.poll()
         assert {c.name: c.proc.pid for c in stack.children} == pids and not any("exited" in e for e in events)
         assert stack.child("broker").restarts == stack.child("risk").restarts == 0
+        for alert in listener.alerts:
+            print(f"\nalert.{alert.service} {alert.severity} {alert.code}: {alert.text}")
         print(f"\nfirst STORE_UNAVAILABLE after {first_s * 1e3:.1f} ms, slowest {slowest * 1e3:.1f} ms; "
               f"orders filled again {recovered_s:.2f} s after space returned")
+    except BaseException:
+        for c in stack.children:
+            print(f"--- {c.name} (last lines)\n" + "\n".join(list(c.tail)[-40:]))
+        raise
     finally:
         codes = stack.stop()
         monitor.close()

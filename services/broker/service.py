@@ -62,6 +62,9 @@ STORE_IDLE_MS, STORE_RECORDS, STORE_AGE_S = 1, 8, 0.01
 # After a failed write the storage is probed (services/broker/outage.py) with a backoff; the
 # records stay in the journal meanwhile. STORE_UNAVAILABLE is the alert's code and the answer's.
 STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+# Risk's start-up recovery holds the journal for milliseconds; a broker started beside it (as `qf up`
+# and compose do) waits that long before it concludes another broker runs (exit 2, not restarted).
+JOURNAL_BUSY_WAIT_S = 3.0
 READ_ERRORS = (pw.PeeweeException, sqlite3.Error, OSError)
 
 
@@ -135,7 +138,7 @@ class BrokerService:
         self._closed = False
         path = journal.journal_path(cfg.common.db, cfg.common.run_dir)
         try:
-            self.journal = Journal(path)
+            self.journal = Journal(path, wait_s=JOURNAL_BUSY_WAIT_S)
         except JournalBusy as exc:
             raise ConfigError(f"{exc}: one broker per database (QF_DB)") from None
         self._oldest = 0.0  # monotonic time the oldest unstored journal record was appended

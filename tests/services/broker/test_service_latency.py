@@ -1,8 +1,10 @@
 """BrokerService with simulated latency on an injected clock: deferred replies, cancels, trades, storage."""
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 from decimal import Decimal as D
 
 import pytest
@@ -14,6 +16,7 @@ from shared import messages
 from shared.bus import Subscriber
 from shared.config import load
 from shared.errors import ConfigError
+from shared.journal import Journal, journal_path
 from shared.enums import OrderKind, OrderStatus, Side, TimeInForce
 from shared.messages import Ack, Cancel, Fill, Heartbeat, OrderRequest, Trade
 
@@ -266,6 +269,26 @@ def test_an_older_database_gets_the_new_columns(env, runner, wait_until, db_rows
     assert svc.account.positions == {"BTCUSDT": D("1")}
     cols = {r[1] for r in db_rows(path, "PRAGMA table_info(fills)")}
     assert {"decision_mid", "arrival_mid", "slippage_decision", "slippage_arrival", "queue_wait_ns"} <= cols
+
+
+def test_a_broker_starting_while_risk_recovers_the_journal_waits_for_it(cfg, runner, caplog, wait_until):
+    """Risk's start-up recovery holds the journal for a moment; a broker started beside it (qf up
+    starts them together) must wait, not exit 2 (which qf up does not restart)."""
+    held = Journal(journal_path(cfg.common.db, cfg.common.run_dir))  # as risk's `recover` holds it
+    started: list = []
+    thread = threading.Thread(target=lambda: started.append(BrokerService(cfg)), daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="qf.journal"):
+            thread.start()
+            wait_until(lambda: any(r.getMessage() == "journal_busy_waiting" for r in caplog.records),
+                       "the broker to find the journal held")
+            held.close()
+            thread.join(10)
+        assert len(started) == 1
+    finally:
+        held.close()
+        thread.join(10)
+    runner.start(started[0])
 
 
 def test_a_second_broker_on_the_same_database_is_refused(cfg, runner):
