@@ -22,6 +22,7 @@ from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.enums import OrderKind, Side, TimeInForce
 from shared.messages import Ack, Book, Heartbeat, OrderRequest
+from shared.money import from_book_float
 from bench.common import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +125,7 @@ def _match_figures() -> dict[str, float]:
         if isinstance(ev, Book):
             held = sum(len(r) for r in model.resting.values())
             if held < RESTING and ev.bids and ev.asks:
-                bid, ask = Decimal(repr(ev.bids[0][0])), Decimal(repr(ev.asks[0][0]))
+                bid, ask = from_book_float(ev.bids[0][0]), from_book_float(ev.asks[0][0])
                 while held < RESTING:  # spread over the visible depth and beyond, both sides
                     n += 1
                     depth = n % 60

@@ -14,6 +14,7 @@ import orjson
 from bench.common import free_port
 from bench.naive_book import NaiveBook
 from services.marketdata import book, router
+from services.marketdata.records import Disconnected, RawFrame, SnapshotRecord
 from bench.stats import percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ print(n, flush=True)
 
 
 def load(path: str = CAPTURE) -> list[tuple]:
-    """The capture as feed records: ("raw", frame bytes, level changes if a depth event else 0)
+    """The capture as the benchmark's items: ("raw", frame bytes, level changes if a depth event else 0)
     or ("snapshot", SYMBOL, snap). A frame is the combined-stream message re-serialised by
     orjson, as Binance sends it."""
     from services.marketdata.capture import iter_capture
@@ -101,24 +102,26 @@ def _no_fast_parse(frame) -> None:
 
 
 def _new_pass(svc, naive: bool) -> None:
-    """Start the capture again as a fresh connection would (the service's own reset), books swapped
+    """Start the capture again as a fresh connection would (the router's own reset), books swapped
     for NaiveBook when asked."""
-    svc._dispatch(("disconnected", time.time_ns(), "bench: next pass"))
+    svc.router.dispatch(Disconnected(time.time_ns(), "bench: next pass"), time.time_ns(), time.monotonic())
     # The naive pipeline parses every frame with orjson, as the C scanner's fallback does.
     router.parse_depth_frame = _no_fast_parse if naive else book.parse_depth_frame
     if naive:
-        for route in svc.live_route.values():
+        for route in svc.router.live_route.values():
             for sync in route.syncs.values():
                 sync.book = NaiveBook(sync.book.symbol)
 
 
 def service_latencies(items: list[tuple], svc, naive: bool, passes: int) -> tuple[list[int], list[int], int]:
-    """Time `svc._dispatch` of every depth frame after the snapshot: when it returns, every
-    change of the event is in the book and the book is published.
+    """Time what the service's loop does with every depth frame after the snapshot, the
+    record as the feed hands it over: `router.dispatch(RawFrame(recv_ns, frame), time.time_ns(),
+    time.monotonic())`, the two clock reads included. When it returns, every change of the
+    event is in the book and the book is published.
 
     Returns (ns samples, the level changes of each sample's event, books published)."""
-    pc, now = time.perf_counter_ns, time.time_ns
-    dispatch = svc._dispatch
+    pc, now, mono = time.perf_counter_ns, time.time_ns, time.monotonic
+    dispatch, stats = svc.router.dispatch, svc.router.stats
     samples: list[int] = []
     sizes: list[int] = []
     published = 0
@@ -127,20 +130,21 @@ def service_latencies(items: list[tuple], svc, naive: bool, passes: int) -> tupl
         lat, size, synced, before = [], [], False, 0
         for kind, a, b in items:
             if kind == "raw":
+                rec = RawFrame(now(), a)  # made by the connection's thread, live
                 if b and synced:
                     t0 = pc()
-                    dispatch(("raw", now(), a))
+                    dispatch(rec, now(), mono())
                     lat.append(pc() - t0)
                     size.append(b)
                 else:
-                    dispatch(("raw", now(), a))
+                    dispatch(rec, now(), mono())
             else:
-                dispatch(("snapshot", now(), a, b))
-                synced, before = True, svc.stats["book_events"]  # that book is not a timed event's
+                dispatch(SnapshotRecord(now(), a, b), now(), mono())
+                synced, before = True, stats["book_events"]  # that book is not a timed event's
         if n >= WARMUP:
             samples += lat
             sizes += size
-            published += svc.stats["book_events"] - before
+            published += stats["book_events"] - before
     return samples, sizes, published
 
 
@@ -224,10 +228,11 @@ def run() -> dict[str, float]:
     """Measure and return the figures (µs per depth event of the real spot BTCUSDT capture,
     pooled over the measured passes, after a warm-up pass):
 
-    - md_event_*: one frame as the feed hands it over, `MarketDataService._dispatch(("raw",
-      recv_ns, frame))`: orjson parse, BookSync/OrderBook apply, top-10 metrics, `book.*`
-      encode and publish on a real ZeroMQ PUB socket over tcp://127.0.0.1 to a SUB draining
-      it in another process. Every message of the capture goes through (trades and
+    - md_event_*: one frame as the feed hands it over, what MarketDataService's loop does with
+      it: `router.dispatch(RawFrame(recv_ns, frame), time.time_ns(), time.monotonic())`: the
+      clock reads, parse, BookSync/OrderBook apply, top-10 metrics, `book.*` encode and
+      publish on a real ZeroMQ PUB socket over tcp://127.0.0.1 to a SUB draining it in
+      another process. Every message of the capture goes through (trades and
       bookTickers too, as live); only depth events are timed, from the first one after the
       snapshot, and every change of the event is applied inside the timed call.
       md_event_us_p99_lt100_levels and md_event_ns_per_level_ge100 show where the tail
@@ -255,7 +260,7 @@ def run() -> dict[str, float]:
     figures: dict[str, float] = {}
     try:
         svc = MarketDataService(cfg)
-        svc.pub = pub = Publisher(endpoint, cfg.bus.hwm)
+        svc.router.pub = pub = Publisher(endpoint, cfg.bus.hwm)
         try:
             drain = Drain(endpoint, pub.sock)
             try:

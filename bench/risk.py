@@ -16,7 +16,7 @@ from services.supervisor import Stack
 from shared import messages
 from shared.bus import Publisher, Subscriber
 from shared.config import all_settings, load
-from shared.enums import OrderKind, Side
+from shared.enums import OrderKind, OrderStatus, Side
 from shared.messages import Book, Decision, OrderRequest
 from bench.common import free_port
 
@@ -98,7 +98,7 @@ class Bench:
         while time.monotonic() < deadline:
             self.book()
             d = self.ask(self.order(Side.BUY))
-            if d.order and d.order.get("status") == "FILLED":
+            if d.order and d.order.status is OrderStatus.FILLED:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"risk and broker never filled an order: last answer {d}")
@@ -114,7 +114,7 @@ class Bench:
             started = time.perf_counter_ns()
             d = self.ask(payload)
             took = time.perf_counter_ns() - started
-            if not (d.order and d.order.get("status") == "FILLED"):
+            if not (d.order and d.order.status is OrderStatus.FILLED):
                 raise RuntimeError(f"order {i} not filled: {d}")
             if i >= warmup:
                 out.append(took / 1000)

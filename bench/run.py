@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from bench import broker, compose, marketdata, md_rss, risk, tick_to_trade
+from bench import backtest, broker, compose, marketdata, md_rss, risk, tick_to_trade
 
 BENCHMARKS = {
     "tick_to_trade": tick_to_trade.run,
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "compose": compose.run,
     "md_rss": md_rss.run,
     "risk": risk.run,
+    "backtest": backtest.run,
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

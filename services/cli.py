@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--loop", action="store_true", help="start over at the end, until stopped")
     rp.add_argument("--symbols", help="symbols to publish (default QF_SYMBOLS), e.g. btcusdt,usdm:btcusdt")
     rp.set_defaults(func=cmd_replay)
+    from services.backtest.cli import add_parser as add_backtest
+    add_backtest(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

@@ -40,3 +40,27 @@ class DecodeError(QFError):
 class InvalidTransition(QFError):
     """An order status change outside the transition table. A bug in the
     caller: it propagates and is reported, the order stays where it was."""
+
+
+class StoreUnavailable(TransientError):
+    """An answer the broker cannot give now: its storage cannot be read, or cannot take the
+    writes the request needs. Raised inside the broker's desk (services/broker/desk.py) and
+    handled there: the request is answered with error STORE_UNAVAILABLE, and its client
+    retries later (risk relays the error byte for byte)."""
+
+
+class JournalBusy(StorageError):
+    """Another process holds the broker's journal (`shared.journal.Journal`), still after the
+    wait it was given. Handled by the broker at start: one broker per database, so it exits
+    with status 2 like any StorageError (a person must stop the other one); by risk's start-up
+    recovery (`shared.journal.recover`): the broker runs, so it waits for it to store instead."""
+
+
+class ApiError(QFError):
+    """An error an HTTP client gets as `{"error": {"code", "message"}}` with `status` (its
+    `code` and `message` are kept as given). Raised by the API's views and the helpers they
+    call (services/api/*); turned into the response by the app's error handler."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message

@@ -28,7 +28,7 @@ import peewee as pw
 
 from shared.db import JOURNAL_SQL, JournalApplied, database, journal_sql
 from shared import storage
-from shared.errors import StorageError
+from shared.errors import JournalBusy, StorageError  # JournalBusy: importable from here too
 
 log = logging.getLogger("qf.journal")
 
@@ -38,10 +38,6 @@ HEADER = struct.Struct("<IIQ")  # body length, crc32 of the body, seq
 class JournalError(StorageError):
     """The journal cannot be read back: a damaged record with good ones after it. Nothing may
     start on it (acknowledged fills are in it): the file needs a person (exit status 2)."""
-
-
-class JournalBusy(Exception):
-    """Another process (a running broker) holds the journal."""
 
 
 def journal_path(db: str, run_dir: str) -> str:
@@ -83,10 +79,11 @@ def read(path: str) -> tuple[list[tuple[int, list]], int]:
 
 class Journal:
     """The open journal, locked for this process: `append` makes a record durable, `pending`
-    holds what is not yet in SQLite, `applied(seq)` forgets up to `seq` and empties the file
-    once nothing is pending. `Journal(path)` raises JournalBusy when another process holds it,
-    or still holds it after `wait_s`: risk holds it for the milliseconds its start-up recovery
-    takes (`recover`), so a broker starting beside it waits that out rather than give up."""
+    holds what is not yet in SQLite (`oldest`: when the first of it was appended), `applied(seq)`
+    forgets up to `seq` and empties the file once nothing is pending. `Journal(path)` raises
+    JournalBusy when another process holds it, or still holds it after `wait_s`: risk holds it
+    for the milliseconds its start-up recovery takes (`recover`), so a broker starting beside
+    it waits that out rather than give up."""
 
     def __init__(self, path: str, wait_s: float = 0.0) -> None:
         self.path = path
@@ -119,6 +116,9 @@ class Journal:
             raise
         self.size = size
         self.pending: list[tuple[int, list]] = records
+        # monotonic time the oldest pending record was appended (StorePolicy's age); 0.0 for
+        # records an earlier process left: due at once
+        self.oldest = 0.0
         self.seq = records[-1][0] if records else 0
 
     def append(self, statements: list) -> int:
@@ -140,6 +140,8 @@ class Journal:
             raise
         self.size += len(record)
         self.seq = seq
+        if not self.pending:
+            self.oldest = time.monotonic()
         self.pending.append((seq, statements))
         return seq
 

@@ -3,61 +3,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Mapping
 
 from shared.enums import Side
+from shared.money import COST_STEP, MAX_PRICE, MAX_QTY, MONEY, STEP, ZERO, UnknownAsset, quote_asset, to_decimal
 
-ZERO = Decimal(0)
-STEP = Decimal("1e-8")  # Binance's finest price/qty step: averages and marks are shown on it
-COST_STEP = Decimal("1e-12")  # the cost taken off a partly closed position is rounded here, once
-# 8-decimal prices times 8-decimal quantities need more than the default 28
-# digits at the extremes; with 50 every sum and product below is exact.
-MONEY = Context(prec=50)
-MAX_PRICE = Decimal("1e15")  # beyond any traded price; with MAX_QTY, bounds the digits of every product
-MAX_QTY = Decimal("1e12")
 SEEN_FILLS_MAX = 200_000  # fill ids remembered for exactly-once; duplicates arrive within moments
-# quote assets, longest first where one ends another ("FDUSD" before shorter suffixes)
-QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR")
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL, Side.BUY: Side.BUY, Side.SELL: Side.SELL}
-
-
-def quote_asset(symbol: str) -> str:
-    """The quote asset of a spot symbol (`BTCUSDT` → `USDT`); "" when unknown."""
-    return next((q for q in QUOTE_ASSETS if symbol.endswith(q) and len(symbol) > len(q)), "")
-
-
-def to_decimal(value: object, name: str) -> Decimal:
-    """A decimal string, int or Decimal → finite Decimal. Raises ValueError for a
-    float (money never passes through binary floating point), a bool or anything else."""
-    if type(value) is Decimal:
-        d = value
-    elif type(value) in (str, int):
-        try:
-            d = Decimal(value)
-        except ArithmeticError:
-            raise ValueError(f"{name}: {str(value)[:40]!r} is not a decimal") from None
-    else:
-        raise ValueError(f"{name}: expected a decimal string, got {type(value).__name__}")
-    if not d.is_finite():
-        raise ValueError(f"{name}: not finite")
-    return d
-
-
-def text(value: Decimal) -> str:
-    """Canonical decimal text: no exponent, no trailing zeros ("0.000" → "0", "1E+2" → "100")."""
-    return format(value.normalize(MONEY), "f") if value else "0"
-
-
-def mark_of(price: float | Decimal) -> Decimal | None:
-    """A book price (wire float) → Decimal on the 1e-8 grid via its shortest repr, never
-    binary float arithmetic; None for a non-positive or non-finite price (a one-sided book)."""
-    try:
-        if not isinstance(price, Decimal):
-            price = Decimal(repr(float(price))).quantize(STEP, context=MONEY)
-        return price if price.is_finite() and 0 < price < MAX_PRICE else None
-    except (ArithmeticError, ValueError, TypeError):  # nan, inf, or too many digits for the grid
-        return None
 
 
 @dataclass(slots=True)
@@ -82,7 +35,10 @@ class Position:
     quote: str = field(default="", repr=False)  # the symbol's quote asset, looked up once
 
     def __post_init__(self) -> None:
-        self.quote = quote_asset(self.symbol)
+        try:
+            self.quote = quote_asset(self.symbol)
+        except UnknownAsset:  # kept all the same (the API shows what the database holds): "" and
+            self.quote = ""  # every fee then counts as the quote asset's
 
     @property
     def avg_price(self) -> Decimal | None:

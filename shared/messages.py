@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, fields
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ import msgpack
 from shared.enums import (ControlAction, Liquidity, OrderKind, OrderStatus, Side, TimeInForce,
                           TradingState, Verdict)
 from shared.errors import DecodeError
+from shared.money import BadAmount, to_decimal
 
 VERSION = 1
 MAX_FRAME = 1 << 20  # a bigger payload is refused before unpacking
@@ -65,26 +66,20 @@ def _check_bool(name, x):
     return x
 
 
-def _check_decimal(name, x):
-    if type(x) is str and len(x) <= MAX_DECIMAL_LEN:
-        try:
-            d = Decimal(x)
-        except InvalidOperation:
-            raise _bad(name, "decimal string", x) from None
-    elif type(x) is int or type(x) is Decimal:
-        d = Decimal(x)
-    else:
-        raise _bad(name, "decimal string", x)
-    if d.is_finite() and DECIMAL_MIN_ADJUSTED <= d.adjusted() <= DECIMAL_MAX_ADJUSTED:
+def check_decimal(name: str, x: Any) -> Decimal:
+    """A wire decimal -> Decimal: shared.money.to_decimal's contract (a decimal string, int or
+    Decimal, finite; never a float or a bool) within the wire's bounds (at most MAX_DECIMAL_LEN
+    characters, 1e-30 <= |x| < 1e30 or 0). Raises DecodeError bad_field. The checker of every
+    Decimal field of every message, nested ack fills included."""
+    if type(x) is str and len(x) > MAX_DECIMAL_LEN:
+        raise _bad(name, f"decimal string of at most {MAX_DECIMAL_LEN} characters", x)
+    try:
+        d = to_decimal(x, name)
+    except BadAmount:
+        raise _bad(name, "finite decimal string", x) from None
+    if DECIMAL_MIN_ADJUSTED <= d.adjusted() <= DECIMAL_MAX_ADJUSTED:
         return d
-    raise _bad(name, "finite decimal string, 1e-30 <= |x| < 1e30", x)
-
-
-def check_decimal(name: str, value: Any) -> Decimal:
-    """A wire decimal (decimal string, int or Decimal) -> Decimal within the wire bounds (finite,
-    at most MAX_DECIMAL_LEN characters, 1e-30 <= |x| < 1e30 or 0). Raises DecodeError bad_field.
-    The one parser for money read from a map that the message classes do not type (ack fills)."""
-    return _check_decimal(name, value)
+    raise _bad(name, "decimal string, 1e-30 <= |x| < 1e30", x)
 
 
 def _check_name(name, x):
@@ -109,10 +104,29 @@ def _check_dict(name, x):
     return x
 
 
-def _check_dict_list(name, x):
-    if type(x) is not list or any(type(i) is not dict for i in x):
-        raise _bad(name, "list of maps", x)
-    return x
+def _check_fills(name, x):
+    """Ack.fills: a list of fill maps, each a `fill` message's fields without `v` and `type`."""
+    if type(x) is not list:
+        raise _bad(name, "list of fill maps", x)
+    out = []
+    for i, item in enumerate(x):
+        if type(item) is not dict:
+            raise _bad(f"{name}[{i}]", "fill map", item)
+        try:
+            out.append(_build(Fill, item))
+        except DecodeError as exc:
+            raise DecodeError(exc.reason, f"{name}[{i}]: {exc.detail}") from None
+    return out
+
+
+def _check_ack(name, x):
+    """Decision.order: the broker's whole `ack` message map, as risk splices it in."""
+    if type(x) is not dict:
+        raise _bad(name, "ack map", x)
+    try:
+        return from_wire(x, _ACKS)
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, f"{name}: {exc.detail}") from None
 
 
 def _enum_checker(cls):
@@ -132,9 +146,8 @@ def _enum_checker(cls):
 
 Name = typing.NewType("Name", str)  # an identifier a request brings in: 1 to MAX_NAME characters
 _CHECKERS = {int: _check_int, float: _check_float, str: _check_str, bool: _check_bool,
-             Decimal: _check_decimal, dict: _check_dict, Name: _check_name}
+             Decimal: check_decimal, dict: _check_dict, Name: _check_name}
 Levels = list  # [[price, qty], ...] floats, best first
-DictList = typing.NewType("DictList", list)
 
 
 def _checker_for(tp):
@@ -142,10 +155,12 @@ def _checker_for(tp):
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional, tp = True, args[0]
-    if tp is DictList:
-        check = _check_dict_list
-    elif tp is list:
+    if tp is list:
         check = _check_levels
+    elif typing.get_origin(tp) is list and typing.get_args(tp) == (Fill,):
+        check = _check_fills
+    elif tp is Ack:
+        check = _check_ack
     elif isinstance(tp, type) and issubclass(tp, Enum):
         check = _enum_checker(tp)
     else:
@@ -177,6 +192,8 @@ class Message:
                 value = format(value, "f")
             elif isinstance(value, Enum):
                 value = value.value
+            elif isinstance(value, Message):  # a nested message (Decision.order): its whole map
+                value = value.to_wire()
             out[name] = value
         if seq is not None:
             out["seq"] = seq
@@ -264,7 +281,9 @@ class Decision(Message):
     verdict: Verdict
     reason: dict | None = None  # {"code": ..., "text": ...} when not APPROVED
     qty: Decimal = Decimal(0)
-    order: dict | None = None  # broker ack: order_id, status, filled_qty, avg_price, fills
+    # The broker's ack when the order went through: its whole map (`v`, `type`, `ts` included), as
+    # risk splices the broker's bytes in unchanged (services/risk/desk.py); decoded and checked as an Ack.
+    order: Ack | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,15 +295,22 @@ class Ack(Message):
     status: OrderStatus
     filled_qty: Decimal
     avg_price: Decimal | None = None
-    fills: DictList = ()
+    # On the wire each is the `fill` message's map without `v` and `type` (Fill.wire_body): every
+    # field a fill event has. Decoded as Fills, every field checked (decimals by check_decimal).
+    fills: list[Fill] = ()
     reason: str = ""
 
-    def as_dict(self) -> dict:
-        wire = self.to_wire()
-        for key in ("v", "type", "ts"):
-            del wire[key]
-        wire["fills"] = list(self.fills)
-        return wire
+    def to_wire(self, seq: int | None = None) -> dict:
+        """Message.to_wire's map, built directly (the broker's answer path); each fill's map is a copy
+        of the one its Fill made once (Fill.wire_body), so the broker formats a fill's decimals once."""
+        status = self.status
+        out = {"v": VERSION, "type": "ack", "ts": self.ts, "client_order_id": self.client_order_id,
+               "order_id": self.order_id, "status": status.value if isinstance(status, Enum) else status,
+               "filled_qty": _text(self.filled_qty), "avg_price": _text(self.avg_price),
+               "fills": [f.wire_body() for f in self.fills], "reason": self.reason}
+        if seq is not None:
+            out["seq"] = seq
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,28 +380,43 @@ class Fill(Message):
     slippage_decision: Decimal | None = None  # side sign × (price − decision_mid): > 0 cost, < 0 improvement
     slippage_arrival: Decimal | None = None  # the same against arrival_mid
     queue_wait_ns: int = 0  # maker fills: from joining the queue to this fill; 0 for takers
+    # to_wire's map (without `seq`), made on first use and copied out: the broker puts each fill in its
+    # ack and in a fill.* event, and formatting its seven decimals is most of the cost of either.
+    # Not a field of the message (no init, no compare, not on the wire).
+    _wire: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     _QUALITY: ClassVar[tuple[str, ...]] = ("decision_mid", "arrival_mid", "slippage_decision",
                                            "slippage_arrival", "queue_wait_ns")
 
     def to_wire(self, seq: int | None = None) -> dict:
-        """Message.to_wire's map without the unset quality fields, built directly: the broker
-        makes one per fill before its answer (the generic loop costs three times as much)."""
-        side, liquidity = self.side, self.liquidity
-        out = {"v": VERSION, "type": "fill", "ts": self.ts, "fill_id": self.fill_id, "order_id": self.order_id,
-               "client_order_id": self.client_order_id, "symbol": self.symbol,
-               "side": side.value if isinstance(side, Enum) else side,
-               "price": _text(self.price), "qty": _text(self.qty), "fee": _text(self.fee),
-               "fee_asset": self.fee_asset,
-               "liquidity": liquidity.value if isinstance(liquidity, Enum) else liquidity, "exch_ts": self.exch_ts}
-        for name in self._QUALITY:
-            value = getattr(self, name)
-            if isinstance(value, Decimal):  # a zero slippage is a measurement: kept, as "0"
-                out[name] = format(value, "f")
-            elif value is not None and value != 0:
-                out[name] = value
+        """Message.to_wire's map without the unset quality fields, built directly, once per Fill (the
+        generic loop costs three times as much); each call returns a fresh copy, free to change."""
+        wire = self._wire
+        if wire is None:
+            side, liquidity = self.side, self.liquidity
+            wire = {"v": VERSION, "type": "fill", "ts": self.ts, "fill_id": self.fill_id,
+                    "order_id": self.order_id, "client_order_id": self.client_order_id, "symbol": self.symbol,
+                    "side": side.value if isinstance(side, Enum) else side,
+                    "price": _text(self.price), "qty": _text(self.qty), "fee": _text(self.fee),
+                    "fee_asset": self.fee_asset,
+                    "liquidity": liquidity.value if isinstance(liquidity, Enum) else liquidity,
+                    "exch_ts": self.exch_ts}
+            for name in self._QUALITY:
+                value = getattr(self, name)
+                if isinstance(value, Decimal):  # a zero slippage is a measurement: kept, as "0"
+                    wire[name] = format(value, "f")
+                elif value is not None and value != 0:
+                    wire[name] = value
+            object.__setattr__(self, "_wire", wire)
+        out = wire.copy()
         if seq is not None:
             out["seq"] = seq
+        return out
+
+    def wire_body(self) -> dict:
+        """The fill's map as carried in Ack.fills: to_wire's without `v` and `type` (a fresh copy)."""
+        out = self.to_wire()
+        del out["v"], out["type"]
         return out
 
 
@@ -423,15 +464,19 @@ REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in
                                       (OrderRequest, Decision, Ack, Cancel, Control, ControlReply, Error)}
 
 
+_ACKS: dict[str, type[Message]] = {Ack.TYPE: Ack}  # what Decision.order decodes as
+
+
 def _prepare(cls: type[Message]) -> None:
     hints = typing.get_type_hints(cls)
     specs = []
-    for f in fields(cls):
+    wire_fields = [f for f in fields(cls) if f.init]  # not a memo such as Fill._wire
+    for f in wire_fields:
         optional, check = _checker_for(hints[f.name])
         required = f.default is f.default_factory  # both MISSING
         specs.append((f.name, required, optional, check))
     cls._specs = tuple(specs)
-    cls._names = tuple(f.name for f in fields(cls))
+    cls._names = tuple(f.name for f in wire_fields)
 
 
 for _cls in (*EVENTS.values(), *REQUESTS.values()):
@@ -467,6 +512,11 @@ def from_wire(raw: Any, registry: dict[str, type[Message]] = EVENTS) -> Message:
     cls = registry.get(raw.get("type")) if type(raw.get("type")) is str else None
     if cls is None:
         raise DecodeError("unknown_type", repr(raw.get("type"))[:40])
+    return _build(cls, raw)
+
+
+def _build(cls: type[Message], raw: dict) -> Message:
+    """`cls` from the fields of map `raw` (other keys ignored), each checked; raises DecodeError."""
     kwargs = {}
     for name, required, optional, check in cls._specs:
         if name not in raw:

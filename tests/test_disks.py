@@ -156,15 +156,15 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
             """The answer to a new order when it filled (its fills noted as told), else None."""
             stack.poll()
             reply, _ = ask(endpoint, order(coid))
-            if isinstance(reply, Decision):  # through risk: the broker's ack map inside
-                status, fills = (reply.order or {}).get("status"), (reply.order or {}).get("fills", ())
+            if isinstance(reply, Decision):  # through risk: the broker's ack inside
+                status, fills = (reply.order.status.value, reply.order.fills) if reply.order else (None, ())
             elif isinstance(reply, Ack):
                 status, fills = reply.status.value, reply.fills
             else:
                 return None
             if status != "FILLED":
                 return None
-            told.update((f["fill_id"], f) for f in fills)
+            told.update((f.fill_id, f.to_wire()) for f in fills)
             return reply
 
         # a new id each try: an order sent before the broker has a book is REJECTED NO_BOOK, and

@@ -15,12 +15,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from services.api import queries
 from services.api.body import read_object
 from services.api.dbreader import DatabaseUnavailable, ReadOnlyDatabase
-from services.api.errors import ApiError, bad_param, error_body, error_code
+from services.api.errors import bad_param, error_body, error_code
 from shared import messages
 from shared.bus import LazyPirateClient, NoReply
 from shared.config import Config
 from shared.enums import ControlAction
-from shared.errors import DecodeError
+from shared.errors import ApiError, DecodeError
 from shared.messages import Control, ControlReply, Error
 
 log = logging.getLogger("qf.api")

@@ -15,7 +15,8 @@ from decimal import Decimal
 from flask import Request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from services.api.errors import ApiError, bad_param
+from services.api.errors import bad_param
+from shared.errors import ApiError
 
 MAX_DEPTH = 16  # far above any body the API takes (control: one flat object)
 MAX_NUMBER_CHARS = 40  # a number's text; Python's int() of 10^5 digits costs seconds

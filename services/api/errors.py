@@ -2,15 +2,9 @@
 from __future__ import annotations
 
 from shared.config import mask_secrets
+from shared.errors import ApiError  # defined in the one error tree; importable from here too
 
-
-class ApiError(Exception):
-    """An error the client gets as `{"error": {"code", "message"}}` with `status`.
-    Raised by views and the helpers they call; turned into a response by the app's error handler."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+__all__ = ["ApiError", "bad_param", "error_body", "error_code"]
 
 
 def bad_param(message: str) -> ApiError:

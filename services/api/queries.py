@@ -8,7 +8,8 @@ import peewee as pw
 
 from shared.db import EquitySnapshot, FillRow, OrderRow, database
 from shared.enums import OrderStatus
-from shared.ledger import Ledger, Position, quote_asset
+from shared.ledger import Ledger, Position
+from shared.money import quote_asset
 
 ZERO = Decimal(0)
 DEFAULT_LIMIT = 100

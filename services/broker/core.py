@@ -1,24 +1,15 @@
-"""Pure paper-broker core: order state machine, fees, acks and events, cash and positions."""
+"""Pure paper-broker core: order state machine, acks and events, cash and positions (money rules: shared/money.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from enum import Enum
 from typing import Iterable, Mapping
 
 from shared.enums import OPEN_STATUSES, OrderKind, OrderStatus, Side, TimeInForce
 from shared.errors import InvalidTransition
-from shared.ledger import MAX_PRICE, MAX_QTY
 from shared.messages import Ack, Fill, OrderEvent, OrderRequest
-
-STEP = Decimal("1e-8")  # Binance's finest price/qty step
-ZERO = Decimal(0)
-# Products of 8-decimal prices, quantities and fee rates need ~35 digits at
-# the extremes; 50 keeps every notional and fee exact (the default is 28).
-MONEY = Context(prec=50)
-
-# Longest suffixes first where one ends another (FDUSD before USD-like ones).
-QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR")
+from shared.money import MAX_PRICE, MAX_QTY, MONEY, STEP, ZERO, canonical, quote_asset
 
 # Reasons the broker gives (Ack.reason / OrderRow.reason).
 NO_BOOK = "NO_BOOK"
@@ -58,55 +49,6 @@ def next_status(status: OrderStatus, trigger: Trigger) -> OrderStatus:
         raise InvalidTransition(f"{status.value} --{trigger.value}--> ?") from None
 
 
-def base_asset(symbol: str) -> str:
-    """'BTCUSDT' -> 'BTC'. Raises ValueError for a symbol with no known quote suffix."""
-    return symbol.upper()[:-len(quote_asset(symbol))]
-
-
-def quote_asset(symbol: str) -> str:
-    """'BTCUSDT' -> 'USDT'. Raises ValueError for a symbol with no known quote suffix."""
-    quote = _QUOTE_OF.get(symbol)
-    if quote is not None:
-        return quote
-    sym = symbol.upper()
-    for quote in QUOTE_ASSETS:
-        if sym.endswith(quote) and len(sym) > len(quote):
-            if len(_QUOTE_OF) >= 1024:  # symbols come from requests: keep the memo bounded
-                _QUOTE_OF.clear()
-            _QUOTE_OF[symbol] = quote
-            return quote
-    raise ValueError(f"no known quote asset in symbol {symbol!r}")
-
-
-_QUOTE_OF: dict[str, str] = {}  # symbol -> quote asset, for symbols that have one (looked up per fill)
-
-
-def canonical(d: Decimal) -> Decimal:
-    """The same value without trailing zeros or an exponent: '100.5', not '100.50000000' or '1E+2'."""
-    n = d.normalize(MONEY)
-    return n.quantize(Decimal(1), context=MONEY) if n.as_tuple().exponent > 0 else n
-
-
-def to_decimal(x: float | int) -> Decimal:
-    """A book float (≤ 15 significant digits, as Binance sends) -> exact Decimal on the 1e-8 grid."""
-    return canonical(Decimal(repr(x)).quantize(STEP))
-
-
-def fee(price: Decimal, qty: Decimal, rate: Decimal) -> Decimal:
-    """Fee in the quote asset for one fill: price * qty * rate, exact (not rounded)."""
-    return canonical(MONEY.multiply(MONEY.multiply(price, qty), rate))
-
-
-def vwap(slices: Iterable[tuple[Decimal, Decimal]]) -> Decimal | None:
-    """Volume-weighted price of `(price, qty)` slices, rounded half-even to 1e-8; None if empty."""
-    notional, total = ZERO, ZERO
-    with localcontext(MONEY):
-        for price, qty in slices:
-            notional += price * qty
-            total += qty
-        return canonical((notional / total).quantize(STEP, ROUND_HALF_EVEN)) if total else None
-
-
 @dataclass(slots=True)
 class Order:
     """One order as the broker tracks it. Mutated only through fill/cancel/reject,
@@ -133,7 +75,7 @@ class Order:
     @classmethod
     def from_request(cls, req: OrderRequest, order_id: str, now_ns: int) -> "Order":
         """A new PENDING order for `req`. Raises ValueError for a qty outside (0, MAX_QTY] or a LIMIT
-        without a price in (0, MAX_PRICE] (shared/ledger.py: beyond anything traded, and what keeps
+        without a price in (0, MAX_PRICE] (shared/money.py: beyond anything traded, and what keeps
         every notional, fee and cash sum exact at 50 digits)."""
         if not 0 < req.qty <= MAX_QTY:
             raise ValueError(f"qty must be in (0, {MAX_QTY}], got {req.qty}")
@@ -209,15 +151,9 @@ class Order:
         self.reason, self.updated_ts = reason, ts
 
 
-def fill_dict(fill: Fill) -> dict:
-    """A Fill as the plain map carried in `Ack.fills` (Decimals as strings)."""
-    wire = fill.to_wire()
-    del wire["v"], wire["type"]
-    return wire
-
-
-def ack_for(order: Order, fills: Iterable[dict], ts: int, reason: str | None = None) -> Ack:
-    """The broker's reply for `order` with the given fill maps; `reason` overrides the order's."""
+def ack_for(order: Order, fills: Iterable[Fill], ts: int, reason: str | None = None) -> Ack:
+    """The broker's reply for `order` with the given fills (taken as they are: the broker made
+    them); `reason` overrides the order's."""
     return Ack(ts=ts, client_order_id=order.client_order_id, order_id=order.order_id,
                status=order.status, filled_qty=order.filled_qty, avg_price=order.avg_price,
                fills=list(fills), reason=order.reason if reason is None else reason)

@@ -12,6 +12,7 @@ from services.broker.latency import LatencyModel
 from services.broker.market import Market, Refused, check_book, check_trade, to_dec, to_units
 from services.broker.queue import QueuePos, RiskAverseQueue
 from shared.enums import Liquidity, OrderKind, Side, TimeInForce
+from shared import money
 from shared.messages import Book, Fill, Trade
 
 NEW, CANCEL = 0, 1
@@ -320,9 +321,9 @@ class FillModel:
         maker = liquidity is Liquidity.MAKER
         rate = self.maker_fee if maker else self.taker_fee
         if self.fee_asset == "received" and order.side is Side.BUY:
-            fee, asset = core.canonical(core.MONEY.multiply(qty, rate)), core.base_asset(order.symbol)
+            fee, asset = money.canonical(money.MONEY.multiply(qty, rate)), money.base_asset(order.symbol)
         else:
-            fee, asset = core.fee(price, qty, rate), core.quote_asset(order.symbol)
+            fee, asset = money.fee(price, qty, rate), money.quote_asset(order.symbol)
         sign = order.side.sign
         return Fill(ts=now, fill_id=fill_id, order_id=order.order_id, client_order_id=order.client_order_id,
                     symbol=order.symbol, side=order.side, price=price, qty=qty, fee=fee, fee_asset=asset,
@@ -333,4 +334,4 @@ class FillModel:
 
 
 def _slip(sign: int, price: Decimal, mid: Decimal | None) -> Decimal | None:
-    return None if mid is None else core.canonical(core.MONEY.multiply(sign, core.MONEY.subtract(price, mid)))
+    return None if mid is None else money.canonical(money.MONEY.multiply(sign, money.MONEY.subtract(price, mid)))

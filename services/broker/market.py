@@ -6,7 +6,7 @@ from decimal import Context, Decimal, InvalidOperation, Overflow, Rounded
 
 from services.broker.queue import UNIT
 from shared.enums import Side
-from shared.ledger import MAX_PRICE, MAX_QTY
+from shared.money import MAX_PRICE, MAX_QTY
 from shared.messages import Book, Trade
 
 HALF = Decimal("0.5")

@@ -11,9 +11,8 @@ from typing import Iterable
 
 import peewee as pw
 
-from services.broker import core
 from services.broker.core import Account, Order
-from shared import journal
+from shared import journal, money
 from shared.db import (EQUITY_INSERT, FILL_COLS, FILL_INSERT, ORDER_COLS, ORDER_INSERT, ORDER_UPDATE,
                        ORDER_UPDATE_COLS, DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows)
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
@@ -53,8 +52,8 @@ def order_from_row(row: OrderRow, fills: list[FillRow]) -> Order:
                   symbol=row.symbol, side=Side(row.side), kind=OrderKind(row.kind), tif=TimeInForce(row.tif),
                   qty=row.qty, price=row.price, created_ts=row.created_ts, status=OrderStatus(row.status),
                   filled_qty=row.filled_qty, reason=row.reason, updated_ts=row.updated_ts)
-    with localcontext(core.MONEY):
-        order.notional = sum((f.price * f.qty for f in fills), core.ZERO)
+    with localcontext(money.MONEY):
+        order.notional = sum((f.price * f.qty for f in fills), money.ZERO)
     order.fill_count = len(fills)
     return order
 

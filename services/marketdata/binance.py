@@ -8,12 +8,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import orjson
 
 from services.marketdata.feeds import Backoff
 from services.marketdata.metrics import MdMetrics
+from services.marketdata.records import RawFrame, SnapshotRecord
 from services.marketdata.symbols import Route
 from services.marketdata.sync import Market
 from shared.errors import TransientError
@@ -76,7 +77,7 @@ class WeightGate:
 
 class SnapshotFetcher:
     """Fetches depth snapshots for one market, one at a time, on its own thread; each result
-    goes to `inbox` as ("snapshot", recv_ns, SYMBOL, snapshot, route)."""
+    goes to `inbox` as a SnapshotRecord(recv_ns, SYMBOL, snapshot, route)."""
 
     def __init__(self, market: Market, rest_base: str, limit: int, inbox: queue.SimpleQueue,
                  metrics: MdMetrics, backoff_max_s: float = 30.0) -> None:
@@ -148,7 +149,7 @@ class SnapshotFetcher:
             self.backoff.attempt = 0
             self._pop(route, name)
             self.m.bump(self.m.snapshots, (self.market.value, "ok"))
-            self.inbox.put(("snapshot", time.time_ns(), name, snap, route))
+            self.inbox.put(SnapshotRecord(time.time_ns(), name, snap, route))
 
     def _pop(self, route: Route, name: str) -> None:
         with self.cond:
@@ -199,11 +200,20 @@ def _retry_after(headers) -> float:
         return DEFAULT_RETRY_AFTER_S
 
 
+class ConnEvent(NamedTuple):
+    """A connection opened (`opened`), or closed or failed to open (`why`): posted by Conn to
+    the inbox for LiveFeed, never handed to the router."""
+
+    conn: Conn
+    opened: bool
+    why: str = ""
+
+
 class Conn:
     """One combined-stream WebSocket, opened and read by its own thread. It posts
-    ("conn_open", conn), ("raw", recv_ns, frame, route) per message, then
-    ("conn_closed", conn, why) or ("conn_failed", conn, why) to `inbox`. Pings are answered
-    by the websockets library's own reader while this thread keeps draining frames."""
+    ConnEvent(conn, opened=True), a RawFrame(recv_ns, frame, route) per message, then
+    ConnEvent(conn, False, why) (closed, or never opened) to `inbox`. Pings are answered by
+    the websockets library's own reader while this thread keeps draining frames."""
 
     def __init__(self, url: str, route: Route, inbox: queue.SimpleQueue,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -238,12 +248,12 @@ class Conn:
         try:
             ws = connect(self.url, open_timeout=10, close_timeout=1, max_size=2 ** 22, compression=None)
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-            self.inbox.put(("conn_failed", self, f"{type(exc).__name__}: {exc}"[:200]))
+            self.inbox.put(ConnEvent(self, False, f"{type(exc).__name__}: {exc}"[:200]))
             return
         why = "closed"
         with ws:  # closes the connection however the loop ends
             self.opened_at = self.last_rx = self.clock()
-            self.inbox.put(("conn_open", self))
+            self.inbox.put(ConnEvent(self, True))
             put, clock, route, closing = self.inbox.put, self.clock, self.route, self._closing
             try:
                 while not closing.is_set():
@@ -252,11 +262,11 @@ class Conn:
                     except TimeoutError:
                         continue
                     self.last_rx = clock()
-                    put(("raw", time.time_ns(), frame, route))
+                    put(RawFrame(time.time_ns(), frame, route))
                 why = self.close_reason
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 why = f"closed by server (code {code})" if code is not None else "connection lost"
             except OSError as exc:
                 why = f"connection error: {exc}"[:200]
-        self.inbox.put(("conn_closed", self, why))
+        self.inbox.put(ConnEvent(self, False, why))

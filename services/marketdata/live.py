@@ -6,9 +6,10 @@ import queue
 import time
 from typing import Callable, Iterator
 
-from services.marketdata.binance import Conn, SnapshotFetcher
+from services.marketdata.binance import Conn, ConnEvent, SnapshotFetcher
 from services.marketdata.feeds import Backoff
 from services.marketdata.metrics import MdMetrics
+from services.marketdata.records import Disconnected, Idle, Record, RouteOpened
 from services.marketdata.symbols import Route, markets_of, split_key, streams_for
 from services.marketdata.sync import Market
 from shared.config import MarketDataConfig
@@ -69,7 +70,7 @@ class Link:
         elif sb.opened_at is not None and now - sb.last_rx > self.watchdog_s and not sb.closing:
             sb.close(f"silent for {self.watchdog_s:g}s")
 
-    def on_open(self, conn: Conn) -> tuple | None:
+    def on_open(self, conn: Conn) -> RouteOpened | None:
         if conn is not self.live and conn is not self.standby:
             conn.close("no longer needed")
             return None
@@ -78,20 +79,20 @@ class Link:
             self.m.bump(self.m.reconnects, self.market.value)
         log.info("binance connected", extra={"market": self.market.value, "route": conn.route.label,
                                              "role": "live" if conn is self.live else "standby"})
-        return ("route", time.time_ns(), conn.route)
+        return RouteOpened(time.time_ns(), conn.route)
 
-    def on_closed(self, conn: Conn, why: str, now: float) -> list[tuple]:
+    def on_closed(self, conn: Conn, why: str, now: float) -> list[Record]:
         """A connection ended (or never opened): schedule what comes next. Returns records for
-        the service: ("disconnected", …) when it was the live one or a standby, then
-        ("route", …) when a standby becomes the live connection in its place."""
-        out: list[tuple] = []
+        the service: Disconnected when it was the live one or a standby, then RouteOpened
+        when a standby becomes the live connection in its place."""
+        out: list[Record] = []
         if conn is self.live:
             self.live = None
             if self.standby is not None:  # a replacement is on its way: it becomes the live one
                 self.live, self.standby = self.standby, None
                 self.live.route.live = True
                 if self.live.opened_at is not None:
-                    out.append(("route", time.time_ns(), self.live.route))
+                    out.append(RouteOpened(time.time_ns(), self.live.route))
             if conn.opened_at is not None:
                 self.backoff.connected_for(now - conn.opened_at)
             delay = self.backoff.next_delay()
@@ -105,7 +106,7 @@ class Link:
         else:
             return out  # a connection replaced on purpose
         conn.route.retired = True
-        return [("disconnected", time.time_ns(), why, conn.route), *out]
+        return [Disconnected(time.time_ns(), why, conn.route), *out]
 
     def reconnect(self, why: str) -> bool:
         """Close the live connection (if open) so that a new one replaces it, as after a loss:
@@ -183,7 +184,10 @@ class LiveFeed:
             link.rotate_now = True
             link.next_rotate = 0.0
 
-    def records(self) -> Iterator[tuple]:
+    def records(self) -> Iterator[Record]:
+        """RawFrame and SnapshotRecord as the connection and REST threads made them,
+        RouteOpened / Disconnected as connections come and go, Idle when nothing came for
+        CHECK_EVERY_S; until should_stop()."""
         for f in self.fetchers.values():
             f.start()
         get, Empty, links = self.inbox.get, queue.Empty, list(self.links.values())
@@ -197,17 +201,16 @@ class LiveFeed:
             try:
                 item = get(timeout=CHECK_EVERY_S)
             except Empty:
-                yield ("idle", time.time_ns())
+                yield Idle(time.time_ns())
                 continue
-            tag = item[0]
-            if tag == "raw" or tag == "snapshot":
+            if type(item) is not ConnEvent:  # RawFrame, SnapshotRecord
                 yield item
-            elif tag == "conn_open":
-                rec = self.links[item[1].route.market].on_open(item[1])
+            elif item.opened:
+                rec = self.links[item.conn.route.market].on_open(item.conn)
                 if rec is not None:
                     yield rec
-            else:  # conn_closed / conn_failed
-                yield from self.links[item[1].route.market].on_closed(item[1], item[2], time.monotonic())
+            else:  # closed, or never opened
+                yield from self.links[item.conn.route.market].on_closed(item.conn, item.why, time.monotonic())
 
     def close(self) -> None:
         """Close every connection and stop the snapshot threads."""

@@ -1,4 +1,4 @@
-"""Stream messages → the books of their route → `book.*`, `trade.*`, `status.*`, switches included."""
+"""Feed records → the books of their route → `book.*`, `trade.*`, `status.*`, switches included."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from services.marketdata.book import EmptyBookError, parse_depth_frame, parse_un
 from services.marketdata.feeds import is_server_shutdown
 from services.marketdata.guard import Action, BookGuard
 from services.marketdata.metrics import MdMetrics
+from services.marketdata.records import Disconnected, Idle, RawFrame, Record, RouteOpened, SnapshotRecord, WsMessage
 from services.marketdata.symbols import Route, split_key
 from services.marketdata.sync import BadEventError, BookSync, Market, SyncResult
 from shared.bus import Publisher
@@ -23,21 +24,30 @@ APPLIED, GAP, SUSPECT = SyncResult.APPLIED, SyncResult.GAP, SyncResult.SUSPECT
 SWITCH_UNEQUAL_AFTER_S = 1.0  # a standby ahead of the live books this long takes over anyway
 STALL_ALERT = "BOOK_STALLED"
 UNSYNCED_STATES = ("CONNECTING", "SYNCING", "DISCONNECTED")  # no book, and one is wanted
-_perf_ns = time.perf_counter_ns
-_mono = time.monotonic
+_perf_ns = time.perf_counter_ns  # measures processing cost only (a histogram): never in a message or decision
 
 
 class BookRouter:
     """Keeps the books of every route (live connection, standby, replayed capture) and publishes
     the live ones: only while synced, never twice, never older than one already out.
 
+    Driven record by record: whoever runs the feed (MarketDataService live or replaying, a
+    backtest in process) calls dispatch(record, now_ns) for each record and reads what it
+    publishes through `pub`. The router never reads a clock: `now_ns` (wall or event ns) stamps
+    what it publishes (Book.ts, Trade.ts, MdStatus.ts) and times the periods without a book;
+    `now` (monotonic seconds, the clock of check_books) times the snapshot backoff, stalls and
+    switches. A record's own recv_ns is its books' recv_ts.
+
     A standby route takes over when each of its books equals the live one (so not one book
     state is skipped), or after SWITCH_UNEQUAL_AFTER_S when it is ahead of it.
 
     With a `guard` (live feeds), snapshots of a symbol are backed off and a stalled book is
-    recovered: call check_books(monotonic now) every ~0.1 s."""
+    recovered: call check_books(now_ns, monotonic now) every ~0.1 s.
 
-    def __init__(self, keys: tuple[str, ...], depth_n: int, recorder=None) -> None:
+    `now_ns` at construction starts each key's time without a book (0: from the first record
+    about it)."""
+
+    def __init__(self, keys: tuple[str, ...], depth_n: int, recorder=None, now_ns: int = 0) -> None:
         self.keys, self.depth_n, self.recorder = tuple(keys), depth_n, recorder
         self.m = MdMetrics(self.keys)
         self.pub = None  # anything with publish(topic, msg)
@@ -45,7 +55,7 @@ class BookRouter:
         self.guard: BookGuard | None = None  # snapshot backoff and stall recovery (live feeds)
         self.alerter = None  # shared.alerts.Alerter: BOOK_STALLED
         self._deferred: dict[tuple[Route, str], tuple[str, BookSync]] = {}  # snapshots waiting for their backoff
-        self._live_feed = False  # unknown streams are errors live, normal in a replay
+        self.live_feed = False  # unknown streams are errors live (we subscribed to none), normal in a replay
         self.state = dict.fromkeys(self.keys, "CONNECTING")
         self.state_detail = dict.fromkeys(self.keys, "")
         self.last_uid = dict.fromkeys(self.keys, 0)  # update id of the last published book
@@ -58,7 +68,6 @@ class BookRouter:
         self.trade_topic = {k: f"trade.{k}" for k in self.keys}
         self.stats = {"book_events": 0, "trades": 0, "bad_messages": 0, "gaps": 0, "resyncs": 0,
                       "reconnects": 0, "ignored": 0, "stalls": 0, "stall_recoveries": 0}
-        now_ns = time.time_ns()
         for k in self.keys:
             self.m.unsynced_since[k] = now_ns  # CONNECTING: no book yet
         self._warned: set[str] = set()
@@ -67,6 +76,63 @@ class BookRouter:
         self.syncs: dict[str, BookSync] = {}  # key -> the published (live) book's sync
         for market in (Market.SPOT, Market.USDM):
             self._make_live(Route(market, self.keys, label=f"{market.value}#default"))
+
+    # -- records -----------------------------------------------------------------------
+
+    def dispatch(self, rec: Record, now_ns: int, now: float | None = None) -> None:
+        """Handle one feed record (records.py), as it happened at `now_ns` (wall ns: the
+        service passes time.time_ns(), a backtest the record's recv_ns) and monotonic `now`
+        (seconds, the clock check_books gets; None: now_ns in seconds, for a loop whose only
+        clock is the records' own time). Anything a record makes goes to `pub`.
+
+        A RawFrame or WsMessage without a route goes to the live spot route; a SnapshotRecord
+        without one to the live route of its key's market; Idle does nothing. Never raises: a
+        record that fails (or is no record) is counted (`internal_error`) and logged, so one bad
+        record cannot stop the loop."""
+        if now is None:
+            now = now_ns * 1e-9
+        t = type(rec)
+        try:
+            if t is RawFrame:
+                route = rec.route
+                self.on_raw(rec.frame, rec.recv_ns, self.live_route[Market.SPOT] if route is None else route,
+                            now_ns, now)
+            elif t is WsMessage:
+                route = rec.route
+                self.on_ws(rec.msg, rec.recv_ns, self.live_route[Market.SPOT] if route is None else route,
+                           now_ns, now)
+            elif t is SnapshotRecord:
+                if rec.route is not None:
+                    self.on_snapshot(rec.name, rec.snap, rec.recv_ns, rec.route, now_ns, now)
+                else:
+                    market, name = split_key(rec.name)
+                    self.on_snapshot(name, rec.snap, rec.recv_ns, self.live_route[market], now_ns, now)
+            elif t is RouteOpened:
+                self.on_route(rec.route, now_ns, now)
+            elif t is Disconnected:
+                self.on_disconnected(rec.why, rec.route, now_ns, now)
+            elif t is not Idle:
+                raise TypeError(f"not a feed record: {rec!r}"[:200])
+        except Exception:  # one bad record must not take the service (or a backtest) down
+            self.m.bad("internal_error")
+            self.stats["bad_messages"] += 1
+            log.exception("record failed", extra={"kind": t.__name__})
+
+    def replay_done(self, now_ns: int, now: float | None = None, detail: str = "capture finished") -> None:
+        """The replayed captures are over: every key goes to REPLAY_DONE (its time without a
+        book, if any, ends at `now_ns`)."""
+        now = now_ns * 1e-9 if now is None else now
+        for k in self.keys:
+            self._set_state(k, "REPLAY_DONE", detail, now_ns, now)
+
+    def snapshots_for_new_segment(self) -> None:
+        """A new recording segment starts: ask the feed for a snapshot of every symbol of the
+        live routes (a synced book ignores it), so that each file replays on its own."""
+        for route in self.live_route.values():
+            for name in route.keys:
+                if name not in route.awaiting:
+                    route.awaiting.add(name)
+                    self.feed.request_snapshot(route, name.upper())
 
     # -- routes ------------------------------------------------------------------------
 
@@ -78,7 +144,7 @@ class BookRouter:
         for name, key in route.keys.items():
             self.syncs[key] = route.syncs[name]
 
-    def on_route(self, route: Route) -> None:
+    def on_route(self, route: Route, now_ns: int, now: float) -> None:
         """A feed opened a source of messages: a live one replaces the market's previous one,
         a standby builds its books until it can take over."""
         if not route.live:
@@ -88,11 +154,11 @@ class BookRouter:
         for name, key in route.keys.items():
             sync = route.syncs[name]
             if sync.synced:  # a replacement already synced when its predecessor dropped
-                self._publish_book(key, sync, self.last_E[key], time.time_ns())
+                self._publish_book(key, sync, self.last_E[key], now_ns, now_ns, now)
             else:
-                self._set_state(key, "SYNCING", f"{route.label}: waiting for events")
+                self._set_state(key, "SYNCING", f"{route.label}: waiting for events", now_ns, now)
 
-    def _try_switch(self, route: Route) -> None:
+    def _try_switch(self, route: Route, now_ns: int, now: float) -> None:
         """Switch to standby `route` once each of its books is synced and equal to (or, for a
         while, ahead of) the live one."""
         equal = True
@@ -105,7 +171,6 @@ class BookRouter:
                     return
                 equal = False
         if not equal:
-            now = time.monotonic()
             if not route.ready_since:
                 route.ready_since = now
             if now - route.ready_since < SWITCH_UNEQUAL_AFTER_S:
@@ -124,9 +189,9 @@ class BookRouter:
                     if u > self.rec_last_u[key]:  # so far received only on the new connection
                         self.recorder.ws(recv_ns, raw, route.market)
                         self.rec_last_u[key] = u
-            self._publish_book(key, route.syncs[name], self.last_E[key], time.time_ns())
+            self._publish_book(key, route.syncs[name], self.last_E[key], now_ns, now_ns, now)
 
-    def on_disconnected(self, why: str, route: Route | None) -> None:
+    def on_disconnected(self, why: str, route: Route | None, now_ns: int, now: float) -> None:
         """A route's messages stopped (connection lost, capture restarting); None: every live route."""
         for r in [route] if route is not None else list(self.live_route.values()):
             if not r.live:
@@ -138,46 +203,46 @@ class BookRouter:
             self._make_live(r)
             for key in r.keys.values():
                 self.last_uid[key], self.last_trade[key] = 0, -1
-                self._set_state(key, "DISCONNECTED", why)
+                self._set_state(key, "DISCONNECTED", why, now_ns, now)
                 if self.guard is not None:
                     self.guard.disconnected(key)
 
     # -- publishing --------------------------------------------------------------------
 
-    def _set_state(self, key: str, state: str, detail: str = "") -> None:
+    def _set_state(self, key: str, state: str, detail: str, now_ns: int, now: float) -> None:
         prev = self.state.get(key)
         if prev != state:
             self.state[key], self.state_detail[key] = state, detail
             self.m.synced[key] = state == "SYNCED"
-            self._time_without_book(key, prev, state)
+            self._time_without_book(key, prev, state, now_ns, now)
             log.info("book state", extra={"symbol": key, "state": state, "detail": detail})
-            self.pub.publish(f"status.{key}", MdStatus(ts=time.time_ns(), symbol=key, state=state, detail=detail))
+            self.pub.publish(f"status.{key}", MdStatus(ts=now_ns, symbol=key, state=state, detail=detail))
 
-    def _time_without_book(self, key: str, prev: str | None, state: str) -> None:
+    def _time_without_book(self, key: str, prev: str | None, state: str, now_ns: int, now: float) -> None:
         """Account the time `key` has no book (a period opens when it leaves SYNCED, closes
         when it is SYNCED again or the replay is over) and tell the guard."""
-        m, now_ns = self.m, time.time_ns()
+        m = self.m
         if state in UNSYNCED_STATES:
             if not m.unsynced_since[key]:
                 m.unsynced_since[key] = now_ns
             if prev == "SYNCED" and self.guard is not None:
-                self.guard.unsynced(key, _mono())
+                self.guard.unsynced(key, now)
             return
         since = m.unsynced_since[key]
         if since:
             m.unsynced_total[key] += (now_ns - since) / 1e9
             m.unsynced_since[key] = 0
         if state == "SYNCED" and self.guard is not None:
-            self.guard.synced(key, _mono())
+            self.guard.synced(key, now)
 
-    def status_detail(self, key: str) -> str:
-        """`key`'s state detail, led by how long it has had no book while it has none."""
+    def status_detail(self, key: str, now_ns: int) -> str:
+        """`key`'s state detail, led by how long (at `now_ns`) it has had no book while it has none."""
         since, detail = self.m.unsynced_since[key], self.state_detail[key]
         if not since or self.state[key] not in UNSYNCED_STATES:
             return detail
-        return f"no book for {(time.time_ns() - since) / 1e9:.1f}s: {detail}"
+        return f"no book for {(now_ns - since) / 1e9:.1f}s: {detail}"
 
-    def _publish_book(self, key: str, sync: BookSync, exch_ts, recv_ns: int) -> None:
+    def _publish_book(self, key: str, sync: BookSync, exch_ts, recv_ns: int, now_ns: int, now: float) -> None:
         book = sync.book
         uid = book.update_id
         if uid <= self.last_uid[key] or not sync.synced:
@@ -187,7 +252,7 @@ class BookRouter:
         except EmptyBookError:
             return  # a one-sided book has no mid: nothing honest to publish
         if self.state[key] != "SYNCED":
-            self._set_state(key, "SYNCED")
+            self._set_state(key, "SYNCED", "", now_ns, now)
         pub, topic = self.pub, self.book_topic[key]
         if type(exch_ts) is not int:
             exch_ts = 0
@@ -195,11 +260,11 @@ class BookRouter:
             # Publisher.publish with the Book dataclass and its to_wire skipped (~4 µs an event):
             # the same seq counter, the same bytes (tests/services/marketdata/test_fast_publish.py).
             pub.send_raw(self.book_topic_b[key], _packb(book_wire(
-                time.time_ns(), key, exch_ts, uid, m.bids, m.asks, m.mid, m.spread, m.spread_bps,
+                now_ns, key, exch_ts, uid, m.bids, m.asks, m.mid, m.spread, m.spread_bps,
                 m.imbalance, m.microprice, recv_ns, pub.next_seq(topic)), use_bin_type=True))
         else:
             pub.publish(topic, Book(
-                ts=time.time_ns(), symbol=key, exch_ts=exch_ts, update_id=uid, bids=m.bids, asks=m.asks,
+                ts=now_ns, symbol=key, exch_ts=exch_ts, update_id=uid, bids=m.bids, asks=m.asks,
                 mid=m.mid, spread=m.spread, spread_bps=m.spread_bps, imbalance=m.imbalance,
                 microprice=m.microprice, recv_ts=recv_ns))
         self.last_uid[key] = uid
@@ -208,8 +273,8 @@ class BookRouter:
 
     # -- messages ----------------------------------------------------------------------
 
-    def on_raw(self, frame: bytes | str, recv_ns: int, route: Route) -> None:
-        """One WebSocket frame as received."""
+    def on_raw(self, frame: bytes | str, recv_ns: int, route: Route, now_ns: int, now: float) -> None:
+        """One WebSocket frame as received at `recv_ns` on `route` (see dispatch for the times)."""
         t0 = _perf_ns()
         # A diff-depth frame of the usual shape is parsed in C, its levels straight to integer
         # units (no Python object per level); any other frame, or anything unusual about one,
@@ -220,11 +285,13 @@ class BookRouter:
                 msg = orjson.loads(frame)
             except orjson.JSONDecodeError as exc:
                 return self._bad("malformed_json", f"{exc}; frame {repr(frame)[:80]}")
-        self.on_ws(msg, recv_ns, route, len(frame), t0, frame)
+        self.on_ws(msg, recv_ns, route, now_ns, now, len(frame), t0, frame)
 
-    def on_ws(self, msg, recv_ns: int, route: Route, nbytes: int = 0, t0: int = 0, raw=None) -> None:
+    def on_ws(self, msg, recv_ns: int, route: Route, now_ns: int, now: float, nbytes: int = 0, t0: int = 0,
+              raw=None) -> None:
         """One decoded message: a combined-stream `{"stream", "data"}` map, or anything a
-        hostile network may send instead (counted and logged, never raised)."""
+        hostile network may send instead (counted and logged, never raised). `nbytes`, `t0`
+        (perf_counter_ns at its arrival) and `raw` (the frame) come from on_raw."""
         t0 = t0 or _perf_ns()
         if route.retired:
             return  # late messages of a connection already replaced or lost
@@ -244,17 +311,17 @@ class BookRouter:
             self.recorder.ws(recv_ns, raw if raw is not None else msg, route.market)
         try:
             if label == "depth":
-                self._on_depth(route, name, key, data, recv_ns, raw if raw is not None else msg)
+                self._on_depth(route, name, key, data, recv_ns, raw if raw is not None else msg, now_ns, now)
                 self.m.event_time.observe((_perf_ns() - t0) * 1e-9)
             elif label == "trade":
-                self._on_trade(route, key, data, kind, recv_ns)
+                self._on_trade(route, key, data, kind, recv_ns, now_ns)
             elif label == "bookTicker":
                 self._on_ticker(route, name, data)
             else:
                 self._bad("unknown_stream", stream)
         except BadEventError as exc:
             self._bad("bad_event", str(exc)[:160])
-            self._need_snapshot(route, name, key, "bad depth event")
+            self._need_snapshot(route, name, key, "bad depth event", now_ns, now)
         except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
             self._bad("bad_fields", f"{stream}: {type(exc).__name__} {exc}"[:160])
 
@@ -273,7 +340,8 @@ class BookRouter:
             route.streams[stream] = hit
         return hit
 
-    def _on_depth(self, route: Route, name: str, key: str, data: dict, recv_ns: int, raw) -> None:
+    def _on_depth(self, route: Route, name: str, key: str, data: dict, recv_ns: int, raw, now_ns: int,
+                  now: float) -> None:
         sync = route.syncs[name]
         result = sync.on_depth(data)  # U/u are checked ints from here on
         if result is SUSPECT:
@@ -288,23 +356,24 @@ class BookRouter:
                 self.m.lag[key].observe(recv_ns * 1e-9 - E * 1e-3)
             if result is APPLIED:
                 self.m.last_event[key] = recv_ns
-                self._publish_book(key, sync, E, recv_ns)
+                self._publish_book(key, sync, E, recv_ns, now_ns, now)
                 if route.tickers[name]:
                     self._check_ticker(key, sync, route.tickers[name])
                 if self.standby:
                     sb = self.standby.get(route.market)
                     if sb is not None:
-                        self._try_switch(sb)
+                        self._try_switch(sb, now_ns, now)
                 return
         else:
             if self.recorder is not None:
                 route.recent[name].append((data["u"], recv_ns, raw))
             if result is APPLIED:
-                return self._try_switch(route)
+                return self._try_switch(route, now_ns, now)
         if result is GAP:
             self._on_gap(route, key, sync)
         if sync.needs_snapshot:
-            self._need_snapshot(route, name, key, "gap in update ids" if result is GAP else "waiting for a snapshot")
+            self._need_snapshot(route, name, key, "gap in update ids" if result is GAP else "waiting for a snapshot",
+                                now_ns, now)
 
     def _on_gap(self, route: Route, key: str, sync: BookSync) -> None:
         self.stats["gaps"] += 1
@@ -316,12 +385,12 @@ class BookRouter:
             # exchange never sent. Its id must not hold back the true books that follow.
             self.last_uid[key] = 0
 
-    def _need_snapshot(self, route: Route, name: str, key: str, why: str) -> None:
+    def _need_snapshot(self, route: Route, name: str, key: str, why: str, now_ns: int, now: float) -> None:
         sync = route.syncs[name]
         if not sync.needs_snapshot:
             return
         if route.live:
-            self._set_state(key, "SYNCING", why)
+            self._set_state(key, "SYNCING", why, now_ns, now)
             if (route, name) not in self._deferred:
                 self.state_detail[key] = why  # heartbeats say the latest reason
         if self.feed is None or not sync.buffered or name in route.awaiting:
@@ -333,7 +402,6 @@ class BookRouter:
             return
         if (route, name) in self._deferred:
             return
-        now = _mono()
         wait = guard.snapshot_wait(key, now)
         if wait > 0:  # snapshots of this symbol did not hold: check_books asks when it is time
             self._deferred[(route, name)] = (key, sync)
@@ -350,12 +418,16 @@ class BookRouter:
 
     # -- stalls (live feeds) -----------------------------------------------------------
 
-    def check_books(self, now: float) -> None:
+    def check_books(self, now_ns: int, now: float | None = None) -> None:
         """Send the snapshot requests whose backoff has passed, and recover stalled books
-        (guard.py). `now` is monotonic seconds. Does nothing without a guard."""
+        (guard.py): call it every ~0.1 s. `now` is monotonic seconds (the clock dispatch gets;
+        None: now_ns in seconds), `now_ns` the wall ns that stamps what this publishes. Does
+        nothing without a guard."""
         guard = self.guard
         if guard is None:
             return
+        if now is None:
+            now = now_ns * 1e-9
         for (route, name), (key, sync) in list(self._deferred.items()):
             if route.retired or route.syncs.get(name) is not sync or not sync.needs_snapshot \
                     or name in route.awaiting or not sync.buffered:
@@ -368,18 +440,18 @@ class BookRouter:
                   for k in self.keys}
         actions, recovered = guard.check(now, counts)
         for action in actions:
-            self._on_stall(action)
+            self._on_stall(action, now_ns, now)
         for key in recovered:
             self._on_recovered(key)
 
-    def _on_stall(self, a: Action) -> None:
+    def _on_stall(self, a: Action, now_ns: int, now: float) -> None:
         key, guard, m = a.key, self.guard, self.m
         market, name = split_key(key)
         name = name.lower()
         m.stalls[key] = guard.stalls[key]
         self.stats["stalls"] = sum(guard.stalls.values())
         if not m.unsynced_since[key]:  # a synced book that stopped moving: no book since its frames came
-            m.unsynced_since[key] = time.time_ns() - int(a.waited_s * 1e9)
+            m.unsynced_since[key] = now_ns - int(a.waited_s * 1e9)
         why = f"no book for {a.waited_s:.1f}s while its frames keep arriving"
         route = self.live_route.get(market)
         if route is not None and name in route.awaiting:
@@ -397,7 +469,7 @@ class BookRouter:
                 route.tickers[name].clear()
                 self._deferred.pop((route, name), None)
             self.last_uid[key] = 0  # a book published from a lie must not hold back the truth
-            self._set_state(key, "SYNCING", f"stalled: {why}; buffer dropped, asking for a new snapshot")
+            self._set_state(key, "SYNCING", f"stalled: {why}; buffer dropped, asking for a new snapshot", now_ns, now)
             self.state_detail[key] = f"stalled: {why}; buffer dropped, asking for a new snapshot"
             text = f"{key}: {why}; dropped its buffer, asking for a new snapshot"
         else:
@@ -418,8 +490,9 @@ class BookRouter:
         if self.alerter is not None and not any(guard.is_stalled(k) for k in self.keys):
             self.alerter.resolve(STALL_ALERT, f"{key}: book synced again")
 
-    def on_snapshot(self, name: str, snap, recv_ns: int, route: Route) -> None:
-        """One REST depth snapshot of exchange symbol `name` for the books of `route`."""
+    def on_snapshot(self, name: str, snap, recv_ns: int, route: Route, now_ns: int, now: float) -> None:
+        """One REST depth snapshot of exchange symbol `name` for the books of `route`, received
+        at `recv_ns` (see dispatch for the times)."""
         lname = name.lower()
         key = route.keys.get(lname)
         if key is None or route.retired:
@@ -433,7 +506,7 @@ class BookRouter:
             result = sync.on_snapshot(snap)
         except BadEventError as exc:
             self._bad("bad_snapshot", f"{key}: {exc}"[:160])
-            return self._need_snapshot(route, lname, key, "bad snapshot")
+            return self._need_snapshot(route, lname, key, "bad snapshot", now_ns, now)
         if result is SyncResult.SNAPSHOT_APPLIED:
             self._snapshots_applied[key] += 1
             if self._snapshots_applied[key] > 1:
@@ -447,14 +520,14 @@ class BookRouter:
             self._on_gap(route, key, sync)
         if sync.synced:
             if not route.live:
-                return self._try_switch(route)
+                return self._try_switch(route, now_ns, now)
             E = snap.get("E") if type(snap.get("E")) is int else self.last_E[key]
-            self._publish_book(key, sync, E, recv_ns)
+            self._publish_book(key, sync, E, recv_ns, now_ns, now)
         else:
             self._need_snapshot(route, lname, key, "snapshot too old" if result is SyncResult.SNAPSHOT_TOO_OLD
-                                else "waiting for a snapshot")
+                                else "waiting for a snapshot", now_ns, now)
 
-    def _on_trade(self, route: Route, key: str, data: dict, kind: str, recv_ns: int) -> None:
+    def _on_trade(self, route: Route, key: str, data: dict, kind: str, recv_ns: int, now_ns: int) -> None:
         if not route.live:
             return
         trade_id = data["a"] if kind == "aggTrade" else data["t"]
@@ -470,7 +543,7 @@ class BookRouter:
         self.last_trade[key] = trade_id
         self.m.lag[key].observe(recv_ns * 1e-9 - E * 1e-3)
         self.pub.publish(self.trade_topic[key], Trade(
-            ts=time.time_ns(), symbol=key, exch_ts=E, trade_id=trade_id, price=price, qty=qty,
+            ts=now_ns, symbol=key, exch_ts=E, trade_id=trade_id, price=price, qty=qty,
             buyer_is_maker=maker, recv_ts=recv_ns))
         self.stats["trades"] += 1
         self.m.trades[key] += 1
@@ -516,7 +589,7 @@ class BookRouter:
         c[1] += nbytes
         if is_server_shutdown(data):
             return self._odd_message(data, route)
-        if self._live_feed:
+        if self.live_feed:
             return self._bad("unknown_stream", stream)  # we subscribed to nothing like it
         self.stats["ignored"] += 1
         name = stream.partition("@")[0]

@@ -8,8 +8,6 @@ from services.marketdata.feeds import ReplayFeed
 from services.marketdata.guard import BookGuard
 from services.marketdata.metrics import serve
 from services.marketdata.router import BookRouter
-from services.marketdata.symbols import split_key
-from services.marketdata.sync import Market
 from shared.alerts import Alerter
 from shared.bus import Publisher
 from shared.config import Config
@@ -32,8 +30,10 @@ class _NoPublisher:
         pass
 
 
-class MarketDataService(BookRouter):
-    """Runs the feed (live Binance or replayed captures) into BookRouter until stopped.
+class MarketDataService:
+    """Runs the feed (live Binance or replayed captures) into a BookRouter until stopped: the
+    clock, the PUB socket, metrics, heartbeats and the recording are here; the books and what
+    they publish are the router's (`self.router`).
 
     `publish=False` binds no PUB socket (recording only); `recorder` (or QF_MD_RECORD) writes
     what arrives; `exit_when_done` makes a finished replay return instead of idling."""
@@ -42,10 +42,11 @@ class MarketDataService(BookRouter):
         if recorder is None and cfg.md.record:
             from services.marketdata.record import Recorder
             recorder = Recorder(cfg.md.record, cfg.md.record_rotate_s, int(cfg.md.record_rotate_mb * 1e6))
-        super().__init__(cfg.md.symbols, cfg.md.book_depth, recorder)
-        self.cfg = cfg
-        self.symbols = self.keys
+        self.cfg, self.recorder = cfg, recorder
+        self.router = BookRouter(cfg.md.symbols, cfg.md.book_depth, recorder, now_ns=time.time_ns())
+        self.keys = self.symbols = self.router.keys
         self.publish_enabled, self.exit_when_done = publish, exit_when_done
+        self.feed = None
         self.metrics_port: int | None = None
         self._stop = False
 
@@ -60,46 +61,44 @@ class MarketDataService(BookRouter):
         if md.feed.kind == "replay":
             return ReplayFeed(md.feed.path, self.keys, md.replay_speed, md.replay_loop, self._stopping)
         from services.marketdata.live import LiveFeed
-        self._live_feed = True
-        return LiveFeed(md, self.keys, self.m, self._stopping)
+        return LiveFeed(md, self.keys, self.router.m, self._stopping)
 
     def run(self) -> None:
-        cfg = self.cfg
-        self.pub = Publisher(cfg.bus.md_pub, cfg.bus.hwm) if self.publish_enabled else _NoPublisher()
+        cfg, router = self.cfg, self.router
+        pub = router.pub = Publisher(cfg.bus.md_pub, cfg.bus.hwm) if self.publish_enabled else _NoPublisher()
         live = Liveness(cfg.common.run_dir, "marketdata")
         beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker("marketdata")
         server = None
         try:
             if cfg.md.metrics_bind:
                 try:
-                    server, self.metrics_port = serve(cfg.md.metrics_bind, self.m)
+                    server, self.metrics_port = serve(cfg.md.metrics_bind, router.m)
                 except OSError as exc:
                     raise FatalError(f"cannot serve metrics on {cfg.md.metrics_bind}: {exc}") from None
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
-            self.feed = self._make_feed()
-            if self._live_feed:  # a capture brings its own snapshots: nothing to pace or recover
-                self.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
-                self.alerter = Alerter("marketdata", self.pub.publish)
-            check = Ticker(CHECK_BOOKS_MS) if self.guard is not None else None
+            self.feed = router.feed = self._make_feed()
+            live_feed = router.live_feed = cfg.md.feed.kind != "replay"
+            if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
+                router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
+                router.alerter = Alerter("marketdata", pub.publish)
+            check = Ticker(CHECK_BOOKS_MS) if router.guard is not None else None
             log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
                                                   "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
-            recorder = self.recorder
+            recorder, dispatch, wall, mono = self.recorder, router.dispatch, time.time_ns, time.monotonic
             for rec in self.feed.records():
-                self._dispatch(rec)
-                if recorder is not None and recorder.tick():
-                    self._snapshots_for_new_segment()
-                if check is not None:
-                    now = time.monotonic()
-                    if check.due(now):
-                        self._check_books(now)
-                if beat.due():
+                now = mono()
+                dispatch(rec, wall(), now)
+                if recorder is not None and recorder.tick() and live_feed:
+                    router.snapshots_for_new_segment()
+                if check is not None and check.due(now):
+                    self._check_books(now)
+                if beat.due(now):
                     self._heartbeat(hb, live)
                 if self._stop:
                     break
             if cfg.md.feed.kind == "replay" and not self._stop:
-                for k in self.keys:
-                    self._set_state(k, "REPLAY_DONE", "capture finished")
-                log.info("replay finished", extra=dict(self.stats))
+                router.replay_done(time.time_ns(), time.monotonic())
+                log.info("replay finished", extra=dict(router.stats))
             while not self._stop and not self.exit_when_done:  # stay up for subscribers and health checks
                 self._heartbeat(hb, live)
                 deadline = time.monotonic() + cfg.bus.heartbeat_ms / 1000
@@ -114,63 +113,29 @@ class MarketDataService(BookRouter):
                 server.shutdown()
                 server.server_close()
             live.remove()
-            self.pub.close()
-            log.info("marketdata stopped", extra=dict(self.stats))
-
-    def _snapshots_for_new_segment(self) -> None:
-        """A new recording segment starts: give it its own snapshots (live only; a synced book
-        ignores them), so each file replays on its own."""
-        if not self._live_feed:
-            return
-        for route in self.live_route.values():
-            for name in route.keys:
-                if name not in route.awaiting:
-                    route.awaiting.add(name)
-                    self.feed.request_snapshot(route, name.upper())
-
-    def _dispatch(self, rec: tuple) -> None:
-        """Handle one feed record (see feeds.py). The forms without a route,
-        `("raw", recv_ns, frame)` and `("snapshot", recv_ns, KEY, snap)`, go to the live
-        spot route (for a snapshot of a `USDM:` key, the live USD-M one)."""
-        kind = rec[0]
-        try:
-            if kind == "raw":
-                self.on_raw(rec[2], rec[1], rec[3] if len(rec) > 3 else self.live_route[Market.SPOT])
-            elif kind == "ws":
-                self.on_ws(rec[2], rec[1], rec[3] if len(rec) > 3 else self.live_route[Market.SPOT])
-            elif kind == "snapshot":
-                if len(rec) > 4:
-                    self.on_snapshot(rec[2], rec[3], rec[1], rec[4])
-                else:
-                    market, name = split_key(rec[2])
-                    self.on_snapshot(name, rec[3], rec[1], self.live_route[market])
-            elif kind == "route":
-                self.on_route(rec[2])
-            elif kind == "disconnected":
-                self.on_disconnected(rec[2], rec[3] if len(rec) > 3 else None)
-        except Exception:  # one bad record must not take the service down
-            self.m.bad("internal_error")
-            self.stats["bad_messages"] += 1
-            log.exception("record failed", extra={"kind": str(kind)})
+            pub.close()
+            log.info("marketdata stopped", extra=dict(router.stats))
 
     def _check_books(self, now: float) -> None:
         try:
-            self.check_books(now)
+            self.router.check_books(time.time_ns(), now)
         except Exception:  # the net under the books must not take the service down either
-            self.m.bad("internal_error")
+            self.router.m.bad("internal_error")
             log.exception("check_books failed")
 
     def _heartbeat(self, hb: HeartbeatMaker, live: Liveness) -> None:
-        states = set(self.state.values())
+        router = self.router
+        states = set(router.state.values())
         status = "ok" if states == {"SYNCED"} else ",".join(sorted(states))
         now_ns = time.time_ns()
-        for key, state in self.state.items():
+        for key, state in router.state.items():
             if state != "SYNCED":  # late subscribers learn why no book comes, and since when
-                self.pub.publish(f"status.{key}", MdStatus(ts=now_ns, symbol=key, state=state,
-                                                          detail=self.status_detail(key)))
-        self.stats["reconnects"] = sum(self.m.reconnects.values())
-        since = [t for t in self.m.unsynced_since.values() if t]
-        self.stats["unsynced_s"] = round((now_ns - min(since)) / 1e9, 1) if since else 0.0
+                router.pub.publish(f"status.{key}", MdStatus(ts=now_ns, symbol=key, state=state,
+                                                            detail=router.status_detail(key, now_ns)))
+        stats, m = router.stats, router.m
+        stats["reconnects"] = sum(m.reconnects.values())
+        since = [t for t in m.unsynced_since.values() if t]
+        stats["unsynced_s"] = round((now_ns - min(since)) / 1e9, 1) if since else 0.0
         extra = {"recorded": self.recorder.lines} if self.recorder is not None else {}
-        self.pub.publish("heartbeat.marketdata", hb.make(status, {**self.stats, **extra, "state": status}))
+        router.pub.publish("heartbeat.marketdata", hb.make(status, {**stats, **extra, "state": status}))
         live.touch()

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, getcontext, localcontext, setcontext
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from services.risk import checks as ck
 from services.risk.checks import Reason
 from services.risk.guards import (BREAKER_STATE, DAILY_KEYS, SEVERITY, LossStreak, RateLimiter, breaches)
 from services.risk.limits import RiskLimits
 from shared.enums import TERMINAL_STATUSES, ControlAction, OrderKind, OrderStatus, Side, TimeInForce, TradingState
-from shared.ledger import MONEY, STEP, ZERO, Ledger, mark_of, text
+from shared.ledger import Ledger
+from shared.money import MONEY, STEP, ZERO, from_book_float, text
 from shared.messages import OrderRequest
 
 DAY_NS = 86_400 * 1_000_000_000
@@ -60,8 +61,18 @@ class Working:
 
 class RiskEngine:
     """Pre-trade checks, trading state, working orders, the ledger and the breakers.
-    Pure: time comes in as `now_ns`; state changes collect in `changes` for the shell;
-    `dirty` says the figures of `snapshot()` moved since the shell last stored them."""
+    Pure: time comes in as `now_ns`, and nothing here does I/O. The engine owns its state;
+    its fields are for reading (tests, summaries), and the shells hand over through methods:
+
+    - events in: `on_book`, `book_fills` / `settle_order` (the broker's vetted word),
+      `on_order`, `on_sent`, `control`, `expire`;
+    - the gate: `check` for a new order, `recheck` for a retry of one whose fate is unsure;
+    - after each batch of events: `evaluate_due(now_ns)` (when `needs_evaluation`);
+    - state changes to store and publish: `take_changes()` (pending while `has_changes`);
+    - checkpoints: `figures_changed` says the figures of `snapshot()` moved since the shell
+      last stored them, `figures_stored()` once it did;
+    - what the desk vets against: `working_order`, `cancellable_ids`, `marks`, `booked_for`,
+      `has_fill`."""
 
     def __init__(self, limits: RiskLimits, start_cash: Decimal) -> None:
         self.limits = limits
@@ -70,7 +81,7 @@ class RiskEngine:
         self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
             TradingState.ACTIVE, "", "", "", 0)
         self.book_ns: dict[str, int] = {}
-        self.mids: dict[str, Decimal] = {}
+        self._mids: dict[str, Decimal] = {}  # symbol -> the last two-sided book's mid (`marks`)
         self.working: dict[str, Working] = {}
         self.exposure: dict[tuple[str, Side], Decimal] = {}
         self.rates = RateLimiter(limits.orders_per_s, limits.orders_per_min)
@@ -79,10 +90,10 @@ class RiskEngine:
         self.day: int | None = None
         self.day_start: Decimal | None = None
         self.tripped: set[str] = set()
-        self.changes: list[StateChange] = []
-        self.dirty = False
+        self._changes: list[StateChange] = []  # handed over by take_changes()
+        self._dirty = False  # figures_changed / figures_stored()
         self.replaying = False  # while rebuilding from fills: no peaks, days or breakers
-        self.moved = False  # a mark or fill since the last evaluate()
+        self._moved = False  # a mark or fill since the last evaluate(): needs_evaluation
         # The checks' arithmetic runs in this copy of MONEY, switched to and back per order:
         # localcontext() makes a new copy each time, and that cost every order a microsecond.
         self._money = MONEY.copy()
@@ -93,7 +104,7 @@ class RiskEngine:
         """Approve `order` at `now_ns` (taking a rate token), cut it to what fits (ADJUSTED),
         or deny it with the first failing check: symbol, qty, price, state, stale book,
         price band, notional, open orders, loss pause, position limits, rate."""
-        if self.moved:
+        if self._moved:
             self.evaluate(now_ns)  # the breakers judge the latest marks and fills first
         rules = self.limits.rules.get(order.symbol)
         if rules is None:
@@ -105,6 +116,23 @@ class RiskEngine:
         finally:
             setcontext(outer)
 
+    def recheck(self, order: OrderRequest, now_ns: int) -> Approval | Denial:
+        """`check` for a retry of an order risk may count already: one sent whose answer did not
+        come in time, tracked by `on_sent` until its expiry. While the retry is judged, the earlier
+        attempt stops counting (it would count twice); denied, the earlier attempt counts again
+        just as before (the broker may have it), until settled or expired. Approved, the shell
+        sends it and `on_sent` tracks it afresh. An order not tracked, or known to the broker
+        (no expiry), is just checked."""
+        unsure = self.working.get(order.client_order_id)
+        if unsure is None or not unsure.expires_ns:
+            return self.check(order, now_ns)
+        coid, remaining = order.client_order_id, unsure.remaining  # untrack() zeroes unsure.remaining
+        self.untrack(coid)
+        verdict = self.check(order, now_ns)
+        if type(verdict) is Denial:
+            self.track(coid, unsure.symbol, unsure.side, unsure.qty, remaining, unsure.rests, unsure.expires_ns)
+        return verdict
+
     def _check(self, order: OrderRequest, rules: ck.SymbolRules, now_ns: int) -> Approval | Denial:
         side, qty, symbol = order.side, order.qty, order.symbol
         held = self.ledger.positions.get(symbol)
@@ -115,7 +143,7 @@ class RiskEngine:
                 or ck.check_book(self.book_ns.get(symbol), now_ns, self.stale_ns))
         if code:
             return self._deny(code, order, pos, working)
-        mid = self.mids.get(symbol)
+        mid = self._mids.get(symbol)
         if mid is None:  # books came, but never a two-sided one
             return self._deny(Reason.STALE_BOOK, order, pos, working)
         ref = order.price if order.kind is OrderKind.LIMIT else mid
@@ -152,13 +180,24 @@ class RiskEngine:
             return False
         return self._set_state(TARGET[action], action.value, reason, by, now_ns)
 
+    @property
+    def has_changes(self) -> bool:
+        """Whether state changes wait for `take_changes`."""
+        return bool(self._changes)
+
+    def take_changes(self) -> list[StateChange]:
+        """The state changes since the last call, oldest first, for the shell to store, then
+        publish; they are no longer pending."""
+        changes, self._changes = self._changes, []
+        return changes
+
     def _set_state(self, state: TradingState, code: str, reason: str, by: str, now_ns: int) -> bool:
         if state is self.state:
             return False
-        self.changes.append(StateChange(now_ns, state, self.state, code, reason, by))
+        self._changes.append(StateChange(now_ns, state, self.state, code, reason, by))
         self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
             state, code, reason, by, now_ns)
-        self.dirty = True
+        self._dirty = True
         return True
 
     def evaluate(self, now_ns: int) -> None:
@@ -169,7 +208,7 @@ class RiskEngine:
         events (off the reply path), and `check` first if it has not."""
         if self.replaying:
             return
-        self.moved = False
+        self._moved = False
         for pos in self.ledger.positions.values():
             if pos.qty and pos.mark is None:
                 return  # an open position not yet marked at a book mid: no figure to judge by
@@ -177,25 +216,36 @@ class RiskEngine:
         equity = self.ledger.equity()
         day = now_ns // DAY_NS
         if day != self.day:
-            self.day, self.day_start, self.dirty = day, equity, True
+            self.day, self.day_start, self._dirty = day, equity, True
             self.tripped -= DAILY_KEYS
             if limits.day_reset and self.state_code in DAILY_KEYS:
                 self._set_state(TradingState.ACTIVE, "NEW_DAY", "a new UTC day lifts the daily-loss state",
                                 "risk", now_ns)
         if self.peak is None or equity > self.peak:
-            self.peak, self.dirty = equity, True
+            self.peak, self._dirty = equity, True
         holding = breaches(equity, self.day_start, self.peak, limits.daily_loss, limits.daily_loss_soft,
                            limits.max_drawdown, limits.drawdown_soft)
         if holding == self.tripped:
             return
         fired = holding - self.tripped
-        self.tripped, self.dirty = holding, True
+        self.tripped, self._dirty = holding, True
         if fired:
             key = max(fired, key=lambda k: (SEVERITY[BREAKER_STATE[k]], k))
             target = BREAKER_STATE[key]
             if SEVERITY[target] > SEVERITY[self.state]:
                 self._set_state(target, key, f"equity {text(equity)}, day start {text(self.day_start)}, "
                                              f"peak {text(self.peak)}", "risk", now_ns)
+
+    @property
+    def needs_evaluation(self) -> bool:
+        """A mark or fill came since the last `evaluate`: the figures are to be judged."""
+        return self._moved
+
+    def evaluate_due(self, now_ns: int) -> None:
+        """`evaluate` if marks or fills moved since the last one; else nothing (the shell calls
+        this after each batch of events)."""
+        if self._moved:
+            self.evaluate(now_ns)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -205,11 +255,11 @@ class RiskEngine:
         if symbol not in self.limits.rules:
             return  # nothing to mark, and a stranger's symbols must not grow our maps
         self.book_ns[symbol] = now_ns
-        mark = mark_of(mid)
+        mark = from_book_float(mid)
         if mark is not None:
-            self.mids[symbol] = mark
+            self._mids[symbol] = mark
             self.ledger.mark(symbol, mark)
-            self.moved = True
+            self._moved = True
 
     def on_fill(self, fill: Mapping, now_ns: int) -> bool:
         """Apply a fill map once per `fill_id` (judged by the next `evaluate`); returns False for a
@@ -226,8 +276,34 @@ class RiskEngine:
             self._set_remaining(fill["client_order_id"], work, work.remaining - Decimal(fill["qty"]))
         if trip is not None:
             self.streak.on_trip(trip, ts)
-        self.moved = True
+        self._moved = True
         return True
+
+    def book_fills(self, fills: Iterable[Mapping], now_ns: int,
+                   on_bad: Callable[[Mapping, Exception], None] | None = None) -> int:
+        """Book vetted fill maps, each once per `fill_id` (`on_fill`); returns how many were new.
+        One that cannot be booked (ValueError, TypeError, ArithmeticError: the vetting is
+        stricter, so a bug) is skipped and handed to `on_bad(fill, error)`, the rest still
+        booked; without `on_bad` the error propagates."""
+        booked = 0
+        for fill in fills:
+            try:
+                booked += self.on_fill(fill, now_ns)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                if on_bad is None:
+                    raise
+                on_bad(fill, exc)
+        return booked
+
+    def settle_order(self, client_order_id: str, status: OrderStatus, filled_qty: Decimal, fills: Iterable[Mapping],
+                     now_ns: int, on_bad: Callable[[Mapping, Exception], None] | None = None) -> int:
+        """The broker's vetted answer about an order (its ack, or a cancel's reply): book its
+        `fills` (`book_fills`, `on_bad` as there), then apply its `status` and `filled_qty`
+        (`on_order`: a terminal status ends it). `fills`: a list or tuple (empty: none to book).
+        Returns the fills booked."""
+        booked = self.book_fills(fills, now_ns, on_bad) if fills else 0
+        self.on_order(client_order_id, status, filled_qty)
+        return booked
 
     def on_sent(self, client_order_id: str, symbol: str, side: Side, qty: Decimal, rests: bool,
                 now_ns: int) -> None:
@@ -263,6 +339,20 @@ class RiskEngine:
         if work is not None:
             self._set_remaining(client_order_id, work, ZERO)
 
+    def working_order(self, client_order_id: str) -> Working | None:
+        """The order risk counts as working under this id, or None (ended, or never known).
+        For reading: the engine changes it."""
+        return self.working.get(client_order_id)
+
+    def cancellable_ids(self) -> list[str]:
+        """Working orders the broker has (not those of unknown fate), for FLATTEN to cancel."""
+        return [coid for coid, w in self.working.items() if not w.expires_ns]
+
+    @property
+    def working_count(self) -> int:
+        """How many orders risk counts as working (resting, or of unknown fate)."""
+        return len(self.working)
+
     def expire(self, now_ns: int) -> None:
         """Forget orders of unknown fate the broker never confirmed by `expires_ns`."""
         for coid in [c for c, w in self.working.items() if w.expires_ns and w.expires_ns <= now_ns]:
@@ -294,7 +384,31 @@ class RiskEngine:
                                         kind=OrderKind.MARKET, qty=qty))
         return out
 
+    # -- what the desk vets the broker's word against ---------------------------------------
+
+    @property
+    def marks(self) -> Mapping[str, Decimal]:
+        """symbol -> the mid of its last two-sided book (live, not a copy: read it, keep no change)."""
+        return self._mids
+
+    def booked_for(self, fill_id: str) -> str | None:
+        """The client_order_id a fill id was booked for, or None (Ledger.booked_for)."""
+        return self.ledger.booked_for(fill_id)
+
+    def has_fill(self, fill_id: str) -> bool:
+        """Whether a fill with this id was booked already (Ledger.has_seen)."""
+        return self.ledger.has_seen(fill_id)
+
     # -- figures and persistence ------------------------------------------------------------
+
+    @property
+    def figures_changed(self) -> bool:
+        """The figures of `snapshot()` changed since the shell last stored them (`figures_stored`)."""
+        return self._dirty
+
+    def figures_stored(self) -> None:
+        """The shell stored the current `snapshot()`: no checkpoint is due until they change."""
+        self._dirty = False
 
     def equity(self) -> Decimal:
         return self.ledger.equity()
@@ -330,7 +444,7 @@ class RiskEngine:
             self.track(coid, symbol, side, qty, remaining, rests)
         if snapshot is not None:
             self.restore(snapshot)
-        self.changes.clear()
+        self._changes.clear()
         return applied
 
     def restore(self, snap: Mapping) -> None:
@@ -340,7 +454,19 @@ class RiskEngine:
         self.state_ts = snap["state_ts"]
         self.peak, self.day, self.day_start = snap["peak_equity"], snap["day"], snap["day_start_equity"]
         self.tripped = {k for k in snap["tripped"].split(",") if k}
-        self.dirty = False
+        self._dirty = False
+
+    def restore_legacy(self, state: TradingState | None, code: str, reason: str,
+                       equities: Iterable[Decimal]) -> None:
+        """Take back what a database written before checkpoints existed holds (after `replay`,
+        when it found no snapshot): the last STATE event, if any (`state`, `code`, `reason`: a
+        halt survives, coming back ACTIVE would fail open), and the peak of `equities` (the
+        broker's equity snapshots)."""
+        if state is not None:
+            self.state, self.state_code, self.state_reason = state, code, reason
+        for equity in equities:
+            if self.peak is None or equity > self.peak:
+                self.peak = equity
 
     def summary(self) -> dict:
         """Everything risk knows, as plain values (Decimals as strings), for control replies."""

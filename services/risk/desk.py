@@ -22,7 +22,7 @@ from shared.runtime import MicrosHistogram
 from shared import messages
 from shared.enums import OrderKind, OrderStatus, TimeInForce, Verdict
 from shared.errors import DecodeError
-from shared.ledger import quote_asset
+from shared.money import base_asset, quote_asset
 from shared.messages import Ack, Cancel, Decision, Error, OrderEvent, OrderRequest
 
 log = logging.getLogger("qf.risk")
@@ -105,9 +105,9 @@ class OrderDesk:
         self.alerts = alerts if alerts is not None else Alerter("risk", clock=clock)
         self.last_bad_ns = 0
         self.band_bps = engine.limits.fill_band_bps
-        # (quote, base) of each traded symbol, for judging fees; a fill of any other symbol is refused
-        self.assets = {s: (quote_asset(s), s[:-len(quote_asset(s))] if quote_asset(s) else "")
-                       for s in engine.limits.rules}
+        # (quote, base) of each traded symbol, for judging fees; a fill of any other symbol is refused.
+        # A symbol of no known quote asset raises UnknownAsset (a ConfigError): risk stops at start.
+        self.assets = {s: (quote_asset(s), base_asset(s)) for s in engine.limits.rules}
         self.decisions: OrderedDict[str, bytes] = OrderedDict()  # client_order_id -> the encoded decision
         self.inflight: dict[str, InFlight] = {}
         self.broker_us = MicrosHistogram()
@@ -115,6 +115,9 @@ class OrderDesk:
         # One packer, reused: msgpack.packb makes a new Packer (and its buffer) per call, which
         # cost more than packing the values themselves, and slowed the next order too.
         self._pack = msgpack.Packer().pack
+        # Bound once: a bound method made per answer is an allocation on the answer path.
+        self._booked_for = engine.booked_for
+        self._bad_fill = self.bad_fill
 
     def submit_order(self, req: OrderRequest, payload: bytes | None, now: int, notify: Notify,
                      decoded_ns: int) -> None:
@@ -132,16 +135,11 @@ class OrderDesk:
         if waiting is not None:
             waiting.notify.append(notify)
             return
-        unsure = self.engine.working.get(req.client_order_id)
-        if unsure is not None and unsure.expires_ns:
-            self.engine.untrack(req.client_order_id)  # a retry after a timeout: not counted twice
-        verdict = self.engine.check(req, now)
+        # A retry after a timeout is judged without its earlier attempt, which counts again if denied.
+        verdict = self.engine.recheck(req, now)
         qty, cut = req.qty, None
         if type(verdict) is Denial:
             if req.client_order_id not in self.forwarded:  # the broker has it: its answer, not a denial
-                if unsure is not None and unsure.expires_ns:
-                    self.engine.track(req.client_order_id, unsure.symbol, unsure.side, unsure.qty, unsure.remaining,
-                                      unsure.rests, unsure.expires_ns)
                 self._deny(req, verdict, now, [notify], 0, decoded_ns, remember=True)
                 return
         elif verdict.adjusted:
@@ -218,7 +216,7 @@ class OrderDesk:
         try:
             return wire, vet_ack(wire, req.client_order_id, req.symbol, req.side, qty,
                                  req.price if req.kind is OrderKind.LIMIT else None, self.assets,
-                                 self.engine.mids, self.band_bps, self.engine.ledger.booked_for)
+                                 self.engine.marks, self.band_bps, self._booked_for)
         except DecodeError:
             raise
         except Exception as exc:  # a value no check foresaw: refused all the same, never relayed
@@ -246,8 +244,7 @@ class OrderDesk:
                 payload: bytes, now: int) -> None:
         coid = flight.req.client_order_id
         self.forwarded.add(coid)  # the broker has it for sure (a silent one may or may not)
-        self.apply_fills(fills, now)
-        self.engine.on_order(coid, status, filled)
+        self.stats["fills"] += self.engine.settle_order(coid, status, filled, fills, now, self._bad_fill)
         verdict = Verdict.ADJUSTED if flight.cut else Verdict.APPROVED
         self.stats["adjusted" if flight.cut else "approved"] += 1
         code = ""
@@ -292,26 +289,23 @@ class OrderDesk:
         if len(self.decisions) > DECISION_CACHE_MAX:
             self.decisions.popitem(last=False)
 
-    def apply_fills(self, fills, now: int) -> None:
-        """Book vetted fill maps (each once per fill_id)."""
-        for fill in fills:
-            try:
-                self.stats["fills"] += self.engine.on_fill(fill, now)
-            except (ValueError, TypeError, ArithmeticError) as exc:  # the vetting is stricter: a bug
-                BAD_FRAMES.labels("fill").inc()
-                self.quiet.log_event(logging.WARNING, "bad_fill", "fill", {"detail": str(exc)[:200]})
+    def bad_fill(self, fill: object, exc: Exception) -> None:
+        """A vetted fill the engine could not book (RiskEngine.book_fills' `on_bad`): the vetting
+        is stricter, so a bug; counted and logged, the answer's other fills still booked."""
+        BAD_FRAMES.labels("fill").inc()
+        self.quiet.log_event(logging.WARNING, "bad_fill", "fill", {"detail": str(exc)[:200]})
 
     def on_fill_event(self, fill: dict, now: int) -> None:
         """A `fill.*` event's map not booked yet: vetted against the order when risk tracks it
         (symbol, side, at most what still works) and the book, then booked; else refused."""
         coid = fill.get("client_order_id")
         coid = coid if type(coid) is str else ""
-        work = self.engine.working.get(coid)
+        work = self.engine.working_order(coid)
         try:
             if work is None:
-                vet_fill(fill, coid, None, None, None, None, self.assets, self.engine.mids, self.band_bps)
+                vet_fill(fill, coid, None, None, None, None, self.assets, self.engine.marks, self.band_bps)
             else:
-                qty, _ = vet_fill(fill, coid, None, work.symbol, work.side, None, self.assets, self.engine.mids,
+                qty, _ = vet_fill(fill, coid, None, work.symbol, work.side, None, self.assets, self.engine.marks,
                                   self.band_bps)
                 if qty > work.remaining:
                     raise BadAnswer("over_qty", f"fill {str(fill.get('fill_id'))[:40]!r}: {qty} above the "
@@ -320,12 +314,12 @@ class OrderDesk:
             BAD_FRAMES.labels("fill").inc()
             self._refused("fill", exc, coid)
             return
-        self.apply_fills((fill,), now)
+        self.stats["fills"] += self.engine.book_fills((fill,), now, self._bad_fill)
 
     def on_order_event(self, event: OrderEvent) -> None:
         """An `order.*` event: applied to the order risk tracks when its status and filled
         quantity can be true of it; refused (counted, alerted) otherwise."""
-        work = self.engine.working.get(event.client_order_id)
+        work = self.engine.working_order(event.client_order_id)
         if work is None:
             return  # ended or never known: nothing to settle
         try:
@@ -361,22 +355,21 @@ class OrderDesk:
                 return raw  # its own typed refusal: UNKNOWN_ORDER, STORE_UNAVAILABLE, ...
             if not isinstance(reply, Ack):
                 raise DecodeError("unexpected_type", reply.TYPE)
-            work = self.engine.working.get(client_order_id)
+            work = self.engine.working_order(client_order_id)
             wire = msgpack.unpackb(raw, raw=False)
             if work is None:  # ended or never known here: the ack is held to itself and the book
                 status, filled, fills = vet_ack(wire, client_order_id, None, None, None, None, self.assets,
-                                                self.engine.mids, self.band_bps, self.engine.ledger.booked_for)
+                                                self.engine.marks, self.band_bps, self._booked_for)
             else:
                 status, filled, fills = vet_ack(wire, client_order_id, work.symbol, work.side, work.qty, None,
-                                                self.assets, self.engine.mids, self.band_bps,
-                                                self.engine.ledger.booked_for)
+                                                self.assets, self.engine.marks, self.band_bps, self._booked_for)
         except Exception as exc:
             if not isinstance(exc, DecodeError):
                 exc = BadAnswer("malformed", f"{type(exc).__name__}: {exc}"[:120])
             self._refused("cancel", exc, client_order_id)
             return messages.encode(Error(ts=self.clock(), code=Reason.BROKER_ERROR,
                                          text=f"broker answer refused ({exc.reason}): {exc.detail}"[:500]))
-        self.apply_fills(fills, self.clock())
-        self.engine.on_order(client_order_id, status, filled)
+        self.stats["fills"] += self.engine.settle_order(client_order_id, status, filled, fills, self.clock(),
+                                                        self._bad_fill)
         return raw
 

@@ -171,7 +171,7 @@ class RiskService:
 
         def done(results: list[dict]) -> None:
             reply(self._control_reply(self.clock(), changed, results))
-        FlattenJob(self, now, done).start()
+        FlattenJob(self.engine, self.desk.submit_order, self.desk.submit_cancel, self.later, now, done).start()
         return None
 
     def _control_reply(self, now: int, changed: bool, flatten: list[dict]) -> bytes:
@@ -190,17 +190,16 @@ class RiskService:
             self.stats["books"] += 1
             self.engine.on_book(msg.symbol, msg.mid, now)
         elif isinstance(msg, Fill):
-            if not self.engine.ledger.has_seen(msg.fill_id):  # the usual case: booked from the broker's answer
+            if not self.engine.has_fill(msg.fill_id):  # the usual case: booked from the broker's answer
                 self.desk.on_fill_event(msg.to_wire(), now)  # vetted like an ack's fills
         elif isinstance(msg, OrderEvent):
             self.desk.on_order_event(msg)
 
     def _settle(self, now: int) -> None:
         """Store, then publish, the state changes the engine made."""
-        if not self.engine.changes:
+        if not self.engine.has_changes:
             return
-        changes, self.engine.changes = self.engine.changes, []
-        for change in changes:
+        for change in self.engine.take_changes():
             self.outbox.state_change(change)
             STATE_CHANGES.labels(change.code).inc()
             log.warning("state_change", extra={"state": change.state.value, "previous": change.previous.value,
@@ -268,7 +267,7 @@ class RiskService:
                 while self._later:
                     self._guard(self._later.pop(0))
                 self._evaluate()
-                if self.engine.changes:
+                if self.engine.has_changes:
                     self._settle(self.clock())
                 if self.outbox.events and (len(self.outbox) >= FLUSH_ROWS
                                            or self.clock() - self.outbox.oldest_ns >= FLUSH_NS):
@@ -285,8 +284,9 @@ class RiskService:
         self._later.append(fn)
 
     def _evaluate(self) -> None:
-        if self.engine.moved:
-            self._guard(lambda: self.engine.evaluate(self.clock()))
+        """Let the engine judge the marks and fills of this batch (after each one, off the reply path)."""
+        if self.engine.needs_evaluation:  # the usual turn: nothing moved, no clock read, no closure made
+            self._guard(lambda: self.engine.evaluate_due(self.clock()))
 
     def _guard(self, fn: Callable[[], object]) -> None:
         try:

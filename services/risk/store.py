@@ -66,7 +66,7 @@ def rebuild(engine: RiskEngine, forwarded: Forwarded, now_ns: int) -> dict:
     for (coid,) in reversed(list(recent)):
         forwarded.add(coid)
     engine.evaluate(now_ns)
-    return {"fills": applied, "working": len(engine.working), "state": engine.state.value,
+    return {"fills": applied, "working": engine.working_count, "state": engine.state.value,
             "checkpoint": last is not None}
 
 
@@ -75,11 +75,11 @@ def _restore_legacy(engine: RiskEngine) -> None:
     # peak of the broker's equity snapshots. A halt survives: coming back ACTIVE would fail open.
     last = (RiskEvent.select().where(RiskEvent.kind == "STATE")
             .order_by(RiskEvent.ts.desc(), RiskEvent.id.desc()).first())
-    if last is not None:
-        engine.state, engine.state_code, engine.state_reason = TradingState(last.state), last.code, last.text
-    for (equity,) in EquitySnapshot.select(EquitySnapshot.equity).tuples().iterator():
-        if engine.peak is None or Decimal(equity) > engine.peak:
-            engine.peak = Decimal(equity)
+    equities = (Decimal(equity) for (equity,) in EquitySnapshot.select(EquitySnapshot.equity).tuples().iterator())
+    if last is None:
+        engine.restore_legacy(None, "", "", equities)
+    else:
+        engine.restore_legacy(TradingState(last.state), last.code, last.text, equities)
 
 
 def prune_checkpoints() -> int:
@@ -137,11 +137,12 @@ class Outbox:
                                 symbol="", state=change.state.value))
 
     def flush(self, engine: RiskEngine, now_ns: int) -> int:
-        """Write the waiting rows and, if `engine.dirty`, a checkpoint; one transaction.
-        Returns the rows written (0 while backing off after a failure). Raises the peewee or
-        OS error of the first failure of a streak, for the caller to log (the rows stay queued);
+        """Write the waiting rows and, if `engine.figures_changed`, a checkpoint, in one
+        transaction; once written, `engine.figures_stored()`. Returns the rows written (0 while
+        backing off after a failure). Raises the peewee or OS error of the first failure of a
+        streak, for the caller to log (the rows stay queued, the figures still to be stored);
         later failures of the streak are counted, not raised."""
-        checkpoint = engine.dirty
+        checkpoint = engine.figures_changed
         if not self.events and not checkpoint:
             return 0
         if self.failing is not None and now_ns < self.retry_ns:
@@ -157,7 +158,7 @@ class Outbox:
             return 0
         written = len(self.events) + checkpoint
         self.events = []
-        engine.dirty = False
+        engine.figures_stored()
         self.checkpoints += checkpoint
         if self.failing is not None:
             self._recovered(now_ns)

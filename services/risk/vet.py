@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 from shared import messages
 from shared.enums import OrderStatus, Side
 from shared.errors import DecodeError
-from shared.ledger import MAX_PRICE, MAX_QTY, STEP, ZERO, to_decimal
+from shared.money import MAX_PRICE, MAX_QTY, STEP, ZERO, to_decimal
 
 MAX_FEE_RATE = Decimal("0.1")  # the highest fee rate the broker accepts (QF_BROKER_TAKER/MAKER_FEE ≤ 0.1)
 MAX_PLACES = 12  # decimals the ledger keeps exactly (shared.ledger.Ledger.apply_map)

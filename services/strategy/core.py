@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Iterable
 
 from shared.config import StrategyConfig
 from shared.enums import OrderKind, Side, Verdict
-from shared.errors import DecodeError
-from shared.messages import Book, Decision, check_decimal
-
-ZERO = Decimal(0)
+from shared.messages import Book, Decision
+from shared.money import MONEY, ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,47 +56,34 @@ class Features:
         return book.imbalance
 
 
-def _decimal(value: Any, what: str) -> Decimal:
-    """A wire decimal (string or int) → Decimal within the wire bounds (shared/messages.py);
-    floats are refused (money is exact). Raises ValueError."""
-    try:
-        return check_decimal(what, value)
-    except DecodeError as exc:
-        raise ValueError(exc.detail) from None
-
-
 def fills_of(decision: Decision, side: Side, max_qty: Decimal | None = None) -> tuple[Decimal, Decimal | None]:
     """(signed filled base qty, average price) from a decision's broker ack for an order on `side`.
 
-    The fills list is authoritative; an ack without fills falls back to its
-    `filled_qty`. Raises ValueError on a malformed ack, whatever its shape, and on
-    one that is not credible for the order: a fill on the other side, or more filled
-    than `max_qty` (the order's qty). Nothing is applied then: a spot long/flat
-    position driven short or past its order by a lying ack would never trade again."""
-    order = decision.order or {}
-    fills = order.get("fills") or []
-    if type(fills) is not list or any(type(f) is not dict for f in fills):
-        raise ValueError("fills: expected a list of maps")
+    The ack was checked field by field when the decision was decoded (shared/messages.py: every
+    amount an exact wire decimal); what is left is whether it is credible for this order. The
+    fills are authoritative; an ack without fills falls back to its `filled_qty`. Raises
+    ValueError for an ack that is not: a fill on the other side, a negative quantity, or more
+    filled than `max_qty` (the order's qty). Nothing is applied then: a spot long/flat position
+    driven short or past its order by a lying ack would never trade again."""
+    ack = decision.order
+    if ack is None:
+        return ZERO, None
     qty, notional = ZERO, ZERO
-    for i, fill in enumerate(fills):
-        q = _decimal(fill.get("qty"), f"fills[{i}].qty")
-        if q < 0:
+    for i, fill in enumerate(ack.fills):
+        if fill.qty < 0:
             raise ValueError(f"fills[{i}].qty is negative")
-        if fill.get("side", side.value) != side.value:
+        if fill.side is not side:
             raise ValueError(f"fills[{i}].side: expected {side.value}, the order's side")
-        qty += q * side.sign
-        if fill.get("price") is not None:
-            notional += q * _decimal(fill["price"], f"fills[{i}].price")
-    if not fills and order.get("filled_qty") is not None:
-        qty = _decimal(order["filled_qty"], "filled_qty") * side.sign
-    if qty * side.sign < 0 or (max_qty is not None and qty * side.sign > max_qty):
-        raise ValueError(f"filled {qty * side.sign} of an order for {max_qty}")
-    avg = order.get("avg_price")
-    if avg is not None:
-        avg = _decimal(avg, "avg_price")
-    elif fills and qty:
-        avg = notional / abs(qty)
-    return qty, avg
+        qty = MONEY.add(qty, fill.qty)
+        notional = MONEY.add(notional, MONEY.multiply(fill.qty, fill.price))
+    if not ack.fills:
+        qty = ack.filled_qty
+    if qty < 0 or (max_qty is not None and qty > max_qty):
+        raise ValueError(f"filled {qty} of an order for {max_qty}")
+    avg = ack.avg_price
+    if avg is None and ack.fills and qty:
+        avg = MONEY.divide(notional, qty)
+    return (qty if side.sign > 0 else qty.copy_negate()), avg  # copy_negate: exact at any length
 
 
 def credible(book: Book) -> bool:

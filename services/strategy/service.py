@@ -167,12 +167,12 @@ class StrategyService:
                     signal_ns: int, rtt_ns: int) -> None:
         approved = decision.verdict is not Verdict.REJECTED
         self.stats["approved" if approved else "rejected"] += 1
-        order = decision.order or {}
+        ack = decision.order
         # risk's reason when it refused; the broker's when it took the order but did not fill it
-        reason = (decision.reason or {}).get("code") or order.get("reason") or ""
+        reason = (decision.reason or {}).get("code") or (ack.reason if ack else "")
         extra = {"cid": intent.client_order_id, "symbol": intent.symbol, "side": intent.side.value,
                  "qty": intent.qty, "verdict": decision.verdict.value, "reason": reason,
-                 "status": order.get("status", ""),
+                 "status": ack.status.value if ack else "",
                  "filled_qty": outcome.filled_qty if outcome else 0,
                  "avg_price": outcome.avg_price if outcome and outcome.avg_price is not None else "",
                  "position": self.core.position(intent.symbol),

@@ -26,11 +26,10 @@ import zmq
 
 from shared import messages
 from shared.enums import Liquidity, OrderStatus, Side
-from shared.ledger import quote_asset
+from shared.money import STEP, quote_asset
 from shared.messages import Ack, Fill, OrderEvent
 
 FEE_RATE = Decimal("0.001")
-STEP = Decimal("1e-8")
 POLL_MS = 5  # the loop's longest sleep: how late a queued publish or a delayed reply may go out
 
 
@@ -65,11 +64,9 @@ def honest_ack(order: dict, price: Decimal, order_id: str, parts: int = 1, step:
         p = price + side.sign * step * i
         notional += p * q
         fee = (p * q * FEE_RATE).normalize()
-        fill = Fill(ts=ts, fill_id=f"{order_id}-{i + 1}", order_id=order_id, client_order_id=order["client_order_id"],
-                    symbol=order["symbol"], side=side, price=p, qty=q, fee=fee, fee_asset=quote_asset(order["symbol"]),
-                    liquidity=Liquidity.TAKER, exch_ts=1).to_wire()
-        del fill["v"], fill["type"]
-        fills.append(fill)
+        fills.append(Fill(ts=ts, fill_id=f"{order_id}-{i + 1}", order_id=order_id,
+                          client_order_id=order["client_order_id"], symbol=order["symbol"], side=side, price=p, qty=q,
+                          fee=fee, fee_asset=quote_asset(order["symbol"]), liquidity=Liquidity.TAKER, exch_ts=1))
     avg = (notional / qty).quantize(STEP, ROUND_HALF_EVEN).normalize()
     ack = Ack(ts=ts, client_order_id=order["client_order_id"], order_id=order_id, status=OrderStatus.FILLED,
               filled_qty=qty, avg_price=avg, fills=fills).to_wire()

@@ -19,7 +19,7 @@ from shared import messages
 from shared.bus import Publisher, Server
 from shared.config import load
 from shared.errors import DecodeError
-from shared.messages import Book, Decision, OrderRequest
+from shared.messages import Ack, Book, Decision, OrderRequest
 from shared.runtime import liveness_path
 from tests.conftest import ROOT, clean_environ, tcp_env, stop_process, wait_for
 from tests.fuzz.seeded import (HOSTILE_DECIMALS, HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_STRINGS, FuzzRun,
@@ -96,8 +96,8 @@ def hostile_decision(rng: random.Random, req: OrderRequest) -> bytes | None:
         return rng.randbytes(rng.randrange(0, 100))
     if roll == 2:
         return messages.encode(messages.Error(ts=1, code=rng.choice(HOSTILE_STRINGS[:4]), text="fuzz"))
-    fill = {"fill_id": "f", "side": req.side.value, "qty": str(req.qty), "price": "100"}
-    order = {"order_id": "o", "status": "FILLED", "filled_qty": str(req.qty), "avg_price": "100", "fills": [fill]}
+    order = honest_ack(req).to_wire()  # a whole ack map: the lies below are in its values, not its shape
+    fill = order["fills"][0]
     decision = {"v": 1, "type": "decision", "ts": 1, "client_order_id": req.client_order_id,
                 "verdict": rng.choice(["APPROVED", "ADJUSTED", "REJECTED"]), "qty": str(req.qty), "order": order}
     if roll == 3:  # lying fills: the other side, ten times the qty, NaN, exponents, odd shapes
@@ -113,12 +113,19 @@ def hostile_decision(rng: random.Random, req: OrderRequest) -> bytes | None:
     return msgpack.packb(decision)
 
 
+def honest_ack(req: OrderRequest) -> Ack:
+    """What the broker answers for `req` filled at once at 100.05 (risk relays it in the decision)."""
+    oid = "o-" + req.client_order_id
+    fill = messages.Fill(ts=1, fill_id=f"{oid}-1", order_id=oid, client_order_id=req.client_order_id, symbol=req.symbol,
+                         side=req.side, price=D("100.05"), qty=req.qty, fee=D(0), fee_asset="USDT",
+                         liquidity="TAKER", exch_ts=1)
+    return Ack(ts=1, client_order_id=req.client_order_id, order_id=oid, status="FILLED", filled_qty=req.qty,
+               avg_price=D("100.05"), fills=[fill])
+
+
 def honest_decision(req: OrderRequest) -> bytes:
-    fill = {"fill_id": f"{req.client_order_id}-1", "side": req.side.value, "qty": str(req.qty), "price": "100.05",
-            "fee": "0", "fee_asset": "USDT"}
     return messages.encode(Decision(ts=1, client_order_id=req.client_order_id, verdict="APPROVED", qty=req.qty,
-                                    order={"order_id": "o-" + req.client_order_id, "status": "FILLED",
-                                           "filled_qty": str(req.qty), "avg_price": "100.05", "fills": [fill]}))
+                                    order=honest_ack(req)))
 
 
 class FakeRisk(threading.Thread):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.enums import Side
-from shared.ledger import Ledger, Position, mark_of, quote_asset, to_decimal
+from shared.ledger import Ledger, Position
 
 
 def test_average_cost_realized_and_flip():
@@ -60,14 +60,20 @@ def test_ledger_applies_each_fill_once_and_refuses_malformed_maps():
     assert Ledger(remember=0).apply("x", "BTCUSDT", Side.BUY, D(1), D(1)) is not None
 
 
-def test_helpers():
-    assert quote_asset("BTCUSDT") == "USDT" and quote_asset("USDM:ETHFDUSD") == "FDUSD" and quote_asset("USDT") == ""
-    assert to_decimal("1.50", "x") == D("1.50") and to_decimal(3, "x") == 3
-    for bad in (1.5, True, None, "inf", "1e", []):
-        with pytest.raises(ValueError):
-            to_decimal(bad, "x")
-    assert mark_of(61234.57) == D("61234.57000000") and mark_of(0.0) is None
-    assert mark_of(float("nan")) is None and mark_of(1e300) is None and mark_of(-1.0) is None
+def test_a_position_knows_its_quote_asset_and_keeps_one_of_an_unknown_symbol_with_every_fee_in_it():
+    assert Position("BTCUSDT").quote == "USDT" and Position("USDM:ETHFDUSD").quote == "FDUSD"
+    odd = Position("NOQUOTE")  # the API shows what the database holds: no error, no quote asset
+    odd.apply(Side.BUY, D("1"), D("10"), D("0.01"), "XYZ")
+    assert (odd.quote, odd.fees, odd.other_fees) == ("", D("0.01"), {})
+
+
+def test_apply_map_refuses_floats_through_the_one_money_contract():
+    led = Ledger()
+    f = {"fill_id": "a", "symbol": "BTCUSDT", "side": "BUY", "price": "100", "qty": "0.002"}
+    for key in ("price", "qty", "fee"):
+        with pytest.raises(ValueError, match=f"{key}: a float"):
+            led.apply_map({**f, key: 0.5})
+    assert not led.positions
 
 
 # -- property: the ledger against a brute force of exact fractions ---------------------------

@@ -211,7 +211,7 @@ def test_kill_9_twenty_times_loses_nothing_anyone_was_told(tmp_path):
             proc.wait(10)
             told = {fid: f.to_wire() for fid, f in listener.fills.items()}
             for ack in list(flow.acks.values()):
-                told.update((f["fill_id"], f) for f in ack.fills)
+                told.update((f.fill_id, f.to_wire()) for f in ack.fills)
             counts.append((len(told), check_database(cfg.common.db, told)))
             proc = start_broker()
         assert flow.error is None, flow.error
@@ -231,7 +231,7 @@ def test_kill_9_twenty_times_loses_nothing_anyone_was_told(tmp_path):
     assert flow.error is None, flow.error
     told = {fid: f.to_wire() for fid, f in listener.fills.items()}
     for ack in flow.acks.values():
-        told.update((f["fill_id"], f) for f in ack.fills)
+        told.update((f.fill_id, f.to_wire()) for f in ack.fills)
     stored = check_database(cfg.common.db, told)
     assert len(counts) == KILLS and stored >= len(told) > 100, (counts, stored, len(told))
     assert len(flow.acks) > 200 and os.path.exists(cfg.common.db)

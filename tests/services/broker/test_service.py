@@ -66,10 +66,10 @@ def test_market_buy_walks_the_book_at_exact_vwap_and_fee(broker, client, cfg, ev
     ack = client.request(order("m1", "1.0"))
     assert isinstance(ack, Ack)
     assert (ack.status, ack.filled_qty, ack.avg_price) == (OrderStatus.FILLED, D("1.0"), D("100.9"))
-    assert [(f["price"], f["qty"], f["fee"]) for f in ack.fills] == [
+    assert [(str(f.price), str(f.qty), str(f.fee)) for f in ack.fills] == [
         ("100.5", "0.4", "0.0402"), ("101", "0.5", "0.0505"), ("102", "0.1", "0.0102")]
-    assert sum(D(f["fee"]) for f in ack.fills) == D("0.1009")  # 100.9 notional * 0.001
-    assert len({f["fill_id"] for f in ack.fills}) == 3
+    assert sum(f.fee for f in ack.fills) == D("0.1009")  # 100.9 notional * 0.001
+    assert len({f.fill_id for f in ack.fills}) == 3
     rows = db_rows(cfg.common.db, "SELECT price, qty, fee, fee_asset, liquidity FROM fills ORDER BY fill_id")
     assert rows == [("100.5", "0.4", "0.0402", "USDT", "TAKER"), ("101", "0.5", "0.0505", "USDT", "TAKER"),
                     ("102", "0.1", "0.0102", "USDT", "TAKER")]
@@ -81,14 +81,14 @@ def test_market_buy_walks_the_book_at_exact_vwap_and_fee(broker, client, cfg, ev
         return [m for m in events.pump() if isinstance(m, (Fill, OrderEvent))]
     got = wait_until(lambda: len(trading_events()) >= 4 and trading_events(), "fill and order events")
     assert [type(m).__name__ for m in got] == ["Fill", "Fill", "Fill", "OrderEvent"]
-    assert [m.fill_id for m in got[:3]] == [f["fill_id"] for f in ack.fills]
+    assert [m.fill_id for m in got[:3]] == [f.fill_id for f in ack.fills]
     assert (got[3].status, got[3].filled_qty, got[3].avg_price) == (OrderStatus.FILLED, D("1.0"), D("100.9"))
 
 
 def test_market_sell_walks_bids_and_cancels_the_rest(broker, client):
     ack = client.request(order("s1", "3", side=Side.SELL))
     assert (ack.status, ack.filled_qty, ack.reason) == (OrderStatus.CANCELLED, D("2.3"), "IOC_REMAINDER")
-    assert [(f["price"], f["qty"]) for f in ack.fills] == [("100", "0.3"), ("99", "2")]
+    assert [(str(f.price), str(f.qty)) for f in ack.fills] == [("100", "0.3"), ("99", "2")]
 
 
 def test_fills_are_committed_before_the_reply(broker, client, cfg, db_rows):
@@ -97,7 +97,7 @@ def test_fills_are_committed_before_the_reply(broker, client, cfg, db_rows):
     for i in range(20):
         ack = client.request(order(f"c{i}", "0.01"))
         stored = db_rows(cfg.common.db, "SELECT fill_id FROM fills WHERE client_order_id = ?", f"c{i}")
-        assert sorted(r[0] for r in stored) == sorted(f["fill_id"] for f in ack.fills) and stored
+        assert sorted(r[0] for r in stored) == sorted(f.fill_id for f in ack.fills) and stored
         assert db_rows(cfg.common.db, "SELECT status FROM orders WHERE client_order_id = ?", f"c{i}") == [("FILLED",)]
 
 
@@ -133,7 +133,7 @@ def test_idempotent_across_a_restart_on_the_same_database(cfg, env, runner, md_p
     assert c2.request(order("r1", "0.6")) == first
     assert db_rows(cfg.common.db, "SELECT COUNT(*) FROM fills") == [(2,)]
     # the rebuilt account continues from the first run's cash
-    assert second_svc.account.cash == D("10000") - D("60.4") - D("0.0604")
+    assert second_svc.desk.account.cash == D("10000") - D("60.4") - D("0.0604")
     fresh = c2.request(order("r2", "1"))
     assert fresh.avg_price == D("50") and fresh.order_id != first.order_id
 
@@ -188,7 +188,7 @@ def test_open_orders_survive_a_restart(cfg, env, runner, md_pub, make_book, feed
          lambda: "keep" not in svc2.open, "the rebuilt order to fill")
     ack = clients(cfg2.bus.broker_rep).request(order("keep", "2"))
     # the bids that now cross it arrived after it: it sells to them at its own price, as maker
-    assert (ack.status, [(f["fill_id"], f["price"], f["qty"], f["liquidity"]) for f in ack.fills]) == (
+    assert (ack.status, [(f.fill_id, str(f.price), str(f.qty), f.liquidity) for f in ack.fills]) == (
         OrderStatus.FILLED, [(f"{ack.order_id}-1", "105", "2", "MAKER")])
 
 
@@ -239,7 +239,7 @@ def test_books_it_cannot_trust_and_absurd_orders_each_get_a_typed_answer(broker,
             ack = client.request(order(f"h{n}-{side.value}", "0.5", side=side))
             assert isinstance(ack, Ack) and ack.fills == [], (n, ack)
             assert (ack.status, ack.reason) == (OrderStatus.REJECTED, "BAD_BOOK"), (n, ack)
-        feed(md_pub, good, lambda: broker.model.markets["BTCUSDT"].trusted, "the sane book again")
+        feed(md_pub, good, lambda: broker.desk.model.markets["BTCUSDT"].trusted, "the sane book again")
     assert (REGISTRY.get_sample_value("qf_broker_bad_market_data_total", {"reason": "level_range"}) or 0) >= before + 3
     for qty, code in (("9e999999", "bad_field"), ("1e-999999", "bad_field"), ("1" * 70, "bad_field")):
         raw = msgpack.packb({**order("big", "1").to_wire(), "qty": qty})
@@ -249,7 +249,7 @@ def test_books_it_cannot_trust_and_absurd_orders_each_get_a_typed_answer(broker,
         ack = client.request(order(coid, qty))
         assert (ack.status, ack.reason) == (OrderStatus.REJECTED, "BAD_ORDER"), (qty, ack)
     ack = client.request(order("sane", "0.5"))
-    assert (ack.status, [(f["price"], f["qty"]) for f in ack.fills]) == (OrderStatus.FILLED, [("100.5", "0.4"),
+    assert (ack.status, [(str(f.price), str(f.qty)) for f in ack.fills]) == (OrderStatus.FILLED, [("100.5", "0.4"),
                                                                                               ("101", "0.1")])
 
 

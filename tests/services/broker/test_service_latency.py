@@ -10,7 +10,7 @@ from decimal import Decimal as D
 import pytest
 import zmq
 
-from services.broker import service as service_module
+from services.broker import desk as desk_module
 from services.broker.service import BrokerService
 from shared import messages
 from shared.bus import Subscriber
@@ -94,7 +94,7 @@ def raw(lcfg):
 def land(r: Raw, msg, broker, clock, at_ms: int, wait_until):
     """Send `msg`, wait until the broker holds it in flight, then move the clock to T0 + `at_ms`."""
     r.send(msg)
-    wait_until(lambda: broker.model.pending == 1, "the request in flight")
+    wait_until(lambda: broker.desk.model.pending == 1, "the request in flight")
     clock.now = T0 + at_ms * MS
     return r.recv()
 
@@ -110,7 +110,7 @@ def test_the_reply_waits_for_the_latency_and_the_book_at_arrival(broker, clock, 
                                                                    wait_until, lcfg, db_rows):
     r = raw()
     r.send(order("late", "0.2"))
-    wait_until(lambda: broker.model.pending == 1, "the order in flight")
+    wait_until(lambda: broker.desk.model.pending == 1, "the order in flight")
     moved = make_book(bids=[[101.0, 1.0]], asks=[[101.5, 1.0]], ts=2)
     republish(md_pub, moved, lambda: broker.books["BTCUSDT"].bids[0][0] == 101.0, wait_until, "the new book")
     assert not r.ready()  # 50 ms have not passed on the broker's clock
@@ -118,7 +118,7 @@ def test_the_reply_waits_for_the_latency_and_the_book_at_arrival(broker, clock, 
     ack = r.recv()
     assert isinstance(ack, Ack) and ack.status is OrderStatus.FILLED
     [f] = ack.fills
-    assert (f["price"], f["decision_mid"], f["arrival_mid"], f["slippage_decision"], f["slippage_arrival"]) == (
+    assert (str(f.price), str(f.decision_mid), str(f.arrival_mid), str(f.slippage_decision), str(f.slippage_arrival)) == (
         "101.5", "100.25", "101.25", "1.25", "0.25")
     row = db_rows(lcfg.common.db, "SELECT arrival_ts, decision_mid, arrival_mid FROM orders")
     assert row == [(T0 + 50 * MS, "100.25", "101.25")]
@@ -129,9 +129,9 @@ def test_the_reply_waits_for_the_latency_and_the_book_at_arrival(broker, clock, 
 def test_a_repeat_in_flight_waits_for_the_same_answer(broker, clock, raw, wait_until, lcfg, db_rows):
     first, second = raw(), raw()
     first.send(order("twice"))
-    wait_until(lambda: broker.model.pending == 1, "the order in flight")
+    wait_until(lambda: broker.desk.model.pending == 1, "the order in flight")
     second.send(order("twice", qty="5", side=Side.SELL))  # same key, other content
-    wait_until(lambda: broker.stats["decode_errors"] == 0 and len(broker.order_waiters.get("twice", ())) == 2,
+    wait_until(lambda: broker.stats["decode_errors"] == 0 and len(broker.desk.order_waiters.get("twice", ())) == 2,
                "the repeat to wait")
     clock.now = T0 + 50 * MS
     assert first.recv() == second.recv()
@@ -143,13 +143,13 @@ def test_cancel_lands_after_the_latency_and_a_fill_can_beat_it(broker, clock, ra
     assert land(r, order("rest", "0.5", kind=OrderKind.LIMIT, price="100"), broker, clock, 50,
                 wait_until).status is OrderStatus.PENDING
     r.send(Cancel(ts=2, client_order_id="rest"))
-    wait_until(lambda: broker.model.pending == 1, "the cancel in flight")
+    wait_until(lambda: broker.desk.model.pending == 1, "the cancel in flight")
     through = Trade(ts=3, symbol="BTCUSDT", exch_ts=1, trade_id=1, price=D("99.5"), qty=D("0.01"),
                     buyer_is_maker=True)
-    republish(md_pub, through, lambda: "rest" not in broker.model.working, wait_until, "the trade-through")
+    republish(md_pub, through, lambda: "rest" not in broker.desk.model.working, wait_until, "the trade-through")
     clock.now = T0 + 100 * MS
     ack = r.recv()
-    assert (ack.status, ack.reason, [(f["price"], f["qty"], f["liquidity"]) for f in ack.fills]) == (
+    assert (ack.status, ack.reason, [(str(f.price), str(f.qty), f.liquidity) for f in ack.fills]) == (
         OrderStatus.FILLED, "not open", [("100", "0.5", "MAKER")])
 
 
@@ -158,7 +158,7 @@ def test_a_cancel_in_time_cancels(broker, clock, raw, wait_until):
     assert land(r, order("gtc", "0.5", kind=OrderKind.LIMIT, price="99.5"), broker, clock, 50,
                 wait_until).status is OrderStatus.PENDING
     r.send(Cancel(ts=2, client_order_id="gtc"))
-    wait_until(lambda: broker.model.pending == 1, "the cancel in flight")
+    wait_until(lambda: broker.desk.model.pending == 1, "the cancel in flight")
     assert not r.ready()
     clock.now = T0 + 100 * MS
     ack = r.recv()
@@ -222,7 +222,7 @@ def test_a_failed_journal_write_is_answered_store_unavailable_and_the_broker_rec
     os.close(full)
     ok = clients(cfg.bus.broker_rep).request(order("fine", "0.3"))
     # the model was rebuilt from the database; the books, with what "boom" took, were kept (conservative)
-    assert [(f["price"], f["qty"]) for f in ok.fills] == [("100.5", "0.1"), ("101", "0.2")]
+    assert [(str(f.price), str(f.qty)) for f in ok.fills] == [("100.5", "0.1"), ("101", "0.2")]
     assert db_rows(cfg.common.db, "SELECT client_order_id FROM orders") == [("fine",)]
     retry = clients(cfg.bus.broker_rep).request(order("boom", "0.3"))
     assert retry.status is OrderStatus.FILLED
@@ -266,7 +266,7 @@ def test_an_older_database_gets_the_new_columns(env, runner, wait_until, db_rows
     con.commit()
     con.close()
     svc = runner.start(BrokerService(load(env)))
-    assert svc.account.positions == {"BTCUSDT": D("1")}
+    assert svc.desk.account.positions == {"BTCUSDT": D("1")}
     cols = {r[1] for r in db_rows(path, "PRAGMA table_info(fills)")}
     assert {"decision_mid", "arrival_mid", "slippage_decision", "slippage_arrival", "queue_wait_ns"} <= cols
 
@@ -299,7 +299,7 @@ def test_a_second_broker_on_the_same_database_is_refused(cfg, runner):
 
 def test_a_repeat_while_the_database_refuses_rows_is_answered_from_the_journal_never_run_twice(
         cfg, runner, md_pub, make_book, feed, clients, db_rows, monkeypatch, wait_until):
-    monkeypatch.setattr(service_module, "ACK_CACHE_MAX", 1)  # answers fall out of the cache at once
+    monkeypatch.setattr(desk_module, "ACK_CACHE_MAX", 1)  # answers fall out of the cache at once
     svc = runner.start(BrokerService(cfg))
     feed(md_pub, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in svc.books)
     con = sqlite3.connect(cfg.common.db)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from services.marketdata.binance import WeightGate, depth_weight, snapshot_limit
 from services.marketdata.feeds import (Backoff, CaptureSpec, ReplayFeed, decode_frame, detect_market,
                                        is_server_shutdown, parse_raw, parse_replay)
+from services.marketdata.records import Disconnected, RouteOpened, SnapshotRecord, WsMessage
 from services.marketdata.symbols import Route, key_of, markets_of, split_key, streams_for
 from services.marketdata.sync import Market
 
@@ -147,19 +148,21 @@ def test_two_captures_play_side_by_side_on_their_own_routes(tmp_path):
                                         for i in range(3)]
               + [{"t": 7_000_000_100, "k": "snapshot", "s": "btcusdt", "m": {"lastUpdateId": 3}}])
     recs = list(ReplayFeed(f"{a},{b}", ("BTCUSDT", "USDM:BTCUSDT"), speed=0).records())
-    kinds = [(r[0], r[-1].market.value) for r in recs]
-    assert kinds[:2] == [("route", "spot"), ("ws", "spot")]
-    assert kinds[2:4] == [("route", "usdm"), ("ws", "usdm")]  # interleaved by relative time
-    assert [k for k, _ in kinds[4:]] == ["ws", "ws", "ws", "ws", "snapshot"]
+    kinds = [(type(r), r.route.market.value) for r in recs]
+    assert kinds[:2] == [(RouteOpened, "spot"), (WsMessage, "spot")]
+    assert kinds[2:4] == [(RouteOpened, "usdm"), (WsMessage, "usdm")]  # interleaved by relative time
+    assert [k for k, _ in kinds[4:]] == [WsMessage] * 4 + [SnapshotRecord]
     snap = recs[-1]
-    assert snap[2] == "BTCUSDT" and snap[3] == {"lastUpdateId": 3} and snap[4].keys == {"btcusdt": "USDM:BTCUSDT"}
-    assert all(type(r[1]) is int for r in recs)  # stamped with the local time when handed out
+    assert snap.name == "BTCUSDT" and snap.snap == {"lastUpdateId": 3}
+    assert snap.route.keys == {"btcusdt": "USDM:BTCUSDT"}
+    assert all(type(r.recv_ns) is int for r in recs)  # stamped with the local time when handed out
+    assert not {r.recv_ns for r in recs} & {1_000_000_000, 7_000_000_005}  # not with the recorded one
 
 
 def test_recorded_market_tags_win_over_detection(tmp_path):
     recs = [_depth("btcusdt@depth@100ms", 1, 2, 1), {**_depth("btcusdt@depth@0ms", 5, 9, 2, pu=4), "x": "usdm"}]
     out = list(ReplayFeed(write(tmp_path / "mixed.jsonl", recs), ("BTCUSDT", "USDM:BTCUSDT"), 0).records())
-    assert [(r[0], r[-1].market) for r in out if r[0] == "ws"] == [("ws", Market.SPOT), ("ws", Market.USDM)]
+    assert [r.route.market for r in out if type(r) is WsMessage] == [Market.SPOT, Market.USDM]
 
 
 def test_segments_play_one_after_another_and_loop_restarts(tmp_path):
@@ -171,9 +174,10 @@ def test_segments_play_one_after_another_and_loop_restarts(tmp_path):
         out.append(rec)
         if len(out) == 8:
             break
-    assert [r[0] for r in out] == ["route", "ws", "ws", "disconnected", "ws", "ws", "disconnected", "ws"]
-    assert [r[2]["data"]["u"] for r in out if r[0] == "ws"] == [2, 4, 2, 4, 2]
-    assert out[3][2] == "replay restarted" and out[3][3] is out[0][2]
+    assert [type(r) for r in out] == [RouteOpened, WsMessage, WsMessage, Disconnected, WsMessage, WsMessage,
+                                      Disconnected, WsMessage]
+    assert [r.msg["data"]["u"] for r in out if type(r) is WsMessage] == [2, 4, 2, 4, 2]
+    assert out[3].why == "replay restarted" and out[3].route is out[0].route
 
 
 def test_a_damaged_capture_ends_its_replay_not_the_feed(tmp_path):
@@ -183,9 +187,10 @@ def test_a_damaged_capture_ends_its_replay_not_the_feed(tmp_path):
     cut.write_bytes(whole[: len(whole) // 2])  # a recorder killed mid-write
     feed = ReplayFeed(f"{cut},{good}", ("BTCUSDT",), speed=0)
     out = list(feed.records())
-    assert sum(r[0] == "ws" and r[3].gen == 1 for r in out) == 5  # the good one plays to its end
-    assert 0 < sum(r[0] == "ws" and r[3].gen == 0 for r in out) < 3000
+    assert sum(type(r) is WsMessage and r.route.gen == 1 for r in out) == 5  # the good one plays to its end
+    assert 0 < sum(type(r) is WsMessage and r.route.gen == 0 for r in out) < 3000
     assert feed.captures[0].failed and not feed.captures[1].failed
+    assert "cut.jsonl.gz" in feed.captures[0].error and feed.captures[1].error == ""
 
 
 def test_replay_paces_by_recorded_time(tmp_path):
@@ -193,9 +198,55 @@ def test_replay_paces_by_recorded_time(tmp_path):
     recs = [_depth("btcusdt@depth@100ms", 1, 2, i * 100_000_000) for i in range(5)]  # 0.4 s recorded
     path = write(tmp_path / "p.jsonl", recs)
     start = time.monotonic()
-    n = sum(1 for r in ReplayFeed(path, ("BTCUSDT",), speed=2).records() if r[0] == "ws")
+    n = sum(1 for r in ReplayFeed(path, ("BTCUSDT",), speed=2).records() if type(r) is WsMessage)
     elapsed = time.monotonic() - start
     assert n == 5 and 0.19 <= elapsed < 5  # 0.2 s at speed 2 (generous upper bound on a shared machine)
+
+
+def test_recorded_stamps_are_the_capture_times_and_merge_captures_by_them(tmp_path):
+    # the same two captures as side by side above: recorded, the earlier one plays first
+    a = write(tmp_path / "a.jsonl", [_depth("btcusdt@depth@100ms", 1, 2, 1_000_000_000 + i * 10) for i in range(3)])
+    b = write(tmp_path / "b.jsonl.gz", [_depth("btcusdt@depth@0ms", 5, 9, 500_000_000 + i * 10 + 5, pu=4)
+                                        for i in range(3)]
+              + [{"t": 2_000_000_000, "k": "snapshot", "s": "btcusdt", "m": {"lastUpdateId": 3}}])
+    feed = ReplayFeed(f"{a},{b}", ("BTCUSDT", "USDM:BTCUSDT"), speed=0, stamp="recorded")
+    recs = list(feed.records())
+    assert [(type(r), r.route.market.value, r.recv_ns) for r in recs] == [
+        (RouteOpened, "usdm", 500_000_005), (WsMessage, "usdm", 500_000_005), (WsMessage, "usdm", 500_000_015),
+        (WsMessage, "usdm", 500_000_025), (RouteOpened, "spot", 1_000_000_000), (WsMessage, "spot", 1_000_000_000),
+        (WsMessage, "spot", 1_000_000_010), (WsMessage, "spot", 1_000_000_020), (SnapshotRecord, "usdm", 2_000_000_000)]
+    assert [(type(r), r.recv_ns) for r in feed.records()] == [(type(r), r.recv_ns) for r in recs]  # every time
+
+
+def test_recorded_stamps_go_on_increasing_when_a_capture_loops(tmp_path):
+    t0 = 1_723_161_253_937_085_768
+    path = write(tmp_path / "loop.jsonl", [_depth("btcusdt@depth@100ms", i, i, t0 + i * 1000) for i in (0, 1)]
+                 + [{"t": "?", "k": "ws", "m": {"stream": "btcusdt@depth@100ms", "data": {}}}])
+    out = []
+    for rec in ReplayFeed(path, ("BTCUSDT",), speed=0, loop=True, stamp="recorded").records():
+        out.append(rec)
+        if len(out) == 9:
+            break
+    assert [type(r) for r in out] == [RouteOpened] + [WsMessage] * 3 + [Disconnected] + [WsMessage] * 3 + [Disconnected]
+    # the first pass at its recorded times (a record without one: the one before's), the next
+    # pass right after it
+    assert [r.recv_ns - t0 for r in out] == [0, 0, 1000, 1000, 1_001_000, 1_001_000, 1_002_000, 1_002_000, 2_002_000]
+
+
+def test_recorded_stamps_pace_from_the_first_record_not_the_epoch(tmp_path):
+    import time
+    t0 = 1_723_161_253_937_085_768  # ns since the epoch: pacing by it would wait 55 years
+    path = write(tmp_path / "p.jsonl", [_depth("btcusdt@depth@100ms", 1, 2, t0 + i * 100_000_000) for i in range(5)])
+    start = time.monotonic()
+    recs = [r for r in ReplayFeed(path, ("BTCUSDT",), speed=2, stamp="recorded").records() if type(r) is WsMessage]
+    elapsed = time.monotonic() - start
+    assert [r.recv_ns for r in recs] == [t0 + i * 100_000_000 for i in range(5)]
+    assert 0.19 <= elapsed < 5  # 0.4 s recorded, at speed 2
+
+
+def test_an_unknown_stamp_is_refused():
+    with pytest.raises(ValueError, match="stamp"):
+        ReplayFeed("a.gz", ("BTCUSDT",), speed=0, stamp="local")
 
 
 # -- properties ----------------------------------------------------------------------------

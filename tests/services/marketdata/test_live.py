@@ -63,7 +63,7 @@ def test_several_symbols_on_one_connection_give_exact_books_and_trades(tmp_path)
               QF_MD_BOOK_TICKER="true") as lv:
         for sym in ("BTCUSDT", "ETHUSDT"):
             lv.books_after(0, sym, n=60)
-        wait_for(lambda: lv.svc.m.ticker_checks[("BTCUSDT", "match")] >= 5, 20, "bookTicker checks")
+        wait_for(lambda: lv.svc.router.m.ticker_checks[("BTCUSDT", "match")] >= 5, 20, "bookTicker checks")
         msgs = lv.tap.snapshot()
         svc, fake = lv.svc, lv.fake
     assert fake.connections == 1 and len(fake.paths) == 1
@@ -74,14 +74,15 @@ def test_several_symbols_on_one_connection_give_exact_books_and_trades(tmp_path)
         assert exact_books(fake, books) == []
         ids = [b.update_id for b in books]
         assert ids == sorted(set(ids))
-    assert svc.m.ticker_checks[("BTCUSDT", "mismatch")] == svc.m.ticker_checks[("ETHUSDT", "mismatch")] == 0
+    checks = svc.router.m.ticker_checks
+    assert checks[("BTCUSDT", "mismatch")] == checks[("ETHUSDT", "mismatch")] == 0
     trades = [m for _, m in msgs if m.TYPE == "trade"]
     assert trades and all(t.price > 0 and t.qty > 0 and t.exch_ts > 0 for t in trades)
     # snapshot weight accounted: Binance's header is mirrored, our own sum matches the requests
     ok = [r for r in fake.requests if r["status"] == 200]
-    assert svc.m.snapshot_weight["spot"] == 50 * len(fake.requests) and len(ok) == 2
-    assert svc.m.used_weight["spot"] == 50 * len(fake.requests)
-    assert svc.m.decode_errors == {} and svc.stats["gaps"] == 0
+    assert svc.router.m.snapshot_weight["spot"] == 50 * len(fake.requests) and len(ok) == 2
+    assert svc.router.m.used_weight["spot"] == 50 * len(fake.requests)
+    assert svc.router.m.decode_errors == {} and svc.router.stats["gaps"] == 0
 
 
 def test_pings_are_answered_and_the_connection_stays(tmp_path):
@@ -91,7 +92,7 @@ def test_pings_are_answered_and_the_connection_stays(tmp_path):
         pongs = lv.fake.ping_clients()
         assert pongs and all(p.wait(5) for p in pongs)
         lv.books_after(0, n=150, timeout=30)  # several seconds of pings later
-        assert lv.fake.connections == 1 and lv.svc.stats["reconnects"] == 0
+        assert lv.fake.connections == 1 and lv.svc.router.stats["reconnects"] == 0
         assert exact_books(lv.fake, lv.tap.books("BTCUSDT")) == []
 
 
@@ -106,7 +107,7 @@ def test_a_dropped_event_is_a_gap_then_a_resync_and_exact_books_again(tmp_path):
         msgs = lv.tap.since(mark, "BTCUSDT")
         svc, fake = lv.svc, lv.fake
     dropped = fake.dropped[0]
-    assert svc.m.gaps["BTCUSDT"] == 1 and svc.m.resyncs["BTCUSDT"] == 1
+    assert svc.router.m.gaps["BTCUSDT"] == 1 and svc.router.m.resyncs["BTCUSDT"] == 1
     assert dropped not in [b.update_id for b in after]
     changes = [k for k, _ in itertools.groupby(m.state for m in msgs if m.TYPE == "md_status")]
     assert changes[:2] == ["SYNCING", "SYNCED"]  # (heartbeats repeat a status that is not SYNCED)
@@ -129,7 +130,7 @@ def test_a_connection_cut_mid_stream_reconnects_and_resyncs(tmp_path):
     assert states[0] == "DISCONNECTED" and states.index("SYNCED") > states.index("SYNCING") > 0
     assert_no_book_while_unsynced(msgs)
     assert exact_books(fake, after) == []
-    assert svc.m.reconnects["spot"] == 1 and svc.stats["reconnects"] >= 0
+    assert svc.router.m.reconnects["spot"] == 1 and svc.router.stats["reconnects"] >= 0
 
 
 def test_garbage_frames_are_counted_and_the_service_goes_on(tmp_path):
@@ -145,11 +146,11 @@ def test_garbage_frames_are_counted_and_the_service_goes_on(tmp_path):
                       orjson.dumps({"stream": "btcusdt@aggTrade", "data": {"a": "x", "p": 1.0}}),
                       orjson.dumps({"stream": "btcusdt@depth@100ms", "data": ev})):
             lv.fake.inject(frame)
-        wait_for(lambda: lv.svc.stats["bad_messages"] >= 7, 10, "the garbage to be counted")
+        wait_for(lambda: lv.svc.router.stats["bad_messages"] >= 7, 10, "the garbage to be counted")
         after = lv.books_after(mark, n=30)
         svc, fake, msgs = lv.svc, lv.fake, lv.tap.since(mark, "BTCUSDT")
-    assert svc.m.decode_errors == {"malformed_json": 2, "unknown_stream": 2, "not_combined_stream": 1,
-                                   "bad_fields": 1, "bad_event": 1}
+    assert svc.router.m.decode_errors == {"malformed_json": 2, "unknown_stream": 2, "not_combined_stream": 1,
+                                          "bad_fields": 1, "bad_event": 1}
     assert_no_book_while_unsynced(msgs)  # the bad depth event cost a resync, nothing worse
     assert exact_books(fake, after) == []
 
@@ -193,8 +194,8 @@ def test_429_and_418_are_honoured_with_retry_after(tmp_path):
     with fake:
         cfg = live_config(tmp_path, fake, QF_SYMBOLS="btcusdt")
         with ServiceThread(cfg) as svc:
-            wait_for(lambda: svc.state["BTCUSDT"] == "SYNCED", 20, "a synced book")
-            counts = dict(svc.m.snapshots)
+            wait_for(lambda: svc.router.state["BTCUSDT"] == "SYNCED", 20, "a synced book")
+            counts = dict(svc.router.m.snapshots)
     r = fake.requests
     assert [x["status"] for x in r[:3]] == [429, 418, 200]
     assert r[1]["t"] - r[0]["t"] >= 0.6 and r[2]["t"] - r[1]["t"] >= 0.9
@@ -228,8 +229,8 @@ def test_unreachable_binance_is_retried_with_backoff_and_said(tmp_path):
             link = wait_for(lambda: svc.feed is not None and svc.feed.links[Market.SPOT], 5, "the feed")
             wait_for(lambda: link.backoff.attempt >= 3, 10, "several attempts")
             wait_for(lambda: "DISCONNECTED" in tap.states("BTCUSDT"), 5, "a DISCONNECTED status")
-        assert tap.books("BTCUSDT") == [] and svc.state["BTCUSDT"] == "DISCONNECTED"
-        assert "Connect" in svc.state_detail["BTCUSDT"] or "refused" in svc.state_detail["BTCUSDT"]
+        assert tap.books("BTCUSDT") == [] and svc.router.state["BTCUSDT"] == "DISCONNECTED"
+        assert "Connect" in svc.router.state_detail["BTCUSDT"] or "refused" in svc.router.state_detail["BTCUSDT"]
     finally:
         tap.close()
 
@@ -246,7 +247,7 @@ def test_usdm_symbols_use_fapi_snapshots_and_their_own_topics(tmp_path, both):
                 fut = tap.wait_books("USDM:BTCUSDT", 40)
                 if both:
                     sp = tap.wait_books("BTCUSDT", 40)
-                weights = dict(svc.m.snapshot_weight)
+                weights = dict(svc.router.m.snapshot_weight)
         finally:
             tap.close()
     assert exact_books(usdm, fut) == []

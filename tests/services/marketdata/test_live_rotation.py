@@ -29,10 +29,10 @@ def test_connections_are_replaced_before_the_cut_without_a_gap(tmp_path):
         try:
             with ServiceThread(cfg) as svc:
                 tap.wait_books("BTCUSDT", 5)
-                wait_for(lambda: svc.m.switches.get("spot", 0) >= 2, 20, "two planned switches")
+                wait_for(lambda: svc.router.m.switches.get("spot", 0) >= 2, 20, "two planned switches")
                 n = len(tap.books("BTCUSDT"))
                 tap.wait_books("BTCUSDT", n + 20)
-                stats, reconnects = dict(svc.stats), dict(svc.m.reconnects)
+                stats, reconnects = dict(svc.router.stats), dict(svc.router.m.reconnects)
                 recording = svc.recorder.segments
         finally:
             tap.close()
@@ -61,7 +61,7 @@ def test_server_shutdown_is_answered_by_a_new_connection_before_the_old_one_clos
                 tap.wait_books("BTCUSDT", 20)
                 mark = tap.mark()
                 fake.announce_shutdown(grace_s=1.5)
-                wait_for(lambda: svc.m.switches.get("spot", 0) == 1, 10, "the switch to a new connection")
+                wait_for(lambda: svc.router.m.switches.get("spot", 0) == 1, 10, "the switch to a new connection")
                 n = len(tap.books("BTCUSDT"))
                 tap.wait_books("BTCUSDT", n + 20)
         finally:
@@ -70,4 +70,4 @@ def test_server_shutdown_is_answered_by_a_new_connection_before_the_old_one_clos
     assert [m for m in after if m.TYPE == "md_status"] == []
     assert_every_event_published_once(fake, tap.books("BTCUSDT"))
     assert exact_books(fake, tap.books("BTCUSDT")) == []
-    assert fake.connections == 2 and svc.m.reconnects == {}
+    assert fake.connections == 2 and svc.router.m.reconnects == {}

@@ -51,7 +51,7 @@ def test_core_pipeline_runs(items):
 
 @pytest.mark.timeout(120)
 def test_service_pipeline_publishes_every_timed_event(items):
-    """The benchmark's own path: the service's _dispatch, a real PUB socket, a SUB process."""
+    """The benchmark's own path: the service's router.dispatch, a real PUB socket, a SUB process."""
     from services.marketdata.service import MarketDataService
     from shared import config as qfconfig
     from shared.bus import Publisher
@@ -59,7 +59,7 @@ def test_service_pipeline_publishes_every_timed_event(items):
     cfg = qfconfig.load({"QF_SYMBOLS": "btcusdt"})
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     svc = MarketDataService(cfg)
-    svc.pub = pub = Publisher(endpoint, cfg.bus.hwm)
+    svc.router.pub = pub = Publisher(endpoint, cfg.bus.hwm)
     try:
         drain = md_bench.Drain(endpoint, pub.sock)
         try:

@@ -25,7 +25,7 @@ def test_replay_of_a_spot_and_a_usdm_capture_side_by_side(tmp_path):
         with ServiceThread(cfg) as svc:
             wait_for(lambda: tap.states("BTCUSDT")[-1:] == ["REPLAY_DONE"] and
                      tap.states("USDM:BTCUSDT")[-1:] == ["REPLAY_DONE"], 90, "both replays to finish")
-            stats, books = dict(svc.stats), dict(svc.m.books)
+            stats, books = dict(svc.router.stats), dict(svc.router.m.books)
         for key, path, market in (("BTCUSDT", SPOT_CAPTURE, "spot"), ("USDM:BTCUSDT", USDM_CAPTURE, "usdm")):
             want = build_book(path, "BTCUSDT", depth=10)
             last = tap.books(key)[-1]
@@ -72,7 +72,7 @@ def test_metrics_on_the_service_port(tmp_path):
     cfg = qfconfig.load(tcp_env(tmp_path, QF_FEED=f"replay:{SPOT_CAPTURE}", QF_REPLAY_SPEED="0",
                                 QF_MD_METRICS_BIND="127.0.0.1:0"))
     with ServiceThread(cfg) as svc:
-        wait_for(lambda: svc.state["BTCUSDT"] == "REPLAY_DONE", 60, "the replay to finish")
+        wait_for(lambda: svc.router.state["BTCUSDT"] == "REPLAY_DONE", 60, "the replay to finish")
         port = wait_for(lambda: svc.metrics_port, 5, "the metrics port")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()

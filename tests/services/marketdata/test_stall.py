@@ -79,7 +79,7 @@ def test_one_inflated_update_id_costs_one_resync_not_a_stall(tmp_path, market, f
         wait_for(lambda: len(mk.books_since(mark)) >= 30, 20, "books after the recovery")
         books, msgs = mk.books_since(mark), mk.tap.since(mark, mk.key)
         requests, weight = fake.weight_between(t_mark, time.monotonic())
-        m = svc.m
+        m = svc.router.m
     assert recovered_in <= BOUND_S, f"book back {recovered_in:.2f}s after the corrupted frame"
     # every book out is the exchange's, at an update id it had (none at the inflated id)
     assert exact_books(fake, books) == []
@@ -140,20 +140,21 @@ def test_snapshots_older_than_the_stream_again_and_again_are_backed_off_and_the_
                 detail = wait_for(lambda: [m.detail for m in tap.of("BTCUSDT", ("md_status",))
                                            if m.detail.startswith("no book for")], 3 * SYNC_TIMEOUT_S,
                                   "a status saying how long there has been no book")
-                wait_for(lambda: svc.m.stalls["BTCUSDT"] >= 1, 5, "the stall to be counted")
+                wait_for(lambda: svc.router.m.stalls["BTCUSDT"] >= 1, 5, "the stall to be counted")
                 t1 = t0 + 2.5 * SYNC_TIMEOUT_S
                 wait_for(lambda: time.monotonic() > t1, 10, "the stall to last")
                 n_stale, _ = fake.weight_between(t0, t1)
                 fake.serve_fresh_snapshots()
                 t_fresh = time.monotonic()
-                wait_for(lambda: svc.state["BTCUSDT"] == "SYNCED", BOUND_S, "a synced book once snapshots are good")
+                wait_for(lambda: svc.router.state["BTCUSDT"] == "SYNCED", BOUND_S,
+                         "a synced book once snapshots are good")
                 synced_in = time.monotonic() - t_fresh
                 books = tap.wait_books("BTCUSDT", 20)
                 wait_for(lambda: [a for a in tap.snapshot() if a[1].TYPE == "alert"
                                   and a[1].severity == "resolved"], 5, "the alert to be resolved")
                 stats = wait_for(lambda: [m.stats for _, m in tap.snapshot() if m.TYPE == "heartbeat"
                                           and m.stats.get("stall_recoveries")], 5, "a heartbeat after recovery")[-1]
-                m = svc.m
+                m = svc.router.m
         finally:
             tap.close()
     # exponential backoff: 0, .25, .5, 1 s apart, then at most every SYNC_TIMEOUT_S / 2: not ~150/s
@@ -173,21 +174,21 @@ def test_a_connection_that_stops_sending_depth_but_not_trades_is_reconnected(tmp
     with Market1(tmp_path, "spot") as mk:
         fake, svc = mk.fake, mk.svc
         wait_for(lambda: len(mk.books_since(0)) >= 20, 20, "a synced book")
-        trades_before = svc.stats["trades"]
+        trades_before = svc.router.stats["trades"]
         mark = mk.tap.mark()
         fake.mute_depth("BTCUSDT")  # the silence watchdog cannot see this: trades keep coming
         t_mute = time.monotonic()
         wait_for(lambda: fake.connections == 2, 2 * SYNC_TIMEOUT_S + 5, "a new connection")
         reconnect_after = time.monotonic() - t_mute
         wait_for(lambda: len(mk.books_since(mark)) >= 20, BOUND_S + 5, "books from the new connection")
-        wait_for(lambda: svc.m.stall_recoveries["BTCUSDT"] == 1, 2, "the recovery to be counted")
+        wait_for(lambda: svc.router.m.stall_recoveries["BTCUSDT"] == 1, 2, "the recovery to be counted")
         msgs, books = mk.tap.since(mark, mk.key), mk.books_since(mark)
-        trades_during = svc.stats["trades"] - trades_before
+        trades_during = svc.router.stats["trades"] - trades_before
         port = svc.metrics_port
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        m = svc.m
+        m = svc.router.m
     assert trades_during > 100  # the connection was anything but silent
     assert SYNC_TIMEOUT_S <= reconnect_after <= 2 * SYNC_TIMEOUT_S + 2
     states = [(x.state, x.detail) for x in msgs if x.TYPE == "md_status"]
@@ -215,10 +216,11 @@ def test_a_stall_waiting_on_its_snapshot_does_not_reconnect_the_market(tmp_path)
         cfg = qfconfig.load(tcp_env(tmp_path, QF_FEED="live", QF_BINANCE_WS=fake.ws_url, QF_SYMBOLS="btcusdt,ethusdt",
                                     QF_BINANCE_REST=fake.rest_url, QF_MD_SYNC_TIMEOUT_S=str(SYNC_TIMEOUT_S)))
         with ServiceThread(cfg) as svc:
-            wait_for(lambda: svc.m.stall_actions.get(("BTCUSDT", "wait_for_snapshot"), 0) >= 2,
+            wait_for(lambda: svc.router.m.stall_actions.get(("BTCUSDT", "wait_for_snapshot"), 0) >= 2,
                      3 * SYNC_TIMEOUT_S + 2, "the stall to be seen twice")
-            wait_for(lambda: svc.state["BTCUSDT"] == svc.state["ETHUSDT"] == "SYNCED", 20, "the snapshots")
-            wait_for(lambda: svc.m.stall_recoveries["BTCUSDT"] == 1, 2, "the recovery to be counted")
-            actions, connections = dict(svc.m.stall_actions), fake.connections
+            state = svc.router.state
+            wait_for(lambda: state["BTCUSDT"] == state["ETHUSDT"] == "SYNCED", 20, "the snapshots")
+            wait_for(lambda: svc.router.m.stall_recoveries["BTCUSDT"] == 1, 2, "the recovery to be counted")
+            actions, connections = dict(svc.router.m.stall_actions), fake.connections
     assert connections == 1
     assert {a for _, a in actions} == {"wait_for_snapshot"}

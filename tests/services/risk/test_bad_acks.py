@@ -152,7 +152,7 @@ def test_a_lying_ack_is_refused_booked_nowhere_and_the_next_honest_order_is_exac
     assert (work.remaining, work.side, work.expires_ns > 0) == (D("0.005"), Side.BUY, True)
 
     honest = client.request(order("next", "0.003"))
-    assert honest.verdict is Verdict.APPROVED and honest.order["status"] == "FILLED", honest
+    assert honest.verdict is Verdict.APPROVED and honest.order.status == "FILLED", honest
     detail = settled(client)
     qty, fee = exact_fill("0.003")
     assert risk.engine.ledger.qty("BTCUSDT") == qty and D(detail["fees"]) == fee
@@ -177,7 +177,7 @@ def test_an_ack_reusing_the_fill_id_of_another_order_is_refused(risk, client, sc
     risk then skips as a repeat: told FILLED, booked nothing."""
     first = client.request(order("first", "0.002"))
     assert first.verdict is Verdict.APPROVED
-    taken = first.order["fills"][0]["fill_id"]
+    taken = first.order.fills[0].fill_id
 
     def reuse(ack: dict, req: dict) -> dict:
         ack["fills"][0]["fill_id"] = taken
@@ -217,7 +217,7 @@ def events_flow(risk: RiskService, hostile: HostileBroker, wait_until) -> None:
 def resting(client, coid: str, side: Side, price: str) -> None:
     """A GTC LIMIT order of 0.004 the broker takes and rests (PENDING): risk tracks it."""
     pending = client.request(order(coid, "0.004", side, kind=OrderKind.LIMIT, price=D(price)))
-    assert pending.verdict is Verdict.APPROVED and pending.order["status"] == "PENDING", pending
+    assert pending.verdict is Verdict.APPROVED and pending.order.status == "PENDING", pending
     settled(client)
 
 

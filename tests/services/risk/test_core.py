@@ -221,7 +221,7 @@ def test_halt_resume_flatten_state_with_who_and_why():
     assert eng.check(order(), T0).code == Reason.REDUCING
     assert eng.control(ControlAction.RESUME, "api", "ok", T0) is True
     assert isinstance(eng.check(order(), T0), Approval)
-    assert [(c.previous, c.state, c.code) for c in eng.changes] == [
+    assert [(c.previous, c.state, c.code) for c in eng.take_changes()] == [
         (TradingState.ACTIVE, TradingState.HALTED, "HALT"), (TradingState.HALTED, TradingState.REDUCING, "FLATTEN"),
         (TradingState.REDUCING, TradingState.ACTIVE, "RESUME")]
 
@@ -305,7 +305,7 @@ def test_breakers_reduce_then_halt_fire_once_and_stay_until_resume():
     mark(eng, 0.5, T0 + 1)  # equity 1000 - 0.995
     mark(eng, 1.0, T0 + 2)
     assert eng.state is TradingState.ACTIVE
-    eng.changes.clear()
+    eng.take_changes()
     big = RiskEngine(limits(daily_loss=D("0.02"), daily_loss_soft=D("0.01")), D("10"))
     big.on_fill(fill("f1", Side.BUY, "0.01", "100"), T0)
     mark(big, 100.0, T0)
@@ -319,7 +319,7 @@ def test_breakers_reduce_then_halt_fire_once_and_stay_until_resume():
     mark(big, 100.0, T0 + 5)  # recovered: re-armed
     mark(big, 79.0, T0 + 6)
     assert big.state is TradingState.HALTED
-    assert [c.code for c in big.changes] == ["DAILY_LOSS_SOFT", "DAILY_LOSS", "RESUME", "DAILY_LOSS"]
+    assert [c.code for c in big.take_changes()] == ["DAILY_LOSS_SOFT", "DAILY_LOSS", "RESUME", "DAILY_LOSS"]
 
 
 def test_a_new_utc_day_takes_a_new_start_equity_and_may_lift_a_daily_halt():
@@ -341,7 +341,158 @@ def test_snapshot_restore_round_trip():
     snap = eng.snapshot()
     other = RiskEngine(eng.limits, D("1000"))
     other.restore(snap)
-    assert other.snapshot() == snap and other.state is TradingState.HALTED and not other.dirty
+    assert other.snapshot() == snap and other.state is TradingState.HALTED and not other.figures_changed
+
+
+# -- the hand-offs between the engine and its shells -----------------------------------------
+
+def test_recheck_of_a_retry_after_a_timeout_keeps_the_unsure_order_counted_when_denied():
+    eng = engine()
+    eng.on_sent("u", "BTCUSDT", Side.BUY, D("0.006"), True, T0)  # sent; the broker never answered
+    expires = eng.working["u"].expires_ns
+    assert expires > T0 and eng.exposure[("BTCUSDT", Side.BUY)] == D("0.006")
+    eng.control(ControlAction.HALT, "ops", "drill", T0)
+    denial = eng.recheck(order("0.006", coid="u"), T0 + MS)
+    assert isinstance(denial, Denial) and denial.code == Reason.HALTED
+    work = eng.working_order("u")  # the broker may have the first attempt: still counted, as it was
+    assert work is not None and (work.symbol, work.side, work.qty, work.remaining, work.rests, work.expires_ns) == (
+        "BTCUSDT", Side.BUY, D("0.006"), D("0.006"), True, expires)
+    assert eng.exposure == {("BTCUSDT", Side.BUY): D("0.006")}
+    eng.on_fill(fill("uf", Side.BUY, "0.002", "100", coid="u"), T0 + MS)  # partly filled meanwhile
+    denial = eng.recheck(order("0.006", coid="u"), T0 + 2 * MS)
+    assert isinstance(denial, Denial) and eng.working["u"].remaining == D("0.004")
+    assert eng.exposure == {("BTCUSDT", Side.BUY): D("0.004")} and eng.working["u"].expires_ns == expires
+
+
+def test_recheck_judges_a_retry_without_its_earlier_attempt_and_checks_the_rest_as_check_does():
+    eng = engine()
+    eng.on_sent("u", "BTCUSDT", Side.BUY, D("0.006"), False, T0)
+    # counted once, not twice: the whole 0.006 fits the 0.01 limit again (check() alone cuts it)
+    assert eng.check(order("0.006", coid="u"), T0) == Approval(D("0.004"), adjusted=True)
+    assert eng.recheck(order("0.006", coid="u"), T0) == Approval(D("0.006"))
+    assert eng.working_order("u") is None and eng.exposure == {}  # the shell sends it: on_sent counts it again
+    eng.on_sent("u", "BTCUSDT", Side.BUY, D("0.006"), False, T0)
+    assert eng.exposure == {("BTCUSDT", Side.BUY): D("0.006")}
+    # an order the broker confirmed (no expiry) is not an unsure one: it stays counted
+    eng.on_order("u", OrderStatus.PENDING, D(0))
+    assert eng.recheck(order("0.006", coid="u"), T0) == Approval(D("0.004"), adjusted=True)
+    assert eng.working["u"].remaining == D("0.006")
+    assert eng.recheck(order("0.001", coid="new"), T0) == Approval(D("0.001"))  # unknown: plain check
+
+
+def test_take_changes_drains_the_pending_state_changes():
+    eng = engine()
+    assert not eng.has_changes and eng.take_changes() == []
+    eng.control(ControlAction.HALT, "ops", "drill", T0)
+    eng.control(ControlAction.RESUME, "ops", "over", T0 + 1)
+    assert eng.has_changes
+    taken = eng.take_changes()
+    assert [(c.ts, c.previous, c.state, c.code, c.by, c.reason) for c in taken] == [
+        (T0, TradingState.ACTIVE, TradingState.HALTED, "HALT", "ops", "drill"),
+        (T0 + 1, TradingState.HALTED, TradingState.ACTIVE, "RESUME", "ops", "over")]
+    assert not eng.has_changes and eng.take_changes() == []
+    eng.control(ControlAction.HALT, "ops", "again", T0 + 2)
+    assert [c.reason for c in eng.take_changes()] == ["again"] and len(taken) == 2  # a new list each time
+
+
+def test_evaluate_due_runs_only_after_marks_or_fills_moved():
+    eng = RiskEngine(limits(), D("1000"))
+    assert not eng.needs_evaluation
+    eng.evaluate_due(T0)
+    assert eng.day is None and eng.peak is None and not eng.figures_changed  # nothing moved: not evaluated
+    eng.on_book("BTCUSDT", 100.0, T0)
+    assert eng.needs_evaluation
+    eng.evaluate_due(T0)
+    assert not eng.needs_evaluation and (eng.day, eng.peak) == (T0 // DAY_NS, D("1000"))
+    next_day = (T0 // DAY_NS + 1) * DAY_NS
+    eng.evaluate_due(next_day)
+    assert eng.day == T0 // DAY_NS  # no mark or fill since: the day is rolled by the next evaluation
+    eng.on_fill(fill("f1", Side.BUY, "0.001", "100"), next_day)
+    assert eng.needs_evaluation
+    eng.evaluate_due(next_day)
+    assert not eng.needs_evaluation and eng.day == next_day // DAY_NS
+
+
+def test_figures_changed_until_stored():
+    eng = RiskEngine(limits(), D("1000"))
+    assert not eng.figures_changed
+    eng.on_book("BTCUSDT", 100.0, T0)
+    eng.evaluate_due(T0)  # a first day and peak
+    assert eng.figures_changed
+    eng.figures_stored()
+    assert not eng.figures_changed
+    eng.on_book("BTCUSDT", 100.0, T0 + 1)
+    eng.evaluate_due(T0 + 1)  # same day, same peak: nothing new to store
+    assert not eng.figures_changed
+    eng.control(ControlAction.HALT, "ops", "drill", T0 + 2)
+    assert eng.figures_changed
+    eng.figures_stored()
+    assert not eng.figures_changed
+
+
+def test_settle_order_books_each_fill_once_then_applies_the_status():
+    eng = engine()
+    eng.on_sent("s", "BTCUSDT", Side.BUY, D("0.005"), True, T0)
+    part = [fill("s1", Side.BUY, "0.002", "100", coid="s")]
+    assert eng.settle_order("s", OrderStatus.PARTIALLY_FILLED, D("0.002"), part, T0) == 1
+    work = eng.working_order("s")  # the broker has it now: no expiry, 0.003 still working
+    assert (work.remaining, work.expires_ns) == (D("0.003"), 0) and eng.ledger.qty("BTCUSDT") == D("0.002")
+    assert eng.booked_for("s1") == "s" and eng.has_fill("s1") and not eng.has_fill("s2")
+    both = part + [fill("s2", Side.BUY, "0.003", "100.5", coid="s")]
+    assert eng.settle_order("s", OrderStatus.FILLED, D("0.005"), both, T0 + 1) == 1  # s1 again: booked once
+    assert eng.settle_order("s", OrderStatus.FILLED, D("0.005"), both, T0 + 2) == 0
+    assert eng.ledger.qty("BTCUSDT") == D("0.005") and eng.working_order("s") is None and eng.exposure == {}
+    eng.track("c", "BTCUSDT", Side.SELL, D("0.004"), D("0.004"))
+    assert eng.settle_order("c", OrderStatus.CANCELLED, D(0), [], T0) == 0  # terminal, no fills: ended
+    assert eng.working_order("c") is None and eng.exposure == {}
+    assert eng.needs_evaluation
+
+
+def test_settle_order_hands_a_fill_it_cannot_book_to_on_bad_and_books_the_rest():
+    eng = engine()
+    eng.on_sent("s", "BTCUSDT", Side.BUY, D("0.005"), False, T0)
+    bad = {**fill("b1", Side.BUY, "0.001", "100", coid="s"), "qty": "lots"}
+    fills = [fill("g1", Side.BUY, "0.002", "100", coid="s"), bad, fill("g2", Side.BUY, "0.001", "100", coid="s")]
+    refused = []
+    assert eng.settle_order("s", OrderStatus.PARTIALLY_FILLED, D("0.004"), fills, T0,
+                            lambda f, exc: refused.append((f["fill_id"], exc))) == 2
+    assert [f for f, _ in refused] == ["b1"] and isinstance(refused[0][1], ValueError) and not eng.has_fill("b1")
+    assert eng.ledger.qty("BTCUSDT") == D("0.003") and eng.working["s"].remaining == D("0.001")
+    assert eng.book_fills([fill("g3", Side.BUY, "0.001", "100", coid="s")], T0) == 1
+    assert eng.working_order("s") is None  # all of it filled
+    with pytest.raises(ValueError):  # without on_bad, the error is the caller's
+        eng.book_fills([bad], T0)
+
+
+def test_working_order_and_cancellable_ids():
+    eng = engine()
+    assert eng.working_order("x") is None and eng.cancellable_ids() == [] and eng.working_count == 0
+    eng.track("known", "BTCUSDT", Side.BUY, D("0.002"), D("0.002"))
+    eng.on_sent("unsure", "BTCUSDT", Side.SELL, D("0.001"), False, T0)  # the broker may not have it
+    eng.track("rest", "ETHUSDT", Side.SELL, D("0.003"), D("0.001"))
+    assert eng.cancellable_ids() == ["known", "rest"] and eng.working_count == 3
+    assert eng.working_order("rest").remaining == D("0.001") and eng.working_order("unsure").expires_ns
+    eng.on_order("unsure", OrderStatus.PENDING, D(0))  # confirmed: now the broker can cancel it
+    assert eng.cancellable_ids() == ["known", "unsure", "rest"]
+
+
+def test_marks_are_the_last_two_sided_mids():
+    eng = engine()
+    assert eng.marks == {"BTCUSDT": D("100.25")}
+    eng.on_book("BTCUSDT", 0.0, T0 + 1)  # one-sided: the mark stays
+    eng.on_book("DOGEUSDT", 1.0, T0 + 1)  # not traded: no mark
+    eng.on_book("ETHUSDT", 20.5, T0 + 1)
+    assert eng.marks == {"BTCUSDT": D("100.25"), "ETHUSDT": D("20.5")}
+
+
+def test_restore_legacy_takes_the_last_state_and_the_peak_equity():
+    eng = RiskEngine(limits(), D("1000"))
+    eng.restore_legacy(TradingState.HALTED, "HALT", "old halt", iter([D("990"), D("1010.5"), D("1001")]))
+    assert (eng.state, eng.state_code, eng.state_reason, eng.peak) == (
+        TradingState.HALTED, "HALT", "old halt", D("1010.5"))
+    fresh = RiskEngine(limits(), D("1000"))
+    fresh.restore_legacy(None, "", "", [])
+    assert (fresh.state, fresh.peak, fresh.figures_changed) == (TradingState.ACTIVE, None, False)
 
 
 def test_default_rules_helper():

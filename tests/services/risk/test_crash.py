@@ -131,7 +131,7 @@ def test_kill_9_in_the_middle_of_an_order_stream_and_rebuild(tmp_path):
             md.publish("book.BTCUSDT", book(mid, next(n)))
             raw = client.ask(order(f"{coid}-{next(n)}", side, qty))
             decision = raw and messages.decode(raw, messages.REQUESTS)
-            return decision if decision and decision.order and decision.order["status"] == "FILLED" else None
+            return decision if decision and decision.order and decision.order.status == "FILLED" else None
 
         until("risk and broker to trade", lambda: filled("warm", Side.BUY, "0.001", D(100)))
         for i in range(19):  # a long position built at 100 with partial exits: realized P&L both ways

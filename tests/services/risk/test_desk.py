@@ -1,6 +1,7 @@
 """The desk's wire helpers: the spliced decision decodes like any other; the broker's answer is checked."""
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal as D
 
 import msgpack
@@ -11,17 +12,20 @@ from hypothesis import strategies as st
 from services.risk.desk import approval_parts, decision_parts
 from services.risk.vet import read_ack
 from shared import messages
-from shared.enums import OrderStatus, Verdict
+from shared.enums import Liquidity, OrderStatus, Side, Verdict
 from shared.errors import DecodeError
-from shared.messages import Ack, Decision, Error
+from shared.messages import Ack, Decision, Error, Fill
 
+FILL_MSG = Fill(ts=5, fill_id="o-1", order_id="o", client_order_id="c", symbol="BTCUSDT", side=Side.BUY,
+                price=D("100.5"), qty=D("0.004"), fee=D("0.000402"), fee_asset="USDT", liquidity=Liquidity.TAKER,
+                exch_ts=1)
 FILL = {"ts": 5, "fill_id": "o-1", "order_id": "o", "client_order_id": "c", "symbol": "BTCUSDT", "side": "BUY",
         "price": "100.5", "qty": "0.004", "fee": "0.000402", "fee_asset": "USDT", "liquidity": "TAKER", "exch_ts": 1}
 
 
 def ack_bytes(**kw) -> bytes:
     fields = dict(ts=5, client_order_id="c", order_id="o", status=OrderStatus.FILLED, filled_qty=D("0.004"),
-                  avg_price=D("100.5"), fills=[FILL])
+                  avg_price=D("100.5"), fills=[FILL_MSG])
     fields.update(kw)
     return messages.encode(Ack(**fields))
 
@@ -29,13 +33,13 @@ def ack_bytes(**kw) -> bytes:
 @pytest.mark.parametrize("reason", [None, {"code": "MAX_POSITION", "text": "cut from 1 to 0.5"}])
 def test_the_spliced_decision_decodes_to_the_same_message(reason):
     raw = ack_bytes()
-    wire = msgpack.unpackb(raw)
     decision = Decision(ts=7, client_order_id="c", verdict=Verdict.ADJUSTED if reason else Verdict.APPROVED,
-                        reason=reason, qty=D("0.004"), order=wire)
+                        reason=reason, qty=D("0.004"), order=messages.decode(raw, messages.REQUESTS))
     before, after = decision_parts(decision)
     spliced = before + msgpack.packb(decision.ts) + after + raw
     assert messages.decode(spliced, messages.REQUESTS) == decision
-    assert msgpack.unpackb(spliced) == msgpack.unpackb(messages.encode(decision))
+    assert spliced == messages.encode(decision)  # the typed ack encodes to the broker's bytes
+    assert msgpack.unpackb(raw)["fills"] == [FILL] and FILL_MSG.wire_body() == FILL
 
 
 def test_read_ack_takes_what_risk_needs_and_refuses_the_rest():
@@ -73,12 +77,13 @@ def test_the_decision_made_while_the_broker_works_is_the_one_encoded_at_its_answ
                                                                                     reason, fills):
     """The desk packs a decision in two parts before the broker answers, then only its time
     stamp: byte for byte what packing the whole Decision with the broker's map would give."""
-    raw = ack_bytes(client_order_id=coid, fills=[FILL] * fills)
+    raw = ack_bytes(client_order_id=coid, fills=[FILL_MSG] * fills)
     head = Decision(ts=0, client_order_id=coid, verdict=verdict, reason=reason, qty=qty)
     before, after = decision_parts(head, REUSED.pack)  # as the desk does: one Packer for every order
     assert (before, after) == decision_parts(head) == approval_parts(coid, verdict, reason, qty, REUSED.pack)
     spliced = before + msgpack.packb(ts) + after + raw
     decision = Decision(ts=ts, client_order_id=coid, verdict=verdict, reason=reason, qty=qty,
-                        order=msgpack.unpackb(raw))
-    assert spliced == messages.encode(decision)  # the broker's map packs to the same bytes here
+                        order=messages.decode(raw, messages.REQUESTS))
+    assert spliced == messages.encode(decision)  # the typed ack packs to the broker's bytes
+    assert spliced == messages.encode(dataclasses.replace(decision, order=msgpack.unpackb(raw)))  # as its map did
     assert messages.decode(spliced, messages.REQUESTS) == decision

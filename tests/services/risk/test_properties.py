@@ -86,11 +86,12 @@ class RiskMachine(RuleBasedStateMachine):
 
     def _settle(self) -> None:
         self.engine.evaluate(self.now)  # what the shell does after each batch of events
-        if self.engine.changes:  # the shell stores a state change before anyone hears of it
-            for change in self.engine.changes:
+        if self.engine.has_changes:  # the shell stores a state change before anyone hears of it
+            for change in self.engine.take_changes():
                 event(f"state change: {change.code}")
-            self.engine.changes.clear()
-            self.stored, self.engine.dirty = self.engine.snapshot(), False
+            assert not self.engine.has_changes
+            self.stored = self.engine.snapshot()
+            self.engine.figures_stored()
 
     # -- rules ------------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class RiskMachine(RuleBasedStateMachine):
         eng = self.engine
         pos, working = eng.ledger.qty(symbol), eng.exposure.get((symbol, side), D(0))
         state, booked, resting = eng.state, eng.book_ns.get(symbol), sum(w.rests for w in eng.working.values())
-        paused, known_mid = eng.streak.paused(self.now), eng.mids.get(symbol)
+        paused, known_mid = eng.streak.paused(self.now), eng.marks.get(symbol)
         verdict = eng.check(req, self.now)
         event(f"verdict: {'ADJUSTED' if getattr(verdict, 'adjusted', False) else getattr(verdict, 'code', 'APPROVED')}")
         if not isinstance(verdict, Approval):
@@ -212,7 +213,8 @@ class RiskMachine(RuleBasedStateMachine):
     @rule()
     def heartbeat(self):
         self.engine.expire(self.now)
-        self.stored, self.engine.dirty = self.engine.snapshot(), False
+        self.stored = self.engine.snapshot()
+        self.engine.figures_stored()
 
     @rule()
     def restart(self):

@@ -163,6 +163,8 @@ def test_a_silent_broker_is_a_bounded_rejection_and_the_order_counts_until_known
         assert control(client, ControlAction.HALT, "stop")[0].state is TradingState.HALTED
         assert client.request(order("silent", "0.006")).reason["code"] == "HALTED"
         assert not broker.poll(200)
+        work = risk.engine.working_order("silent")  # denied, the earlier attempt still counts (the broker may have it)
+        assert work is not None and work.remaining == D("0.006") and work.expires_ns
     finally:
         broker.close()
 
@@ -184,7 +186,7 @@ def test_risk_keeps_serving_while_an_order_waits_for_the_broker(risk, client, rc
         broker.send_multipart([*frames[:-1], messages.encode(ack)])
         assert client.sock.poll(2000)
         decision = messages.decode(client.sock.recv(), messages.REQUESTS)
-        assert decision.verdict is Verdict.APPROVED and decision.order["status"] == "CANCELLED"
+        assert decision.verdict is Verdict.APPROVED and decision.order.status is OrderStatus.CANCELLED
         settled(other)
         assert risk.engine.working == {}
     finally:
@@ -255,13 +257,13 @@ def test_risk_and_broker_approve_and_fill(stack, client, rcfg, db_rows, wait_unt
         decision = messages.decode(first, messages.REQUESTS)
         assert decision.verdict is Verdict.APPROVED and decision.qty == D("0.006") and decision.reason is None
         ack = decision.order
-        assert ack["status"] == "FILLED" and ack["avg_price"] == "100.66666667"  # 0.604 / 0.006, half-even
-        assert [(f["price"], f["qty"]) for f in ack["fills"]] == [("100.5", "0.004"), ("101", "0.002")]
+        assert ack.status is OrderStatus.FILLED and str(ack.avg_price) == "100.66666667"  # 0.604 / 0.006, half-even
+        assert [(str(f.price), str(f.qty)) for f in ack.fills] == [("100.5", "0.004"), ("101", "0.002")]
         settled(client)
         assert risk.engine.ledger.qty("BTCUSDT") == D("0.006") and risk.engine.working == {}
         assert count(db_rows, rcfg, "fills", "client_order_id = 't1'") == 2
         # the same fills arrive on the bus too; they are not counted twice
-        wait_until(lambda: all(risk.engine.ledger.has_seen(f["fill_id"]) for f in ack["fills"]), "fills seen")
+        wait_until(lambda: all(risk.engine.ledger.has_seen(f.fill_id) for f in ack.fills), "fills seen")
         assert risk.engine.ledger.qty("BTCUSDT") == D("0.006")
 
         over = client.request(order("t2", "0.005"))
@@ -288,7 +290,7 @@ def test_an_order_over_the_limit_is_adjusted_to_what_fits(rcfg, risk_env, runner
     cut = client.request(order("a2", "0.008"))
     assert cut.verdict is Verdict.ADJUSTED and cut.qty == D("0.003") and cut.reason["code"] == "MAX_POSITION"
     settled(client)
-    assert cut.order["filled_qty"] == "0.003" and risk.engine.ledger.qty("BTCUSDT") == D("0.01")
+    assert str(cut.order.filled_qty) == "0.003" and risk.engine.ledger.qty("BTCUSDT") == D("0.01")
     assert client.request(order("a3", "0.001")).reason["code"] == "MAX_POSITION"  # nothing fits now
 
 
@@ -300,7 +302,7 @@ def test_broker_outcomes_travel_in_the_approved_decision(rcfg, risk_env, runner,
     feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in risk.engine.book_ns)
     decision = client.request(order("nob", "0.001"))
     assert decision.verdict is Verdict.APPROVED and decision.reason is None
-    assert (decision.order["status"], decision.order["fills"]) == ("REJECTED", [])
+    assert (decision.order.status, decision.order.fills) == (OrderStatus.REJECTED, [])
     settled(client)
     assert risk.stats["broker_rejected"] == 1 and risk.engine.ledger.qty("BTCUSDT") == 0
 
@@ -308,7 +310,7 @@ def test_broker_outcomes_travel_in_the_approved_decision(rcfg, risk_env, runner,
 def test_resting_order_counts_against_the_limit_until_cancelled(stack, client):
     broker, risk = stack
     rest = client.request(order("gtc", "0.008", kind=OrderKind.LIMIT, price=D("100.5")))
-    assert rest.order["status"] == "PARTIALLY_FILLED" and rest.order["filled_qty"] == "0.004"
+    assert rest.order.status is OrderStatus.PARTIALLY_FILLED and str(rest.order.filled_qty) == "0.004"
     settled(client)
     work = risk.engine.working["gtc"]
     assert (work.symbol, work.side, work.remaining, work.expires_ns) == ("BTCUSDT", Side.BUY, D("0.004"), 0)
@@ -323,10 +325,10 @@ def test_resting_order_counts_against_the_limit_until_cancelled(stack, client):
 
 def test_flatten_cancels_working_orders_and_closes_positions_through_the_broker(stack, client, rcfg, db_rows):
     broker, risk = stack
-    assert client.request(order("long", "0.004")).order["status"] == "FILLED"
+    assert client.request(order("long", "0.004")).order.status is OrderStatus.FILLED
     rest = client.request(order("rest", "0.002", side=Side.SELL, kind=OrderKind.LIMIT, price=D("101")))
     settled(client)
-    assert rest.order["status"] == "PENDING" and "rest" in risk.engine.working
+    assert rest.order.status is OrderStatus.PENDING and "rest" in risk.engine.working
     reply, detail = control(client, ControlAction.FLATTEN, "close out")
     assert reply.state is TradingState.REDUCING and reply.positions == {"BTCUSDT": "0"}
     actions = [(r["action"], r["status"]) for r in detail["flatten"]]
@@ -347,7 +349,7 @@ def test_a_daily_loss_halts_by_itself_publishes_and_persists(rcfg, risk_env, run
     try:
         feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in
              risk.engine.book_ns)
-        assert client.request(order("buy", "0.004")).order["status"] == "FILLED"  # 0.402 + fee 0.000402
+        assert client.request(order("buy", "0.004")).order.status is OrderStatus.FILLED  # 0.402 + fee 0.000402
         feed(md, make_book(bids=[[40.0, 1.0]], asks=[[41.0, 1.0]]), lambda: risk.engine.state is TradingState.HALTED)
         assert (risk.engine.state_code, risk.engine.state_by) == ("DAILY_LOSS", "risk")
 
@@ -402,7 +404,7 @@ def test_sleeping_or_busy_polling_risk_answers_alike(spin_us, risk_env, runner, 
     client = clients(cfg.bus.risk_rep)
     for i in range(3):
         decision = client.request(order(f"s{i}", "0.001"))
-        assert decision.verdict is Verdict.APPROVED and decision.order["status"] == "FILLED"
+        assert decision.verdict is Verdict.APPROVED and decision.order.status is OrderStatus.FILLED
     over = client.request(order("s9", "0.01"))
     assert over.verdict is Verdict.REJECTED and over.reason["code"] == "MAX_POSITION"
     settled(client)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.strategy.core import ImbalanceStrategy, fills_of
-from shared.enums import OrderKind, Side, Verdict
-from shared.messages import Decision
+from shared import messages
+from shared.enums import Liquidity, OrderKind, OrderStatus, Side, Verdict
+from shared.errors import DecodeError
+from shared.messages import Ack, Decision, Fill
 
 MS = 1_000_000
 
@@ -19,12 +22,25 @@ def strategy(config, **env) -> ImbalanceStrategy:
     return ImbalanceStrategy(config(**env).strategy, ["btcusdt", "ETHUSDT"], id_prefix="t-1")
 
 
-def approve(intent, *fills, status="FILLED") -> Decision:
+def fill(cid: str, qty: str, price: str, side: Side = Side.BUY, n: int = 0) -> Fill:
+    return Fill(ts=1, fill_id=f"o1-{n + 1}", order_id="o1", client_order_id=cid, symbol="BTCUSDT", side=side,
+                price=Decimal(price), qty=Decimal(qty), fee=Decimal(0), fee_asset="USDT", liquidity=Liquidity.TAKER,
+                exch_ts=1)
+
+
+def ack(cid: str, *fills: Fill, status=OrderStatus.FILLED, filled_qty: str | None = None,
+        avg_price: str | None = None) -> Ack:
+    """The broker's ack as risk relays it (filled_qty: the fills' sum unless given; no avg_price unless given)."""
+    filled = Decimal(filled_qty) if filled_qty is not None else sum((f.qty for f in fills), Decimal(0))
+    return Ack(ts=1, client_order_id=cid, order_id="o1", status=status, filled_qty=filled,
+               avg_price=None if avg_price is None else Decimal(avg_price), fills=list(fills))
+
+
+def approve(intent, *fills, status=OrderStatus.FILLED) -> Decision:
     """A risk decision carrying a broker ack with `fills` as (qty, price) strings."""
-    rows = [{"fill_id": f"f{i}", "side": intent.side.value, "qty": q, "price": p, "fee": "0"}
-            for i, (q, p) in enumerate(fills)]
-    return Decision(ts=0, client_order_id=intent.client_order_id, verdict=Verdict.APPROVED,
-                    qty=intent.qty, order={"order_id": "o1", "status": status, "fills": rows})
+    cid = intent.client_order_id
+    return Decision(ts=0, client_order_id=cid, verdict=Verdict.APPROVED, qty=intent.qty,
+                    order=ack(cid, *(fill(cid, q, p, intent.side, i) for i, (q, p) in enumerate(fills)), status=status))
 
 
 def test_flat_and_bid_heavy_book_buys_the_configured_qty(config, book):
@@ -94,21 +110,21 @@ def test_ack_without_fills_uses_filled_qty_and_unknown_ids_are_ignored(config, b
     buy = s.on_book(book(imbalance=0.9), 0)
     assert s.on_decision(Decision(ts=0, client_order_id="someone-else", verdict=Verdict.APPROVED)) is None
     decision = Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED,
-                        qty=buy.qty, order={"status": "FILLED", "filled_qty": "0.001", "avg_price": "100.5"})
+                        qty=buy.qty, order=ack(buy.client_order_id, filled_qty="0.001", avg_price="100.5"))
     out = s.on_decision(decision)
     assert (out.filled_qty, out.avg_price) == (Decimal("0.001"), Decimal("100.5"))
     assert s.on_decision(decision) is None  # a duplicate answer is not applied twice
     assert s.position("BTCUSDT") == Decimal("0.001")
 
 
-def test_malformed_ack_is_refused_without_touching_the_position(config, book):
+def test_a_malformed_ack_never_decodes_so_the_strategy_never_sees_it(config, book):
     s = strategy(config)
     buy = s.on_book(book(imbalance=0.9), 0)
-    bad = Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED,
-                   order={"fills": [{"qty": 0.001, "price": "100"}]})  # a float qty: never on the money path
-    with pytest.raises(ValueError, match="decimal string"):
-        s.on_decision(bad)
-    assert s.position("BTCUSDT") == 0 and s.in_flight("BTCUSDT") is None
+    wire = approve(buy, ("0.001", "100")).to_wire()
+    wire["order"]["fills"][0]["qty"] = 0.001  # a float qty: never on the money path
+    with pytest.raises(DecodeError, match=r"order: fills\[0\]: qty: expected .*decimal string, got float"):
+        messages.decode(msgpack.packb(wire), messages.REQUESTS)
+    assert s.position("BTCUSDT") == 0  # the shell answers the order REJECTED BAD_REPLY (test_service.py)
 
 
 def test_unknown_symbol_is_ignored(config, book):
@@ -116,12 +132,20 @@ def test_unknown_symbol_is_ignored(config, book):
 
 
 def test_fills_of_signs_by_side_and_refuses_negative_qty():
-    d = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED,
-                 order={"fills": [{"qty": "0.5", "price": "10", "side": "SELL"}]})
+    d = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED, order=ack("c", fill("c", "0.5", "10", Side.SELL)))
     assert fills_of(d, Side.SELL) == (Decimal("-0.5"), Decimal("10"))
-    neg = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED, order={"fills": [{"qty": "-1"}]})
-    with pytest.raises(ValueError):
+    assert fills_of(Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED), Side.BUY) == (0, None)
+    neg = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED, order=ack("c", fill("c", "-1", "10")))
+    with pytest.raises(ValueError, match="negative"):
         fills_of(neg, Side.BUY)
+
+
+def test_fills_of_reads_the_typed_values_as_decoded_from_the_wire():
+    d = Decision(ts=0, client_order_id="c", verdict=Verdict.APPROVED,
+                 order=ack("c", fill("c", "0.0004", "100.10"), fill("c", "0.0006", "100.20", n=1), avg_price="100.16"))
+    back = messages.decode(messages.encode(d), messages.REQUESTS)
+    assert back == d and type(back.order.fills[0].qty) is Decimal
+    assert fills_of(back, Side.BUY, Decimal("0.001")) == (Decimal("0.0010"), Decimal("100.16"))
 
 
 events = st.lists(st.tuples(st.floats(-1, 1), st.integers(0, 400), st.sampled_from(["fill", "partial", "reject",
@@ -157,28 +181,55 @@ def test_never_short_never_two_in_flight_and_cooldown_respected(config, book, se
 
 
 
+def _fill_map(**changes) -> dict:
+    return {"ts": 1, "fill_id": "o1-1", "order_id": "o1", "client_order_id": "t-1-1", "symbol": "BTCUSDT",
+            "side": "BUY", "price": "1", "qty": "0.001", "fee": "0", "fee_asset": "USDT", "liquidity": "TAKER",
+            "exch_ts": 1, **changes}
+
+
 @pytest.mark.parametrize("order", [
     {"fills": "abc"},  # walked as characters: AttributeError escaped the ValueError handler
     {"fills": [1, 2]},
-    {"fills": [{"qty": "9e999999", "price": "1"}, {"qty": "9e999999", "price": "1"}]},  # the sum overflowed
-    {"fills": [{"qty": "1e-999999", "price": "1"}]},
-    {"fills": [{"qty": "0.001", "price": "1", "side": ["BUY"]}]},
-    {"fills": [{"qty": "0.001", "price": "1", "side": "HOLD"}]},
-    {"fills": [{"qty": "0.001", "price": "NaN"}]},
+    {"fills": [_fill_map(qty="9e999999"), _fill_map(qty="9e999999")]},  # the sum overflowed
+    {"fills": [_fill_map(qty="1e-999999")]},
+    {"fills": [_fill_map(side=["BUY"])]},
+    {"fills": [_fill_map(side="HOLD")]},
+    {"fills": [_fill_map(price="NaN")]},
+    {"fills": [_fill_map(qty=0.001)]},
+    {"fills": [_fill_map(qty=True)]},
+    {"fills": [{k: v for k, v in _fill_map().items() if k != "price"}]},
     {"fills": [], "filled_qty": "Infinity"},
-    {"fills": [{"qty": "0.001"}], "avg_price": {"x": 1}},
+    {"fills": [_fill_map()], "avg_price": {"x": 1}},
+    {"fills": [_fill_map()], "type": "decision"},
+    {"fills": [_fill_map()], "v": 2},
+    {"fills": [_fill_map()], "status": "DONE"},
+])
+def test_a_hostile_ack_of_any_shape_is_a_decode_error(order):
+    wire = Decision(ts=0, client_order_id="t-1-1", verdict=Verdict.APPROVED,
+                    order=ack("t-1-1", fill("t-1-1", "0.001", "1"))).to_wire()
+    wire["order"].update(order)
+    with pytest.raises(DecodeError):
+        messages.decode(msgpack.packb(wire), messages.REQUESTS)
+
+
+@pytest.mark.parametrize("fills,filled_qty", [
     # well formed, but not for this order: the position went short (a long/flat strategy then
     # never traded again) or past what was asked
-    {"fills": [{"qty": "0.001", "price": "1", "side": "SELL"}]},
-    {"fills": [{"qty": "0.001", "price": "1"}, {"qty": "0.001", "price": "1"}]},
-    {"fills": [], "filled_qty": "0.01"},
-    {"fills": [], "filled_qty": "-0.001"},
+    ([("0.001", "1", Side.SELL)], None),
+    ([("0.001", "1", Side.BUY), ("0.001", "1", Side.BUY)], None),
+    ([("-0.001", "1", Side.BUY)], None),
+    ([], "0.01"),
+    ([], "-0.001"),
 ])
-def test_a_hostile_ack_of_any_shape_is_a_value_error_and_changes_nothing(config, book, order):
+def test_an_ack_not_credible_for_the_order_is_a_value_error_and_changes_nothing(config, book, fills, filled_qty):
     s = strategy(config)
     buy = s.on_book(book(imbalance=0.9), 0)
+    cid = buy.client_order_id
+    lie = ack(cid, *(fill(cid, q, p, side, i) for i, (q, p, side) in enumerate(fills)), filled_qty=filled_qty)
+    decision = messages.decode(messages.encode(Decision(ts=0, client_order_id=cid, verdict=Verdict.APPROVED,
+                                                        order=lie)), messages.REQUESTS)  # it decodes: well formed
     with pytest.raises(ValueError):
-        s.on_decision(Decision(ts=0, client_order_id=buy.client_order_id, verdict=Verdict.APPROVED, order=order))
+        s.on_decision(decision)
     assert s.position("BTCUSDT") == 0 and s.in_flight("BTCUSDT") is None
 
 

@@ -16,9 +16,9 @@ import zmq
 from services.strategy.service import StrategyService
 from shared import messages
 from shared.bus import Publisher, Server
-from shared.enums import OrderKind, Side, Verdict
+from shared.enums import Liquidity, OrderKind, OrderStatus, Side, Verdict
 from shared.log import KeyValueFormatter
-from shared.messages import Decision, OrderRequest
+from shared.messages import Ack, Decision, Fill, OrderRequest
 from shared.runtime import liveness_path
 
 WAIT_S = 5.0  # upper bound of every wait in this file; the happy path takes milliseconds
@@ -66,11 +66,14 @@ class FakeRisk(threading.Thread):
 
 def fill_all(req: OrderRequest, price: str = "100.5") -> Decision:
     """Risk approves and the broker fills the whole order at `price`."""
-    fill = {"fill_id": f"{req.client_order_id}-f1", "side": req.side.value, "qty": str(req.qty), "price": price,
-            "fee": "0", "fee_asset": "USDT"}
+    oid = "o-" + req.client_order_id
+    fill = Fill(ts=time.time_ns(), fill_id=f"{oid}-1", order_id=oid, client_order_id=req.client_order_id,
+                symbol=req.symbol, side=req.side, price=Decimal(price), qty=req.qty, fee=Decimal(0), fee_asset="USDT",
+                liquidity=Liquidity.TAKER, exch_ts=1)
+    ack = Ack(ts=time.time_ns(), client_order_id=req.client_order_id, order_id=oid, status=OrderStatus.FILLED,
+              filled_qty=req.qty, avg_price=Decimal(price), fills=[fill])
     return Decision(ts=time.time_ns(), client_order_id=req.client_order_id, verdict=Verdict.APPROVED,
-                    qty=req.qty, order={"order_id": "o-" + req.client_order_id, "status": "FILLED",
-                                        "filled_qty": str(req.qty), "avg_price": price, "fills": [fill]})
+                    qty=req.qty, order=ack)
 
 
 class ResultLog(logging.Handler):

@@ -1,0 +1,102 @@
+"""`qf backtest` figures (issue #12): throughput of the whole in-process pipeline over the shipped
+spot BTCUSDT capture, with the market-data floor of the same run beside it, and determinism."""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTURE = os.path.join(ROOT, "tests", "data", "binance-spot-btcusdt-20240808.jsonl.gz")
+RUNS = 3
+
+
+def _fills_hash(db: str) -> str:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def _inproc(db: str) -> tuple[float, dict]:
+    """One backtest in this process (what `qf backtest` runs after parsing its arguments):
+    (wall seconds from opening the capture to the database written, its summary)."""
+    from services.backtest import cli
+    from shared.config import load
+    from shared.db import close_db
+
+    cfg = load({})
+    t0 = time.perf_counter()
+    specs = cli.check_captures([CAPTURE])
+    cli.open_db(db, overwrite=True)
+    try:
+        summary, _ = cli.run(cfg, specs, db, cfg.broker.seed)
+    finally:
+        close_db()
+    return time.perf_counter() - t0, summary
+
+
+def _md_floor() -> tuple[float, int]:
+    """The no-work floor of the same pipeline: ReplayFeed(stamp="recorded") into BookRouter with a
+    publisher that drops everything (read, parse, sync, book metrics; no strategy, risk or broker)."""
+    from services.marketdata.feeds import ReplayFeed
+    from services.marketdata.records import SnapshotRecord, WsMessage
+    from services.marketdata.router import BookRouter
+
+    class Drop:
+        def publish(self, topic, msg) -> None:
+            pass
+
+    router = BookRouter(("BTCUSDT",), 10)
+    router.pub = Drop()
+    n = 0
+    t0 = time.perf_counter()
+    for rec in ReplayFeed(CAPTURE, ("BTCUSDT",), 0, stamp="recorded").records():
+        router.dispatch(rec, rec.recv_ns)
+        n += type(rec) in (WsMessage, SnapshotRecord)
+    return time.perf_counter() - t0, n
+
+
+def run() -> dict[str, float]:
+    """- backtest_msgs_per_s: capture messages / wall s of the whole pipeline in one process (capture
+      read and parsed, books synced, strategy, risk, fill model, ledger, database written), median
+      of RUNS; backtest_md_floor_msgs_per_s: the market-data part alone in the same run
+      (`_md_floor`), and backtest_vs_md_floor their ratio (1.0 = the trading cores cost nothing).
+    - backtest_cli_msgs_per_s, backtest_cli_rss_mb: the real `qf backtest` subprocess (interpreter
+      start included), its peak RSS.
+    - backtest_identical_runs: 1 when two runs give the same fills table byte for byte, else 0."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, floors, hashes, events = [], [], [], 0
+        for i in range(RUNS):
+            db = os.path.join(tmp, f"run{i}.db")
+            seconds, summary = _inproc(db)
+            runs.append(summary["events"] / seconds)
+            events = summary["events"]
+            hashes.append(_fills_hash(db))
+            seconds, n = _md_floor()
+            floors.append(n / seconds)
+        runs.sort()
+        floors.sort()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
+        db = os.path.join(tmp, "cli.db")
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "services.cli", "backtest", "--capture", CAPTURE, "--db", db],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"qf backtest failed: {out.stderr[-300:]}")
+        rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        hashes.append(_fills_hash(db))
+    median, floor = runs[len(runs) // 2], floors[len(floors) // 2]
+    return {
+        "backtest_msgs_per_s": round(median),
+        "backtest_md_floor_msgs_per_s": round(floor),
+        "backtest_vs_md_floor": round(median / floor, 3),
+        "backtest_cli_msgs_per_s": round(events / wall),
+        "backtest_cli_rss_mb": round(rss_mb, 1),
+        "backtest_identical_runs": int(len(set(hashes)) == 1),
+    }

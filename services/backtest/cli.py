@@ -1,0 +1,281 @@
+"""`qf backtest`: the shell around services/backtest/engine.py — arguments, inputs, the database, progress, the summary.
+
+Exit status: 0 done; 2 bad input (a missing or unreadable file, not a capture, a symbol the
+capture never gives a book for, a bad setting, an existing --db without --overwrite); 3 the
+run finished but a gap in a symbol's update ids was never repaired by a later snapshot (its
+trading ended at the gap; the summary names it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from shared import config as qfconfig
+from shared.errors import ConfigError
+
+EXIT_BAD_INPUT, EXIT_UNREPAIRED_GAP = 2, 3
+PROGRESS_EVERY = 5_000  # records between progress updates
+PLAIN_PROGRESS_S = 5.0  # without a terminal: one line this often
+
+
+class BadInput(Exception):
+    """A one-line reason the backtest cannot run, naming the file or setting at fault."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("backtest", help="run the strategy, risk and the paper exchange over captures, as fast "
+                                        "as the CPU allows, and print the results",
+                       description="Replays capture files through the same cores the services run (book "
+                                   "sync, strategy, risk with every check and breaker, the fill model, the "
+                                   "ledger) in one process, on the capture's recorded time; writes orders, "
+                                   "fills, equity and risk events to a database with the live schema.")
+    p.add_argument("--capture", nargs="+", required=True, metavar="FILE",
+                   help="capture files (.jsonl or .jsonl.gz, as `qf record` writes them); files of one "
+                        "market are played one after another in time order")
+    p.add_argument("--symbols", help="comma-separated symbols to trade (default: QF_SYMBOLS)")
+    p.add_argument("--db", default="backtest.db", help="SQLite file to write (default: backtest.db)")
+    p.add_argument("--overwrite", action="store_true", help="replace --db if it exists")
+    lat = p.add_mutually_exclusive_group()
+    lat.add_argument("--latency-ms", type=float, metavar="N",
+                     help="constant entry latency in ms (sets QF_BROKER_LATENCY_MODE=constant)")
+    lat.add_argument("--latency-mode", choices=("feed", "constant", "lognormal"),
+                     help="QF_BROKER_LATENCY_MODE for this run")
+    p.add_argument("--seed", type=int, help="seed of the sampled latency and the order ids (default: "
+                                            "QF_BROKER_SEED)")
+    p.add_argument("--config", metavar="FILE", help="a file of QF_NAME=value lines, over the environment")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.add_argument("--verbose", action="store_true", help="show the services' warnings and log lines on stderr "
+                                                          "(default: errors only; the summary names gaps)")
+    p.set_defaults(func=main)
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """`QF_NAME=value` lines (blank lines and `#` comments skipped; `export ` allowed). Raises BadInput."""
+    out = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if line.startswith("export "):
+                    line = line[7:].lstrip()
+                name, sep, value = line.partition("=")
+                if not sep or not name.strip():
+                    raise BadInput(f"{path}:{n}: expected QF_NAME=value, got {line[:60]!r}")
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                out[name.strip()] = value
+    except OSError as exc:
+        raise BadInput(f"cannot read config {path}: {exc.strerror or exc}") from None
+    return out
+
+
+def load_config(args: argparse.Namespace) -> qfconfig.Config:
+    env = dict(os.environ)
+    if args.config:
+        env.update(read_config_file(args.config))
+    if args.symbols:
+        env["QF_SYMBOLS"] = args.symbols
+    if args.latency_ms is not None:
+        env["QF_BROKER_LATENCY_MODE"], env["QF_BROKER_LATENCY_MS"] = "constant", repr(args.latency_ms)
+    elif args.latency_mode:
+        env["QF_BROKER_LATENCY_MODE"] = args.latency_mode
+    if args.seed is not None:
+        env["QF_BROKER_SEED"] = str(args.seed)
+    try:
+        return qfconfig.load(env)
+    except ConfigError as exc:
+        raise BadInput(qfconfig.mask_secrets(str(exc))) from None
+
+
+def check_captures(paths: list[str]):
+    """Each file exists, is readable and starts with a capture record; returns the replay specs
+    (files grouped by market, each group in the order of its first record's time). Raises BadInput."""
+    from services.marketdata.capture import CaptureError, iter_capture
+    from services.marketdata.feeds import CaptureSpec, detect_market
+
+    firsts: dict = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise BadInput(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+        try:
+            first = next(iter(iter_capture(path)), None)
+        except CaptureError as exc:
+            raise BadInput(f"{exc} — not a capture") from None
+        except OSError as exc:
+            raise BadInput(f"{path}: {exc.strerror or exc}") from None
+        if first is None or type(first.get("t")) is not int:
+            raise BadInput(f"{path}: not a capture (no record with an integer receive time \"t\")")
+        firsts[path] = (detect_market(path), first["t"])
+    groups: dict = {}
+    for path, (market, t) in firsts.items():
+        groups.setdefault(market, []).append((t, path))
+    return [CaptureSpec(tuple(p for _, p in sorted(group)), market) for market, group in groups.items()]
+
+
+def open_db(path: str, overwrite: bool):
+    from shared.db import init_db
+    if os.path.exists(path):
+        if not overwrite:
+            raise BadInput(f"{path} exists: remove it, pass --overwrite, or choose another --db")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(path + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise BadInput(f"cannot replace {path}: {exc.strerror or exc}") from None
+    try:
+        return init_db(path)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from None
+
+
+class Progress:
+    """A tqdm bar on a terminal (stderr), plain lines every PLAIN_PROGRESS_S otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet
+        self.bar = None
+        self.last = time.monotonic()
+        self.start = self.last
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(unit=" msg", unit_scale=True, desc="backtest", file=sys.stderr, dynamic_ncols=True)
+        self.done = 0
+
+    def __call__(self, records: int, now_ns: int) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now_ns / 1e9))
+        if self.bar is not None:
+            self.bar.update(records - self.done)
+            self.bar.set_postfix_str(f"capture time {stamp} UTC", refresh=False)
+        elif not self.quiet:
+            mono = time.monotonic()
+            if mono - self.last >= PLAIN_PROGRESS_S:
+                self.last = mono
+                rate = records / (mono - self.start)
+                print(f"backtest: {records:,} messages, capture time {stamp} UTC, {rate:,.0f} msg/s",
+                      file=sys.stderr, flush=True)
+        self.done = records
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cfg: qfconfig.Config, specs, db_path: str | None, seed: int, progress=None) -> tuple[dict, list]:
+    """Run the backtest of `specs` and write `db_path` (None: no database); returns (summary, unrepaired gaps).
+    Raises BadInput for a capture that breaks or a symbol without a book."""
+    from services.backtest.engine import Backtest
+    from services.marketdata.feeds import ReplayFeed
+    from services.marketdata.router import BookRouter
+    from shared import journal
+
+    symbols = tuple(cfg.md.symbols)
+    pending: list = []
+
+    def sink(statements: list) -> None:
+        pending.extend(statements)
+        if db_path is not None and len(pending) >= 5_000:
+            journal.write(pending)
+            pending.clear()
+
+    router = BookRouter(symbols, cfg.md.book_depth)
+    feed = ReplayFeed(specs, symbols, 0, stamp="recorded")
+    try:
+        bt = Backtest(cfg, symbols, seed, sink, router)
+    except ConfigError as exc:  # a setting only a service can judge (risk's limits, a symbol's assets)
+        raise BadInput(qfconfig.mask_secrets(str(exc))) from None
+    started = time.perf_counter()
+    bt.run(feed.records(), progress, PROGRESS_EVERY)
+    seconds = time.perf_counter() - started
+    for capture in feed.captures:
+        if capture.failed:
+            raise BadInput(capture.error or f"{'+'.join(capture.spec.paths)}: unreadable")
+    if db_path is not None:
+        if pending:
+            journal.write(pending)
+        bt.outbox.flush(bt.engine, bt.clock.now)
+    never = [s for s in symbols if router.last_uid.get(s, 0) == 0]
+    if never:
+        files = ", ".join(p for spec in specs for p in spec.paths)
+        raise BadInput(f"{files}: no book for {', '.join(never)} (no snapshot or no depth events of it in the "
+                       f"capture)")
+    return bt.summary(seconds), bt.unrepaired()
+
+
+def render(summary: dict) -> str:
+    """The summary for a person: one figure a line."""
+    def fmt(v, suffix=""):
+        return "n/a" if v is None else f"{v}{suffix}"
+    first, last = summary.get("first_ts"), summary.get("last_ts")
+    span = (last - first) / 1e9 if first and last else 0.0
+    lines = [
+        f"capture      {summary['events']:,} messages over {span:,.1f} s of recorded time "
+        f"({summary['events_per_s'] or 0:,} msg/s here)",
+        f"orders       {summary['orders']:,} sent by the strategy, {summary['denied']:,} denied by risk, "
+        f"{summary['broker_orders']:,} reached the exchange, {summary['open_orders']} still open",
+        f"fills        {summary['fills']:,} (maker share {fmt(_pct(summary['maker_share']))})",
+        f"turnover     {summary['turnover']}",
+        f"P&L          gross {summary['gross_pnl']}, fees {summary['fees']}, net {summary['net_pnl']} "
+        f"(equity {summary['start_cash']} -> {summary['end_equity']})",
+        f"drawdown     max {summary['max_drawdown']} ({fmt(_pct(float(summary['max_drawdown_frac'])))} of the peak)",
+        f"Sharpe       {fmt(_num(summary['sharpe']))} ({summary['sharpe_period']})",
+        f"win rate     {fmt(_pct(summary['win_rate']))} of {summary['round_trips']} round trips",
+        f"slippage     {fmt(summary['slippage_decision'])} vs decision mid, "
+        f"{fmt(summary['slippage_arrival'])} vs arrival mid (price units, + = cost, qty-weighted)",
+        f"risk state   {summary['risk_state']}; positions {summary['positions'] or 'flat'}",
+    ]
+    gaps = summary["gaps"]
+    if not gaps:
+        lines.append("gaps         none")
+    for g in gaps:
+        fate = (f"repaired by a snapshot (book again at update id {g['repaired_at_update_id']})" if g["repaired"]
+                else "NEVER repaired: trading in it ended here")
+        lines.append(f"gap          {g['symbol']}: after update id {g['after_update_id']} came "
+                     f"{g['next_first_update_id']}; {fate}")
+    return "\n".join(lines)
+
+
+def _pct(x):
+    return None if x is None else f"{x * 100:.1f} %"
+
+
+def _num(x):
+    return None if x is None else f"{x:.2f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+    if not args.verbose:  # a capture's thousand ignored streams are not news in a backtest
+        logging.getLogger("qf").setLevel(logging.ERROR)
+    progress = None
+    try:
+        cfg = load_config(args)
+        specs = check_captures(args.capture)
+        open_db(args.db, args.overwrite)
+        progress = Progress()
+        summary, unrepaired = run(cfg, specs, args.db, cfg.broker.seed, progress)
+    except BadInput as exc:
+        if progress is not None:
+            progress.close()
+        print(f"qf backtest: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        from shared.db import close_db
+        close_db()
+    progress.close()
+    summary["db"] = args.db
+    print(json.dumps(summary) if args.json else render(summary) + f"\ndatabase     {args.db}")
+    if unrepaired:
+        print(f"qf backtest: {len(unrepaired)} gap(s) never repaired: "
+              + "; ".join(f"{g.symbol} after update id {g.after}" for g in unrepaired), file=sys.stderr)
+        return EXIT_UNREPAIRED_GAP
+    return 0
+

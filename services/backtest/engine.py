@@ -1,0 +1,422 @@
+"""`qf backtest`'s one loop: the live services' cores driven in one process by a capture's recorded time.
+
+What runs is what the services run, minus their sockets:
+
+- market data: `BookRouter` (book sync, gaps, resyncs from the capture's snapshots), fed the
+  capture's records by `ReplayFeed(stamp="recorded")`, so every book and trade carries the
+  time it was recorded at (`ts` = `recv_ts`);
+- the strategy: `ImbalanceStrategy`, asking through the wire format (an encoded `order`, an
+  encoded `decision` back) exactly as its service does;
+- risk: `RiskEngine` behind the service's own `OrderDesk` (checks, breakers, answer vetting,
+  denial rows), whose broker link is `PaperExchange.send` instead of a DEALER socket;
+- the broker: `FillModel` (latency, book walking, queues, fees), `Account` and the broker's
+  storage statements (`services/broker/store.py`), in `PaperExchange`.
+
+Time is the capture's. An order decided at `t` reaches the simulated exchange at
+`t + entry latency` (+ feed lag), as live: the loop wakes the exchange at that instant (the
+broker service's timer), before the next capture record at or after it. At each record the
+order of hand-offs is fixed — the exchange's due requests, then the record's books and trades to
+the broker, to risk, then to the strategy (whose order goes through risk to the broker at once)
+— which is the order the lock-step replay enforces across processes.
+
+No I/O here: rows for the database are handed to `sink` (a callable taking journal statements)
+and to risk's `Outbox`, which the shell writes.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Callable, Iterable
+
+from services.broker import core, store
+from services.broker.core import Account, Order
+from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
+from services.broker.latency import LatencyModel
+from services.broker.queue import make_queue_model
+from services.risk import limits as risk_limits
+from services.risk.core import RiskEngine
+from services.risk.desk import OrderDesk
+from services.risk.store import Forwarded, Outbox
+from services.risk.telemetry import LogLimiter
+from services.strategy.core import ImbalanceStrategy, OrderIntent
+from services.backtest.summary import Figures, Gap
+from shared import messages
+from shared.config import Config
+from shared.db import EQUITY_INSERT
+from shared.errors import DecodeError
+from services.marketdata.records import SnapshotRecord, WsMessage
+from shared.messages import Book, Cancel, Decision, Error, OrderRequest, Trade
+from shared.money import quote_asset
+
+log = logging.getLogger("qf.backtest")
+
+MESSAGES = (WsMessage, SnapshotRecord)  # the capture's messages (not the feed's route records)
+Sink = Callable[[list], None]  # journal statements (shared/db.py JOURNAL_SQL kinds) to store
+
+
+class SeededIds:
+    """Order ids as the broker makes them (uuid4-shaped hex), from a generator seeded by `seed`:
+    the same run gives the same ids, so the fills table is the same byte for byte."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def next(self) -> str:
+        raw = bytearray(self._rng.getrandbits(128).to_bytes(16, "big"))
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        return raw.hex()
+
+
+@dataclass(slots=True)
+class Clock:
+    """The backtest's one clock: the capture's recorded time, moved only by the loop."""
+    now: int = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class PaperExchange:
+    """The broker service's cores in-process: orders from risk's desk (`send`, BrokerLink's
+    interface) go into the FillModel; what it does is stored (statements to `sink`), answered
+    (the encoded ack to the desk's callback) and published (fills and order events to risk),
+    in the broker's order: durable first, then told. No journal and no repeat handling: one
+    process, one run, and nothing retried."""
+
+    endpoint = "in-process"
+
+    def __init__(self, cfg: Config, symbols: tuple[str, ...], seed: int, clock: Clock, sink: Sink,
+                 figures: Figures) -> None:
+        b = cfg.broker
+        self.latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, seed)
+        self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
+                               self.latency, b.fee_asset, symbols)
+        self.account = Account(b.start_cash)
+        self.timeout_ns = cfg.risk.broker_timeout_ms * 1_000_000
+        self.clock, self.sink, self.figures = clock, sink, figures
+        self.ids = SeededIds(seed)
+        self.waiters: dict[str, Callable[[bytes | None], None]] = {}
+        self.cancel_waiters: dict[int, Callable[[bytes | None], None]] = {}
+        self.acks: dict[str, messages.Ack] = {}  # the latest answer of each order (cancels of finished ones)
+        self._tokens = 0
+        self.now_answers: list[tuple[Callable[[bytes | None], None], bytes]] = []  # answered without latency
+        self.on_fill_event: Callable[[messages.Fill, int], None] = lambda fill, now: None
+        self.on_order_event: Callable[[messages.OrderEvent], None] = lambda event: None
+        self.orders = self.fills = 0
+
+    # -- BrokerLink's interface (risk's desk) -------------------------------------------------
+
+    def send(self, payload: bytes, callback: Callable[[bytes | None], None]) -> bool:
+        """A request from risk: an order goes in flight (answered when it reaches the book), a
+        cancel takes effect after the latency; what is answered at once is answered after this
+        call returns (`now_answers`), as a socket would."""
+        now = self.clock.now
+        req = messages.decode(payload, messages.REQUESTS)
+        if isinstance(req, OrderRequest):
+            self._place(req, callback, now)
+        elif isinstance(req, Cancel):
+            self._cancel(req.client_order_id, callback, now)
+        else:
+            self.now_answers.append((callback, messages.encode(Error(ts=now, code="unexpected_type",
+                                                                     text=req.TYPE))))
+        return True
+
+    def _place(self, req: OrderRequest, callback, now: int) -> None:
+        order_id = self.ids.next()
+        self.waiters[req.client_order_id] = callback
+        try:
+            quote_asset(req.symbol)
+            order = Order.from_request(req, order_id, now)
+            self.model.submit(order, now)
+        except ValueError:
+            order = Order.rejected(req, order_id, now, core.BAD_ORDER)
+            self.process([Update(ARRIVED, req.client_order_id, order)])
+
+    def _cancel(self, coid: str, callback, now: int) -> None:
+        self._tokens += 1
+        if self.model.cancel(coid, now, self._tokens):
+            self.cancel_waiters[self._tokens] = callback
+            return
+        known = self.acks.get(coid)
+        reply = (messages.Ack(**{**_fields(known), "reason": core.NOT_OPEN}) if known is not None
+                 else Error(ts=now, code="UNKNOWN_ORDER", text=coid))
+        self.now_answers.append((callback, messages.encode(reply)))
+
+    # -- time and market events -----------------------------------------------------------------
+
+    def next_due(self) -> int | None:
+        return self.model.next_due()
+
+    def advance(self, now: int) -> None:
+        self.process(self.model.advance(now))
+
+    def on_book(self, book: Book, now: int) -> None:
+        self.process(self.model.on_book(book, now))
+
+    def on_trade(self, trade: Trade, now: int) -> None:
+        self.process(self.model.on_trade(trade, now))
+
+    # -- commit, then tell (BrokerService._process) ------------------------------------------
+
+    def process(self, updates: list[Update]) -> None:
+        if not updates:
+            return
+        changes = []
+        for u in updates:
+            if u.event != NOT_OPEN:
+                w = u.working
+                changes.append(store.Change(u.order, u.event == ARRIVED, u.fills,
+                                            w.arrival_ts if w else None, w.decision_mid if w else None,
+                                            w.arrival_mid if w else None))
+        if changes:
+            statements, self.account = store.statements(changes, self.account, self.model.marks())
+            self.sink(statements)
+        events = []
+        for u in updates:
+            if u.event == NOT_OPEN:
+                self._answer_cancel(u, None)
+                continue
+            order = u.order
+            prior = self.acks.get(order.client_order_id)
+            ack = core.ack_for(order, [*(prior.fills if prior is not None else ()), *u.fills], order.updated_ts)
+            self.acks[order.client_order_id] = ack
+            if u.event == ARRIVED:
+                callback = self.waiters.pop(u.client_order_id, None)
+                if callback is not None:
+                    callback(messages.encode(ack))
+                self.orders += 1
+            if u.cancel_token is not None:
+                self._answer_cancel(u, ack)
+            events.append(u)
+        for u in events:  # the bus after the answers: fills first, then the order's new state
+            for f in u.fills:
+                self.fills += 1
+                self.figures.on_fill(f)
+                self.on_fill_event(f, self.clock.now)
+            self.on_order_event(core.order_event(u.order, u.order.updated_ts))
+        if any(u.fills for u in events):
+            self.figures.on_equity(self.account.equity(self.model.marks()), self.clock.now)
+
+    def _answer_cancel(self, u: Update, ack: messages.Ack | None) -> None:
+        callback = self.cancel_waiters.pop(u.cancel_token, None)
+        if callback is None:
+            return
+        if ack is None:
+            known = self.acks.get(u.client_order_id)
+            ack = messages.Ack(**{**_fields(known), "reason": core.NOT_OPEN}) if known is not None else None
+        callback(messages.encode(ack) if ack is not None else
+                 messages.encode(Error(ts=self.clock.now, code="UNKNOWN_ORDER", text=u.client_order_id)))
+
+    def snapshot(self, now: int, note: str = "periodic") -> None:
+        """An equity row, as the broker's periodic snapshot writes it."""
+        equity = self.account.equity(self.model.marks())
+        self.sink([(EQUITY_INSERT, (now, store._dec(equity), store._dec(self.account.cash), note))])
+        self.figures.on_equity(equity, now)
+
+
+def _fields(ack: messages.Ack) -> dict:
+    return {f: getattr(ack, f) for f in ack.__dataclass_fields__}
+
+
+class Backtest:
+    """One run over a capture. `Backtest(cfg, symbols, seed, sink)`; `run(records)` feeds the
+    capture's records (ReplayFeed(stamp="recorded").records()) through the cores and returns
+    when they are used up and every order in flight has been answered; then `summary()`.
+
+    `progress(records, now_ns)` is called every `progress_every` records."""
+
+    def __init__(self, cfg: Config, symbols: tuple[str, ...], seed: int, sink: Sink, router,
+                 id_prefix: str | None = None) -> None:
+        self.cfg, self.symbols, self.seed = cfg, symbols, seed
+        self.clock = Clock()
+        self.figures = Figures(cfg.broker.start_cash)
+        self.exchange = PaperExchange(cfg, symbols, seed, self.clock, sink, self.figures)
+        # risk, as RiskService builds it, with the exchange for its broker link
+        self.limits = risk_limits.from_config(cfg)
+        self.engine = RiskEngine(self.limits, cfg.broker.start_cash)
+        self.risk_stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
+                           "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0}
+        self.outbox = Outbox(10**9, self.risk_stats)
+        self.desk = OrderDesk(self.engine, self.exchange, self.outbox, Forwarded(), self.risk_stats, self.clock,
+                              LogLimiter(log))
+        self.exchange.on_fill_event = self._risk_fill
+        self.exchange.on_order_event = self.desk.on_order_event
+        self.strategy = ImbalanceStrategy(cfg.strategy, symbols, id_prefix or f"{cfg.strategy.name}-r{seed}")
+        self.router = router
+        self.inbox: list = []
+        self.router.pub = self  # the router publishes into the inbox
+        self.records = 0
+        self.orders = 0  # orders the strategy sent (risk may deny them)
+        self.denied = 0
+        self.gaps: list[Gap] = []
+        self._open_gap: dict[str, Gap] = {}
+        self._gap_counts = {k: 0 for k in symbols}
+        self._gaps_seen = 0
+        self.heartbeat_ns = cfg.bus.heartbeat_ms * 1_000_000
+        self.equity_ns = int(cfg.broker.equity_s * 1e9)
+        self._next_beat = self._next_equity = None
+        self.first_ns: int | None = None
+
+    # the router's publisher
+    def publish(self, topic: str, msg) -> None:
+        self.inbox.append(msg)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, records: Iterable, progress: Callable[[int, int], None] | None = None,
+            progress_every: int = 10_000) -> None:
+        exchange, clock, inbox = self.exchange, self.clock, self.inbox
+        dispatch, stats = self.router.dispatch, self.router.stats
+        for rec in records:
+            t = rec.recv_ns
+            if self.first_ns is None:
+                self.first_ns = t
+                self._next_beat, self._next_equity = t + self.heartbeat_ns, t + self.equity_ns
+            due = exchange.next_due()
+            while due is not None and due <= t:
+                self._wake(due)
+                due = exchange.next_due()
+            if t >= self._next_beat or t >= self._next_equity:
+                self._timers(t)
+            if t > clock.now:
+                clock.now = t
+            dispatch(rec, t)
+            if type(rec) in MESSAGES:
+                self.records += 1
+            if stats["gaps"] != self._gaps_seen:
+                self._note_gaps(t)
+            if inbox:
+                self._deliver(t)
+            if progress is not None and not self.records % progress_every:
+                progress(self.records, t)
+        # the capture ended: what is in flight still reaches the exchange (the broker's timer)
+        due = exchange.next_due()
+        while due is not None:
+            self._wake(due)
+            due = exchange.next_due()
+        self._settle(clock.now)
+        if clock.now:
+            exchange.snapshot(clock.now, "end")
+
+    def _wake(self, due: int) -> None:
+        """The broker's timer at `due`: requests due then meet the book as it stands."""
+        self.clock.now = max(self.clock.now, due)
+        self.exchange.advance(due)
+        self._answers()
+        self._settle(self.clock.now)
+
+    def _timers(self, t: int) -> None:
+        if t >= self._next_beat:  # risk's heartbeat: orders of unknown fate expire
+            self.engine.expire(t)
+            self.desk.tick(t)
+            self._next_beat = t - (t - self._next_beat) % self.heartbeat_ns + self.heartbeat_ns
+        if t >= self._next_equity:  # the broker's periodic equity row
+            self.exchange.snapshot(self._next_equity)
+            self._next_equity += self.equity_ns * (1 + (t - self._next_equity) // self.equity_ns)
+
+    def _deliver(self, t: int) -> None:
+        msgs, self.inbox[:] = list(self.inbox), []
+        exchange, engine = self.exchange, self.engine
+        books = []
+        for msg in msgs:  # the broker first: orders due before this event meet the book before it
+            kind = type(msg)
+            if kind is Book:
+                exchange.on_book(msg, t)
+                books.append(msg)
+            elif kind is Trade:
+                exchange.on_trade(msg, t)
+        self._answers()
+        for book in books:  # then risk marks its books
+            self.risk_stats["books"] += 1
+            engine.on_book(book.symbol, book.mid, t)
+            self._book_seen(book)
+        self._settle(t)
+        for book in books:  # then the strategy decides
+            intent = self.strategy.on_book(book, t)
+            if intent is not None:
+                self._order(intent, t)
+
+    def _order(self, intent: OrderIntent, t: int) -> None:
+        """The strategy's order through risk, as StrategyService._execute sends it."""
+        self.orders += 1
+        req = OrderRequest(ts=t, client_order_id=intent.client_order_id, strategy=self.cfg.strategy.name,
+                           symbol=intent.symbol, side=intent.side, kind=intent.kind, qty=intent.qty,
+                           confidence=intent.confidence, signal_ts=intent.signal_ts)
+        payload = messages.encode(req)
+        self.desk.submit_order(req, payload, t, self._decided, time.perf_counter_ns())
+        self._answers()
+        self._settle(t)
+
+    def _decided(self, payload: bytes, _spent_ns: int, _since_ns: int) -> None:
+        """Risk's answer reaches the strategy (StrategyService._ask's reading of it)."""
+        try:
+            reply = messages.decode(payload, messages.REQUESTS)
+        except DecodeError as exc:
+            raise AssertionError(f"risk's desk answered with an unreadable frame: {exc}") from None
+        if isinstance(reply, Error):
+            return  # the desk answers orders with decisions only; an error is for cancels
+        assert isinstance(reply, Decision)
+        if reply.verdict.value == "REJECTED":
+            self.denied += 1
+        try:
+            self.strategy.on_decision(reply)
+        except ValueError as exc:
+            log.error("bad_ack", extra={"cid": reply.client_order_id, "detail": str(exc)})
+
+    def _risk_fill(self, fill: messages.Fill, now: int) -> None:
+        """A `fill.*` event reaches risk (RiskService.on_event)."""
+        if not self.engine.has_fill(fill.fill_id):
+            self.desk.on_fill_event(fill.to_wire(), now)
+
+    def _answers(self) -> None:
+        """Answers the exchange gave without latency, delivered after the call that asked."""
+        while self.exchange.now_answers:
+            callback, raw = self.exchange.now_answers.pop(0)
+            callback(raw)
+
+    def _settle(self, now: int) -> None:
+        """Risk's end of a loop turn: the breakers judge the latest marks and fills; state
+        changes are stored (the outbox)."""
+        self.engine.evaluate_due(now)
+        for change in self.engine.take_changes():
+            self.outbox.state_change(change)
+
+    # -- gaps ---------------------------------------------------------------------------------
+
+    def _note_gaps(self, t: int) -> None:
+        """The router found a break in a symbol's update ids: named (the ids either side) and
+        kept open until a book of the symbol is published again (a later snapshot resynced it)."""
+        self._gaps_seen = self.router.stats["gaps"]
+        for key in self.symbols:
+            count = self.router.m.gaps.get(key, 0)
+            if count > self._gap_counts.get(key, 0):
+                self._gap_counts[key] = count
+                sync = self.router.syncs.get(key)
+                g = sync.last_gap if sync is not None else None
+                if g is not None:
+                    gap = Gap(key, t, g.prev_u, g.first_u)
+                    self.gaps.append(gap)
+                    self._open_gap[key] = gap
+
+    def _book_seen(self, book: Book) -> None:
+        gap = self._open_gap.pop(book.symbol, None) if self._open_gap else None
+        if gap is not None:
+            gap.repaired_at = book.update_id
+
+    # -- results ------------------------------------------------------------------------------
+
+    def unrepaired(self) -> list[Gap]:
+        return [g for g in self.gaps if g.repaired_at is None]
+
+    def summary(self, seconds: float) -> dict:
+        return self.figures.summary(
+            self.records, self.orders, seconds, self.gaps, denied=self.denied,
+            broker_orders=self.exchange.orders,
+            open_orders=sum(1 for w in self.exchange.model.working.values() if w.order.is_open),
+            risk_state=self.engine.state.value,
+            positions={s: format(q, "f") for s, q in sorted(self.exchange.account.positions.items()) if q},
+            first_ts=self.first_ns, last_ts=self.clock.now)
