@@ -61,6 +61,58 @@ def _md_floor() -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def _fill_rows(db: str) -> list[tuple]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        return con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
+
+
+def _lockstep(tmp: str, expected_db: str) -> tuple[float, float, int]:
+    """`qf up --feed replay:CAPTURE --lockstep` over the whole capture through the real services:
+    (fraction of the backtest's fills it reproduced byte for byte, wall seconds, its fills)."""
+    import signal
+    import threading
+
+    from tests.conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
+    env.update({"QF_MD_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
+                "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}", "QF_BROKER_PUB": f"tcp://127.0.0.1:{free_port()}",
+                "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_API_BIND": f"127.0.0.1:{free_port()}",
+                "QF_DB": os.path.join(tmp, "lockstep.db"), "QF_RUN_DIR": os.path.join(tmp, "run"),
+                "PYTHONUNBUFFERED": "1"})
+    done = threading.Event()
+    t0 = time.perf_counter()
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{CAPTURE}", "--lockstep"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+    tail: list[str] = []
+
+    def pump() -> None:
+        for line in up.stdout:
+            tail.append(line)
+            del tail[:-50]
+            if "lockstep done" in line:
+                done.set()
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        if not done.wait(900):
+            raise RuntimeError("the lock-step replay did not finish in 900 s:\n" + "".join(tail))
+        wall = time.perf_counter() - t0
+        got = _fill_rows(env["QF_DB"])
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(timeout=10)
+    expected = _fill_rows(expected_db)
+    match = len(set(expected) & set(got)) / len(expected) if expected else 0.0
+    if len(got) != len(expected):
+        match = min(match, len(expected) / max(len(got), 1))  # extra fills are differences too
+    return match, wall, len(got)
+
+
 def run() -> dict[str, float]:
     """- backtest_msgs_per_s: capture messages / wall s of the whole pipeline in one process (capture
       read and parsed, books synced, strategy, risk, fill model, ledger, database written), median
@@ -68,7 +120,10 @@ def run() -> dict[str, float]:
       (`_md_floor`), and backtest_vs_md_floor their ratio (1.0 = the trading cores cost nothing).
     - backtest_cli_msgs_per_s, backtest_cli_rss_mb: the real `qf backtest` subprocess (interpreter
       start included), its peak RSS.
-    - backtest_identical_runs: 1 when two runs give the same fills table byte for byte, else 0."""
+    - backtest_identical_runs: 1 when two runs give the same fills table byte for byte, else 0.
+    - lockstep_fill_match: the fraction of the backtest's fills that `qf up --feed replay:CAPTURE
+      --lockstep` (the real services, processes, sockets and SQLite) reproduced byte for byte
+      (lower when it made others too); lockstep_msgs_per_s: capture messages / its wall seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         runs, floors, hashes, events = [], [], [], 0
         for i in range(RUNS):
@@ -91,6 +146,7 @@ def run() -> dict[str, float]:
             raise RuntimeError(f"qf backtest failed: {out.stderr[-300:]}")
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         hashes.append(_fills_hash(db))
+        match, lock_wall, _ = _lockstep(tmp, db)
     median, floor = runs[len(runs) // 2], floors[len(floors) // 2]
     return {
         "backtest_msgs_per_s": round(median),
@@ -99,4 +155,6 @@ def run() -> dict[str, float]:
         "backtest_cli_msgs_per_s": round(events / wall),
         "backtest_cli_rss_mb": round(rss_mb, 1),
         "backtest_identical_runs": int(len(set(hashes)) == 1),
+        "lockstep_fill_match": round(match, 4),
+        "lockstep_msgs_per_s": round(events / lock_wall),
     }

@@ -64,6 +64,10 @@ def run_service(name: str) -> int:
         return 2
     except FatalError as exc:
         log.error("fatal", extra={"error": str(exc)})
+        from shared.lockstep import LockstepError
+        if isinstance(exc, LockstepError):  # a stuck lock-step replay: a restart would not rejoin it
+            print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
+            return 2
         return 1
     finally:
         # Stopped. Ctrl-C reaches every process of the terminal's group, then `qf up` sends each
@@ -85,6 +89,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = child_env(**overrides)
     try:
         cfg = qfconfig.load(env)
+        if args.lockstep:
+            from services.supervisor import lockstep_env
+            if cfg.md.feed.kind != "replay":
+                raise ConfigError("--lockstep replays a capture: it needs --feed replay:FILE "
+                                  f"(the feed is {cfg.md.feed})")
+            if args.speed is not None:
+                raise ConfigError("--lockstep runs as fast as the services can: --speed has no meaning with it")
+            env.update(lockstep_env(cfg, env))
+            cfg = qfconfig.load(env)
+            if _holds_orders(cfg.common.db):  # the broker would refuse it too, after the others started
+                raise ConfigError(f"--lockstep needs a database of its own: {cfg.common.db} already holds orders "
+                                  "(set QF_DB to a new file)")
     except ConfigError as exc:
         print(qfconfig.mask_secrets(f"qf up: {exc}"), file=sys.stderr)
         return 2
@@ -96,6 +112,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(qfconfig.mask_secrets(f"qf up: {exc}"), file=sys.stderr)
             return 2
     return run_up(cfg, env)
+
+
+def _holds_orders(db: str) -> bool:
+    """Whether the SQLite file `db` exists and has a row in `orders` (a URL or an unreadable
+    file: False, the broker judges it)."""
+    import sqlite3
+    if "://" in db or not os.path.isfile(db):
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as con:
+            return con.execute("SELECT 1 FROM orders LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Ctrl-C or SIGTERM stops them all.")
     up.add_argument("--feed", help="'live' (default, from QF_FEED) or 'replay:<capture.jsonl.gz>'")
     up.add_argument("--speed", type=float, help="replay speed (1 = as recorded, 0 = as fast as possible)")
+    up.add_argument("--lockstep", action="store_true",
+                    help="with --feed replay:FILE: release each capture event only when every service has "
+                         "finished with the previous one, on the capture's clock (the fills of `qf backtest`)")
     up.set_defaults(func=cmd_up)
     for name, text in SERVICE_HELP.items():
         sp = sub.add_parser(name, help=f"run the {name} service: {text}",
@@ -216,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("record", help="record live Binance streams and snapshots to rotating capture files",
                        description="Connect to Binance like marketdata (QF_BINANCE_*), keep the books synced so "
                                    "every resync's snapshot is recorded, and write the capture format of "
-                                   "DESIGN.md to OUT-<UTC start>-<n>.jsonl.gz segments, flushed every 0.5 s. "
+                                   "docs/protocol.md to OUT-<UTC start>-<n>.jsonl.gz segments, flushed every 0.5 s. "
                                    "Publishes nothing, so it can run beside a stack. Ctrl-C stops it.")
     r.add_argument("--symbols", required=True, help="e.g. btcusdt,ethusdt (usdm:btcusdt for USD-M futures)")
     r.add_argument("--out", required=True, help="capture path, .jsonl.gz or .jsonl")
@@ -234,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_replay)
     from services.backtest.cli import add_parser as add_backtest
     add_backtest(sub)
+    from services.backtest.parity import add_parser as add_parity
+    add_parity(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

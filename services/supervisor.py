@@ -3,10 +3,11 @@
 Restarts a service that dies (exponential backoff, reset after a healthy
 minute, and says so), except one that exits with status 2: it says it cannot
 start (a bad setting, a read-only or unusable database or directory, a damaged
-journal), which no restart fixes, so `qf up` prints its line, stops everything
-and exits 2. Stops all cleanly on Ctrl-C/SIGTERM. The same `Stack`
-drives the end-to-end tests and the benchmarks, so what they measure is
-what a user runs."""
+journal; a lock-step replay that got stuck), which no restart fixes, so `qf up`
+prints its line, stops everything and exits 2. Stops all cleanly on
+Ctrl-C/SIGTERM. The same `Stack` drives the end-to-end tests and the
+benchmarks, so what they measure is what a user runs. `qf up --lockstep`
+gives the services `lockstep_env` (shared/lockstep.py)."""
 from __future__ import annotations
 
 import collections
@@ -29,6 +30,11 @@ from shared.errors import DecodeError
 SERVICES = ("broker", "risk", "api", "strategy", "marketdata")
 RESTART_BASE_S, RESTART_CAP_S, HEALTHY_AFTER_S = 0.5, 30.0, 60.0
 CANNOT_START = 2  # a service's exit status for a problem only a person can fix (ConfigError, StorageError)
+# `qf up --lockstep`: the conductor holds the capture's time still while the services work, so a
+# service's wall-time wait for another must outlast any turn of the replay (the bounds of
+# shared/config.py), and a strategy must not resend an order risk is still deciding.
+LOCKSTEP_WAITS = {"QF_RISK_BROKER_TIMEOUT_MS": "60000", "QF_STRATEGY_TIMEOUT_MS": "60000", "QF_STRATEGY_RETRIES": "1"}
+IPC_PATH_MAX = 100  # an ipc:// path longer than this (sun_path holds 107 bytes) goes over tcp instead
 
 
 class Child:
@@ -161,6 +167,7 @@ class StatusMonitor:
     def __init__(self, cfg: Config) -> None:
         self.subs = [Subscriber(ep, ["heartbeat."], 1000) for ep in
                      (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub)]
+        self.lockstep = bool(cfg.bus.lockstep)
         self.stats: dict[str, dict] = {}
         self.status: dict[str, str] = {}
         self._rate_ref: tuple[float, int] | None = None
@@ -197,7 +204,8 @@ class StatusMonitor:
         # a service that is up but not well (the broker on a full disk, say) says so here, not only in its log
         trouble = [f"{name} {st}" for name, st in sorted(self.status.items()) if name != "marketdata" and st != "ok"]
         services = f"services {up}/{total} up" + (f" ({', '.join(trouble)})" if trouble else "")
-        return (f"{services} | feed {md} | book {self.book_rate:.1f}/s | "
+        feed = f"lock-step replay {md}" if self.lockstep else md
+        return (f"{services} | feed {feed} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')} | "
                 f"equity {equity} | risk {risk.get('state', '-')}")
 
@@ -232,7 +240,9 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
-    emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} (feed {cfg.md.feed}); Ctrl-C stops everything")
+    mode = f"lock-step replay of {cfg.md.feed.path}: each event once the services are done with the last" \
+        if cfg.bus.lockstep else f"feed {cfg.md.feed}"
+    emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} ({mode}); Ctrl-C stops everything")
     monitor = StatusMonitor(cfg)
     stack.start()
     last_plain = 0.0
@@ -271,3 +281,29 @@ def child_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[s
     env.update(overrides)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def lockstep_env(cfg: Config, env: Mapping[str, str]) -> dict[str, str]:
+    """What `qf up --lockstep` adds to the services' environment `env` (whose config is `cfg`):
+    QF_LOCKSTEP (the conductor's endpoint, `ipc://<run dir>/lockstep.sock`, or a free loopback
+    port when that path is too long for a socket), QF_REPLAY_SPEED=0 (the conductor paces
+    nothing) and LOCKSTEP_WAITS; QF_LOCKSTEP and the waits stay as the user set them, if set."""
+    out = {"QF_REPLAY_SPEED": "0"}
+    if not env.get("QF_LOCKSTEP", "").strip():
+        out["QF_LOCKSTEP"] = lockstep_endpoint(cfg.common.run_dir)
+    for name, value in LOCKSTEP_WAITS.items():
+        if name not in env:
+            out[name] = value
+    return out
+
+
+def lockstep_endpoint(run_dir: str) -> str:
+    """`ipc://<run_dir>/lockstep.sock` (absolute), or `tcp://127.0.0.1:<free port>` when that
+    path is too long for a Unix socket."""
+    path = os.path.join(os.path.abspath(run_dir), "lockstep.sock")
+    if len(path.encode()) <= IPC_PATH_MAX:
+        return f"ipc://{path}"
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"

@@ -100,6 +100,10 @@ def _endpoint(raw: str) -> str:
     return value
 
 
+def _optional_endpoint(raw: str) -> str:
+    return _endpoint(raw) if raw.strip() else ""
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().rstrip("/")
@@ -239,6 +243,9 @@ class BusConfig:
     hwm: int = setting("QF_ZMQ_HWM", "100000", _int(1000, 10_000_000),
                        "PUB/SUB high-water mark (the ZeroMQ default of 1000 drops bursts)")
     heartbeat_ms: int = setting("QF_HEARTBEAT_MS", "1000", _int(50, 60_000), "heartbeat period of every service")
+    lockstep: str = setting("QF_LOCKSTEP", "", _optional_endpoint,
+                            "lock-step replay (`qf up --lockstep` sets it): the conductor's PULL endpoint; "
+                            "empty: off")
 
 
 @dataclass(frozen=True, slots=True)

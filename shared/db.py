@@ -294,3 +294,25 @@ def journal_sql(param: str = "?") -> dict[int, str]:
 
 
 JOURNAL_SQL = journal_sql()
+
+
+class SessionRow(BaseModel):
+    """Issue #12: one row per start of a service that records its settings (the broker, at
+    start): `settings` is a JSON object of `QF_NAME -> text` (`Config.effective()`, secrets
+    masked). `qf parity` backtests a capture with the newest broker row's settings."""
+    ts = pw.BigIntegerField(index=True)
+    service = pw.TextField()
+    settings = pw.TextField()
+
+    class Meta:
+        table_name = "sessions"
+
+
+MODELS = (*MODELS, SessionRow)
+
+
+def record_session(service: str, settings: dict[str, str], ts: int) -> None:
+    """Insert a `sessions` row for `service` started at `ts` with `settings` (already masked).
+    Called once at start, off every hot path; raises peewee's error for the caller to log."""
+    import json
+    SessionRow.insert(ts=ts, service=service, settings=json.dumps(settings, sort_keys=True)).execute()

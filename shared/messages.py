@@ -1,7 +1,7 @@
 """Wire messages: frozen dataclasses, MessagePack codec, typed DecodeError.
 
 Payload = msgpack map with `v`, `type`, `ts` (ns) and, on PUB/SUB, `seq`.
-Requests and events are separate registries because DESIGN.md names both
+Requests and events are separate registries because the protocol (docs/protocol.md) names both
 the `order` request and the `order.{SYMBOL}` event `order`.
 """
 from __future__ import annotations
@@ -258,6 +258,14 @@ class MdStatus(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Clock(Message):
+    """`clock`: lock-step replay only (QF_LOCKSTEP, shared/lockstep.py). The conductor moves
+    every service's clock to `ts` with no market event: the instant the broker's next request
+    is due (its timer, on the capture's time). `ts` 0 is the start-up handshake, not a time."""
+    TYPE = "clock"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrderRequest(Message):
     """Request `order`: strategy → risk → broker."""
     TYPE = "order"
@@ -459,7 +467,7 @@ class Alert(Message):
 
 
 EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in
-                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat, Alert)}
+                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat, Alert, Clock)}
 REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in
                                       (OrderRequest, Decision, Ack, Cancel, Control, ControlReply, Error)}
 

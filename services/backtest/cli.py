@@ -228,8 +228,9 @@ def render(summary: dict) -> str:
         f"drawdown     max {summary['max_drawdown']} ({fmt(_pct(float(summary['max_drawdown_frac'])))} of the peak)",
         f"Sharpe       {fmt(_num(summary['sharpe']))} ({summary['sharpe_period']})",
         f"win rate     {fmt(_pct(summary['win_rate']))} of {summary['round_trips']} round trips",
-        f"slippage     {fmt(summary['slippage_decision'])} vs decision mid, "
-        f"{fmt(summary['slippage_arrival'])} vs arrival mid (price units, + = cost, qty-weighted)",
+        f"slippage     {fmt(summary['slippage_decision'])} ({fmt(summary['slippage_decision_bps'], ' bps')}) vs "
+        f"decision mid, {fmt(summary['slippage_arrival'])} ({fmt(summary['slippage_arrival_bps'], ' bps')}) vs "
+        f"arrival mid (price units, + = cost, qty-weighted)",
         f"risk state   {summary['risk_state']}; positions {summary['positions'] or 'flat'}",
     ]
     gaps = summary["gaps"]

@@ -25,14 +25,13 @@ and to risk's `Outbox`, which the shell writes.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Callable, Iterable
 
 from services.broker import core, store
 from services.broker.core import Account, Order
+from services.broker.desk import SeededIds
 from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
 from services.broker.latency import LatencyModel
 from services.broker.queue import make_queue_model
@@ -55,20 +54,6 @@ log = logging.getLogger("qf.backtest")
 
 MESSAGES = (WsMessage, SnapshotRecord)  # the capture's messages (not the feed's route records)
 Sink = Callable[[list], None]  # journal statements (shared/db.py JOURNAL_SQL kinds) to store
-
-
-class SeededIds:
-    """Order ids as the broker makes them (uuid4-shaped hex), from a generator seeded by `seed`:
-    the same run gives the same ids, so the fills table is the same byte for byte."""
-
-    def __init__(self, seed: int) -> None:
-        self._rng = random.Random(seed)
-
-    def next(self) -> str:
-        raw = bytearray(self._rng.getrandbits(128).to_bytes(16, "big"))
-        raw[6] = (raw[6] & 0x0F) | 0x40
-        raw[8] = (raw[8] & 0x3F) | 0x80
-        return raw.hex()
 
 
 @dataclass(slots=True)

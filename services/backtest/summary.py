@@ -18,7 +18,8 @@ share, events per second) are floats. Every figure says what it is measured on:
   whose P&L after fees was positive; None without a round trip.
 - `slippage_decision` / `slippage_arrival`: quantity-weighted mean of the fills' slippage
   (price units, positive = cost) against the mid when the broker took the order and the mid
-  of the book the order met (docs/fill-model.md).
+  of the book the order met (docs/fill-model.md); `*_bps`: the same in basis points of the
+  average mid.
 - `maker_share`: share of the filled quantity that rested and was filled as a maker.
 """
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Figures:
     slip_decision_qty: Decimal = ZERO
     slip_arrival: Decimal = ZERO
     slip_arrival_qty: Decimal = ZERO
+    mid_notional: Decimal = ZERO  # Σ decision (else arrival) mid × qty: slippage in bps of the mid
+    mid_qty: Decimal = ZERO
     trips: int = 0
     wins: int = 0
     peak: Decimal | None = None
@@ -98,6 +101,10 @@ class Figures:
             if fill.slippage_arrival is not None:
                 self.slip_arrival += fill.slippage_arrival * fill.qty
                 self.slip_arrival_qty += fill.qty
+            mid = fill.decision_mid if fill.decision_mid is not None else fill.arrival_mid
+            if mid is not None:
+                self.mid_notional += mid * fill.qty
+                self.mid_qty += fill.qty
         _pos, trip = self.ledger.apply(fill.fill_id, fill.symbol, fill.side, fill.qty, fill.price, fill.fee,
                                        fill.fee_asset)
         if trip is not None:
@@ -123,6 +130,12 @@ class Figures:
         while now_ns >= self.next_sample:  # a quiet stretch repeats the last value: flat returns
             self.curve.append(float(equity))
             self.next_sample += SAMPLE_NS
+
+    def _bps(self, total: Decimal, qty: Decimal) -> float | None:
+        """A quantity-weighted slippage in basis points of the average mid the fills were judged at."""
+        if not qty or not self.mid_qty:
+            return None
+        return round(float(total / qty) / float(self.mid_notional / self.mid_qty) * 1e4, 3)
 
     def sharpe(self) -> float | None:
         returns = [(b - a) / a for a, b in zip(self.curve, self.curve[1:]) if a > 0]
@@ -154,6 +167,8 @@ class Figures:
             "win_rate": (self.wins / self.trips) if self.trips else None, "round_trips": self.trips,
             "slippage_decision": avg(self.slip_decision, self.slip_decision_qty),
             "slippage_arrival": avg(self.slip_arrival, self.slip_arrival_qty),
+            "slippage_decision_bps": self._bps(self.slip_decision, self.slip_decision_qty),
+            "slippage_arrival_bps": self._bps(self.slip_arrival, self.slip_arrival_qty),
             "maker_share": float(self.maker_qty / self.qty) if self.qty else None,
             "events_per_s": round(events / seconds) if seconds > 0 else None,
             "gaps": [g.as_dict() for g in gaps],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 from collections import OrderedDict
 from typing import Callable
 
@@ -52,6 +53,21 @@ class OrderIds:
         return raw.hex()
 
 
+class SeededIds:
+    """Order ids as the broker makes them (uuid4-shaped hex), from a generator seeded by `seed`:
+    the same run gives the same ids, so the fills table is the same byte for byte. `qf backtest`'s
+    exchange and the broker in lock-step replay (QF_LOCKSTEP, seeded by QF_BROKER_SEED) use it."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def next(self) -> str:
+        raw = bytearray(self._rng.getrandbits(128).to_bytes(16, "big"))
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        return raw.hex()
+
+
 def rebuild(cfg: Config, journal_: Journal) -> tuple[FillModel, Account, KnownIds, int]:
     """Store what `journal_` holds, then rebuild the fill model (with the open orders), cash and
     positions, and the known client_order_ids from the bound database: `(model, account, known,
@@ -83,10 +99,12 @@ class BrokerDesk:
     fill.* and order.* events go to `publish(events)`. A repeated client_order_id never makes a
     second order: it waits for the one in flight, or gets the answer from the cache (`acks`),
     else from the database and the journal's unstored records. While the storage cannot take
-    what a request needs, it is answered error STORE_UNAVAILABLE (`refuse`)."""
+    what a request needs, it is answered error STORE_UNAVAILABLE (`refuse`). Order ids come from
+    `ids` (`OrderIds`, random, unless given: the lock-step broker passes `SeededIds`)."""
 
     def __init__(self, model: FillModel, account: Account, known: KnownIds, keeper: StoreKeeper, stats: dict,
-                 clock: Callable[[], int], reply: Reply, publish: Callable[[Events], None]) -> None:
+                 clock: Callable[[], int], reply: Reply, publish: Callable[[Events], None],
+                 ids: OrderIds | SeededIds | None = None) -> None:
         self.model, self.account, self.known = model, account, known
         self.keeper, self.journal, self.health = keeper, keeper.journal, keeper.health
         self.stats, self.clock, self.reply, self.publish = stats, clock, reply, publish
@@ -96,7 +114,7 @@ class BrokerDesk:
         self.order_waiters: dict[str, list[Waiter]] = {}
         self.cancel_waiters: dict[int, Waiter] = {}
         self._tokens = 0
-        self._order_ids = OrderIds()
+        self._order_ids = ids if ids is not None else OrderIds()
 
     def restore(self, model: FillModel, account: Account, known: KnownIds) -> None:
         """The state rebuilt from the database (`rebuild`) after a freeze, keeping the books (the

@@ -557,14 +557,22 @@ class BookRouter:
         tickers = route.tickers[name]
         if len(tickers) >= 512:
             tickers.clear()  # ids the book jumped over never match: forget them in bulk
-        tickers[u] = ((parse_units(data["b"]), parse_units(data["B"])),
-                      (parse_units(data["a"]), parse_units(data["A"])))
+        b, bq, a, aq = data["b"], data["B"], data["a"], data["A"]
+        if type(b) is not str or type(bq) is not str or type(a) is not str or type(aq) is not str:
+            raise TypeError("bookTicker b/B/a/A must be decimal strings")
+        # Kept as text: only the few whose id the book reaches are compared (1,072 of 73,174 in
+        # the shipped capture), and parsing all four fields of every ticker was a fifth of a replay.
+        tickers[u] = (b, bq, a, aq)
 
     def _check_ticker(self, key: str, sync: BookSync, tickers: dict) -> None:
         book = sync.book
-        ticker = tickers.pop(book.update_id, None)
-        if ticker is None:
+        raw = tickers.pop(book.update_id, None)
+        if raw is None:
             return
+        try:
+            ticker = ((parse_units(raw[0]), parse_units(raw[1])), (parse_units(raw[2]), parse_units(raw[3])))
+        except (BadEventError, ValueError, TypeError, ArithmeticError) as exc:
+            return self._bad("bad_fields", f"bookTicker {key} u={book.update_id}: {exc}"[:160])
         ok = book.best_bid() == ticker[0] and book.best_ask() == ticker[1]
         self.m.ticker_checks[(key, "match" if ok else "mismatch")] += 1
         if not ok:

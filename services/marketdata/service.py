@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from services.marketdata.conductor import CountingPublisher, LockstepReplay, open_conductor
 from services.marketdata.feeds import ReplayFeed
 from services.marketdata.guard import BookGuard
 from services.marketdata.metrics import serve
@@ -11,7 +12,8 @@ from services.marketdata.router import BookRouter
 from shared.alerts import Alerter
 from shared.bus import Publisher
 from shared.config import Config
-from shared.errors import FatalError
+from shared.errors import ConfigError, FatalError
+from shared.lockstep import LockstepClock
 from shared.messages import MdStatus
 from shared.runtime import HeartbeatMaker, Liveness, Ticker
 
@@ -36,14 +38,26 @@ class MarketDataService:
     they publish are the router's (`self.router`).
 
     `publish=False` binds no PUB socket (recording only); `recorder` (or QF_MD_RECORD) writes
-    what arrives; `exit_when_done` makes a finished replay return instead of idling."""
+    what arrives; `exit_when_done` makes a finished replay return instead of idling.
+
+    With QF_LOCKSTEP (`qf up --lockstep`, a replay feed only: ConfigError otherwise) it conducts
+    a lock-step replay (conductor.py) instead of pacing one: the capture's records on their
+    recorded time, each released once the other services have finished with the previous one;
+    its own clock (`self.clock`) is then the capture's time released so far."""
 
     def __init__(self, cfg: Config, publish: bool = True, recorder=None, exit_when_done: bool = False) -> None:
         if recorder is None and cfg.md.record:
             from services.marketdata.record import Recorder
             recorder = Recorder(cfg.md.record, cfg.md.record_rotate_s, int(cfg.md.record_rotate_mb * 1e6))
         self.cfg, self.recorder = cfg, recorder
-        self.router = BookRouter(cfg.md.symbols, cfg.md.book_depth, recorder, now_ns=time.time_ns())
+        self.lockstep = bool(cfg.bus.lockstep)
+        if self.lockstep and cfg.md.feed.kind != "replay":
+            raise ConfigError(f"QF_LOCKSTEP is a lock-step replay: it needs QF_FEED=replay:FILE, not {cfg.md.feed}")
+        self.clock = LockstepClock() if self.lockstep else time.time_ns
+        self.conductor = None
+        # a lock-step replay's time starts at its first record, as the backtest's does
+        self.router = BookRouter(cfg.md.symbols, cfg.md.book_depth, recorder,
+                                 now_ns=0 if self.lockstep else time.time_ns())
         self.keys = self.symbols = self.router.keys
         self.publish_enabled, self.exit_when_done = publish, exit_when_done
         self.feed = None
@@ -65,7 +79,8 @@ class MarketDataService:
 
     def run(self) -> None:
         cfg, router = self.cfg, self.router
-        pub = router.pub = Publisher(cfg.bus.md_pub, cfg.bus.hwm) if self.publish_enabled else _NoPublisher()
+        pub_cls = CountingPublisher if self.lockstep else Publisher
+        pub = router.pub = pub_cls(cfg.bus.md_pub, cfg.bus.hwm) if self.publish_enabled else _NoPublisher()
         live = Liveness(cfg.common.run_dir, "marketdata")
         beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker("marketdata")
         server = None
@@ -76,29 +91,10 @@ class MarketDataService:
                 except OSError as exc:
                     raise FatalError(f"cannot serve metrics on {cfg.md.metrics_bind}: {exc}") from None
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
-            self.feed = router.feed = self._make_feed()
-            live_feed = router.live_feed = cfg.md.feed.kind != "replay"
-            if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
-                router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
-                router.alerter = Alerter("marketdata", pub.publish)
-            check = Ticker(CHECK_BOOKS_MS) if router.guard is not None else None
-            log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
-                                                  "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
-            recorder, dispatch, wall, mono = self.recorder, router.dispatch, time.time_ns, time.monotonic
-            for rec in self.feed.records():
-                now = mono()
-                dispatch(rec, wall(), now)
-                if recorder is not None and recorder.tick() and live_feed:
-                    router.snapshots_for_new_segment()
-                if check is not None and check.due(now):
-                    self._check_books(now)
-                if beat.due(now):
-                    self._heartbeat(hb, live)
-                if self._stop:
-                    break
-            if cfg.md.feed.kind == "replay" and not self._stop:
-                router.replay_done(time.time_ns(), time.monotonic())
-                log.info("replay finished", extra=dict(router.stats))
+            if self.lockstep:
+                self._run_lockstep(pub, beat, hb, live)
+            else:
+                self._run_feed(pub, beat, hb, live)
             while not self._stop and not self.exit_when_done:  # stay up for subscribers and health checks
                 self._heartbeat(hb, live)
                 deadline = time.monotonic() + cfg.bus.heartbeat_ms / 1000
@@ -112,9 +108,68 @@ class MarketDataService:
             if server is not None:
                 server.shutdown()
                 server.server_close()
+            if self.conductor is not None:
+                self.conductor.close()
             live.remove()
             pub.close()
             log.info("marketdata stopped", extra=dict(router.stats))
+
+    def _run_feed(self, pub, beat: Ticker, hb: HeartbeatMaker, live: Liveness) -> None:
+        """The feed, live or a replay paced by QF_REPLAY_SPEED, until it ends or the service stops."""
+        cfg, router = self.cfg, self.router
+        self.feed = router.feed = self._make_feed()
+        live_feed = router.live_feed = cfg.md.feed.kind != "replay"
+        if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
+            router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
+            router.alerter = Alerter("marketdata", pub.publish)
+        check = Ticker(CHECK_BOOKS_MS) if router.guard is not None else None
+        log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
+                                              "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
+        recorder, dispatch, wall, mono = self.recorder, router.dispatch, time.time_ns, time.monotonic
+        for rec in self.feed.records():
+            now = mono()
+            dispatch(rec, wall(), now)
+            if recorder is not None and recorder.tick() and live_feed:
+                router.snapshots_for_new_segment()
+            if check is not None and check.due(now):
+                self._check_books(now)
+            if beat.due(now):
+                self._heartbeat(hb, live)
+            if self._stop:
+                break
+        if cfg.md.feed.kind == "replay" and not self._stop:
+            router.replay_done(time.time_ns(), time.monotonic())
+            log.info("replay finished", extra=dict(router.stats))
+
+    def _run_lockstep(self, pub: CountingPublisher, beat: Ticker, hb: HeartbeatMaker, live: Liveness) -> None:
+        """A lock-step replay (conductor.py): the handshake, then the capture once, record by
+        record on its recorded time, then REPLAY_DONE. LockstepError (from the waits) ends the
+        service: `qf marketdata` exits 2 and `qf up` stops rather than replaying it again."""
+        cfg, router = self.cfg, self.router
+        if cfg.md.replay_loop:
+            log.warning("a lock-step replay plays the capture once: QF_REPLAY_LOOP is ignored")
+        self.conductor = conductor = open_conductor(cfg.bus.lockstep)
+        conductor.published = pub.published  # the publisher counts books and trades into it
+        recorder, mono = self.recorder, time.monotonic
+
+        def idle() -> None:  # between records and while waiting: what the paced loop does each record
+            if recorder is not None:
+                recorder.tick()
+            if beat.due(mono()):
+                self._heartbeat(hb, live)
+
+        replay = LockstepReplay(conductor, router, pub, self.clock, self._stopping, idle)
+        self.feed = router.feed = ReplayFeed(cfg.md.feed.path, self.keys, 0, should_stop=self._stopping,
+                                             stamp="recorded")
+        log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
+                                              "pub": cfg.bus.md_pub, "lockstep": cfg.bus.lockstep})
+        log.info("lock-step replay: waiting for strategy, risk and broker to say hello")
+        if not replay.handshake():
+            return
+        log.info("lock-step replay: every service is listening; releasing the capture")
+        if replay.run(self.feed.records()):
+            router.replay_done(self.clock.now)
+            log.info("lockstep done", extra={**router.stats, **replay.counts})
 
     def _check_books(self, now: float) -> None:
         try:
@@ -127,7 +182,7 @@ class MarketDataService:
         router = self.router
         states = set(router.state.values())
         status = "ok" if states == {"SYNCED"} else ",".join(sorted(states))
-        now_ns = time.time_ns()
+        now_ns = self.clock()  # the capture's time released so far in a lock-step replay
         for key, state in router.state.items():
             if state != "SYNCED":  # late subscribers learn why no book comes, and since when
                 router.pub.publish(f"status.{key}", MdStatus(ts=now_ns, symbol=key, state=state,

@@ -19,6 +19,7 @@ from services.risk.core import RiskEngine
 from services.risk.desk import OrderDesk
 from services.risk.flatten import FlattenJob
 from services.risk.link import BrokerLink
+from services.risk.lockstep import CountingLink, CountingServer
 from services.risk.telemetry import BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter
 from shared import journal, messages, storage
 from shared.alerts import Alerter
@@ -27,7 +28,9 @@ from shared.config import Config
 from shared.db import database, init_db
 from shared.enums import ControlAction
 from shared.errors import DecodeError, FatalError
-from shared.messages import Book, Cancel, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest, RiskState
+from shared.lockstep import QUIET_TIMEOUT_S, LockstepClock, Reporter
+from shared.messages import (Book, Cancel, Clock, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest,
+                             RiskState)
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
 log = logging.getLogger("qf.risk")
@@ -46,11 +49,23 @@ class RiskService:
     sockets; `run()` blocks until `stop()`; then sockets and the database are closed.
 
     Orders wait for the broker without blocking anything else: risk keeps checking other
-    orders, reading books and fills and answering control while the broker works."""
+    orders, reading books and fills and answering control while the broker works.
+
+    Lock-step replay (QF_LOCKSTEP, shared/lockstep.py): `clock` is a LockstepClock (made here
+    when not given) moved by the `ts` of every book and `clock` tick risk reads; a request,
+    broker reply or broker event stamped after it waits until risk has read the market data up
+    to its stamp (`_catch_up`), in its place; risk's counters go to the conductor at the end of
+    every loop turn. The methods that do this are bound in place of the usual ones, so a
+    normal run does not pay for them."""
 
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] | None = None) -> None:
         self.cfg = cfg
+        lockstep = cfg.bus.lockstep
+        if clock is None:
+            clock = LockstepClock() if lockstep else time.time_ns
+        elif lockstep and not isinstance(clock, LockstepClock):
+            raise TypeError("a lock-step risk takes its time from the conductor: its clock is a LockstepClock")
         self.clock = clock
         self.limits = risk_limits.from_config(cfg)
         for line in risk_limits.describe(self.limits):
@@ -67,7 +82,7 @@ class RiskService:
         self._later: list[Callable[[], object]] = []
         # Subscribe before reading the database: fills committed meanwhile wait
         # in the queue instead of being lost, and the ledger drops the overlap.
-        self.md = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx)
+        self.md = Subscriber(cfg.bus.md_pub, ["book.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx)
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx)
         try:
             init_db(cfg.common.db)
@@ -91,8 +106,17 @@ class RiskService:
             database.close()  # run() may be on another thread; it opens its own connection
         log.info("rebuilt", extra={**found, "positions": self.engine.position_map(),
                                    "peak_equity": self.engine.peak, "day_start_equity": self.engine.day_start})
-        self.server = Server(cfg.bus.risk_rep, ctx)
-        self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx)
+        self.reporter: Reporter | None = None
+        if lockstep:
+            self.reporter = Reporter(lockstep, "risk", ctx)
+            self.server = CountingServer(cfg.bus.risk_rep, self.reporter, ctx)
+            self.broker = CountingLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, self.reporter,
+                                       self._catch_up, ctx)
+            self.handle = self._handle_lockstep  # type: ignore[method-assign]
+            self._drain = self._drain_lockstep  # type: ignore[method-assign]
+        else:
+            self.server = Server(cfg.bus.risk_rep, ctx)
+            self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx)
         self.pub = Publisher(cfg.bus.risk_pub, cfg.bus.hwm, ctx)
         self.alerts = Alerter("risk", self.pub.publish, clock=self.clock)
         self.outbox.attach(self.alerts)
@@ -243,6 +267,7 @@ class RiskService:
             gc.freeze()
             gc.set_threshold(GC_THRESHOLD, 20, 100)
         spin_ns, spin_until = self.cfg.risk.spin_us * 1000, 0
+        reporter = self.reporter
         try:
             while not self._stop.is_set():
                 busy = time.perf_counter_ns() < spin_until
@@ -274,6 +299,8 @@ class RiskService:
                     self._flush(self.clock())
                 if self.ticker.due():
                     self._guard(self._beat)  # a beat that fails must not take risk down with it
+                if reporter is not None:  # lock-step: what this turn counted, to the conductor
+                    self._guard(reporter.report)
         finally:
             self.close()
             log.info("stopped", extra={**self.stats, **self.check_us.stats("check"), **self.serve_us.stats("serve"),
@@ -295,25 +322,106 @@ class RiskService:
             FAILURES.inc()
             log.exception("loop_step_failed")
 
-    def _drain(self, sub: Subscriber) -> None:
+    def _messages(self, sub: Subscriber, check_readable: bool = True):
+        """Up to DRAIN_MAX decoded messages waiting on `sub`; a frame that is not a message is
+        counted and logged (quietly) and skipped. `check_readable`: after the first, look at the
+        socket's flag before each receive (cheaper than a failing recv when it is empty)."""
         for i in range(DRAIN_MAX):
-            if i == 1 and not readable(sub.sock):
+            if check_readable and i == 1 and not readable(sub.sock):
                 return
             try:
                 _topic, msg = sub.recv(NOBLOCK)
             except zmq.Again:
                 return
             except DecodeError as exc:
-                self.stats["decode_errors"] += 1
-                BAD_FRAMES.labels("sub").inc()
-                self.quiet.log_event(logging.WARNING, "bad_event", exc.reason,
-                                     {"code": exc.reason, "detail": exc.detail[:200]})
+                self._bad_event(exc)
                 continue
+            yield msg
+
+    def _drain(self, sub: Subscriber) -> None:
+        for msg in self._messages(sub):
             try:
                 self.on_event(msg, self.clock())
             except Exception:
                 FAILURES.inc()
                 log.exception("event_failed")
+
+    def _bad_event(self, exc: DecodeError) -> None:
+        self.stats["decode_errors"] += 1
+        BAD_FRAMES.labels("sub").inc()
+        self.quiet.log_event(logging.WARNING, "bad_event", exc.reason, {"code": exc.reason, "detail": exc.detail[:200]})
+
+    # -- lock-step replay (bound in place of `handle` and `_drain` when QF_LOCKSTEP is set) ------
+
+    def _handle_lockstep(self, envelope: list[bytes], payload: bytes, received_ns: int) -> bytes | None:
+        """`handle` in a lock-step run: an order counts as `orders_in` (its reply as `answers_out`,
+        CountingServer). Before an order or cancel, risk marks the market data already waiting
+        (the rest of the record the strategy decided on: the backtest marks a record's books
+        before the strategy sees one), and one stamped after risk's clock waits until risk has
+        read the market data up to its stamp (`_catch_up`: the strategy decided on a book risk
+        must have marked first). Risk reads nothing else meanwhile, so requests keep their order."""
+        try:
+            req = messages.decode(payload, messages.REQUESTS)
+        except DecodeError:
+            req = None  # `handle` answers it with its error
+        kind = type(req)
+        if kind is OrderRequest:
+            self.reporter.counters["orders_in"] += 1
+            self.server.expect(envelope)
+        if kind is OrderRequest or kind is Cancel:
+            if readable(self.md.sock):  # the rest of the record the strategy decided on: marked first
+                self._drain_lockstep(self.md)
+                self._evaluate()
+            self._catch_up(req.ts)
+            received_ns = time.perf_counter_ns()  # the wait is the replay's, not risk's work
+        return RiskService.handle(self, envelope, payload, received_ns)
+
+    def _drain_lockstep(self, sub: Subscriber) -> None:
+        """`_drain` in a lock-step run. Market data: a book's or tick's `ts` moves the clock
+        before the book is marked; books and ticks (not the handshake, ts 0) count as `md`.
+        Broker events: counted as `events_in`, and one stamped after the clock waits for the
+        market data up to it (`_catch_up`). An unreadable frame counts as nothing: the
+        conductor then names the channel that disagrees."""
+        counters, clock, reporter = self.reporter.counters, self.clock, self.reporter
+        md = sub is self.md
+        for msg in self._messages(sub, check_readable=False):
+            kind = type(msg)
+            if md:
+                if kind is Clock:
+                    clock.observe(msg.ts)
+                    reporter.on_clock(msg.ts)
+                    continue
+                if kind is Book:
+                    clock.observe(msg.ts)
+                    counters["md"] += 1
+            elif kind is Fill or kind is OrderEvent:
+                counters["events_in"] += 1
+                self._catch_up(msg.ts)
+            try:
+                self.on_event(msg, clock())
+            except Exception:
+                FAILURES.inc()
+                log.exception("event_failed")
+
+    def _catch_up(self, ts: int) -> None:
+        """The lock-step ordering rule: before risk handles something stamped `ts` (a request,
+        the broker's reply or event) while its clock is behind `ts`, it blocks on the
+        market-data SUB (POLL_MS at a time; stop() and heartbeats still heard), reading, until
+        the conductor's release that `ts` came from reaches it; then the engine judges the new
+        marks. Past QUIET_TIMEOUT_S it goes on, logged (the conductor has given up by then)."""
+        clock, md = self.clock, self.md
+        if clock.now >= ts:
+            return
+        deadline = time.monotonic() + QUIET_TIMEOUT_S
+        while clock.now < ts and not self._stop.is_set():
+            if time.monotonic() > deadline:
+                log.warning("lockstep_behind", extra={"ts": ts, "clock": clock.now})
+                break
+            if md.sock.poll(POLL_MS):
+                self._drain_lockstep(md)
+            if self.ticker.due():
+                self._guard(self._beat)
+        self._evaluate()
 
     def _serve(self) -> None:
         for i in range(DRAIN_MAX):
@@ -366,4 +474,6 @@ class RiskService:
         self._flush(self.clock())
         for sock in (self.server, self.md, self.broker_events, self.pub):
             sock.close()
+        if self.reporter is not None:
+            self.reporter.close()
         database.close()

@@ -1,4 +1,5 @@
-"""Strategy shell: SUB books, run the core, send orders to risk over Lazy Pirate REQ."""
+"""Strategy shell: SUB books, run the core, send orders to risk over Lazy Pirate REQ (in a lock-step
+replay: one plain REQ per symbol, reading books while orders wait)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,8 @@ from shared.bus import LazyPirateClient, NoReply, Subscriber
 from shared.config import Config
 from shared.enums import Verdict
 from shared.errors import DecodeError
-from shared.messages import Book, Decision, OrderRequest
+from shared.lockstep import Reporter
+from shared.messages import Book, Clock, Decision, OrderRequest
 from shared.runtime import Liveness, Ticker
 
 log = logging.getLogger("qf.strategy")
@@ -33,15 +35,23 @@ class StrategyService:
     """Runs `ImbalanceStrategy` live. `run()` blocks until `stop()` is called.
 
     REQ is synchronous: while an order waits for risk no book is read, and
-    afterwards only the newest queued book of each symbol is acted on."""
+    afterwards only the newest queued book of each symbol is acted on.
+
+    Lock-step replay (QF_LOCKSTEP, shared/lockstep.py; `_run_lockstep`): the core gets every
+    book, in order, at the book's own `ts` (the capture's time), as `qf backtest` feeds it,
+    also while orders wait for risk (one REQ per symbol, so an order of one symbol never holds
+    back another's, as in the backtest); orders are named as the backtest names them; the
+    counters go to the conductor after every loop turn and every order sent."""
 
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.start_ns = time.time_ns()
-        # start time in the prefix keeps client_order_id unique across restarts
-        self.core = ImbalanceStrategy(cfg.strategy, cfg.md.symbols,
-                                      id_prefix=f"{cfg.strategy.name}-{self.start_ns:x}")
+        # start time in the prefix keeps client_order_id unique across restarts; a lock-step
+        # replay names its orders as `qf backtest` of the capture does (services/backtest/engine.py)
+        prefix = (f"{cfg.strategy.name}-r{cfg.broker.seed}" if cfg.bus.lockstep
+                  else f"{cfg.strategy.name}-{self.start_ns:x}")
+        self.core = ImbalanceStrategy(cfg.strategy, cfg.md.symbols, id_prefix=prefix)
         self._stop = threading.Event()
         self.stats = {"books": 0, "stale_books": 0, "other_symbols": 0, "decode_errors": 0, "orders": 0,
                       "approved": 0, "rejected": 0, "no_reply": 0, "errors": 0}
@@ -49,6 +59,7 @@ class StrategyService:
         # so a book that went stale while an order waited for risk is overwritten. Books of other
         # symbols never enter it: a flood of made-up symbols cannot grow it.
         self.pending: dict[str, Book] = {}
+        self.reporter: Reporter | None = None  # lock-step only: the counters the conductor reads
 
     def stop(self) -> None:
         """Ask `run()` to return; safe from a signal handler or another thread."""
@@ -57,6 +68,9 @@ class StrategyService:
     def run(self) -> None:
         """Subscribe to `book.*`, trade until stopped, then close every socket."""
         cfg = self.cfg
+        if cfg.bus.lockstep:
+            self._run_lockstep()
+            return
         sub = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx=self.ctx)
         client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx)
         liveness = Liveness(cfg.common.run_dir, SERVICE)
@@ -120,19 +134,25 @@ class StrategyService:
                  ticker: Ticker) -> None:
         """Send one order and apply the answer; silence after every retry counts as a rejection."""
         self.stats["orders"] += 1
-        req = OrderRequest(ts=time.time_ns(), client_order_id=intent.client_order_id,
-                           strategy=self.cfg.strategy.name, symbol=intent.symbol, side=intent.side,
-                           kind=intent.kind, qty=intent.qty, confidence=intent.confidence,
-                           signal_ts=intent.signal_ts)
+        req = self._request(intent, time.time_ns())
         decision = self._ask(messages.encode(req), intent.client_order_id, client, liveness, ticker)
-        rtt_ns = time.time_ns() - req.ts
+        self._apply(intent, req, decision, time.time_ns() - req.ts)
+
+    def _request(self, intent: OrderIntent, now_ns: int) -> OrderRequest:
+        return OrderRequest(ts=now_ns, client_order_id=intent.client_order_id, strategy=self.cfg.strategy.name,
+                            symbol=intent.symbol, side=intent.side, kind=intent.kind, qty=intent.qty,
+                            confidence=intent.confidence, signal_ts=intent.signal_ts)
+
+    def _apply(self, intent: OrderIntent, req: OrderRequest, decision: Decision, rtt_ns: int,
+               tick_to_trade_ns: int | None = None) -> None:
+        """Risk's answer (or the local rejection standing for it) to the core, then the result line."""
         try:
             outcome = self.core.on_decision(decision)
         except ValueError as exc:
             self.stats["errors"] += 1
             log.error("bad_ack", extra={"cid": intent.client_order_id, "detail": str(exc)})
             outcome = None
-        self._log_result(intent, decision, outcome, req.ts - intent.signal_ts, rtt_ns)
+        self._log_result(intent, decision, outcome, req.ts - intent.signal_ts, rtt_ns, tick_to_trade_ns)
 
     def _ask(self, payload: bytes, cid: str, client: LazyPirateClient, liveness: Liveness,
              ticker: Ticker) -> Decision:
@@ -153,6 +173,11 @@ class StrategyService:
                     return reject(cid, "NO_REPLY", f"risk silent after {attempt} attempt(s) "
                                                    f"of {client.timeout_ms} ms")
                 log.warning("risk_retry", extra={"cid": cid, "attempt": attempt})
+        return self._decision(raw, cid)
+
+    @staticmethod
+    def _decision(raw: bytes, cid: str) -> Decision:
+        """Risk's reply to order `cid` as a Decision; anything else is a local rejection."""
         try:
             reply = messages.decode(raw, messages.REQUESTS)
         except DecodeError as exc:
@@ -163,8 +188,132 @@ class StrategyService:
             return reject(cid, "BAD_REPLY", f"unexpected {reply.TYPE} reply")
         return reply
 
+    # -- lock-step replay ---------------------------------------------------------------------
+
+    def _run_lockstep(self) -> None:
+        """`run` in a lock-step replay. One loop over the SUB (books and `clock` ticks) and a REQ
+        per symbol with an order out: each turn takes risk's answers first (applied before any
+        later book, as the conductor releases nothing while one is due), then every book in
+        order, each to the core at its `ts`, its order sent at once. No retry: risk answers
+        when the replay lets the broker, however long that takes on the wall clock; stop()
+        ends the wait."""
+        cfg = self.cfg
+        sub = Subscriber(cfg.bus.md_pub, ["book.", "clock"], cfg.bus.hwm, ctx=self.ctx)
+        reporter = Reporter(cfg.bus.lockstep, SERVICE, self.ctx)
+        self.reporter = reporter
+        reqs: dict[str, zmq.Socket] = {}  # symbol -> its REQ to risk
+        # REQs waiting for an answer: the order, and when it was sent (perf_counter_ns)
+        asked: dict[zmq.Socket, tuple[OrderIntent, OrderRequest, int]] = {}
+        poller = zmq.Poller()
+        poller.register(sub.sock, zmq.POLLIN)
+        try:
+            liveness = Liveness(cfg.common.run_dir, SERVICE)
+            ticker = Ticker(cfg.bus.heartbeat_ms)
+            log.info("started", extra={"md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep, "lockstep": True,
+                                       "symbols": ",".join(cfg.md.symbols), "prefix": self.core.id_prefix})
+            try:
+                while not self._stop.is_set():
+                    if ticker.due():
+                        liveness.touch()
+                    ready = dict(poller.poll(POLL_MS))
+                    for sock in [s for s in asked if s in ready]:
+                        self._answered_lockstep(sock, asked.pop(sock), reporter)
+                    if sub.sock in ready:
+                        self._drain_lockstep(sub, reqs, asked, poller, reporter)
+                    self._report(reporter)
+            finally:
+                liveness.remove()
+        finally:
+            for sock in reqs.values():
+                sock.close(linger=0)
+            sub.close()
+            reporter.close()
+            log.info("stopped", extra=dict(self.stats, missed=sub.missed, refused_books=self.core.refused_books,
+                                           **reporter.counters))
+
+    def _drain_lockstep(self, sub: Subscriber, reqs: dict, asked: dict, poller: zmq.Poller,
+                        reporter: Reporter) -> None:
+        """Every waiting book to the core, in order (none coalesced, none skipped while orders
+        wait: the backtest calls on_book for each), counted as `md` once handled; ticks count
+        too (the handshake says hello)."""
+        counters = reporter.counters
+        for _ in range(DRAIN_MAX):
+            try:
+                _, msg = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except DecodeError as exc:  # counts as nothing: the conductor names the channel behind
+                self.stats["decode_errors"] += 1
+                log.warning("bad_frame", extra={"reason": exc.reason, "detail": exc.detail})
+                continue
+            kind = type(msg)
+            if kind is Clock:
+                reporter.on_clock(msg.ts)
+            elif kind is Book:
+                if self.core.trades(msg.symbol):
+                    self.stats["books"] += 1
+                else:
+                    self.stats["other_symbols"] += 1
+                self._on_book_lockstep(msg, reqs, asked, poller, reporter)
+                counters["md"] += 1
+
+    def _on_book_lockstep(self, book: Book, reqs: dict, asked: dict, poller: zmq.Poller,
+                          reporter: Reporter) -> None:
+        """The core decides on `book` at its `ts`; an order goes to risk at once, stamped with that
+        time, on its symbol's REQ (free: the core keeps one order per symbol in flight), and the
+        conductor hears of it before anything else happens here."""
+        intent = None
+        try:
+            intent = self.core.on_book(book, book.ts)
+            if intent is None:
+                return
+            sock = reqs.get(intent.symbol)
+            if sock is None:
+                sock = reqs[intent.symbol] = (self.ctx or zmq.Context.instance()).socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.cfg.bus.risk_rep)
+                poller.register(sock, zmq.POLLIN)
+            if sock in asked:
+                raise RuntimeError(f"{intent.symbol}: an order while {asked[sock][0].client_order_id} waits")
+            req = self._request(intent, book.ts)
+            sock.send(messages.encode(req))
+            asked[sock] = (intent, req, time.perf_counter_ns())
+            self.stats["orders"] += 1
+            reporter.counters["orders_sent"] += 1
+            self._report(reporter)
+        except Exception:  # a bug in one event must not stop the service
+            self.stats["errors"] += 1
+            log.exception("book_failed", extra={"symbol": book.symbol, "update_id": book.update_id})
+            if intent is not None and self.core.in_flight(intent.symbol) is intent \
+                    and not any(a[0] is intent for a in asked.values()):
+                self.core.on_decision(reject(intent.client_order_id, "INTERNAL", "strategy error"))
+
+    def _answered_lockstep(self, sock: zmq.Socket, asked: tuple[OrderIntent, OrderRequest, int],
+                           reporter: Reporter) -> None:
+        intent, req, sent_ns = asked
+        raw = sock.recv()
+        reporter.counters["answers_in"] += 1
+        try:
+            # times on the capture's clock stand still while risk works: the round trip is wall time
+            rtt_ns = time.perf_counter_ns() - sent_ns
+            self._apply(intent, req, self._decision(raw, intent.client_order_id), rtt_ns,
+                        req.ts - intent.signal_ts + rtt_ns)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("answer_failed", extra={"cid": intent.client_order_id})
+            if self.core.in_flight(intent.symbol) is intent:  # never leave the symbol blocked
+                self.core.on_decision(reject(intent.client_order_id, "INTERNAL", "strategy error"))
+
+    @staticmethod
+    def _report(reporter: Reporter) -> None:
+        """Push the counters if they changed; a failed push is logged, never fatal."""
+        try:
+            reporter.report()
+        except zmq.ZMQError as exc:
+            log.warning("lockstep_report_failed", extra={"error": str(exc)})
+
     def _log_result(self, intent: OrderIntent, decision: Decision, outcome: Outcome | None,
-                    signal_ns: int, rtt_ns: int) -> None:
+                    signal_ns: int, rtt_ns: int, tick_to_trade_ns: int | None = None) -> None:
         approved = decision.verdict is not Verdict.REJECTED
         self.stats["approved" if approved else "rejected"] += 1
         ack = decision.order
@@ -179,5 +328,6 @@ class StrategyService:
                  # where the time went: book receipt → order sent, then the round trip to risk
                  "signal_us": signal_ns // 1000, "risk_rtt_us": rtt_ns // 1000,
                  # the benchmark parses this key: keep its name and unit
-                 "tick_to_trade_us": (time.time_ns() - intent.signal_ts) // 1000}
+                 "tick_to_trade_us": (time.time_ns() - intent.signal_ts if tick_to_trade_ns is None
+                                      else tick_to_trade_ns) // 1000}
         log.info("order_result", extra=extra)

@@ -207,3 +207,17 @@ def test_order_ids_are_distinct_uuid4_hex():
     made = [ids.next() for _ in range(1000)]  # several refills of the random buffer
     assert len(set(made)) == 1000
     assert all(len(i) == 32 and uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in made)
+
+
+def test_seeded_order_ids_are_uuid4_hex_and_repeat_with_their_seed():
+    import uuid
+
+    from services.backtest import engine
+    from services.broker.desk import SeededIds
+    made = [SeededIds(7).next() for _ in range(2)]
+    ids = SeededIds(7)
+    run = [ids.next() for _ in range(500)]
+    assert made[0] == made[1] == run[0] and len(set(run)) == 500
+    assert SeededIds(8).next() != run[0]
+    assert all(uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in run)
+    assert engine.SeededIds is SeededIds  # the backtest's exchange uses the broker's

@@ -403,6 +403,39 @@ def test_the_same_capture_gives_the_same_book_bytes_twice(recorded_run, spot_pat
     assert wall_books[0].recv_ts > books[-1].recv_ts
 
 
+def test_every_book_ticker_the_book_reaches_agrees_with_it(recorded_run):
+    """tests/data/SOURCES.md: 1,072 bookTickers of the spot capture share a depth event's u, and
+    each matches the rebuilt book's best levels (kept as text, parsed only when compared)."""
+    router, _ = recorded_run
+    checks = router.m.ticker_checks
+    assert checks[("BTCUSDT", "match")] == 1072 and checks[("BTCUSDT", "mismatch")] == 0
+
+
+def test_a_lying_book_ticker_is_counted_and_never_costs_the_book(spot_path, spot_records, tmp_path):
+    """A bookTicker with a bad price at an id the book reaches is refused when compared (bad_fields),
+    one with a non-text field when it comes; neither makes the book resync."""
+    import gzip
+    import orjson
+    depth_u = {r["m"]["data"]["u"] for r in spot_records if r["k"] == "ws" and "@depth" in r["m"]["stream"]}
+    ticker_u = {r["m"]["data"]["u"] for r in spot_records if r["k"] == "ws" and r["m"]["stream"].endswith("@bookTicker")}
+    targets = sorted(depth_u & ticker_u)[100:102]
+    out, lied = [], 0
+    for r in spot_records:
+        if r["k"] == "ws" and r["m"]["stream"].endswith("@bookTicker") and r["m"]["data"]["u"] in targets:
+            r = {**r, "m": {**r["m"], "data": {**r["m"]["data"], "b": "6e4" if not lied else 61000.5}}}
+            lied += 1
+        out.append(orjson.dumps(r))
+    assert lied == 2
+    path = tmp_path / "lying-ticker.jsonl.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(out) + b"\n")
+    router, sent = replay_through_router(path)
+    assert router.m.decode_errors.get("bad_fields", 0) == 2
+    assert router.stats["gaps"] == 0 and router.stats["resyncs"] == 0
+    assert router.m.ticker_checks[("BTCUSDT", "match")] == 1072 - 2
+    assert len([m for t, m in sent if t == "book.BTCUSDT"]) == 6493
+
+
 def test_a_record_that_fails_is_counted_not_raised(router, bus):
     router.dispatch(SnapshotRecord(5, "XX:BTCUSDT", {}), 5)  # not a key: split_key raises
     assert router.m.decode_errors == {"internal_error": 1} and router.stats["bad_messages"] == 1
