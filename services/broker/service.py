@@ -307,6 +307,8 @@ class BrokerService:
             kind, ts = type(msg), msg.ts
             if kind is Clock:
                 self.reporter.on_clock(ts)
+                if ts == 0:  # the handshake: passed on, so risk learns its SUB hears this PUB
+                    self._guarded(lambda: self.pub.publish("clock", msg))
                 if ts > 0:
                     lockstep.observe(ts)
                     self._guarded(lambda: desk.advance(ts))

@@ -39,6 +39,7 @@ POLL_MS = 100  # idle loop turn; bounds how late stop(), heartbeats and flushes 
 DRAIN_MAX = 1000  # messages per socket per turn, so a book burst cannot starve orders
 FLUSH_ROWS, FLUSH_NS = 256, 100_000_000  # denial rows are written in batches, off the reply path
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
+LOCKSTEP_PROBE = "lockstep-hello"  # the cancel that proves risk's DEALER reaches the broker (answered UNKNOWN_ORDER)
 MAX_ID = 128  # longest client_order_id / strategy kept: the answer caches must stay bounded
 OUTBOX_MAX = 100_000  # rows kept while the database refuses writes; older ones are dropped and counted
 
@@ -83,7 +84,8 @@ class RiskService:
         # Subscribe before reading the database: fills committed meanwhile wait
         # in the queue instead of being lost, and the ledger drops the overlap.
         self.md = Subscriber(cfg.bus.md_pub, ["book.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx)
-        self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx)
+        self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order.", "clock"] if lockstep
+                                        else ["fill.", "order."], cfg.bus.hwm, ctx)
         try:
             init_db(cfg.common.db)
         except (pw.PeeweeException, sqlite3.Error, OSError) as exc:  # e.g. a full disk: one line, `qf up` retries
@@ -112,6 +114,7 @@ class RiskService:
             self.server = CountingServer(cfg.bus.risk_rep, self.reporter, ctx)
             self.broker = CountingLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, self.reporter,
                                        self._catch_up, ctx)
+            self._links = {"broker_pub": False, "probe": ""}  # what `_hello` waits for
             self.handle = self._handle_lockstep  # type: ignore[method-assign]
             self._drain = self._drain_lockstep  # type: ignore[method-assign]
         else:
@@ -376,6 +379,24 @@ class RiskService:
             received_ns = time.perf_counter_ns()  # the wait is the replay's, not risk's work
         return RiskService.handle(self, envelope, payload, received_ns)
 
+    def _hello(self) -> None:
+        """The conductor's handshake tick came: say hello once every link risk has in the replay is
+        up — the md SUB (this tick), the SUB to the broker's PUB (the broker passes each tick on:
+        ZeroMQ drops what a PUB sends before a SUB is connected, and a fill event lost would stall
+        the replay), and the DEALER to the broker (a probe cancel answered: an order sent before
+        the connection is up would be denied BROKER_UNAVAILABLE, which the backtest never is)."""
+        links = self._links
+        if self.reporter.hello:
+            return
+        if links["broker_pub"] and links["probe"] == "answered":
+            self.reporter.on_clock(0)
+            return
+        if links["probe"] == "":
+            def answered(raw: bytes | None) -> None:
+                links["probe"] = "answered" if raw is not None else ""
+            if self.broker.send(messages.encode(Cancel(ts=0, client_order_id=LOCKSTEP_PROBE)), answered):
+                links["probe"] = "sent"
+
     def _drain_lockstep(self, sub: Subscriber) -> None:
         """`_drain` in a lock-step run. Market data: a book's or tick's `ts` moves the clock
         before the book is marked; books and ticks (not the handshake, ts 0) count as `md`.
@@ -389,7 +410,10 @@ class RiskService:
             if md:
                 if kind is Clock:
                     clock.observe(msg.ts)
-                    reporter.on_clock(msg.ts)
+                    if msg.ts:
+                        reporter.on_clock(msg.ts)
+                    else:
+                        self._hello()
                     continue
                 if kind is Book:
                     clock.observe(msg.ts)
@@ -397,6 +421,9 @@ class RiskService:
             elif kind is Fill or kind is OrderEvent:
                 counters["events_in"] += 1
                 self._catch_up(msg.ts)
+            elif kind is Clock:  # the broker passing the handshake on: this SUB hears its PUB
+                self._links["broker_pub"] = True
+                continue
             try:
                 self.on_event(msg, clock())
             except Exception:

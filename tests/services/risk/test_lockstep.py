@@ -67,11 +67,25 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
     risk = runner.start(RiskService(cfg))
     assert isinstance(risk.clock, LockstepClock)
     md.joined("book.", "clock")
-    events.joined("fill.", "order.")
+    events.joined("fill.", "order.", "clock")
 
-    md.publish("clock", Clock(ts=0))  # the handshake: hello, and no time
-    zero = dict.fromkeys(("md", "orders_in", "answers_out", "broker_out", "broker_in", "events_in"), 0)
-    assert reports.until(hello=True) == {"service": "risk", "hello": True, **zero}
+    # The handshake: risk says hello only once its DEALER reaches the broker (a probe cancel,
+    # answered) and its SUB hears the broker's PUB (the broker passes the tick on): no time moves.
+    md.publish("clock", Clock(ts=0))
+    assert broker.poll(int(WAIT_S * 1000)), "no probe reached the broker"
+    probe = broker.recv_multipart()
+    cancel = messages.decode(probe[-1], messages.REQUESTS)
+    assert isinstance(cancel, messages.Cancel) and cancel.ts == 0
+    broker.send_multipart([*probe[:-1], messages.encode(messages.Error(ts=0, code="UNKNOWN_ORDER",
+                                                                       text=cancel.client_order_id))])
+    wait_until(lambda: risk.reporter.counters["broker_in"] == 1, "risk to take the probe's answer")
+    md.publish("clock", Clock(ts=0))
+    assert not risk.reporter.hello and not any(r.get("hello") for r in reports.seen)  # broker's PUB unheard
+    events.publish("clock", Clock(ts=0))
+    wait_until(lambda: risk._links["broker_pub"], "risk to hear the broker's PUB")
+    md.publish("clock", Clock(ts=0))
+    zero = dict.fromkeys(("md", "orders_in", "answers_out", "events_in"), 0)
+    assert reports.until(hello=True) == {"service": "risk", "hello": True, **zero, "broker_out": 1, "broker_in": 1}
     md.publish("book.BTCUSDT", book(100.0, 100.5, T1))
     reports.until(md=1)
     assert risk.clock() == T1
@@ -91,7 +105,7 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
         sent.append(broker.recv_multipart())
     assert [messages.decode(f[-1], messages.REQUESTS).client_order_id for f in sent] == ["ahead", "behind"]
     assert sent[0][-1] == messages.encode(ahead)  # approved as sent: judged on T2's mark
-    reports.until(md=2, orders_in=2, broker_out=2, answers_out=0, broker_in=0)
+    reports.until(md=2, orders_in=2, broker_out=3, answers_out=0, broker_in=1)
 
     # A reply stamped at the clock is answered at once, at that time.
     done = Ack(ts=T2, client_order_id="behind", order_id="o-b", status=OrderStatus.CANCELLED, filled_qty=D(0),
@@ -102,13 +116,13 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
     # One stamped at T3 (the broker's due instant) waits until risk's clock is there: the tick.
     rests = Ack(ts=T3, client_order_id="ahead", order_id="o-a", status=OrderStatus.PENDING, filled_qty=D(0))
     broker.send_multipart([*sent[0][:-1], messages.encode(rests)])
-    wait_until(lambda: risk.reporter.counters["broker_in"] == 2, "risk to take the broker's reply")
+    wait_until(lambda: risk.reporter.counters["broker_in"] == 3, "risk to take the broker's reply")
     assert not a.sock.poll(50)
     md.publish("clock", Clock(ts=T3))
     got = decision(a.sock)
     assert (got.client_order_id, got.verdict, got.ts, got.order.status) == (
         "ahead", Verdict.APPROVED, T3, OrderStatus.PENDING)
-    reports.until(md=3, answers_out=2, broker_in=2)
+    reports.until(md=3, answers_out=2, broker_in=3)
 
     # Broker events: counted; one stamped ahead of the clock is booked once the clock is there.
     events.publish("order.BTCUSDT", OrderEvent(ts=T3, order_id="o-a", client_order_id="ahead", symbol="BTCUSDT",
@@ -121,10 +135,10 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
     assert risk.engine.ledger.qty("BTCUSDT") == 0
     md.publish("clock", Clock(ts=T4))
     wait_until(lambda: risk.engine.ledger.qty("BTCUSDT") == D("-0.002"), "the fill booked")
-    # every count equals what crossed: 2 books and 2 ticks, 2 orders and answers, 2 requests and
-    # replies, 2 events
+    # every count equals what crossed: 2 books and 2 ticks, 2 orders and answers, 3 requests and
+    # replies (the probe and 2 orders), 2 events
     assert reports.until(md=4, events_in=2) == {"service": "risk", "hello": True, "md": 4, "orders_in": 2,
-                                                "answers_out": 2, "broker_out": 2, "broker_in": 2, "events_in": 2}
+                                                "answers_out": 2, "broker_out": 3, "broker_in": 3, "events_in": 2}
 
 
 def test_a_lockstep_risk_takes_no_wall_clock(lock_env):
