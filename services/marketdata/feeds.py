@@ -220,6 +220,13 @@ class ReplayFeed:
         RouteOpened (a capture's market seen first) and Disconnected (a loop starting over)."""
         self.captures = [_Capture(s, self.keys, i, self.loop) for i, s in enumerate(self.specs)]
         plays = [c.play() for c in self.captures]
+        stop, recorded = self.should_stop, self.recorded
+        if len(plays) == 1 and self.speed <= 0:  # one capture as fast as possible: nothing to merge or pace
+            for _, t, cls, fields in plays[0]:
+                if stop():
+                    return
+                yield _new_record(cls, (t if recorded else time.time_ns(), *fields))
+            return
         by = 1 if self.recorded else 0  # merge (and pace) by recorded or by relative time
         heap: list[tuple[int, int, tuple]] = []
         for i, play in enumerate(plays):
@@ -227,7 +234,7 @@ class ReplayFeed:
             if nxt is not None:
                 heap.append((nxt[by], i, nxt))
         heapq.heapify(heap)
-        start, speed, stop, recorded = time.monotonic(), self.speed, self.should_stop, self.recorded
+        start, speed = time.monotonic(), self.speed
         t0 = heap[0][0] if heap else 0
         while heap:
             at, i, (_, t, cls, fields) = heap[0]

@@ -357,13 +357,13 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(tmp_path, capture20, c
 # -- a free-running replay session of the real services ------------------------------------------------
 
 def test_a_free_running_replay_session_is_accounted_for_order_by_order(tmp_path):
-    """`qf up --feed replay:CAPTURE --speed 2` over the first 90 s of the shipped capture, as real
-    processes; stopped once the replay is done; then `qf parity` against the backtest of it."""
-    capture = short_capture(tmp_path / "c90.jsonl.gz", 90)
+    """`qf up --feed replay:CAPTURE --speed 4` over the first 60 s of the shipped capture, as real
+    processes (15 s); stopped once the replay is done; then `qf parity` against the backtest of it."""
+    capture = short_capture(tmp_path / "c60.jsonl.gz", 60)
     settings = tcp_env(tmp_path)
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}",
-                             "--speed", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--speed", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -409,7 +409,7 @@ def test_a_free_running_replay_session_is_accounted_for_order_by_order(tmp_path)
     assert "broker session" in report["settings"]["source"]  # the session's own settings
     c = report["counts"]
     assert c["matched"] >= 0.5 * max(len(paper), backtest_n), c
-    assert report["clock"]["slope"] == pytest.approx(0.5, rel=0.05)  # speed 2: half a paper second per capture s
+    assert report["clock"]["slope"] == pytest.approx(0.25, rel=0.05)  # speed 4: a quarter paper second per capture s
     for p in report["pairs"]:
         assert all(isinstance(x, float) for x in p["latency_ms"].values() if x is not None)
         for cause in p["causes"]:
