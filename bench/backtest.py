@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import sqlite3
 import subprocess
 import sys
@@ -139,12 +138,17 @@ def run() -> dict[str, float]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
         db = os.path.join(tmp, "cli.db")
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "services.cli", "backtest", "--capture", CAPTURE, "--db", db],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "backtest", "--capture", CAPTURE, "--db", db],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait4: this child's own peak RSS (RUSAGE_CHILDREN would be the largest of every child so far)
+        _pid, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        if out.returncode != 0:
-            raise RuntimeError(f"qf backtest failed: {out.stderr[-300:]}")
-        rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"qf backtest failed: {err[-300:]}")
+        rss_mb = usage.ru_maxrss / 1024
         hashes.append(_fills_hash(db))
         match, lock_wall, _ = _lockstep(tmp, db)
     median, floor = runs[len(runs) // 2], floors[len(floors) // 2]

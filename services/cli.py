@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_replay)
     from services.backtest.cli import add_parser as add_backtest
     add_backtest(sub)
-    from services.backtest.parity import add_parser as add_parity
-    add_parity(sub)
+    from services.backtest.cli import add_parity_parser
+    add_parity_parser(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

@@ -92,6 +92,7 @@ class PaperExchange:
         self.on_fill_event: Callable[[messages.Fill, int], None] = lambda fill, now: None
         self.on_order_event: Callable[[messages.OrderEvent], None] = lambda event: None
         self.orders = self.fills = 0
+        self.due: int | None = None  # the model's next due request, kept after each call into it (read per record)
 
     # -- BrokerLink's interface (risk's desk) -------------------------------------------------
 
@@ -117,6 +118,7 @@ class PaperExchange:
             quote_asset(req.symbol)
             order = Order.from_request(req, order_id, now)
             self.model.submit(order, now)
+            self.due = self.model.next_due()
         except ValueError:
             order = Order.rejected(req, order_id, now, core.BAD_ORDER)
             self.process([Update(ARRIVED, req.client_order_id, order)])
@@ -124,6 +126,7 @@ class PaperExchange:
     def _cancel(self, coid: str, callback, now: int) -> None:
         self._tokens += 1
         if self.model.cancel(coid, now, self._tokens):
+            self.due = self.model.next_due()
             self.cancel_waiters[self._tokens] = callback
             return
         known = self.acks.get(coid)
@@ -133,17 +136,17 @@ class PaperExchange:
 
     # -- time and market events -----------------------------------------------------------------
 
-    def next_due(self) -> int | None:
-        return self.model.next_due()
-
     def advance(self, now: int) -> None:
         self.process(self.model.advance(now))
+        self.due = self.model.next_due()
 
     def on_book(self, book: Book, now: int) -> None:
         self.process(self.model.on_book(book, now))
+        self.due = self.model.next_due()
 
     def on_trade(self, trade: Trade, now: int) -> None:
         self.process(self.model.on_trade(trade, now))
+        self.due = self.model.next_due()
 
     # -- commit, then tell (BrokerService._process) ------------------------------------------
 
@@ -261,10 +264,10 @@ class Backtest:
             if self.first_ns is None:
                 self.first_ns = t
                 self._next_beat, self._next_equity = t + self.heartbeat_ns, t + self.equity_ns
-            due = exchange.next_due()
+            due = exchange.due
             while due is not None and due <= t:
                 self._wake(due)
-                due = exchange.next_due()
+                due = exchange.due
             if t >= self._next_beat or t >= self._next_equity:
                 self._timers(t)
             if t > clock.now:
@@ -279,10 +282,10 @@ class Backtest:
             if progress is not None and not self.records % progress_every:
                 progress(self.records, t)
         # the capture ended: what is in flight still reaches the exchange (the broker's timer)
-        due = exchange.next_due()
+        due = exchange.due
         while due is not None:
             self._wake(due)
-            due = exchange.next_due()
+            due = exchange.due
         self._settle(clock.now)
         if clock.now:
             exchange.snapshot(clock.now, "end")

@@ -26,7 +26,6 @@ from shared.errors import ConfigError
 from services.backtest.pairing import FillView, Item, Run, _clock, _dec, compare
 from shared.money import ZERO
 
-TOLERANCE_MS = 1000.0  # default window for pairing (exch_ts, then aligned created_ts)
 
 
 def open_paper(path: str) -> sqlite3.Connection:
@@ -200,30 +199,6 @@ def render(report: dict) -> str:
 
 
 # -- the command ------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("parity", help="backtest a capture with a paper session's settings and list how the two "
-                                      "runs' orders and fills differ",
-                       description="Reads PAPER.db (a paper session's database, read-only), backtests the "
-                                   "capture(s) it traded with the session's settings (its broker's sessions row; "
-                                   "--config overrides), pairs the two runs' orders (by their fills' exchange "
-                                   "time, then by time) and lists every order of both: paired (fills compared, "
-                                   "price differences in ticks) or only in one, with the cause where known. "
-                                   "Exit status 0 when the report was made (differences are findings), 2 for "
-                                   "bad input.")
-    p.add_argument("--db", required=True, metavar="PAPER.db", help="the paper session's SQLite database (QF_DB)")
-    p.add_argument("--capture", nargs="+", required=True, metavar="FILE",
-                   help="the capture(s) of the market data the session traded (as `qf backtest --capture`)")
-    p.add_argument("--config", metavar="FILE", help="QF_NAME=value lines over the session's settings")
-    p.add_argument("--symbols", help="comma-separated symbols to backtest (default: the session's QF_SYMBOLS)")
-    p.add_argument("--tolerance-ms", type=float, default=TOLERANCE_MS,
-                   help=f"pairing window in ms (default {TOLERANCE_MS:g})")
-    p.add_argument("--out", metavar="FILE", help="keep the backtest's database here (default: a temporary one)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
-    p.add_argument("--verbose", action="store_true", help="show the backtest's warnings on stderr")
-    p.set_defaults(func=main)
-
 
 def load_settings(con: sqlite3.Connection, db: str, args: argparse.Namespace) -> tuple[qfconfig.Config, dict]:
     """The Config of the newest broker session in PAPER.db (unknown names dropped, noted), with

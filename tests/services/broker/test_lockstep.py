@@ -263,7 +263,7 @@ def test_the_fills_are_the_backtest_exchanges(broker, reports, risk, md_pub, mak
         exchange.on_book(b, b.ts)
     answers = []
     exchange.send(messages.encode(order("same", t_order, qty="0.3")), answers.append)
-    assert exchange.next_due() == due
+    assert exchange.due == due
     clock.now = due
     exchange.advance(due)
     [raw] = answers
