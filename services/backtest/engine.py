@@ -24,6 +24,7 @@ and to risk's `Outbox`, which the shell writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class PaperExchange:
             self.cancel_waiters[self._tokens] = callback
             return
         known = self.acks.get(coid)
-        reply = (messages.Ack(**{**_fields(known), "reason": core.NOT_OPEN}) if known is not None
+        reply = (dataclasses.replace(known, reason=core.NOT_OPEN) if known is not None
                  else Error(ts=now, code="UNKNOWN_ORDER", text=coid))
         self.now_answers.append((callback, messages.encode(reply)))
 
@@ -153,13 +154,7 @@ class PaperExchange:
     def process(self, updates: list[Update]) -> None:
         if not updates:
             return
-        changes = []
-        for u in updates:
-            if u.event != NOT_OPEN:
-                w = u.working
-                changes.append(store.Change(u.order, u.event == ARRIVED, u.fills,
-                                            w.arrival_ts if w else None, w.decision_mid if w else None,
-                                            w.arrival_mid if w else None))
+        changes = store.changes_of(updates)
         if changes:
             statements, self.account = store.statements(changes, self.account, self.model.marks())
             self.sink(statements)
@@ -195,7 +190,7 @@ class PaperExchange:
             return
         if ack is None:
             known = self.acks.get(u.client_order_id)
-            ack = messages.Ack(**{**_fields(known), "reason": core.NOT_OPEN}) if known is not None else None
+            ack = dataclasses.replace(known, reason=core.NOT_OPEN) if known is not None else None
         callback(messages.encode(ack) if ack is not None else
                  messages.encode(Error(ts=self.clock.now, code="UNKNOWN_ORDER", text=u.client_order_id)))
 
@@ -204,10 +199,6 @@ class PaperExchange:
         equity = self.account.equity(self.model.marks())
         self.sink([(EQUITY_INSERT, (now, store._dec(equity), store._dec(self.account.cash), note))])
         self.figures.on_equity(equity, now)
-
-
-def _fields(ack: messages.Ack) -> dict:
-    return {f: getattr(ack, f) for f in ack.__dataclass_fields__}
 
 
 class Backtest:

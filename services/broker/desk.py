@@ -243,13 +243,7 @@ class BrokerDesk:
         nobody is told of it: see `_freeze`."""
         if not updates or self.health.frozen:  # frozen: what the model does is thrown away (see _freeze)
             return
-        changes = []
-        for u in updates:
-            if u.event != NOT_OPEN:
-                w = u.working
-                changes.append(store.Change(u.order, u.event == ARRIVED, u.fills,
-                                            w.arrival_ts if w else None, w.decision_mid if w else None,
-                                            w.arrival_mid if w else None))
+        changes = store.changes_of(updates)
         if changes:
             try:
                 statements, account = store.statements(changes, self.account, self.model.marks())

@@ -12,6 +12,7 @@ from typing import Iterable
 import peewee as pw
 
 from services.broker.core import Account, Order
+from services.broker.fill_model import ARRIVED, NOT_OPEN
 from shared import journal, money
 from shared.db import (EQUITY_INSERT, FILL_COLS, FILL_INSERT, ORDER_COLS, ORDER_INSERT, ORDER_UPDATE,
                        ORDER_UPDATE_COLS, DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows)
@@ -36,6 +37,18 @@ class Change:
     arrival_ts: int | None = None
     decision_mid: Decimal | None = None
     arrival_mid: Decimal | None = None
+
+
+def changes_of(updates) -> list[Change]:
+    """The rows to write for the fill model's `updates` (services/broker/fill_model.py Update): every
+    one but a cancel that found its order finished (NOT_OPEN), with its arrival time and mids."""
+    out = []
+    for u in updates:
+        if u.event != NOT_OPEN:
+            w = u.working
+            out.append(Change(u.order, u.event == ARRIVED, u.fills, w.arrival_ts if w else None,
+                              w.decision_mid if w else None, w.arrival_mid if w else None))
+    return out
 
 
 def fill_from_row(row: FillRow) -> Fill:
