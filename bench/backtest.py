@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -16,9 +15,8 @@ RUNS = 3
 
 
 def _fills_hash(db: str) -> str:
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
-    return hashlib.sha256(repr(rows).encode()).hexdigest()
+    from tests.conftest import fill_rows
+    return hashlib.sha256(repr(fill_rows(db)).encode()).hexdigest()
 
 
 def _inproc(db: str) -> tuple[float, dict]:
@@ -60,52 +58,16 @@ def _md_floor() -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def _fill_rows(db: str) -> list[tuple]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        return con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
-
-
 def _lockstep(tmp: str, expected_db: str) -> tuple[float, float, int]:
     """`qf up --feed replay:CAPTURE --lockstep` over the whole capture through the real services:
     (fraction of the backtest's fills it reproduced byte for byte, wall seconds, its fills)."""
-    import signal
-    import threading
+    import pathlib
 
-    from tests.conftest import free_port
+    from tests.conftest import clean_environ, fill_rows, run_lockstep, tcp_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
-    env.update({"QF_MD_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
-                "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}", "QF_BROKER_PUB": f"tcp://127.0.0.1:{free_port()}",
-                "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_API_BIND": f"127.0.0.1:{free_port()}",
-                "QF_DB": os.path.join(tmp, "lockstep.db"), "QF_RUN_DIR": os.path.join(tmp, "run"),
-                "PYTHONUNBUFFERED": "1"})
-    done = threading.Event()
-    t0 = time.perf_counter()
-    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{CAPTURE}", "--lockstep"],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
-    tail: list[str] = []
-
-    def pump() -> None:
-        for line in up.stdout:
-            tail.append(line)
-            del tail[:-50]
-            if "lockstep done" in line:
-                done.set()
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        if not done.wait(900):
-            raise RuntimeError("the lock-step replay did not finish in 900 s:\n" + "".join(tail))
-        wall = time.perf_counter() - t0
-        got = _fill_rows(env["QF_DB"])
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(timeout=10)
-    expected = _fill_rows(expected_db)
+    env = {**clean_environ(), **tcp_env(pathlib.Path(tmp), QF_DB=os.path.join(tmp, "lockstep.db"))}
+    got, wall, _lines = run_lockstep(CAPTURE, env, 900)
+    expected = fill_rows(expected_db)
     match = len(set(expected) & set(got)) / len(expected) if expected else 0.0
     if len(got) != len(expected):
         match = min(match, len(expected) / max(len(got), 1))  # extra fills are differences too

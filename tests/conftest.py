@@ -89,6 +89,54 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
 
 
+def fill_rows(db: str) -> list[tuple]:
+    """Every row of `db`'s fills table, in fill_id order (read-only): what byte-for-byte comparisons hold."""
+    import sqlite3
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        return con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
+
+
+def run_lockstep(capture: str, env: dict[str, str], timeout_s: float) -> tuple[list[tuple], float, list[str]]:
+    """`qf up --feed replay:CAPTURE --lockstep` with `env` (QF_DB among it) until marketdata logs
+    "lockstep done" (AssertionError with the output's tail after `timeout_s`), then stopped, its whole
+    process group with it. Returns (the fills rows, read after the stop, wall seconds to "lockstep
+    done", output lines)."""
+    import signal
+    import sys
+    import threading
+
+    lines: list[str] = []
+    done = threading.Event()
+    t0 = time.perf_counter()
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}", "--lockstep"],
+                          cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def pump() -> None:
+        for line in up.stdout:
+            lines.append(line.rstrip("\n"))
+            if "lockstep done" in line:
+                done.set()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        if not done.wait(timeout_s):
+            raise AssertionError(f"the lock-step replay did not finish in {timeout_s:.0f} s:\n"
+                                 + "\n".join(lines[-60:]))
+        wall = time.perf_counter() - t0
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(timeout=10)
+        reader.join(timeout=10)
+    # read once the stack stopped: the broker's last fills may still be in its journal at "lockstep
+    # done" (durable, not yet stored in SQLite); a broker stopped cleanly has stored them all
+    return fill_rows(env["QF_DB"]), wall, lines
+
+
 @pytest.fixture
 def make_config(tmp_path):
     def make(**env: str) -> qfconfig.Config:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 
 import orjson
 import pytest
 
-from tests.conftest import SPOT_CAPTURE, clean_environ, tcp_env, wait_for
+from tests.conftest import SPOT_CAPTURE, clean_environ, fill_rows, run_lockstep, tcp_env
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,11 +32,6 @@ def short_capture(path, span_s: float = SPAN_S) -> str:
     return str(path)
 
 
-def fills(db: str) -> list[tuple]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        return con.execute("SELECT * FROM fills ORDER BY fill_id").fetchall()
-
-
 def test_a_lockstep_replay_gives_the_backtests_fills_byte_for_byte(tmp_path):
     capture = short_capture(tmp_path / "short.jsonl.gz")
     settings = tcp_env(tmp_path, QF_FEED=f"replay:{capture}")
@@ -48,35 +40,9 @@ def test_a_lockstep_replay_gives_the_backtests_fills_byte_for_byte(tmp_path):
     bt = subprocess.run([sys.executable, "-m", "services.cli", "backtest", "--capture", capture, "--db", bt_db],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bt.returncode == 0, bt.stderr
-    expected = fills(bt_db)
+    expected = fill_rows(bt_db)
     assert len(expected) > 10
 
-    lines: list[str] = []
-    done = threading.Event()
-    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}", "--lockstep"],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
-
-    def pump():
-        for line in up.stdout:
-            lines.append(line.rstrip("\n"))
-            if "lockstep done" in line:
-                done.set()
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        wait_for(done.is_set, 240, "the lock-step replay to finish ('lockstep done')")
-        got = fills(settings["QF_DB"])
-    except BaseException:
-        print("\n".join(lines[-60:]))
-        raise
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(timeout=10)
-        reader.join(timeout=10)
+    got, _wall, _lines = run_lockstep(capture, env, 240)
     assert len(got) == len(expected)
     assert got == expected
