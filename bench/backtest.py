@@ -19,14 +19,15 @@ def _fills_hash(db: str) -> str:
     return hashlib.sha256(repr(fill_rows(db)).encode()).hexdigest()
 
 
-def _inproc(db: str) -> tuple[float, dict]:
-    """One backtest in this process (what `qf backtest` runs after parsing its arguments):
-    (wall seconds from opening the capture to the database written, its summary)."""
+def _inproc(db: str, **env: str) -> tuple[float, dict]:
+    """One backtest in this process (what `qf backtest` runs after parsing its arguments), with the
+    default settings over `env`: (wall seconds from opening the capture to the database written,
+    its summary)."""
     from services.backtest import cli
     from shared.config import load
     from shared.db import close_db
 
-    cfg = load({})
+    cfg = load(env)
     t0 = time.perf_counter()
     specs = cli.check_captures([CAPTURE])
     cli.open_db(db, overwrite=True)
@@ -65,7 +66,8 @@ def _lockstep(tmp: str, expected_db: str) -> tuple[float, float, int]:
 
     from tests.conftest import clean_environ, fill_rows, run_lockstep, tcp_env
 
-    env = {**clean_environ(), **tcp_env(pathlib.Path(tmp), QF_DB=os.path.join(tmp, "lockstep.db"))}
+    env = {**clean_environ(), **tcp_env(pathlib.Path(tmp), QF_DB=os.path.join(tmp, "lockstep.db"),
+                                        QF_STRATEGY_KIND="imbalance")}
     got, wall, _lines = run_lockstep(CAPTURE, env, 900)
     expected = fill_rows(expected_db)
     match = len(set(expected) & set(got)) / len(expected) if expected else 0.0
@@ -112,7 +114,10 @@ def run() -> dict[str, float]:
             raise RuntimeError(f"qf backtest failed: {err[-300:]}")
         rss_mb = usage.ru_maxrss / 1024
         hashes.append(_fills_hash(db))
-        match, lock_wall, _ = _lockstep(tmp, db)
+        # a lock-step replay runs the imbalance strategy only: compared with its backtest
+        imbalance_db = os.path.join(tmp, "imbalance.db")
+        _inproc(imbalance_db, QF_STRATEGY_KIND="imbalance")
+        match, lock_wall, _ = _lockstep(tmp, imbalance_db)
     median, floor = runs[len(runs) // 2], floors[len(floors) // 2]
     return {
         "backtest_msgs_per_s": round(median),
@@ -121,6 +126,12 @@ def run() -> dict[str, float]:
         "backtest_cli_msgs_per_s": round(events / wall),
         "backtest_cli_rss_mb": round(rss_mb, 1),
         "backtest_identical_runs": int(len(set(hashes)) == 1),
+        # the default (OFI) strategy on the shipped capture with default settings: honest figures
+        "ofi_backtest_round_trips": summary["round_trips"],
+        "ofi_backtest_fills": summary["fills"],
+        "ofi_backtest_net_pnl": float(summary["net_pnl"]),
+        "ofi_backtest_fees": float(summary["fees"]),
+        "ofi_backtest_maker_share": round(summary["maker_share"] or 0.0, 3),
         "lockstep_fill_match": round(match, 4),
         "lockstep_msgs_per_s": round(events / lock_wall),
     }

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from bench import backtest, broker, compose, marketdata, md_rss, risk, tick_to_trade
+from bench import backtest, broker, compose, marketdata, md_rss, risk, strategy, tick_to_trade
 
 BENCHMARKS = {
     "tick_to_trade": tick_to_trade.run,
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "md_rss": md_rss.run,
     "risk": risk.run,
     "backtest": backtest.run,
+    "strategy": strategy.run,
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

@@ -40,6 +40,8 @@ def run_service(name: str) -> int:
         return 0
     if name == "marketdata":
         from services.marketdata.service import MarketDataService as cls
+    elif name == "strategy" and getattr(cfg.strategy, "kind", "imbalance") == "ofi":
+        from services.strategy.live import OfiService as cls
     elif name == "strategy":
         from services.strategy.service import StrategyService as cls
     elif name == "risk":
@@ -96,6 +98,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                                   f"(the feed is {cfg.md.feed})")
             if args.speed is not None:
                 raise ConfigError("--lockstep runs as fast as the services can: --speed has no meaning with it")
+            if cfg.strategy.kind != "imbalance":
+                raise ConfigError(f"--lockstep runs QF_STRATEGY_KIND=imbalance only for now (this is "
+                                  f"{cfg.strategy.kind}); `qf backtest` replays the {cfg.strategy.kind} "
+                                  "strategy on the capture's time")
             env.update(lockstep_env(cfg, env))
             cfg = qfconfig.load(env)
             if _holds_orders(cfg.common.db):  # the broker would refuse it too, after the others started

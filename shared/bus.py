@@ -228,3 +228,118 @@ class LazyPirateClient:
 
     def close(self) -> None:
         self._discard()
+
+
+class AsyncClient:
+    """DEALER to a ROUTER (risk's) with many requests in flight, each matched to its answer.
+
+    A request is sent as `[request id, b"", payload]` (the ROUTER answers the whole envelope, so
+    the id comes back); `key` is the caller's name for it (e.g. the client_order_id). Silence
+    for `timeout_ms` resends the *same* payload under a new id (the server is idempotent on the
+    client_order_id), up to `retries` attempts; then `expired()` hands the key back and the
+    socket is replaced (LINGER 0), so nothing given up on can still reach the server later
+    (the other requests in flight are resent on the new socket). IMMEDIATE: while the server is
+    not connected a send is not queued for later; the attempt just times out.
+    Not thread-safe: one loop owns it (poll `sock`, then `recv()` until None)."""
+
+    def __init__(self, endpoint: str, timeout_ms: int, retries: int, ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_ns = timeout_ms * 1_000_000
+        self.retries = retries
+        self.ctx = ctx or context()
+        self.sock: zmq.Socket | None = None
+        self._rid = 0
+        self._ids: dict[bytes, str] = {}  # request id (every attempt's) -> key
+        # key -> [payload, attempts so far, deadline (monotonic ns), ids of its attempts]
+        self._pending: dict[str, list] = {}
+        self.stats = {"sent": 0, "resent": 0, "expired": 0, "stale_replies": 0, "bad_replies": 0, "resets": 0}
+        self._open()
+
+    def _open(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.connect(self.endpoint)
+
+    def _send(self, key: str, entry: list, now_ns: int) -> None:
+        self._rid += 1
+        rid = self._rid.to_bytes(8, "big")
+        self._ids[rid] = key
+        entry[1] += 1
+        entry[2] = now_ns + self.timeout_ns
+        entry[3].append(rid)
+        try:
+            self.sock.send_multipart([rid, b"", entry[0]], zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE): this attempt times out like a lost one
+            pass
+
+    def send(self, key: str, payload: bytes, now_ns: int | None = None) -> None:
+        """Send a request named `key` (ValueError when one of that name is in flight)."""
+        if key in self._pending:
+            raise ValueError(f"a request {key!r} is already in flight")
+        entry = [payload, 0, 0, []]
+        self._pending[key] = entry
+        self.stats["sent"] += 1
+        self._send(key, entry, time.monotonic_ns() if now_ns is None else now_ns)
+
+    def in_flight(self, key: str) -> bool:
+        return key in self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def recv(self) -> tuple[str, bytes] | None:
+        """The next answer waiting, as `(key, payload)`; None when nothing is waiting. An answer
+        to a request already answered or given up on is dropped (counted), as is a frame
+        without the envelope."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            if len(frames) != 3 or frames[1] != b"":
+                self.stats["bad_replies"] += 1
+                continue
+            key = self._ids.get(frames[0])
+            entry = self._pending.get(key) if key is not None else None
+            if entry is None or frames[0] not in entry[3]:
+                self.stats["stale_replies"] += 1
+                continue
+            self._forget(key)
+            return key, frames[2]
+
+    def _forget(self, key: str) -> None:
+        entry = self._pending.pop(key)
+        for rid in entry[3]:
+            self._ids.pop(rid, None)
+
+    def next_deadline(self) -> int | None:
+        """The earliest monotonic ns at which `expired()` has work (None: nothing in flight)."""
+        return min((e[2] for e in self._pending.values()), default=None)
+
+    def expired(self, now_ns: int | None = None) -> list[str]:
+        """Resend what timed out with attempts left; return (and forget) the keys of the requests
+        whose last attempt timed out. When one is given up, the socket is replaced first."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        late = [k for k, e in self._pending.items() if e[2] <= now_ns]
+        if not late:
+            return []
+        dead = [k for k in late if self._pending[k][1] >= self.retries]
+        for key in dead:
+            self._forget(key)
+            self.stats["expired"] += 1
+        if dead:
+            self.sock.close(linger=0)
+            self.stats["resets"] += 1
+            self._open()
+            late = list(self._pending)  # the new socket has none of them: resend every one
+        for key in late:
+            if key in self._pending:
+                self.stats["resent"] += 1
+                self._send(key, self._pending[key], now_ns)
+        return dead
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None

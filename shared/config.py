@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -226,6 +226,38 @@ def _symbol_limits(raw: str) -> str:
     return "; ".join(out)
 
 
+_ASSET = re.compile(r"[A-Z0-9]{2,12}")
+MAX_BALANCE = Decimal("1e12")  # as QF_START_CASH: with MAX_QTY/MAX_PRICE it bounds every balance sum's digits
+
+
+def _balances(raw: str) -> str:
+    """`usdt=10000, BTC=0.25` → `USDT=10000,BTC=0.25` (canonical: upper-case assets, plain
+    decimals, in the order given); empty stays empty. Raises ValueError for an entry that is
+    not ASSET=AMOUNT, an asset name not of 2-12 letters or digits, an amount that is not an
+    exact decimal in [0, 1e12] with at most 18 decimals, or an asset listed twice."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        name, eq, amount = (part.strip() for part in entry.partition("="))
+        asset = name.upper()
+        if not eq or not _ASSET.fullmatch(asset):
+            raise ValueError(f"{entry[:40]!r}: expected ASSET=AMOUNT with an asset of 2-12 letters or digits, "
+                             "e.g. USDT=10000,BTC=0.25")
+        if asset in out:
+            raise ValueError(f"{asset} is listed twice")
+        try:
+            value = Decimal(amount)
+        except InvalidOperation:
+            raise ValueError(f"{entry[:40]!r}: {amount[:40]!r} is not a decimal amount") from None
+        if (not value.is_finite() or not Decimal(0) <= value <= MAX_BALANCE
+                or value.normalize().as_tuple().exponent < -18):
+            raise ValueError(f"{entry[:40]!r}: an amount must be a decimal between 0 and {MAX_BALANCE:f} "
+                             "with at most 18 decimals")
+        out[asset] = format(value.normalize(), "f") if value else "0"
+    return ",".join(f"{asset}={amount}" for asset, amount in out.items())
+
+
 def setting(env: str, default: str, parse: Callable[[str], Any], help: str, secret: bool = False):
     """A config field: its variable, its default (as the text a user would write) and parser."""
     return field(metadata={"env": env, "default": default, "parse": parse, "help": help, "secret": secret})
@@ -240,6 +272,8 @@ class BusConfig:
     broker_rep: str = setting("QF_BROKER_REP", "tcp://127.0.0.1:5557", _endpoint, "broker ROUTER, reached by risk only")
     broker_pub: str = setting("QF_BROKER_PUB", "tcp://127.0.0.1:5558", _endpoint, "broker PUB (fill.*, order.*)")
     risk_pub: str = setting("QF_RISK_PUB", "tcp://127.0.0.1:5559", _endpoint, "risk PUB (risk.state)")
+    strategy_pub: str = setting("QF_STRATEGY_PUB", "tcp://127.0.0.1:5560", _endpoint,
+                                "strategy PUB (signal.*, heartbeat.strategy)")
     hwm: int = setting("QF_ZMQ_HWM", "100000", _int(1000, 10_000_000),
                        "PUB/SUB high-water mark (the ZeroMQ default of 1000 drops bursts)")
     heartbeat_ms: int = setting("QF_HEARTBEAT_MS", "1000", _int(50, 60_000), "heartbeat period of every service")
@@ -298,16 +332,97 @@ class MarketDataConfig:
                                       "start a new capture file after this many MB (compressed)")
 
 
+def _numbers(kind: type, lo: float, hi: float) -> Callable[[str], str]:
+    """` 1000, 5000` → "1000,5000": one or more comma-separated numbers of `kind`, each in [lo, hi],
+    as canonical text (`numbers()` reads it back)."""
+    def parse(raw: str) -> str:
+        items = [i.strip() for i in raw.split(",") if i.strip()]
+        if not items:
+            raise ValueError("needs at least one number, e.g. 1000,5000")
+        values = tuple(kind(i) for i in items)
+        if not all(lo <= v <= hi for v in values):  # also rejects nan
+            raise ValueError(f"each must be between {lo} and {hi}")
+        return ",".join(f"{v:g}" if kind is float else str(v) for v in values)
+    return parse
+
+
+def numbers(text: str, kind: type = float) -> tuple:
+    """A `_numbers` setting's canonical text as a tuple of `kind`."""
+    return tuple(kind(i) for i in text.split(","))
+
+
 @dataclass(frozen=True, slots=True)
 class StrategyConfig:
-    name: str = setting("QF_STRATEGY_NAME", "imbalance", _str, "strategy id on orders")
+    kind: str = setting("QF_STRATEGY_KIND", "ofi", _one_of("ofi", "imbalance"),
+                        "the strategy: 'ofi' (order-flow imbalance, post-only entries, exits; "
+                        "services/strategy/ofi.py) or 'imbalance' (top-of-book imbalance, market orders)")
+    name: str = setting("QF_STRATEGY_NAME", "", _str,
+                        "strategy id on orders, and the start of its client_order_ids (empty: QF_STRATEGY_KIND)")
     imbalance: float = setting("QF_STRATEGY_IMBALANCE", "0.6", _float(0.0, 1.0),
-                               "top-of-book imbalance that triggers an entry (|x| ≥ this)")
+                               "imbalance: top-of-book imbalance that triggers an entry (|x| ≥ this)")
     qty: Decimal = setting("QF_STRATEGY_QTY", "0.001", _decimal(Decimal("1e-8"), Decimal("1e6")),
-                           "base quantity per order")
+                           "imbalance: base quantity per order")
     cooldown_ms: int = setting("QF_STRATEGY_COOLDOWN_MS", "250", _int(0, 3_600_000), "minimum time between orders")
     timeout_ms: int = setting("QF_STRATEGY_TIMEOUT_MS", "1000", _int(10, 60_000), "wait for risk's answer")
     retries: int = setting("QF_STRATEGY_RETRIES", "3", _int(1, 20), "attempts per order (same client_order_id)")
+    # ofi: features (services/strategy/features.py)
+    levels: int = setting("QF_STRATEGY_LEVELS", "5", _int(1, 50), "ofi: book levels of multi-level OFI and depth "
+                                                                   "imbalance")
+    windows_ms: str = setting("QF_STRATEGY_WINDOWS_MS", "1000,5000", _numbers(int, 1, 3_600_000),
+                                "ofi: OFI and trade-flow windows in ms (the signal uses the first)")
+    horizons_s: str = setting("QF_STRATEGY_HORIZONS_S", "1,5,10", _numbers(float, 0.001, 86_400.0),
+                                "ofi: momentum horizons in s (recorded with each signal)")
+    vol_tau_s: float = setting("QF_STRATEGY_VOL_TAU_S", "10", _float(0.01, 86_400.0),
+                               "ofi: time constant in s of the volatility EWMAs")
+    spread_tau_s: float = setting("QF_STRATEGY_SPREAD_TAU_S", "10", _float(0.01, 86_400.0),
+                                  "ofi: time constant in s of the spread baseline (spread regime)")
+    # ofi: the score, in [-1, 1] (weights of its bounded terms)
+    w_ofi: float = setting("QF_STRATEGY_W_OFI", "0.3", _float(0.0, 100.0), "ofi: score weight of multi-level OFI")
+    w_ofi_l1: float = setting("QF_STRATEGY_W_OFI_L1", "0.1", _float(0.0, 100.0), "ofi: score weight of best-level OFI")
+    w_flow: float = setting("QF_STRATEGY_W_FLOW", "0.2", _float(0.0, 100.0), "ofi: score weight of trade flow")
+    w_depth: float = setting("QF_STRATEGY_W_DEPTH", "0.2", _float(0.0, 100.0),
+                             "ofi: score weight of top-N depth imbalance")
+    w_micro: float = setting("QF_STRATEGY_W_MICRO", "0.2", _float(0.0, 100.0),
+                             "ofi: score weight of the microprice's place in the spread")
+    ofi_scale: float = setting("QF_STRATEGY_OFI_SCALE", "25", _float(1e-9, 1e12),
+                               "ofi: multi-level OFI (in average level depths) counted as strong: tanh(ofi / this)")
+    ofi_l1_scale: float = setting("QF_STRATEGY_OFI_L1_SCALE", "10", _float(1e-9, 1e12),
+                                  "ofi: best-level OFI (base qty) counted as strong: tanh(ofi_l1 / this)")
+    entry_score: float = setting("QF_STRATEGY_ENTRY_SCORE", "0.6", _float(0.0, 1.0),
+                                 "ofi: a score at or above this is a BUY signal, at or below minus this a SELL "
+                                 "(confidence: the score's size)")
+    cancel_score: float = setting("QF_STRATEGY_CANCEL_SCORE", "0", _float(-1.0, 1.0),
+                                  "ofi: a resting entry is cancelled when the score falls to this or below")
+    max_spread_ratio: float = setting("QF_STRATEGY_MAX_SPREAD_RATIO", "3", _float(0.0, 1e9),
+                                      "ofi: no signal while the spread is above this × its EWMA (spread regime)")
+    vol_min_bps: float = setting("QF_STRATEGY_VOL_MIN_BPS", "0.2", _float(0.0, 1e6),
+                                 "ofi: no signal while the 1-second volatility (bps) is below this")
+    vol_max_bps: float = setting("QF_STRATEGY_VOL_MAX_BPS", "5", _float(0.0, 1e6),
+                                 "ofi: no signal while the 1-second volatility (bps) is above this")
+    # ofi: sizing and orders
+    notional: Decimal = setting("QF_STRATEGY_NOTIONAL", "200", _decimal(Decimal("0.01"), Decimal("1e12")),
+                                "ofi: entry notional (quote) at confidence 1, × confidence × the volatility target")
+    target_vol_bps: float = setting("QF_STRATEGY_TARGET_VOL_BPS", "1", _float(1e-6, 1e6),
+                                    "ofi: volatility target: size × min(1, this / 1-second volatility in bps)")
+    market_confidence: float = setting("QF_STRATEGY_MARKET_CONFIDENCE", "0.9", _float(0.0, 2.0),
+                                       "ofi: entries at this confidence or above are MARKET, below it post-only "
+                                       "LIMITs at the best bid (above 1: never MARKET)")
+    entry_ttl_ms: int = setting("QF_STRATEGY_ENTRY_TTL_MS", "3000", _int(1, 86_400_000),
+                                "ofi: a resting entry older than this is cancelled")
+    away_bps: float = setting("QF_STRATEGY_AWAY_BPS", "2", _float(0.0, 1e6),
+                              "ofi: a resting entry is cancelled when the best bid is more than this from its price")
+    take_profit_bps: float = setting("QF_STRATEGY_TAKE_PROFIT_BPS", "6", _float(0.0, 1e6),
+                                     "ofi: exit when the mid is this far above the average entry price")
+    stop_loss_bps: float = setting("QF_STRATEGY_STOP_LOSS_BPS", "4", _float(0.0, 1e6),
+                                   "ofi: exit when the mid is this far below the average entry price")
+    max_hold_ms: int = setting("QF_STRATEGY_MAX_HOLD_MS", "20000", _int(1, 86_400_000),
+                               "ofi: time stop: exit a position held this long")
+    reversal_confidence: float = setting("QF_STRATEGY_REVERSAL_CONFIDENCE", "0.8", _float(0.0, 2.0),
+                                         "ofi: exit on a SELL signal of at least this confidence (above 1: never)")
+
+    def __post_init__(self) -> None:
+        if not self.name:  # orders say which strategy sent them: "ofi-…" or "imbalance-…"
+            object.__setattr__(self, "name", self.kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +449,7 @@ class RiskConfig:
                                  "(keys: max_position, max_notional, max_order_notional, min_notional, "
                                  "lot_size, tick_size)")
     max_open_orders: int = setting("QF_RISK_MAX_OPEN_ORDERS", "10", _int(0, 100_000),
-                                   "max resting (GTC LIMIT) orders in total")
+                                   "max resting (GTC or GTX LIMIT) orders in total")
     price_band_bps: Decimal = setting("QF_RISK_PRICE_BAND_BPS", "100", _decimal(Decimal(0), Decimal("10000")),
                                       "a LIMIT price must be within this many bps of the mid (0: no band)")
     fill_band_bps: Decimal = setting("QF_RISK_FILL_BAND_BPS", "1000", _decimal(Decimal(0), Decimal("100000")),
@@ -380,6 +495,11 @@ class BrokerConfig:
     maker_fee: Decimal = setting("QF_BROKER_MAKER_FEE", "0.001", _decimal(Decimal(0), Decimal("0.1")), "maker fee rate")
     start_cash: Decimal = setting("QF_START_CASH", "10000", _decimal(Decimal(0), Decimal("1e12")),
                                   "paper cash in the quote asset")
+    start_balances: str = setting("QF_START_BALANCES", "", _balances,
+                                  "the spot account's start balances, ASSET=AMOUNT[,…] (e.g. USDT=10000,BTC=0.25); "
+                                  "risk lets no order spend more than is free; the quote asset's amount is the "
+                                  "start cash (P&L counts from the base holdings as they start); empty: "
+                                  "QF_START_CASH in the quote asset")
 
     # Latencies are capped at 200 ms: entry plus feed lag must stay under risk's broker timeout.
     latency_mode: str = setting("QF_BROKER_LATENCY_MODE", "feed", _one_of("feed", "constant", "lognormal"),
@@ -468,6 +588,42 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
                 problems.append(f"{var}={shown!r}: {mask_secrets(str(exc))}")
         if len(values) == len(fields(cls)):
             sections[name] = cls(**values)
+    if not problems and sections["broker"].start_balances:
+        problem = _start_account(sections, "QF_START_CASH" in env)
+        if isinstance(problem, str):
+            problems.append(problem)
+        else:
+            sections["broker"] = problem
     if problems:
         raise ConfigError("bad configuration: " + "; ".join(problems))
     return Config(**sections)
+
+
+def _start_account(sections: dict, cash_given: bool) -> "BrokerConfig | str":
+    """QF_START_BALANCES against QF_START_CASH: equity, P&L and the breakers count from one amount
+    of the traded spot symbols' quote asset, so that amount (0 when the balances do not name the
+    quote asset) is the start cash: QF_START_CASH need not be set; set, it must agree. Base-asset
+    balances can be sold; positions and P&L count from them (a SELL of a start holding is a short
+    against it, its P&L measured against holding it). Returns the BrokerConfig with that start
+    cash, or the problem."""
+    from shared.money import UnknownAsset, quote_asset
+
+    broker = sections["broker"]
+    given = {k: Decimal(v) for k, v in (e.split("=", 1) for e in broker.start_balances.split(",") if e)}
+    quotes = set()
+    for sym in sections["md"].symbols:
+        if sym.startswith("USDM:"):
+            continue
+        try:
+            quotes.add(quote_asset(sym))
+        except UnknownAsset:
+            pass
+    if len(quotes) != 1:
+        return (f"QF_START_BALANCES: the traded spot symbols have {len(quotes)} quote assets "
+                f"({', '.join(sorted(quotes)) or 'none'}); the account counts equity in exactly one")
+    [quote] = quotes
+    amount = given.get(quote, Decimal(0))
+    if cash_given and amount != broker.start_cash:
+        return (f"QF_START_BALANCES gives {quote}={amount} but QF_START_CASH is {broker.start_cash}: "
+                "set one of them (or both the same)")
+    return replace(broker, start_cash=amount)

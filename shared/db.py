@@ -263,6 +263,29 @@ class JournalApplied(BaseModel):
 MODELS = (*MODELS, JournalApplied)
 
 
+class SignalRow(BaseModel):
+    """Issue #13: a strategy signal worth keeping (a side change, or one that sent an order), with
+    the features that produced it: why each order was sent. `side` is BUY, SELL or FLAT (as on `signal.*`);
+    `features` a compact JSON object name -> number; `client_order_id`/`action` name the order it
+    triggered ("" for none) and why ("entry", "exit:stop_loss", ...)."""
+    ts = pw.BigIntegerField(index=True)
+    symbol = pw.TextField()
+    side = pw.TextField(default="FLAT")
+    confidence = pw.FloatField()  # a score, not money
+    score = pw.FloatField()
+    features = pw.TextField(default="{}")
+    update_id = pw.BigIntegerField(default=0)
+    recv_ts = pw.BigIntegerField(default=0)
+    client_order_id = pw.TextField(default="")
+    action = pw.TextField(default="")
+
+    class Meta:
+        table_name = "signals"
+
+
+MODELS = (*MODELS, SignalRow)
+
+
 def _insert_sql(model: type[BaseModel], cols: tuple[str, ...], param: str) -> str:
     meta = model._meta.fields
     return (f'INSERT INTO "{model._meta.table_name}" ("' + '", "'.join(meta[c].column_name for c in cols)
@@ -281,7 +304,9 @@ FILL_COLS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price"
              "liquidity", "exch_ts", "ts", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
              "slippage_arrival", "queue_wait_ns")
 EQUITY_COLS = ("ts", "equity", "cash", "note")
-ORDER_INSERT, ORDER_UPDATE, FILL_INSERT, EQUITY_INSERT = 0, 1, 2, 3
+SIGNAL_COLS = ("ts", "symbol", "side", "confidence", "score", "features", "update_id", "recv_ts", "client_order_id",
+               "action")  # services/strategy/ofi.py signal_params() gives them in this order
+ORDER_INSERT, ORDER_UPDATE, FILL_INSERT, EQUITY_INSERT, SIGNAL_INSERT = 0, 1, 2, 3, 4
 
 
 def journal_sql(param: str = "?") -> dict[int, str]:
@@ -290,7 +315,8 @@ def journal_sql(param: str = "?") -> dict[int, str]:
             ORDER_UPDATE: ('UPDATE "orders" SET ' + ", ".join(f'"{c}" = {param}' for c in ORDER_UPDATE_COLS)
                            + f' WHERE "order_id" = {param}'),
             FILL_INSERT: _insert_sql(FillRow, FILL_COLS, param),
-            EQUITY_INSERT: _insert_sql(EquitySnapshot, EQUITY_COLS, param)}
+            EQUITY_INSERT: _insert_sql(EquitySnapshot, EQUITY_COLS, param),
+            SIGNAL_INSERT: _insert_sql(SignalRow, SIGNAL_COLS, param)}
 
 
 JOURNAL_SQL = journal_sql()

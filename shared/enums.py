@@ -19,6 +19,12 @@ class OrderKind(str, Enum):
 class TimeInForce(str, Enum):
     GTC = "GTC"
     IOC = "IOC"
+    GTX = "GTX"  # post-only ("good till crossing", Binance futures' name; spot's LIMIT_MAKER)
+
+    @property
+    def rests(self) -> bool:
+        """Whether a LIMIT order with this time in force may rest on the book (GTC, GTX; IOC never)."""
+        return self is not TimeInForce.IOC
 
 
 class OrderStatus(str, Enum):

@@ -7,7 +7,8 @@ from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Mapping
 
 from shared.enums import Side
-from shared.money import COST_STEP, MAX_PRICE, MAX_QTY, MONEY, STEP, ZERO, UnknownAsset, quote_asset, to_decimal
+from shared.money import (COST_STEP, MAX_PRICE, MAX_QTY, MONEY, STEP, ZERO, UnknownAsset, base_asset, quote_asset,
+                          to_decimal)
 
 SEEN_FILLS_MAX = 200_000  # fill ids remembered for exactly-once; duplicates arrive within moments
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL, Side.BUY: Side.BUY, Side.SELL: Side.SELL}
@@ -21,7 +22,10 @@ class Position:
     exactly each fill's cash flow and the ledger balances to the last digit; the
     only rounding is the cost share taken off by a partial close (to 1e-12).
     `fees` are those paid in the symbol's quote asset (they count in P&L);
-    fees paid in any other asset are kept apart in `other_fees`."""
+    fees paid in any other asset are kept apart in `other_fees`. A fee paid in the
+    base asset (a BUY's with QF_BROKER_FEE_ASSET=received) also comes off the quantity
+    held, its cost unchanged (the average price rises): the P&L counts it when that
+    quantity is marked or sold, as the broker's Account counts it."""
     symbol: str = ""
     qty: Decimal = ZERO
     cost: Decimal = ZERO
@@ -33,10 +37,11 @@ class Position:
     fills: int = 0
     trip_pnl: Decimal = ZERO  # realized - fees since the position last opened from flat
     quote: str = field(default="", repr=False)  # the symbol's quote asset, looked up once
+    base: str = field(default="", repr=False)  # its base asset ("USDM:BTC" for a USD-M key, as the broker names it)
 
     def __post_init__(self) -> None:
         try:
-            self.quote = quote_asset(self.symbol)
+            self.quote, self.base = quote_asset(self.symbol), base_asset(self.symbol)
         except UnknownAsset:  # kept all the same (the API shows what the database holds): "" and
             self.quote = ""  # every fee then counts as the quote asset's
 
@@ -75,9 +80,10 @@ class Position:
     def apply(self, side: Side, qty: Decimal, price: Decimal, fee: Decimal = ZERO,
               fee_asset: str = "") -> Decimal | None:
         """Book one fill: close against the open quantity first (realizing P&L at the
-        average cost), open with the rest. Returns the net P&L (realized - fees) of the
-        round trip this fill completed, when it brought the position to flat or
-        through it; else None. Raises ValueError for qty ≤ 0 or price ≤ 0."""
+        average cost), open with the rest; a fee in the base asset then comes off the
+        quantity. Returns the net P&L (realized - fees) of the round trip this fill
+        completed, when it brought the position to flat or through it; else None.
+        Raises ValueError for qty ≤ 0 or price ≤ 0."""
         if qty <= 0 or price <= 0:
             raise ValueError(f"fill of {qty} @ {price}: quantity and price must be positive")
         sign = side.sign
@@ -108,6 +114,8 @@ class Position:
             if left:
                 self.qty += sign * left
                 self.cost += sign * left * price
+            if fee and fee_asset == self.base and not in_quote:
+                self.qty -= fee  # paid out of the base held: no cash moved, so the cost stays
         self.last_price = price
         self.fills += 1
         return trip
@@ -193,8 +201,17 @@ class Ledger:
         return sum((p.realized for p in self.positions.values()), ZERO)
 
     def fees(self) -> Decimal:
-        """Fees paid in the quote assets (those that count in P&L)."""
+        """Fees paid in the quote assets (those that count in P&L as cash; a base-asset fee counts
+        through the quantity it took off)."""
         return sum((p.fees for p in self.positions.values()), ZERO)
+
+    def fees_by_asset(self) -> dict[str, Decimal]:
+        """Every fee paid, summed per asset over all positions (Position.fees_by_asset)."""
+        out: dict[str, Decimal] = {}
+        for p in self.positions.values():
+            for asset, amount in p.fees_by_asset().items():
+                out[asset] = MONEY.add(out.get(asset, ZERO), amount)
+        return out
 
     def unrealized(self) -> Decimal:
         return sum((p.unrealized() for p in self.positions.values()), ZERO)

@@ -466,8 +466,26 @@ class Alert(Message):
     count: int = 1  # occurrences since the last alert of this code went out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalEvent(Message):
+    """`signal.{SYMBOL}`: what the strategy concluded from a book, and why (the features, name →
+    float). Published when the signal's side changes and with every order it triggers (then
+    `client_order_id` names the order and `action` says what it was: `entry`, `exit:<why>`)."""
+    TYPE = "signal"
+    symbol: str
+    side: str  # BUY, SELL, or FLAT
+    confidence: float  # 0..1
+    score: float = 0.0  # signed: > 0 buy pressure
+    features: dict | None = None
+    update_id: int = 0  # the triggering book's
+    recv_ts: int = 0
+    client_order_id: str = ""
+    action: str = ""
+
+
 EVENTS: dict[str, type[Message]] = {c.TYPE: c for c in
-                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat, Alert, Clock)}
+                                    (Book, Trade, MdStatus, OrderEvent, Fill, RiskState, Heartbeat, Alert, Clock,
+                                     SignalEvent)}
 REQUESTS: dict[str, type[Message]] = {c.TYPE: c for c in
                                       (OrderRequest, Decision, Ack, Cancel, Control, ControlReply, Error)}
 

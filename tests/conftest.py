@@ -65,6 +65,7 @@ def tcp_env(tmp_path, **extra: str) -> dict[str, str]:
         "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}",
         "QF_BROKER_PUB": f"tcp://127.0.0.1:{free_port()}",
         "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}",
+        "QF_STRATEGY_PUB": f"tcp://127.0.0.1:{free_port()}",
         "QF_API_BIND": f"127.0.0.1:{free_port()}",
         "QF_DB": str(tmp_path / "qf.db"),
         "QF_RUN_DIR": str(tmp_path / "run"),
@@ -78,7 +79,8 @@ def ipc_env(tmp_path, **extra: str) -> dict[str, str]:
     env = tcp_env(tmp_path, **extra)
     sock = tmp_path / "sock"
     for key, name in (("QF_MD_PUB", "md"), ("QF_RISK_REP", "risk"), ("QF_BROKER_REP", "broker"),
-                      ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub")):
+                      ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub"),
+                      ("QF_STRATEGY_PUB", "strategy-pub")):
         env[key] = f"ipc://{sock}/{name}.sock"
     env.update(extra)
     return env
@@ -108,8 +110,10 @@ def run_lockstep(capture: str, env: dict[str, str], timeout_s: float) -> tuple[l
     lines: list[str] = []
     done = threading.Event()
     t0 = time.perf_counter()
+    # a lock-step replay runs the imbalance strategy only (`qf up --lockstep` refuses ofi)
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}", "--lockstep"],
-                          cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          cwd=ROOT, env={"QF_STRATEGY_KIND": "imbalance", **env, "PYTHONUNBUFFERED": "1"},
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def pump() -> None:

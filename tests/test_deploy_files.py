@@ -43,6 +43,7 @@ SOCKETS = {
     "QF_BROKER_REP": ("broker", 5557),
     "QF_BROKER_PUB": ("broker", 5558),
     "QF_RISK_PUB": ("risk", 5559),
+    "QF_STRATEGY_PUB": ("strategy", 5560),
 }
 # Read by Compose itself (interpolation), never passed into a container.
 COMPOSE_ONLY_VARS = {"QUANTUMFLOW_BASE_IMAGE", "QUANTUMFLOW_API_PORT", "QUANTUMFLOW_ORDERS_NET",
@@ -156,9 +157,10 @@ def test_broker_order_port_is_only_on_the_orders_network(base):
     assert networks["orders"].get("internal") is True
 
 
-def test_database_volume_only_on_broker_risk_api(base):
+def test_database_volume_only_on_broker_risk_strategy_api(base):
+    """The strategy writes its signals table; marketdata has no business with the database."""
     with_data = {name for name, svc in base["services"].items() if "/data" in volume_targets(svc)}
-    assert with_data == {"broker", "risk", "api"}
+    assert with_data == {"broker", "risk", "strategy", "api"}
     for name in with_data:
         assert volume_targets(base["services"][name])["/data"] == "qfdata"
         assert env_of(base["services"][name])["QF_DB"].startswith("/data/")
@@ -266,7 +268,7 @@ def test_test_override_changes_only_images_and_test_settings(compose):
     tested = compose.config([COMPOSE, REPLAY, TEST_OVERRIDE], ("monitoring",), **env)
     assert set(tested["services"]) == set(shipped["services"])
     allowed_env = {"QF_REPLAY_SPEED", "QF_REPLAY_LOOP", "QF_RISK_MAX_POSITION", "QF_RISK_STALE_BOOK_MS",
-                   "QF_RISK_BROKER_TIMEOUT_MS", "QF_STRATEGY_COOLDOWN_MS", "QF_BROKER_LATENCY_MODE",
+                   "QF_RISK_BROKER_TIMEOUT_MS", "QF_STRATEGY_COOLDOWN_MS", "QF_STRATEGY_KIND", "QF_BROKER_LATENCY_MODE",
                    "QF_BROKER_LATENCY_MS"}
     for name, svc in tested["services"].items():
         before = shipped["services"][name]

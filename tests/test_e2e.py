@@ -49,7 +49,8 @@ def test_replay_flows_through_every_service(tmp_path, transport):
                          "fills in the database")
         assert all(q and p and f for _, q, p, f in fills)
         orders = _db_rows(cfg.common.db, "select client_order_id, status from orders")
-        assert orders and {s for _, s in orders} <= {"FILLED", "PARTIALLY_FILLED", "REJECTED", "CANCELLED"}
+        # the OFI strategy's post-only entries may still rest (PENDING) when the fills are read
+        assert orders and {s for _, s in orders} <= {"PENDING", "FILLED", "PARTIALLY_FILLED", "REJECTED", "CANCELLED"}
 
         # every order the broker saw was approved by risk (the broker is reachable only through it)
         def risk_counts():

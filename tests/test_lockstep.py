@@ -34,7 +34,7 @@ def short_capture(path, span_s: float = SPAN_S) -> str:
 
 def test_a_lockstep_replay_gives_the_backtests_fills_byte_for_byte(tmp_path):
     capture = short_capture(tmp_path / "short.jsonl.gz")
-    settings = tcp_env(tmp_path, QF_FEED=f"replay:{capture}")
+    settings = tcp_env(tmp_path, QF_FEED=f"replay:{capture}", QF_STRATEGY_KIND="imbalance")  # what lock-step runs
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
     bt_db = str(tmp_path / "backtest.db")
     bt = subprocess.run([sys.executable, "-m", "services.cli", "backtest", "--capture", capture, "--db", bt_db],

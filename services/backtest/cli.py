@@ -3,7 +3,8 @@
 Exit status: 0 done; 2 bad input (a missing or unreadable file, not a capture, a symbol the
 capture never gives a book for, a bad setting, an existing --db without --overwrite); 3 the
 run finished but a gap in a symbol's update ids was never repaired by a later snapshot (its
-trading ended at the gap; the summary names it).
+trading ended at the gap; the summary names it). With `--sweep` (services/backtest/sweep.py):
+3 when some runs ended so, 4 when some run failed, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from shared.errors import ConfigError
 EXIT_BAD_INPUT, EXIT_UNREPAIRED_GAP = 2, 3
 PROGRESS_EVERY = 5_000  # records between progress updates
 PLAIN_PROGRESS_S = 5.0  # without a terminal: one line this often
+DEFAULT_DB = "backtest.db"
 TOLERANCE_MS = 1000.0  # qf parity's default window for pairing (exch_ts, then aligned created_ts)
 
 
@@ -37,8 +39,9 @@ def add_parser(sub) -> None:
                    help="capture files (.jsonl or .jsonl.gz, as `qf record` writes them); files of one "
                         "market are played one after another in time order")
     p.add_argument("--symbols", help="comma-separated symbols to trade (default: QF_SYMBOLS)")
-    p.add_argument("--db", default="backtest.db", help="SQLite file to write (default: backtest.db)")
-    p.add_argument("--overwrite", action="store_true", help="replace --db if it exists")
+    p.add_argument("--db", help=f"SQLite file to write (default: {DEFAULT_DB})")
+    p.add_argument("--overwrite", action="store_true", help="replace --db (with --sweep: --sweep-csv and "
+                                                           "--sweep-dir's run-N.db) if it exists")
     lat = p.add_mutually_exclusive_group()
     lat.add_argument("--latency-ms", type=float, metavar="N",
                      help="constant entry latency in ms (sets QF_BROKER_LATENCY_MODE=constant)")
@@ -50,6 +53,17 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--verbose", action="store_true", help="show the services' warnings and log lines on stderr "
                                                           "(default: errors only; the summary names gaps)")
+    sw = p.add_argument_group("parameter sweep", "every combination of the --sweep values is one backtest of the "
+                              "same captures with the same seed, over the settings above; in parallel processes; "
+                              "the runs ranked by net P&L, printed (--json: one JSON array) and written as CSV")
+    sw.add_argument("--sweep", action="append", metavar="KEY=V1,V2,…",
+                    help="a setting (QF_STRATEGY_QTY, or strategy_qty) and its values; repeatable (at most "
+                         "1,000 combinations)")
+    sw.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: one per core)")
+    sw.add_argument("--sweep-dir", metavar="DIR", help="keep each run's database as DIR/run-N.db (default: a "
+                                                       "temporary directory, removed)")
+    sw.add_argument("--sweep-csv", metavar="FILE",
+                    help="where to write the ranked table (default: sweep.csv)")
     p.set_defaults(func=main)
 
 
@@ -106,7 +120,9 @@ def read_config_file(path: str) -> dict[str, str]:
     return out
 
 
-def load_config(args: argparse.Namespace) -> qfconfig.Config:
+def config_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the run's config is loaded from: os.environ, --config's lines, the options.
+    Raises BadInput."""
     env = dict(os.environ)
     if args.config:
         env.update(read_config_file(args.config))
@@ -118,6 +134,11 @@ def load_config(args: argparse.Namespace) -> qfconfig.Config:
         env["QF_BROKER_LATENCY_MODE"] = args.latency_mode
     if args.seed is not None:
         env["QF_BROKER_SEED"] = str(args.seed)
+    return env
+
+
+def load_config(args: argparse.Namespace) -> qfconfig.Config:
+    env = config_env(args)
     try:
         return qfconfig.load(env)
     except ConfigError as exc:
@@ -264,6 +285,14 @@ def render(summary: dict) -> str:
         f"arrival mid (price units, + = cost, qty-weighted)",
         f"risk state   {summary['risk_state']}; positions {summary['positions'] or 'flat'}",
     ]
+    if summary.get("strategy") == "ofi":
+        st = summary["strategy_stats"]
+        exits = ", ".join(f"{k[6:].replace('_', ' ')} {v}" for k, v in sorted(st.items())
+                          if k.startswith("exits_") and v) or "none"
+        rejected = ", ".join(f"{k} {v}" for k, v in summary["rejections"].items()) or "none"
+        lines.append(f"strategy     ofi: entries {st.get('entries_limit', 0)} post-only, "
+                     f"{st.get('entries_market', 0)} market; exits {exits}; {summary['cancels']} cancels; "
+                     f"rejected {rejected}; {summary['signals']} signals stored")
     gaps = summary["gaps"]
     if not gaps:
         lines.append("gaps         none")
@@ -276,7 +305,11 @@ def render(summary: dict) -> str:
 
 
 def _pct(x):
-    return None if x is None else f"{x * 100:.1f} %"
+    """A share as a percentage: one decimal, more for a small non-zero share (0.044 %, not 0.0 %)."""
+    if x is None:
+        return None
+    pct = x * 100
+    return f"{pct:.1f} %" if pct == 0 or abs(pct) >= 1 else f"{pct:.2g} %"
 
 
 def _num(x):
@@ -287,8 +320,14 @@ def main(args: argparse.Namespace) -> int:
     import logging
     if not args.verbose:  # a capture's thousand ignored streams are not news in a backtest
         logging.getLogger("qf").setLevel(logging.ERROR)
+    if args.sweep:
+        from services.backtest.sweep import main as sweep_main
+        return sweep_main(args)
     progress = None
+    args.db = DEFAULT_DB if args.db is None else args.db
     try:
+        if args.jobs is not None or args.sweep_dir is not None or args.sweep_csv is not None:
+            raise BadInput("--jobs, --sweep-dir and --sweep-csv go with --sweep KEY=V1,V2,…")
         cfg = load_config(args)
         specs = check_captures(args.capture)
         open_db(args.db, args.overwrite)

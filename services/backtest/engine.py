@@ -5,8 +5,12 @@ What runs is what the services run, minus their sockets:
 - market data: `BookRouter` (book sync, gaps, resyncs from the capture's snapshots), fed the
   capture's records by `ReplayFeed(stamp="recorded")`, so every book and trade carries the
   time it was recorded at (`ts` = `recv_ts`);
-- the strategy: `ImbalanceStrategy`, asking through the wire format (an encoded `order`, an
-  encoded `decision` back) exactly as its service does;
+- the strategy of QF_STRATEGY_KIND, asking through the wire format (an encoded `order`, an
+  encoded `decision` back) exactly as its service does: `ImbalanceStrategy` (books only), or
+  `OfiStrategy` (services/strategy/ofi.py), which also gets every trade, the exchange's `fill.*`
+  and `order.*` events (after risk), risk's decisions and cancel answers, risk's state changes,
+  and `tick(t)` every TICK_NS of capture time; its cancels go through risk's desk, and its signals
+  to `sink` (SIGNAL_INSERT statements);
 - risk: `RiskEngine` behind the service's own `OrderDesk` (checks, breakers, answer vetting,
   denial rows), whose broker link is `PaperExchange.send` instead of a DEALER socket;
 - the broker: `FillModel` (latency, book walking, queues, fees), `Account` and the broker's
@@ -42,19 +46,21 @@ from services.risk.desk import OrderDesk
 from services.risk.store import Forwarded, Outbox
 from services.risk.telemetry import LogLimiter
 from services.strategy.core import ImbalanceStrategy, OrderIntent
+from services.strategy.ofi import CancelIntent, OfiStrategy, signal_params
 from services.backtest.summary import Figures, Gap
 from shared import messages
 from shared.config import Config
-from shared.db import EQUITY_INSERT
+from shared.db import EQUITY_INSERT, SIGNAL_INSERT
 from shared.errors import DecodeError
 from services.marketdata.records import SnapshotRecord, WsMessage
-from shared.messages import Book, Cancel, Decision, Error, OrderRequest, Trade
+from shared.messages import Ack, Book, Cancel, Decision, Error, OrderRequest, Trade
 from shared.money import quote_asset
 
 log = logging.getLogger("qf.backtest")
 
 MESSAGES = (WsMessage, SnapshotRecord)  # the capture's messages (not the feed's route records)
 Sink = Callable[[list], None]  # journal statements (shared/db.py JOURNAL_SQL kinds) to store
+TICK_NS = 50_000_000  # the OFI strategy's `tick` period (its live shell's): time stops, stale entries
 
 
 @dataclass(slots=True)
@@ -216,7 +222,7 @@ class Backtest:
         self.exchange = PaperExchange(cfg, symbols, seed, self.clock, sink, self.figures)
         # risk, as RiskService builds it, with the exchange for its broker link
         self.limits = risk_limits.from_config(cfg)
-        self.engine = RiskEngine(self.limits, cfg.broker.start_cash)
+        self.engine = RiskEngine.from_config(self.limits, cfg)
         self.risk_stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
                            "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0}
         self.outbox = Outbox(10**9, self.risk_stats)
@@ -224,7 +230,18 @@ class Backtest:
                               LogLimiter(log))
         self.exchange.on_fill_event = self._risk_fill
         self.exchange.on_order_event = self.desk.on_order_event
-        self.strategy = ImbalanceStrategy(cfg.strategy, symbols, id_prefix or f"{cfg.strategy.name}-r{seed}")
+        self.ofi = cfg.strategy.kind == "ofi"
+        prefix = id_prefix or f"{cfg.strategy.name}-r{seed}"
+        if self.ofi:
+            self.strategy = OfiStrategy(cfg.strategy, symbols, self.limits.rules, prefix)
+            self.exchange.on_fill_event = self._ofi_fill  # risk first, then the strategy
+            self.exchange.on_order_event = self._ofi_order_event
+        else:
+            self.strategy = ImbalanceStrategy(cfg.strategy, symbols, prefix)
+        self.sink = sink
+        self.cancels = 0  # cancels the strategy sent
+        self.signals = 0  # signal rows stored
+        self.strategy_errors = 0  # answers and events the strategy refused as not credible (ValueError)
         self.router = router
         self.inbox: list = []
         self.router.pub = self  # the router publishes into the inbox
@@ -238,6 +255,7 @@ class Backtest:
         self.heartbeat_ns = cfg.bus.heartbeat_ms * 1_000_000
         self.equity_ns = int(cfg.broker.equity_s * 1e9)
         self._next_beat = self._next_equity = None
+        self._next_tick = 0
         self.first_ns: int | None = None
 
     # the router's publisher
@@ -270,6 +288,12 @@ class Backtest:
                 self._note_gaps(t)
             if inbox:
                 self._deliver(t)
+                if self.ofi:
+                    self._store_signals()
+            if self.ofi and t >= self._next_tick:  # the strategy's timer, as its live shell's
+                self._next_tick = t + TICK_NS
+                self._act(self.strategy.tick(t), t)
+                self._store_signals()
             if progress is not None and not self.records % progress_every:
                 progress(self.records, t)
         # the capture ended: what is in flight still reaches the exchange (the broker's timer)
@@ -278,6 +302,8 @@ class Backtest:
             self._wake(due)
             due = exchange.due
         self._settle(clock.now)
+        if self.ofi:
+            self._store_signals()
         if clock.now:
             exchange.snapshot(clock.now, "end")
 
@@ -314,6 +340,15 @@ class Backtest:
             engine.on_book(book.symbol, book.mid, t)
             self._book_seen(book)
         self._settle(t)
+        if self.ofi:  # then the strategy: every trade and book, in order, and what each asks for at once
+            strategy = self.strategy
+            for msg in msgs:
+                kind = type(msg)
+                if kind is Book:
+                    self._act(strategy.on_book(msg, t), t)
+                elif kind is Trade:
+                    strategy.on_trade(msg, t)
+            return
         for book in books:  # then the strategy decides
             intent = self.strategy.on_book(book, t)
             if intent is not None:
@@ -324,7 +359,8 @@ class Backtest:
         self.orders += 1
         req = OrderRequest(ts=t, client_order_id=intent.client_order_id, strategy=self.cfg.strategy.name,
                            symbol=intent.symbol, side=intent.side, kind=intent.kind, qty=intent.qty,
-                           confidence=intent.confidence, signal_ts=intent.signal_ts)
+                           price=intent.price, tif=intent.tif, confidence=intent.confidence,
+                           signal_ts=intent.signal_ts)
         payload = messages.encode(req)
         self.desk.submit_order(req, payload, t, self._decided, time.perf_counter_ns())
         self._answers()
@@ -341,10 +377,69 @@ class Backtest:
         assert isinstance(reply, Decision)
         if reply.verdict.value == "REJECTED":
             self.denied += 1
+        if self.ofi:
+            now = self.clock.now
+            self._act(self._guard(self.strategy.on_decision, reply, now), now)
+            return
         try:
             self.strategy.on_decision(reply)
         except ValueError as exc:
             log.error("bad_ack", extra={"cid": reply.client_order_id, "detail": str(exc)})
+
+    # -- the OFI strategy's hand-offs ---------------------------------------------------------
+
+    def _act(self, actions: list, t: int) -> None:
+        """Send what the strategy asked for, at once and in order."""
+        for action in actions:
+            if type(action) is CancelIntent:
+                self._cancel(action, t)
+            else:
+                self._order(action, t)
+
+    def _guard(self, call, *args) -> list:
+        """A strategy call whose input it may refuse as not credible (ValueError: nothing applied)."""
+        try:
+            return call(*args)
+        except ValueError as exc:
+            self.strategy_errors += 1
+            log.error("strategy_refused", extra={"detail": str(exc)[:200]})
+            return []
+
+    def _cancel(self, intent: CancelIntent, t: int) -> None:
+        """The strategy's cancel through risk's desk, its answer back to the strategy."""
+        self.cancels += 1
+        cid = intent.client_order_id
+
+        def answered(raw: bytes) -> None:
+            try:
+                reply = messages.decode(raw, messages.REQUESTS)
+            except DecodeError as exc:
+                raise AssertionError(f"risk's desk answered a cancel with an unreadable frame: {exc}") from None
+            ack = reply if isinstance(reply, Ack) else None
+            code = reply.code if isinstance(reply, Error) else (None if ack is not None else "BAD_ANSWER")
+            now = self.clock.now
+            self._act(self._guard(self.strategy.on_cancel_answer, cid, ack, code, now), now)
+
+        self.desk.submit_cancel(cid, t, answered)
+        self._answers()
+        self._settle(t)
+
+    def _ofi_fill(self, fill: messages.Fill, now: int) -> None:
+        """A `fill.*` event: risk books it first, then the strategy follows it."""
+        self._risk_fill(fill, now)
+        self._act(self._guard(self.strategy.on_fill, fill, now), now)
+
+    def _ofi_order_event(self, event: messages.OrderEvent) -> None:
+        """An `order.*` event: risk first, then the strategy."""
+        self.desk.on_order_event(event)
+        now = self.clock.now
+        self._act(self._guard(self.strategy.on_order, event, now), now)
+
+    def _store_signals(self) -> None:
+        signals = self.strategy.take_signals()
+        if signals:
+            self.signals += len(signals)
+            self.sink([(SIGNAL_INSERT, signal_params(sig)) for sig in signals])
 
     def _risk_fill(self, fill: messages.Fill, now: int) -> None:
         """A `fill.*` event reaches risk (RiskService.on_event)."""
@@ -363,6 +458,8 @@ class Backtest:
         self.engine.evaluate_due(now)
         for change in self.engine.take_changes():
             self.outbox.state_change(change)
+            if self.ofi:  # risk.state, as the strategy hears it
+                self._act(self.strategy.on_risk_state(change.state, now), now)
 
     # -- gaps ---------------------------------------------------------------------------------
 
@@ -398,4 +495,12 @@ class Backtest:
             open_orders=sum(1 for w in self.exchange.model.working.values() if w.order.is_open),
             risk_state=self.engine.state.value,
             positions={s: format(q, "f") for s, q in sorted(self.exchange.account.positions.items()) if q},
-            first_ts=self.first_ns, last_ts=self.clock.now)
+            first_ts=self.first_ns, last_ts=self.clock.now, **self._strategy_summary())
+
+    def _strategy_summary(self) -> dict:
+        """The OFI strategy's own figures (nothing for the imbalance strategy: its summary is as it was)."""
+        if not self.ofi:
+            return {}
+        return {"strategy": "ofi", "cancels": self.cancels, "signals": self.signals,
+                "strategy_errors": self.strategy_errors, "strategy_stats": dict(self.strategy.stats),
+                "rejections": dict(sorted(self.strategy.rejections.items()))}

@@ -16,6 +16,7 @@ NO_BOOK = "NO_BOOK"
 BAD_BOOK = "BAD_BOOK"  # the symbol's latest book was refused (market.py): nothing trades on it until a sane one
 NO_LIQUIDITY = "NO_LIQUIDITY"
 IOC_REMAINDER = "IOC_REMAINDER"
+WOULD_TAKE = "WOULD_TAKE"  # a post-only (GTX) LIMIT that would have matched on arrival: rejected, never taken
 BAD_ORDER = "BAD_ORDER"
 NOT_OPEN = "not open"
 CANCELLED_BY_CLIENT = "CANCELLED_BY_CLIENT"
@@ -74,13 +75,15 @@ class Order:
 
     @classmethod
     def from_request(cls, req: OrderRequest, order_id: str, now_ns: int) -> "Order":
-        """A new PENDING order for `req`. Raises ValueError for a qty outside (0, MAX_QTY] or a LIMIT
+        """A new PENDING order for `req`. Raises ValueError for a qty outside (0, MAX_QTY], a LIMIT
         without a price in (0, MAX_PRICE] (shared/money.py: beyond anything traded, and what keeps
-        every notional, fee and cash sum exact at 50 digits)."""
+        every notional, fee and cash sum exact at 50 digits), or a post-only (GTX) MARKET order."""
         if not 0 < req.qty <= MAX_QTY:
             raise ValueError(f"qty must be in (0, {MAX_QTY}], got {req.qty}")
         if req.kind is OrderKind.LIMIT and (req.price is None or not 0 < req.price <= MAX_PRICE):
             raise ValueError(f"a LIMIT order needs a price in (0, {MAX_PRICE}]")
+        if req.tif is TimeInForce.GTX and req.kind is not OrderKind.LIMIT:
+            raise ValueError("post-only (GTX) is for LIMIT orders only")
         price = req.price if req.kind is OrderKind.LIMIT else None
         return cls(order_id=order_id, client_order_id=req.client_order_id, strategy=req.strategy,
                    symbol=req.symbol, side=req.side, kind=req.kind, tif=req.tif, qty=req.qty,

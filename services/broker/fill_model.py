@@ -258,6 +258,14 @@ class FillModel:
             return self._done(Update(ARRIVED, order.client_order_id, order, working=w))
         w.arrival_mid = market.mid
         view = market.opposite(order.side)
+        if order.tif is TimeInForce.GTX and view.best is not None and (
+                view.best <= w.price_u if w.buy else view.best >= w.price_u):
+            # Post-only, and the opposite side shows liquidity at or through its price: it would
+            # take, so it is rejected and matches nothing (Binance spot's LIMIT_MAKER: "Order would
+            # immediately match and take"). The displayed best, not less what our fills took there:
+            # conservative, a post-only order never rests against liquidity the book shows.
+            order.reject(core.WOULD_TAKE, now)
+            return self._done(Update(ARRIVED, order.client_order_id, order, working=w))
         fills, left = [], to_units(order.qty)
         for price, avail in market.crossing(order.side, w.price_u):
             take = min(left, avail)
@@ -267,7 +275,7 @@ class FillModel:
             if not left:
                 break
         if order.is_open:
-            if order.kind is OrderKind.MARKET or order.tif is TimeInForce.IOC:
+            if order.kind is OrderKind.MARKET or not order.tif.rests:
                 order.cancel(core.IOC_REMAINDER if fills else core.NO_LIQUIDITY, now)
             else:
                 own = market.own(order.side)

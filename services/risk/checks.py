@@ -28,6 +28,8 @@ class Reason:
     LOSS_COOLDOWN = "LOSS_COOLDOWN"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     BROKER_ERROR = "BROKER_ERROR"
+    INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
+    UNSUPPORTED_MARKET = "UNSUPPORTED_MARKET"
 
 
 TEXTS = {
@@ -47,6 +49,8 @@ TEXTS = {
     Reason.LOSS_COOLDOWN: "entries paused after a streak of losing round trips",
     Reason.BROKER_UNAVAILABLE: "broker did not answer",
     Reason.BROKER_ERROR: "the broker refused the order with an error, or its answer was unreadable or not credible",
+    Reason.INSUFFICIENT_BALANCE: "not enough free balance (what working orders reserve is not free)",
+    Reason.UNSUPPORTED_MARKET: "USD-M futures orders are not modelled (margin, leverage, funding): books only",
 }
 
 
@@ -120,7 +124,7 @@ def check_notional(notional: Decimal, rules: SymbolRules) -> str | None:
 
 
 def check_open_orders(rests: bool, open_orders: int, max_open: int) -> str | None:
-    """MAX_OPEN_ORDERS when an order that may rest (GTC LIMIT) would exceed `max_open` working orders."""
+    """MAX_OPEN_ORDERS when an order that may rest (a GTC or GTX LIMIT) would exceed `max_open` working orders."""
     return Reason.MAX_OPEN_ORDERS if rests and open_orders >= max_open else None
 
 

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, getcontext, localcontext, setcontext
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
 
 from services.risk import checks as ck
+from services.risk import balances as bal
+from services.risk.balances import Balances, FeeRates, Pricing, band_of, is_spot
 from services.risk.checks import Reason
 from services.risk.guards import (BREAKER_STATE, DAILY_KEYS, SEVERITY, LossStreak, RateLimiter, breaches)
 from services.risk.limits import RiskLimits
-from shared.enums import TERMINAL_STATUSES, ControlAction, OrderKind, OrderStatus, Side, TimeInForce, TradingState
+from shared.enums import TERMINAL_STATUSES, ControlAction, OrderKind, OrderStatus, Side, TradingState
 from shared.ledger import Ledger
 from shared.money import MONEY, STEP, ZERO, from_book_float, text
 from shared.messages import OrderRequest
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 DAY_NS = 86_400 * 1_000_000_000
 UNCERTAIN_NS = 10 * 1_000_000_000  # an order whose fate the broker never told us counts this long at most
@@ -59,6 +64,18 @@ class Working:
     expires_ns: int = 0  # 0: known to the broker
 
 
+class OpenOrder(NamedTuple):
+    """An order the broker holds open, as `replay` takes it back after a restart; `price`: a LIMIT
+    order's (what its reservation is priced at), None for a MARKET order (priced at the mid)."""
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    remaining: Decimal
+    rests: bool
+    price: Decimal | None = None
+
+
 class RiskEngine:
     """Pre-trade checks, trading state, working orders, the ledger and the breakers.
     Pure: time comes in as `now_ns`, and nothing here does I/O. The engine owns its state;
@@ -72,12 +89,22 @@ class RiskEngine:
     - checkpoints: `figures_changed` says the figures of `snapshot()` moved since the shell
       last stored them, `figures_stored()` once it did;
     - what the desk vets against: `working_order`, `cancellable_ids`, `marks`, `booked_for`,
-      `has_fill`."""
+      `has_fill`.
 
-    def __init__(self, limits: RiskLimits, start_cash: Decimal) -> None:
+    The spot account (`balances`, services/risk/balances.py): `start_balances` per asset (None:
+    `start_cash` in the quote asset of each traded spot symbol), moved by every booked fill;
+    each working order on a spot symbol holds what it may still spend, priced with `fees`
+    (None: no fees), and no order may spend more than is free (INSUFFICIENT_BALANCE). Orders
+    for USD-M symbols are denied (UNSUPPORTED_MARKET); their books are still kept and marked."""
+
+    def __init__(self, limits: RiskLimits, start_cash: Decimal, *,
+                 start_balances: Mapping[str, Decimal] | None = None, fees: FeeRates | None = None) -> None:
         self.limits = limits
         self.stale_ns = limits.stale_ns
         self.ledger = Ledger(start_cash)
+        self.fees = fees if fees is not None else FeeRates()
+        self.balances = Balances(bal.start_balances(start_balances or {}, limits.rules, start_cash))
+        self.pricing = Pricing(self.fees, band_of(limits.price_band_bps, limits.fill_band_bps), limits.rules)
         self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
             TradingState.ACTIVE, "", "", "", 0)
         self.book_ns: dict[str, int] = {}
@@ -98,6 +125,14 @@ class RiskEngine:
         # localcontext() makes a new copy each time, and that cost every order a microsecond.
         self._money = MONEY.copy()
 
+    @classmethod
+    def from_config(cls, limits: RiskLimits, cfg: "Config") -> "RiskEngine":
+        """The engine of `cfg`: QF_START_CASH, QF_START_BALANCES and the broker's fees.
+        Raises UnknownAsset (a ConfigError) for a spot symbol of no known quote asset."""
+        b = cfg.broker
+        return cls(limits, b.start_cash, start_balances=bal.parse_balances(b.start_balances),
+                   fees=FeeRates(b.taker_fee, b.maker_fee, b.fee_asset))
+
     # -- the gate --------------------------------------------------------------------------
 
     def check(self, order: OrderRequest, now_ns: int) -> Approval | Denial:
@@ -109,6 +144,8 @@ class RiskEngine:
         rules = self.limits.rules.get(order.symbol)
         if rules is None:
             return self._deny(Reason.UNKNOWN_SYMBOL, order, ZERO, ZERO)
+        if not is_spot(order.symbol):
+            return self._deny(Reason.UNSUPPORTED_MARKET, order, ZERO, ZERO)
         outer = getcontext()
         setcontext(self._money)  # products of prices and quantities, exact
         try:
@@ -127,10 +164,13 @@ class RiskEngine:
         if unsure is None or not unsure.expires_ns:
             return self.check(order, now_ns)
         coid, remaining = order.client_order_id, unsure.remaining  # untrack() zeroes unsure.remaining
+        held = self.balances.holds.get(coid)
         self.untrack(coid)
         verdict = self.check(order, now_ns)
         if type(verdict) is Denial:
             self.track(coid, unsure.symbol, unsure.side, unsure.qty, remaining, unsure.rests, unsure.expires_ns)
+            if held is not None:  # as it held before, not repriced at today's mid
+                self.balances.hold(coid, held.asset, held.unit, remaining)
         return verdict
 
     def _check(self, order: OrderRequest, rules: ck.SymbolRules, now_ns: int) -> Approval | Denial:
@@ -147,7 +187,7 @@ class RiskEngine:
         if mid is None:  # books came, but never a two-sided one
             return self._deny(Reason.STALE_BOOK, order, pos, working)
         ref = order.price if order.kind is OrderKind.LIMIT else mid
-        rests = order.kind is OrderKind.LIMIT and order.tif is TimeInForce.GTC
+        rests = order.kind is OrderKind.LIMIT and order.tif.rests  # GTC or post-only GTX
         code = (ck.check_band(order.kind, order.price, mid, self.limits.price_band_bps)
                 or ck.check_notional(qty * ref, rules)
                 or (rests and ck.check_open_orders(True, sum(w.rests for w in self.working.values()),
@@ -161,14 +201,24 @@ class RiskEngine:
                 fit = min(qty, ck.position_room(pos, working, side, ref, rules))
                 if fit > 0 and fit * ref >= rules.min_notional:
                     code, qty, adjusted = None, fit, True
+        if not code:
+            held = self.pricing.unit(symbol, side, order.price if order.kind is OrderKind.LIMIT else None, mid)
+            if held is None:  # a spot symbol of no known quote asset: nothing to spend it from
+                return self._deny(Reason.UNKNOWN_SYMBOL, order, pos, working, "no known quote asset")
+            asset, unit = held
+            needed, free = qty * unit, self.balances.free(asset)
+            if needed > free:
+                return self._deny(Reason.INSUFFICIENT_BALANCE, order, pos, working,
+                                  f"needs {text(needed)} {asset}, {text(free)} {asset} free")
         if not code and not self.rates.acquire(order.strategy, now_ns):  # last: only approvals take a token
             code = Reason.RATE_LIMIT
         if code:
             return self._deny(code, order, pos, working)
         return Approval(qty, adjusted)
 
-    def _deny(self, code: str, order: OrderRequest, pos: Decimal, working: Decimal) -> Denial:
-        return Denial(code, f"{ck.TEXTS[code]} ({order.side.value} {order.qty} {order.symbol[:24]}, "
+    def _deny(self, code: str, order: OrderRequest, pos: Decimal, working: Decimal, detail: str = "") -> Denial:
+        head = f"{ck.TEXTS[code]}: {detail}" if detail else ck.TEXTS[code]
+        return Denial(code, f"{head} ({order.side.value} {order.qty} {order.symbol[:24]}, "
                             f"position {text(pos)}, working {text(working)}, state {self.state.value})")
 
     # -- trading state -----------------------------------------------------------------------
@@ -269,6 +319,9 @@ class RiskEngine:
         if applied is None:
             return False
         _pos, trip = applied
+        # vetted by apply_map: decimal strings (or ints, Decimals) of a known side
+        self.balances.on_fill(fill["symbol"], Side(fill["side"]), Decimal(fill["qty"]), Decimal(fill["price"]),
+                              Decimal(fill.get("fee", 0)), fill.get("fee_asset", ""))
         ts = fill.get("ts")
         ts = ts if type(ts) is int else now_ns
         work = self.working.get(fill.get("client_order_id", ""))
@@ -306,10 +359,11 @@ class RiskEngine:
         return booked
 
     def on_sent(self, client_order_id: str, symbol: str, side: Side, qty: Decimal, rests: bool,
-                now_ns: int) -> None:
+                now_ns: int, price: Decimal | None = None) -> None:
         """The order went to the broker: until the broker says otherwise, all of it may fill
-        (fail closed), for UNCERTAIN_NS at most."""
-        self.track(client_order_id, symbol, side, qty, qty, rests, now_ns + UNCERTAIN_NS)
+        (fail closed), for UNCERTAIN_NS at most. `price`: a LIMIT order's (None: MARKET), which
+        its reservation is priced at (`track`)."""
+        self.track(client_order_id, symbol, side, qty, qty, rests, now_ns + UNCERTAIN_NS, price)
 
     def on_order(self, client_order_id: str, status: OrderStatus, filled_qty: Decimal) -> None:
         """What the broker says of a working order (its ack, or an `order.*` event, which
@@ -325,14 +379,19 @@ class RiskEngine:
             self._set_remaining(client_order_id, work, work.qty - filled_qty)
 
     def track(self, client_order_id: str, symbol: str, side: Side, qty: Decimal, remaining: Decimal,
-              rests: bool = True, expires_ns: int = 0) -> None:
+              rests: bool = True, expires_ns: int = 0, price: Decimal | None = None) -> None:
         """An order that may still fill `remaining` of `qty`; counted by the position checks
-        until filled, ended, or (when `expires_ns`) unconfirmed past that time."""
+        until filled, ended, or (when `expires_ns`) unconfirmed past that time. On a spot symbol
+        it reserves what it may spend (services/risk/balances.py), priced at `price` (a LIMIT
+        order's; None: a MARKET order's, at the symbol's mid now: without one it reserves nothing)."""
         self.untrack(client_order_id)
         if remaining > 0:
             work = Working(symbol, side, qty, ZERO, rests, expires_ns)
             self.working[client_order_id] = work
             self._set_remaining(client_order_id, work, remaining)
+            held = self.pricing.unit(symbol, side, price, self._mids.get(symbol))
+            if held is not None:
+                self.balances.hold(client_order_id, held[0], held[1], remaining)
 
     def untrack(self, client_order_id: str) -> None:
         work = self.working.get(client_order_id)
@@ -363,6 +422,7 @@ class RiskEngine:
         key = (work.symbol, work.side)
         self.exposure[key] = self.exposure.get(key, ZERO) + remaining - work.remaining
         work.remaining = remaining
+        self.balances.set_remaining(coid, remaining)  # its reservation follows (released at 0)
         if not remaining:
             del self.working[coid]
             if not self.exposure[key]:
@@ -433,15 +493,16 @@ class RiskEngine:
 
     def replay(self, fills: Iterable[Mapping], open_orders: Iterable[tuple], snapshot: Mapping | None) -> int:
         """Rebuild after a restart: apply stored `fills` (maps with `ts`, in commit order) without
-        judging them, track `open_orders` `(client_order_id, symbol, side, qty, remaining, rests)`,
-        then take back `snapshot` (the last stored one, if any). Returns the fills applied."""
+        judging them (the balances move as they did), track `open_orders` (`OpenOrder`s, or tuples
+        of its fields: reserving again what they held), then take back `snapshot` (the last stored
+        one, if any). Returns the fills applied."""
         self.replaying = True
         try:
             applied = sum(self.on_fill(f, f["ts"]) for f in fills)
         finally:
             self.replaying = False
-        for coid, symbol, side, qty, remaining, rests in open_orders:
-            self.track(coid, symbol, side, qty, remaining, rests)
+        for coid, symbol, side, qty, remaining, rests, price in (OpenOrder(*o) for o in open_orders):
+            self.track(coid, symbol, side, qty, remaining, rests, price=price)
         if snapshot is not None:
             self.restore(snapshot)
         self._changes.clear()
@@ -473,7 +534,8 @@ class RiskEngine:
         equity = self.ledger.equity()
         opt = (lambda d: None if d is None else text(d))
         positions = {s: {"qty": text(p.qty), "avg_price": opt(p.avg_price), "realized": text(p.realized),
-                         "fees": text(p.fees), "unrealized": text(p.unrealized()), "mark": opt(p.price_for_mark())}
+                         "fees": text(p.fees), "unrealized": text(p.unrealized()), "mark": opt(p.price_for_mark()),
+                         "fees_by_asset": {a: text(f) for a, f in sorted(p.fees_by_asset().items())}}
                      for s, p in sorted(self.ledger.positions.items())}
         return {"state": self.state.value, "code": self.state_code, "reason": self.state_reason,
                 "by": self.state_by, "since_ts": self.state_ts, "equity": text(equity),
@@ -482,4 +544,5 @@ class RiskEngine:
                 "day_start_equity": opt(self.day_start), "day": self.day,
                 "drawdown": text(self.drawdown(equity)), "tripped": sorted(self.tripped),
                 "loss_pause_until": self.streak.paused_until, "working": len(self.working),
-                "positions": positions}
+                "positions": positions, "balances": self.balances.view(),
+                "fees_by_asset": {a: text(f) for a, f in sorted(self.ledger.fees_by_asset().items())}}

@@ -20,7 +20,7 @@ from services.risk.vet import WHYS, BadAnswer, vet_ack, vet_fill, vet_status
 from shared.alerts import Alerter
 from shared.runtime import MicrosHistogram
 from shared import messages
-from shared.enums import OrderKind, OrderStatus, TimeInForce, Verdict
+from shared.enums import OrderKind, OrderStatus, Verdict
 from shared.errors import DecodeError
 from shared.money import base_asset, quote_asset
 from shared.messages import Ack, Cancel, Decision, Error, OrderEvent, OrderRequest
@@ -156,12 +156,13 @@ class OrderDesk:
             return
         # The broker works on it now: what follows is off the order's path, the decision's
         # encoding included (only its time stamp waits for the answer).
-        rests = req.kind is OrderKind.LIMIT and req.tif is TimeInForce.GTC
+        rests = req.kind is OrderKind.LIMIT and req.tif.rests  # GTC or post-only GTX
         parts = approval_parts(req.client_order_id, Verdict.ADJUSTED if cut else Verdict.APPROVED, cut, qty,
                                self._pack)
         flight = InFlight(req, qty, cut, rests, decoded_ns, sent_ns, [notify], parts)
         self.inflight[req.client_order_id] = flight
-        self.engine.on_sent(req.client_order_id, req.symbol, req.side, qty, rests, now)
+        self.engine.on_sent(req.client_order_id, req.symbol, req.side, qty, rests, now,
+                            req.price if req.kind is OrderKind.LIMIT else None)  # what it reserves
 
     def _answered(self, flight: InFlight, raw: bytes | None) -> None:
         """The broker's answer (None: none in time). The client is answered first; fills,

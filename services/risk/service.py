@@ -71,7 +71,7 @@ class RiskService:
         self.limits = risk_limits.from_config(cfg)
         for line in risk_limits.describe(self.limits):
             log.info("limits", extra=line)
-        self.engine = RiskEngine(self.limits, cfg.broker.start_cash)
+        self.engine = RiskEngine.from_config(self.limits, cfg)  # QF_START_CASH/_BALANCES, the broker's fees
         forwarded = store.Forwarded()
         self.stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
                       "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0}
@@ -107,6 +107,7 @@ class RiskService:
         finally:
             database.close()  # run() may be on another thread; it opens its own connection
         log.info("rebuilt", extra={**found, "positions": self.engine.position_map(),
+                                   "balances": {a: v["free"] for a, v in self.engine.balances.view().items()},
                                    "peak_equity": self.engine.peak, "day_start_equity": self.engine.day_start})
         self.reporter: Reporter | None = None
         if lockstep:

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import peewee as pw
 
-from services.risk.core import RiskEngine, StateChange
+from services.risk.core import OpenOrder, RiskEngine, StateChange
 from shared import storage
 from shared.alerts import Alerter
 from shared.db import EquitySnapshot, FillRow, OrderRow, RiskCheckpoint, RiskEvent, database, insert_rows
@@ -50,8 +50,11 @@ def rebuild(engine: RiskEngine, forwarded: Forwarded, now_ns: int) -> dict:
               "qty": qty, "fee": fee, "fee_asset": fee_asset, "ts": ts}
              for fill_id, coid, symbol, side, price, qty, fee, fee_asset, ts in query.iterator())
     open_values = [s.value for s in OPEN_STATUSES]
-    open_orders = [(row.client_order_id, row.symbol, Side(row.side), row.qty, row.qty - row.filled_qty,
-                    row.kind == OrderKind.LIMIT.value and row.tif == TimeInForce.GTC.value)
+    # priced as risk reserved for them (a LIMIT order at its price; a MARKET order never rests in
+    # the broker's table: it is matched on arrival)
+    open_orders = [OpenOrder(row.client_order_id, row.symbol, Side(row.side), row.qty, row.qty - row.filled_qty,
+                             row.kind == OrderKind.LIMIT.value and TimeInForce(row.tif).rests,
+                             row.price if row.kind == OrderKind.LIMIT.value else None)
                    for row in OrderRow.select().where(OrderRow.status.in_(open_values))]
     last = RiskCheckpoint.select().order_by(RiskCheckpoint.id.desc()).first()
     snapshot = None if last is None else {

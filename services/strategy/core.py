@@ -6,7 +6,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from shared.config import StrategyConfig
-from shared.enums import OrderKind, Side, Verdict
+from shared.enums import OrderKind, Side, TimeInForce, Verdict
 from shared.messages import Book, Decision
 from shared.money import MONEY, ZERO
 
@@ -21,6 +21,9 @@ class OrderIntent:
     kind: OrderKind = OrderKind.MARKET
     confidence: float = 0.0
     signal_ts: int = 0  # recv_ts of the triggering book (its ts when recv_ts is unknown)
+    price: Decimal | None = None  # LIMIT orders
+    tif: TimeInForce = TimeInForce.GTC  # GTX: post-only
+    reason: str = ""  # why it was sent ("entry", "exit:stop_loss", ...), for the log and the signal row
 
 
 @dataclass(frozen=True, slots=True)

@@ -440,6 +440,26 @@ class SymbolFeatures:
 
     # -- read ----------------------------------------------------------------------
 
+    def head(self) -> tuple[float, float, float, float, float, float, float, float, float, bool]:
+        """What a per-book decision reads, equal to `vector()`'s values without building it (a
+        third of its cost): (mid, ofi_l1[0], ofi_multi[0], trade_flow[0], depth_imbalance,
+        microprice_dev_bps, spread_bps, vol_1s, spread_ratio, ready), the first window's sums."""
+        w, t = self._bwin[0], self._twin[0]
+        ofi_l1 = w.s1 / (1 << SCALE_BITS)
+        ofi_multi = (w.s2 * 2 * self._levels * w.n) / w.s3 if w.s3 else 0.0
+        flow = t.s1 / t.s2 if t.s2 else 0.0
+        if self.books:
+            now = self._now
+            vol_1s = math.sqrt(self._rv * math.exp(-(now - self._last_book_ns) * self._inv_vol_tau_ns)
+                               / self.params.vol_tau_s)
+            ratio = self._spread_bps / self._spread_ewma if self._spread_ewma else 0.0
+            ready = now - self._first_ns >= self._warmup_ns
+        else:
+            vol_1s = ratio = 0.0
+            ready = False
+        return (self._mid if self.books else 0.0, ofi_l1, ofi_multi, flow, self._depth_imb, self._micro_dev,
+                self._spread_bps, vol_1s, ratio, ready)
+
     def vector(self) -> FeatureVector:
         """The features as of the latest event (or `advance`); reads only, changes nothing."""
         now = self._now

@@ -323,7 +323,9 @@ def test_fuzz_risk(tmp_path):
                      "QF_RISK_ORDERS_PER_MIN": "60000000", "QF_RISK_DAILY_LOSS": "0", "QF_RISK_DAILY_LOSS_SOFT": "0",
                      "QF_RISK_MAX_DRAWDOWN": "0", "QF_RISK_DRAWDOWN_SOFT": "0", "QF_RISK_STALE_BOOK_MS": "600000",
                      "QF_RISK_PRICE_BAND_BPS": "500", "QF_RISK_ADJUST": "false", "QF_RISK_SPIN_US": "0",
-                     "QF_RISK_BROKER_TIMEOUT_MS": str(BROKER_TIMEOUT_MS)})
+                     "QF_RISK_BROKER_TIMEOUT_MS": str(BROKER_TIMEOUT_MS),
+                     # base to sell: random SELLs must reach the broker, not stop at the spot account
+                     "QF_START_BALANCES": f"USDT={START_CASH},BTC=100,ETH=100"})
     cfg = load(settings)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("QF_")}, **settings, "PYTHONUNBUFFERED": "1"}
     risk = Risk(env, tmp_path / "risk.log")

@@ -179,7 +179,8 @@ def publish_honest(md: Publisher, rng: random.Random, imbalance: float, symbols=
 def test_fuzz_strategy(tmp_path):
     run = FuzzRun("strategy")
     rng = run.rng
-    settings = tcp_env(tmp_path, QF_SYMBOLS="btcusdt,ethusdt", QF_STRATEGY_IMBALANCE="0.6",
+    settings = tcp_env(tmp_path, QF_SYMBOLS="btcusdt,ethusdt", QF_STRATEGY_KIND="imbalance",
+                       QF_STRATEGY_IMBALANCE="0.6",
                        QF_STRATEGY_COOLDOWN_MS="0", QF_STRATEGY_TIMEOUT_MS="50", QF_STRATEGY_RETRIES="2",
                        QF_HEARTBEAT_MS="100", QF_LOG_LEVEL="ERROR")
     cfg = load(settings)

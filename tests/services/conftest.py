@@ -29,7 +29,8 @@ def endpoints() -> dict[str, str]:
     tag = uuid.uuid4().hex[:10]
     return {key: f"inproc://{tag}-{name}" for key, name in (
         ("QF_MD_PUB", "md"), ("QF_RISK_REP", "risk"), ("QF_BROKER_REP", "broker"),
-        ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub"))}
+        ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub"),
+        ("QF_STRATEGY_PUB", "strategy-pub"))}
 
 
 @pytest.fixture

@@ -159,3 +159,59 @@ def test_no_secret_survives_masking_for_any_url(scheme, user, password, host, po
     assert "ZQ" not in line, line
     eff = config.load({"QF_DB": url}).effective()
     assert "ZQ" not in eff["QF_DB"], eff["QF_DB"]
+
+
+# -- issue #13: the spot account's start balances ----------------------------------------------
+
+def test_start_balances_are_canonical_and_empty_by_default():
+    assert config.load({}).broker.start_balances == ""
+    cfg = config.load({"QF_START_BALANCES": " usdt=10000.00 , BTC=0.25000,eth=0,FDUSD=1e3 "})
+    assert cfg.broker.start_balances == "USDT=10000,BTC=0.25,ETH=0,FDUSD=1000"
+    assert cfg.effective()["QF_START_BALANCES"] == "USDT=10000,BTC=0.25,ETH=0,FDUSD=1000"
+    assert ("QF_START_BALANCES", "", ) == config.all_settings()[[s[0] for s in config.all_settings()].index(
+        "QF_START_BALANCES")][:2]
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("USDT", "expected ASSET=AMOUNT"), ("USDT=1,BTC", "expected ASSET=AMOUNT"), ("U=1", "2-12 letters"),
+    ("USD-T=1", "2-12 letters"), ("ABCDEFGHIJKLM=1", "2-12 letters"), ("=5", "expected ASSET=AMOUNT"),
+    ("USDT=", "not a decimal"), ("USDT=ten", "not a decimal"), ("USDT=-1", "between 0 and"),
+    ("USDT=NaN", "between 0 and"), ("USDT=Infinity", "between 0 and"), ("USDT=1e13", "between 0 and"),
+    ("BTC=0.0000000000000000001", "at most 18 decimals"), ("USDT=1,usdt=2", "USDT is listed twice"),
+])
+def test_bad_start_balances_name_the_setting(value, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        config.load({"QF_START_BALANCES": value})
+    assert "QF_START_BALANCES=" in str(err.value)
+
+
+def test_qf_config_lists_the_start_balances():
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "config"], env=clean_environ(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if "`QF_START_BALANCES`" in line]
+    assert "(empty)" in row and "USDT=10000,BTC=0.25" in row
+
+
+# -- issue #13: QF_START_BALANCES and QF_START_CASH are one account ---------------------------
+
+@pytest.mark.parametrize("env,cash", [
+    ({"QF_START_BALANCES": "USDT=2500"}, Decimal("2500")),  # the quote balance is the start cash
+    ({"QF_START_BALANCES": "USDT=2500", "QF_START_CASH": "2500"}, Decimal("2500")),
+    ({"QF_START_BALANCES": "BTC=0.5"}, Decimal("0")),  # no quote asset named: none to spend, none counted
+    ({"QF_START_BALANCES": "USDT=2500,BTC=0.5"}, Decimal("2500")),
+    ({}, Decimal("10000")),
+])
+def test_start_cash_follows_the_quote_balance(env, cash):
+    assert config.load(env).broker.start_cash == cash
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"QF_START_BALANCES": "USDT=2500", "QF_START_CASH": "10000"},
+     "QF_START_BALANCES gives USDT=2500 but QF_START_CASH is 10000"),
+    ({"QF_START_BALANCES": "USDT=2500", "QF_SYMBOLS": "btcusdt,ethbtc"}, "2 quote assets (BTC, USDT)"),
+])
+def test_start_balances_that_disagree_with_the_account_are_refused(env, says):
+    with pytest.raises(ConfigError) as err:
+        config.load(env)
+    assert says in str(err.value)

@@ -128,3 +128,32 @@ def test_ledger_balances_against_a_brute_force(fills, marks):
     # equity = start cash + realized - fees + unrealized = cash + positions at their marks, to the digit
     assert led.equity() == cash + sum(want[s][0] * Fraction(m) for s, m in zip(SYMBOLS, marks))
     assert led.equity() == led.start_cash + led.realized() - led.fees() + led.unrealized()
+
+
+# -- issue #13: a fee paid in the base asset comes off the quantity held ---------------------
+
+def test_a_base_asset_fee_comes_off_the_quantity_and_the_round_trip_counts_it():
+    pos = Position("BTCUSDT")
+    pos.apply(Side.BUY, D("1"), D("100"), D("0.001"), "BTC")  # QF_BROKER_FEE_ASSET=received: 0.999 BTC received
+    assert (pos.qty, pos.cost, pos.avg_price) == (D("0.999"), D("100"), D("100.1001001"))  # cost unchanged
+    assert (pos.fees, pos.other_fees, pos.fees_by_asset()) == (D(0), {"BTC": D("0.001")}, {"BTC": D("0.001")})
+    pos.mark = D("100")
+    assert pos.unrealized() == D("-0.1")  # the fee's worth at the mark: 0.001 × 100
+    trip = pos.apply(Side.SELL, D("0.999"), D("110"), D("0.10989"), "USDT")  # the SELL's fee is in the quote
+    assert pos.qty == 0 and pos.realized == D("0.999") * D("110") - D("100") == D("9.89")
+    assert trip == D("9.89") - D("0.10989")  # the base fee is in it, through the quantity
+    assert pos.fees_by_asset() == {"USDT": D("0.10989"), "BTC": D("0.001")}
+
+
+def test_ledger_cash_and_equity_agree_with_the_brokers_account_on_base_fees():
+    from services.broker.core import Account
+    led, acct = Ledger(D("1000")), Account(D("1000"))
+    fills = [(Side.BUY, "0.5", "100", "0.0005", "BTC"), (Side.BUY, "0.25", "104", "0.00025", "BTC"),
+             (Side.SELL, "0.3", "103", "0.0309", "USDT"), (Side.SELL, "0.44925", "99", "0.04447575", "USDT")]
+    for i, (side, qty, price, fee, asset) in enumerate(fills):
+        led.apply(f"f{i}", "BTCUSDT", side, D(qty), D(price), D(fee), asset)
+        acct.apply("BTCUSDT", side, D(price), D(qty), D(fee), asset)
+        assert led.qty("BTCUSDT") == acct.positions["BTCUSDT"] and led.cash() == acct.cash
+        led.mark("BTCUSDT", D("101"))
+        assert led.equity() == acct.equity({"BTCUSDT": D("101")})
+    assert led.qty("BTCUSDT") == 0 and led.fees_by_asset() == {"BTC": D("0.00075"), "USDT": D("0.07537575")}

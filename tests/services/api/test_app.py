@@ -351,3 +351,18 @@ def test_error_bodies_never_carry_a_urls_password():
     from services.api.errors import error_body
     body = error_body("db_unavailable", "cannot reach postgresql://qf:Zz9-pw@db/qf?password=Yy8")
     assert "Zz9-pw" not in str(body) and "Yy8" not in str(body) and "qf:***@db" in str(body)
+
+
+def test_positions_show_fees_per_asset_and_a_base_fee_comes_off_the_quantity(client, add_fill):
+    """QF_BROKER_FEE_ASSET=received: a BUY's fee is paid in BTC out of what it received, a SELL's in
+    USDT. The position holds 0.999 (not 1) at the BUY's whole cost; each fee shows under its asset."""
+    add_fill("BTCUSDT", "BUY", "1", "100", fee="0.001", fee_asset="BTC")
+    (pos,) = client.get("/api/v1/positions").get_json()["positions"]
+    assert (pos["qty"], pos["cost_basis"], pos["avg_entry_price"], pos["fees"]) == (
+        "0.999", "100", "100.1001001", {"BTC": "0.001"})
+    add_fill("BTCUSDT", "SELL", "0.999", "110", fee="0.10989", fee_asset="USDT")
+    (pos,) = client.get("/api/v1/positions").get_json()["positions"]
+    assert (pos["qty"], pos["realized_pnl"], pos["fees"], pos["net_realized_pnl"]) == (
+        "0", "9.89", {"USDT": "0.10989", "BTC": "0.001"}, "9.78011")  # 0.999 × 110 − 100, less the USDT fee
+    status = client.get("/api/v1/status").get_json()
+    assert status["positions"] == {"BTCUSDT": "0"}

@@ -21,6 +21,7 @@ from services.marketdata.capture import build_book
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CAPTURE = os.path.join(ROOT, "tests", "data", "binance-spot-btcusdt-20240808.jsonl.gz")
+IMBALANCE = {"QF_STRATEGY_KIND": "imbalance"}  # tests whose figures assume the imbalance strategy's market orders
 KEYS = ("events", "orders", "fills", "turnover", "gross_pnl", "net_pnl", "fees", "max_drawdown", "sharpe",
         "win_rate", "slippage_decision", "slippage_arrival", "maker_share", "events_per_s", "gaps")
 
@@ -79,7 +80,8 @@ def gap_captures(tmp_path_factory):
 
 def test_the_shipped_capture_runs_through_every_core_and_fills_a_database_with_the_live_schema(tmp_path):
     db = str(tmp_path / "bt.db")
-    run = qf_backtest("--capture", CAPTURE, "--db", db, "--json")
+    # the imbalance strategy: every order a MARKET one that fills (test_backtest_ofi.py runs the default, ofi)
+    run = qf_backtest("--capture", CAPTURE, "--db", db, "--json", env=IMBALANCE)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     for key in KEYS:
@@ -204,7 +206,9 @@ def test_risk_runs_inside_the_loop_with_its_breakers_and_denials_stored(tmp_path
     conf = tmp_path / "tight.env"
     conf.write_text("# a tight daily loss\nQF_RISK_DAILY_LOSS=0.0002\nQF_RISK_DAILY_LOSS_SOFT=0.0001\n")
     db = str(tmp_path / "bt.db")
-    run = qf_backtest("--capture", CAPTURE, "--db", db, "--config", str(conf), "--json")
+    # the imbalance strategy keeps asking while risk denies; ofi stops entries on REDUCING/HALTED
+    # (test_backtest_ofi.py)
+    run = qf_backtest("--capture", CAPTURE, "--db", db, "--config", str(conf), "--json", env=IMBALANCE)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["denied"] > 0

@@ -360,7 +360,9 @@ def test_a_free_running_replay_session_is_accounted_for_order_by_order(tmp_path)
     """`qf up --feed replay:CAPTURE --speed 4` over the first 60 s of the shipped capture, as real
     processes (15 s); stopped once the replay is done; then `qf parity` against the backtest of it."""
     capture = short_capture(tmp_path / "c60.jsonl.gz", 60)
-    settings = tcp_env(tmp_path)
+    # the imbalance strategy: ofi's features run on the service's wall clock, 4x slower than the
+    # capture's here, so a replay at speed 4 is not the backtest's market for it
+    settings = tcp_env(tmp_path, QF_STRATEGY_KIND="imbalance")
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}",
                              "--speed", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -88,7 +88,7 @@ def hostile(script):
 def lie_cfg(env, hostile):
     return load({**env, "QF_BROKER_REP": hostile.rep, "QF_BROKER_PUB": hostile.pub_endpoint,
                  "QF_RISK_MAX_POSITION": "0.01", "QF_RISK_STALE_BOOK_MS": "600000", "QF_RISK_ADJUST": "false",
-                 "QF_RISK_BROKER_TIMEOUT_MS": "1000"})
+                 "QF_RISK_BROKER_TIMEOUT_MS": "1000", "QF_START_BALANCES": "USDT=10000,BTC=1,ETH=1"})
 
 
 def ready(svc: RiskService, cfg, md_pub, make_book, feed, clients, wait_until) -> RiskService:

@@ -50,8 +50,8 @@ def mark(eng: RiskEngine, mid: float, now: int) -> None:
     eng.evaluate(now)
 
 
-def engine(**kw) -> RiskEngine:
-    eng = RiskEngine(limits(**kw), D("1000"))
+def engine(start_balances=None, **kw) -> RiskEngine:
+    eng = RiskEngine(limits(**kw), D("1000"), start_balances=start_balances)
     eng.on_book("BTCUSDT", 100.25, T0)
     return eng
 
@@ -181,7 +181,7 @@ def test_adjusted_cuts_to_the_lot_and_respects_min_notional():
 
 
 def test_working_orders_count_until_filled_or_ended():
-    eng = engine()
+    eng = engine({"USDT": D("1000"), "BTC": D("1")})  # BTC to sell: the SELL below is judged by its position
     eng.track("w1", "BTCUSDT", Side.BUY, D("0.006"), D("0.006"))
     assert eng.exposure[("BTCUSDT", Side.BUY)] == D("0.006")
     assert eng.check(order("0.005", coid="a"), T0) == Approval(D("0.004"), adjusted=True)

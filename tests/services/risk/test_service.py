@@ -271,9 +271,12 @@ def test_risk_and_broker_approve_and_fill(stack, client, rcfg, db_rows, wait_unt
         assert client.raw(messages.encode(order("t1", "0.006"))) == first  # retry: same answer, byte for byte
         assert count(db_rows, rcfg, "fills") == 2  # and no new fill
 
-        back = client.request(order("t3", "0.01", side=Side.SELL))
+        short = client.request(order("t3", "0.01", side=Side.SELL))  # a spot account holds 0.006 BTC
+        assert short.verdict is Verdict.REJECTED and short.reason["code"] == "INSUFFICIENT_BALANCE"
+        assert "needs 0.01 BTC, 0.006 BTC free" in short.reason["text"]
+        back = client.request(order("t4", "0.006", side=Side.SELL))
         settled(client)
-        assert back.verdict is Verdict.APPROVED and risk.engine.ledger.qty("BTCUSDT") == D("-0.004")
+        assert back.verdict is Verdict.APPROVED and risk.engine.ledger.qty("BTCUSDT") == 0
         state = wait_until(lambda: sub.sock.poll(0) and sub.recv()[1], "a risk.state message")
         assert isinstance(state, RiskState) and state.state is TradingState.ACTIVE
     finally:

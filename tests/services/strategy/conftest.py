@@ -22,7 +22,9 @@ def book():
 
 @pytest.fixture(scope="session")
 def config():
-    """`config(**QF_vars)` → Config from exactly those variables (never os.environ)."""
+    """`config(**QF_vars)` → Config from exactly those variables (never os.environ), for the
+    imbalance strategy's tests: QF_STRATEGY_KIND is `imbalance` unless given (its orders are then
+    named `imbalance-…`, as StrategyService runs only that kind)."""
     def build(**env: str):
-        return load({k: str(v) for k, v in env.items()})
+        return load({"QF_STRATEGY_KIND": "imbalance", **{k: str(v) for k, v in env.items()}})
     return build

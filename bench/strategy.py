@@ -1,0 +1,128 @@
+"""The OFI strategy's own cost (issue #13), measured inside the strategy process of a running stack.
+
+- strategy_decision_us_p50 / _p99: features + decision per book event (`OfiStrategy.on_book`)
+  inside the strategy service, from its heartbeat's histogram (1 µs bins), while the real
+  services replay the shipped capture in a loop at REPLAY_SPEED× (so ten minutes of market time
+  pass in a minute), post-only entries, cancels and exits included;
+- strategy_features_us_p50 / _p99, the same run's baseline: the features core alone
+  (`Features.on_book`) over the capture's books in this process (what any OFI strategy pays);
+- strategy_rss_mb: the strategy process's RSS at the end of the 10-minute replay, and
+  strategy_rss_growth_mb: its growth since the first minute of market time (flat: ~0);
+- strategy_books: books the strategy decided on in the run.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import zmq
+
+from bench.common import free_port
+from bench.stats import percentile
+from services.supervisor import Stack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTURE = os.path.join(ROOT, "tests", "data", "binance-spot-btcusdt-20240808.jsonl.gz")
+REPLAY_SPEED = 10
+MARKET_S = 600  # ten minutes of market time
+WARM_S = 60  # market seconds before the first RSS reading (imports, features' windows filled)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _features_baseline() -> tuple[float, float]:
+    """Features.on_book alone over the capture's books, in this process (µs p50, p99)."""
+    from services.marketdata.feeds import ReplayFeed
+    from services.marketdata.router import BookRouter
+    from services.strategy.features import Features
+    from services.strategy.scoring import feature_params
+    from shared.config import load
+    from shared.messages import Book
+
+    books: list[Book] = []
+
+    class Keep:
+        def publish(self, topic, msg) -> None:
+            if type(msg) is Book:
+                books.append(msg)
+
+    router = BookRouter(("BTCUSDT",), 10)
+    router.pub = Keep()
+    for rec in ReplayFeed(CAPTURE, ("BTCUSDT",), 0, stamp="recorded").records():
+        router.dispatch(rec, rec.recv_ns)
+    features = Features(feature_params(load({}).strategy))
+    times = []
+    clock = time.perf_counter_ns
+    for book in books:
+        t0 = clock()
+        features.on_book(book, book.ts)
+        times.append((clock() - t0) / 1000)
+    warm = times[100:]
+    return percentile(warm, 50), percentile(warm, 99)
+
+
+def run() -> dict[str, float]:
+    tmp = tempfile.mkdtemp(prefix="qf-bench-strategy-")
+    strategy_pub = f"tcp://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
+    env.update({
+        "QF_MD_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
+        "QF_BROKER_REP": f"tcp://127.0.0.1:{free_port()}", "QF_BROKER_PUB": f"tcp://127.0.0.1:{free_port()}",
+        "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_STRATEGY_PUB": strategy_pub,
+        "QF_API_BIND": f"127.0.0.1:{free_port()}",
+        "QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "PYTHONUNBUFFERED": "1",
+        "QF_FEED": f"replay:{CAPTURE}", "QF_REPLAY_SPEED": str(REPLAY_SPEED), "QF_REPLAY_LOOP": "true",
+        "QF_STRATEGY_KIND": "ofi",
+    })
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat.strategy")
+    sub.connect(strategy_pub)
+    from shared import messages
+
+    stack = Stack(env, services=("broker", "risk", "strategy", "marketdata"), restart=False)
+    stack.start()
+    beat = None
+    rss_warm = rss_end = None
+    try:
+        t0 = time.monotonic()
+        warm_at, end_at = t0 + WARM_S / REPLAY_SPEED, t0 + MARKET_S / REPLAY_SPEED
+        while time.monotonic() < end_at:
+            if sub.poll(1000):
+                msg = messages.decode(sub.recv_multipart()[1])
+                beat = msg
+                if rss_warm is None and time.monotonic() >= warm_at:
+                    rss_warm = _rss_mb(msg.pid)
+        if beat is None:
+            raise RuntimeError("no heartbeat from the strategy: is it running?")
+        rss_end = _rss_mb(beat.pid)
+        # the heartbeat after the end: its histogram covers the whole run
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if sub.poll(1000):
+                beat = messages.decode(sub.recv_multipart()[1])
+                break
+    finally:
+        stack.stop()
+        sub.close(linger=0)
+    stats = beat.stats or {}
+    if not stats.get("decision_n"):
+        raise RuntimeError(f"the strategy decided on no book: {stats}")
+    f50, f99 = _features_baseline()
+    return {
+        "strategy_decision_us_p50": stats["decision_us_p50"],
+        "strategy_decision_us_p99": stats["decision_us_p99"],
+        "strategy_features_us_p50": round(f50, 1),
+        "strategy_features_us_p99": round(f99, 1),
+        "strategy_books": stats["decision_n"],
+        "strategy_orders": stats.get("orders", 0),
+        "strategy_rss_mb": round(rss_end, 1),
+        "strategy_rss_growth_mb": round(rss_end - (rss_warm if rss_warm is not None else rss_end), 1),
+    }
