@@ -59,15 +59,18 @@ def _md_floor() -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def _lockstep(tmp: str, expected_db: str) -> tuple[float, float, int]:
-    """`qf up --feed replay:CAPTURE --lockstep` over the whole capture through the real services:
-    (fraction of the backtest's fills it reproduced byte for byte, wall seconds, its fills)."""
+def _lockstep(tmp: str, expected_db: str, **settings: str) -> tuple[float, float, int]:
+    """`qf up --feed replay:CAPTURE --lockstep` over the whole capture through the real services,
+    with the default settings over `settings`: (fraction of the backtest's fills (`expected_db`,
+    of the same settings) it reproduced byte for byte, wall seconds, its fills)."""
     import pathlib
 
     from tests.conftest import clean_environ, fill_rows, run_lockstep, tcp_env
 
-    env = {**clean_environ(), **tcp_env(pathlib.Path(tmp), QF_DB=os.path.join(tmp, "lockstep.db"),
-                                        QF_STRATEGY_KIND="imbalance")}
+    kind = settings.get("QF_STRATEGY_KIND", "default")
+    run = os.path.join(tmp, f"lockstep-{kind}")
+    os.makedirs(run, exist_ok=True)
+    env = {**clean_environ(), **tcp_env(pathlib.Path(run), QF_DB=os.path.join(run, "lockstep.db"), **settings)}
     got, wall, _lines = run_lockstep(CAPTURE, env, 900)
     expected = fill_rows(expected_db)
     match = len(set(expected) & set(got)) / len(expected) if expected else 0.0
@@ -84,9 +87,11 @@ def run() -> dict[str, float]:
     - backtest_cli_msgs_per_s, backtest_cli_rss_mb: the real `qf backtest` subprocess (interpreter
       start included), its peak RSS.
     - backtest_identical_runs: 1 when two runs give the same fills table byte for byte, else 0.
-    - lockstep_fill_match: the fraction of the backtest's fills that `qf up --feed replay:CAPTURE
-      --lockstep` (the real services, processes, sockets and SQLite) reproduced byte for byte
-      (lower when it made others too); lockstep_msgs_per_s: capture messages / its wall seconds."""
+    - lockstep_fill_match: the fraction of the backtest's fills (the default strategy, OFI: the
+      CLI run's) that `qf up --feed replay:CAPTURE --lockstep` (the real services, processes,
+      sockets and SQLite) reproduced byte for byte (lower when it made others too);
+      lockstep_msgs_per_s: capture messages / its wall seconds; lockstep_fill_match_imbalance,
+      lockstep_imbalance_msgs_per_s: the same with QF_STRATEGY_KIND=imbalance."""
     with tempfile.TemporaryDirectory() as tmp:
         runs, floors, hashes, events = [], [], [], 0
         for i in range(RUNS):
@@ -114,10 +119,10 @@ def run() -> dict[str, float]:
             raise RuntimeError(f"qf backtest failed: {err[-300:]}")
         rss_mb = usage.ru_maxrss / 1024
         hashes.append(_fills_hash(db))
-        # a lock-step replay runs the imbalance strategy only: compared with its backtest
+        match, lock_wall, _ = _lockstep(tmp, db)  # the default (OFI) strategy, against the CLI run
         imbalance_db = os.path.join(tmp, "imbalance.db")
         _inproc(imbalance_db, QF_STRATEGY_KIND="imbalance")
-        match, lock_wall, _ = _lockstep(tmp, imbalance_db)
+        match_imb, lock_wall_imb, _ = _lockstep(tmp, imbalance_db, QF_STRATEGY_KIND="imbalance")
     median, floor = runs[len(runs) // 2], floors[len(floors) // 2]
     return {
         "backtest_msgs_per_s": round(median),
@@ -134,4 +139,6 @@ def run() -> dict[str, float]:
         "ofi_backtest_maker_share": round(summary["maker_share"] or 0.0, 3),
         "lockstep_fill_match": round(match, 4),
         "lockstep_msgs_per_s": round(events / lock_wall),
+        "lockstep_fill_match_imbalance": round(match_imb, 4),
+        "lockstep_imbalance_msgs_per_s": round(events / lock_wall_imb),
     }

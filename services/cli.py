@@ -98,10 +98,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                                   f"(the feed is {cfg.md.feed})")
             if args.speed is not None:
                 raise ConfigError("--lockstep runs as fast as the services can: --speed has no meaning with it")
-            if cfg.strategy.kind != "imbalance":
-                raise ConfigError(f"--lockstep runs QF_STRATEGY_KIND=imbalance only for now (this is "
-                                  f"{cfg.strategy.kind}); `qf backtest` replays the {cfg.strategy.kind} "
-                                  "strategy on the capture's time")
             env.update(lockstep_env(cfg, env))
             cfg = qfconfig.load(env)
             if _holds_orders(cfg.common.db):  # the broker would refuse it too, after the others started

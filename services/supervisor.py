@@ -166,7 +166,7 @@ class StatusMonitor:
 
     def __init__(self, cfg: Config) -> None:
         self.subs = [Subscriber(ep, ["heartbeat."], 1000) for ep in
-                     (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub)]
+                     (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub, cfg.bus.strategy_pub)]
         self.lockstep = bool(cfg.bus.lockstep)
         self.stats: dict[str, dict] = {}
         self.status: dict[str, str] = {}
@@ -205,8 +205,10 @@ class StatusMonitor:
         trouble = [f"{name} {st}" for name, st in sorted(self.status.items()) if name != "marketdata" and st != "ok"]
         services = f"services {up}/{total} up" + (f" ({', '.join(trouble)})" if trouble else "")
         feed = f"lock-step replay {md}" if self.lockstep else md
+        strategy = self.stats.get("strategy")  # the OFI strategy's heartbeat (the imbalance one has none)
+        signals = f" | signals {strategy.get('signals', 0)}" if strategy else ""
         return (f"{services} | feed {feed} | book {self.book_rate:.1f}/s | "
-                f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')} | "
+                f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')}{signals} | "
                 f"equity {equity} | risk {risk.get('state', '-')}")
 
     def close(self) -> None:

@@ -19,8 +19,9 @@ conductor never guesses how long a hop takes, and a slow machine only makes the 
 Counters (all cumulative ints; `md` counts only messages with ts > 0, the handshake excluded):
 
     strategy: md (book.* and clock it processed), orders_sent, answers_in
-    risk:     md (book.* and clock), orders_in, answers_out (replies to orders), broker_out
-              (requests sent to the broker), broker_in (its replies), events_in (fill.* and order.*)
+    risk:     md (book.*, trade.* and clock), orders_in, answers_out (replies to orders), broker_out
+              (requests sent to the broker), broker_in (its replies), events_in (fill.* and order.*),
+              cancels_in, cancel_answers_out (replies to cancels), states_out (risk.state published)
     broker:   md (book.*, trade.* and clock), requests_in, replies_out, events_out (fill.* and
               order.* published), next_due (ns of its next due request, -1 for none)
 
@@ -29,6 +30,26 @@ strategy, for each record): a request whose `ts` is ahead of a service's clock w
 service has read the market data up to it (risk and the broker), and a strategy waiting for a
 decision goes on reading books (its core ignores them while an order is in flight, as the
 backtest's does).
+
+A stepped strategy (the OFI strategy: its report says `stepped`) hears the broker's fill.* and
+order.* and risk's risk.state as well as risk's answers, and decides on a record only after the
+broker and risk are done with it, as the backtest's does. It holds what it reads and works only
+when the conductor steps it (a `Clock` on topic STEP_TOPIC after a broker due, or
+RECORD_STEP_TOPIC after a record, which also runs its timer when due), at the step's `ts`:
+risk's answers first, then the broker's events, risk's states, the market data, each in the
+order read, what arrived since the last step before what an earlier step left; it stops after
+each request it sends (the backtest hands each request's immediate answer over before the next
+thing), and reports what it still `held` and when its timer is next due (`next_tick`). After
+every quiet the conductor steps it while it holds anything (or, after a record, while its timer
+is due; a record that published nothing first gets a `clock` tick at its time, so that what the
+timer sends meets risk and the broker at that time), each step followed by quiet. Its extra
+counters: trades count in its md; cancels_sent, cancel_answers_in, events_in (the broker's
+events), states_in (risk.state), steps (step ticks read), held, next_tick.
+
+Risk reads trades (for their `ts` only: a resting order's fill is stamped with its
+trade's), publishes one risk.state per state change and none on its heartbeat, and passes the
+handshake tick on on its PUB, as the broker does on its own; the strategy says hello once it
+heard the tick on all three PUBs and risk answered its STATE request.
 
 Start-up: the conductor publishes `Clock(ts=0)` every HELLO_S until every service has reported
 with `hello` set (its SUB is connected: ZeroMQ drops what a PUB sends before that).
@@ -50,9 +71,14 @@ HELLO_S = 0.05
 QUIET_TIMEOUT_S = 30.0  # a system not quiet this long after a release is stuck: the replay stops, named
 COUNTERS = {
     "strategy": ("md", "orders_sent", "answers_in"),
-    "risk": ("md", "orders_in", "answers_out", "broker_out", "broker_in", "events_in"),
+    "risk": ("md", "orders_in", "answers_out", "broker_out", "broker_in", "events_in", "cancels_in",
+             "cancel_answers_out", "states_out"),
     "broker": ("md", "requests_in", "replies_out", "events_out"),
 }
+# a stepped strategy's counters beside its COUNTERS ones (`held`, `next_tick` are its state, not counts)
+STEPPED = ("cancels_sent", "cancel_answers_in", "events_in", "states_in", "steps", "held", "next_tick")
+STEP_TOPIC = "step"  # a step of a stepped strategy: work on what it holds, at the tick's ts
+RECORD_STEP_TOPIC = "step.record"  # the same after a record: then its timer too, when due
 
 
 class LockstepError(FatalError):
@@ -82,13 +108,18 @@ class Reporter:
     """A service's side: `counters[name] += 1` as things happen, then `report()` at the end of each
     loop turn pushes them when they changed (and once with `hello` when the handshake tick came)."""
 
-    def __init__(self, endpoint: str, service: str, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, service: str, ctx: zmq.Context | None = None, stepped: bool = False) -> None:
         if service not in COUNTERS:
             raise ValueError(f"no lock-step counters for {service!r}")
+        if stepped and service != "strategy":
+            raise ValueError("only the strategy is stepped")
         self.service = service
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS[service], 0)
         if service == "broker":
             self.counters["next_due"] = -1
+        self.stepped = stepped
+        if stepped:
+            self.counters.update(dict.fromkeys(STEPPED, 0))
         self.hello = False
         self._sent: dict | None = None
         self.sock = (ctx or zmq.Context.instance()).socket(zmq.PUSH)
@@ -108,6 +139,8 @@ class Reporter:
 
     def report(self) -> None:
         state = {**self.counters, "hello": self.hello}
+        if self.stepped:
+            state["stepped"] = True
         if state == self._sent:
             return
         try:
@@ -122,23 +155,37 @@ class Reporter:
 
 def unmet(reports: dict[str, dict], published: dict[str, int]) -> list[str]:
     """The conditions of quiet that do not hold (empty: quiet), for the conductor's wait and its
-    error message. `published`: books, trades, clocks the conductor has sent (ts > 0)."""
+    error message. `published`: books, trades, clocks the conductor has sent (ts > 0), and `steps`
+    (absent: none)."""
     missing = [s for s in SERVICES if s not in reports]
     if missing:
         return [f"no report from {', '.join(missing)}"]
     st, rk, br = reports["strategy"], reports["risk"], reports["broker"]
     books, trades, clocks = published["books"], published["trades"], published["clocks"]
-    out = []
-    for name, got, want in (("broker md", br["md"], books + trades + clocks), ("risk md", rk["md"], books + clocks),
-                            ("strategy md", st["md"], books + clocks),
-                            ("orders strategy→risk", rk["orders_in"], st["orders_sent"]),
-                            ("answers risk→strategy", st["answers_in"], rk["answers_out"]),
-                            ("requests risk→broker", br["requests_in"], rk["broker_out"]),
-                            ("replies broker→risk", rk["broker_in"], br["replies_out"]),
-                            ("events broker→risk", rk["events_in"], br["events_out"])):
-        if got != want:
-            out.append(f"{name}: {got} of {want}")
-    return out
+    stepped = st.get("stepped") is True
+    checks = [("broker md", br["md"], books + trades + clocks), ("risk md", rk["md"], books + trades + clocks),
+              ("strategy md", st["md"], books + clocks + (trades if stepped else 0)),
+              ("orders strategy→risk", rk["orders_in"], st["orders_sent"]),
+              ("answers risk→strategy", st["answers_in"], rk["answers_out"]),
+              ("requests risk→broker", br["requests_in"], rk["broker_out"]),
+              ("replies broker→risk", rk["broker_in"], br["replies_out"]),
+              ("events broker→risk", rk["events_in"], br["events_out"])]
+    if stepped:
+        checks += [("cancels strategy→risk", rk.get("cancels_in", 0), st["cancels_sent"]),
+                   ("cancel answers risk→strategy", st["cancel_answers_in"], rk.get("cancel_answers_out", 0)),
+                   ("events broker→strategy", st["events_in"], br["events_out"]),
+                   ("states risk→strategy", st["states_in"], rk.get("states_out", 0)),
+                   ("steps conductor→strategy", st["steps"], published.get("steps", 0))]
+    return [f"{name}: {got} of {want}" for name, got, want in checks if got != want]
+
+
+def wants_step(report: dict | None, ts: int, record: bool) -> bool:
+    """Whether a quiet system must step the strategy of `report` at `ts` (`record`: after a
+    record, when its timer counts too): a stepped strategy holding work, or one whose timer is
+    due."""
+    if not report or report.get("stepped") is not True:
+        return False
+    return report.get("held", 0) > 0 or (record and report.get("next_tick", 0) <= ts)
 
 
 class Conductor:
@@ -163,7 +210,10 @@ class Conductor:
             try:
                 rep = msgpack.unpackb(raw, raw=False)
                 service = rep["service"]
-                if service not in COUNTERS or any(type(rep.get(k)) is not int for k in COUNTERS[service]):
+                keys = COUNTERS.get(service, ())
+                if rep.get("stepped") is True:
+                    keys = (*keys, *STEPPED)
+                if service not in COUNTERS or any(type(rep.get(k)) is not int for k in keys):
                     raise DecodeError("bad_report", str(rep)[:200])
             except (ValueError, TypeError, KeyError, msgpack.UnpackException, DecodeError) as exc:
                 raise LockstepError(f"unreadable lock-step report: {exc}"[:300]) from None

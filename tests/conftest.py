@@ -110,9 +110,8 @@ def run_lockstep(capture: str, env: dict[str, str], timeout_s: float) -> tuple[l
     lines: list[str] = []
     done = threading.Event()
     t0 = time.perf_counter()
-    # a lock-step replay runs the imbalance strategy only (`qf up --lockstep` refuses ofi)
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{capture}", "--lockstep"],
-                          cwd=ROOT, env={"QF_STRATEGY_KIND": "imbalance", **env, "PYTHONUNBUFFERED": "1"},
+                          cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
                           stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

@@ -59,6 +59,13 @@ def test_replay_flows_through_every_service(tmp_path, transport):
             return stats if stats.get("approved", 0) >= len(orders) else None
         stats = wait_for(risk_counts, 10, "risk heartbeat counting the approved orders")
         assert stats["approved"] >= len(orders)
+        # the OFI strategy's heartbeat reaches `qf up`'s status line, and its signals are stored
+        wait_for(lambda: monitor.drain() or "strategy" in monitor.stats, 10, "the strategy's heartbeat")
+        assert monitor.status["strategy"] == "ok" and " | signals " in monitor.line(5, 5)
+        def entry_signals() -> int:
+            rows = _db_rows(cfg.common.db, "select count(*) from signals where action = 'entry'")
+            return rows[0][0] if rows else 0
+        wait_for(entry_signals, 10, "entry signals in the database")
 
         status, trades = _get(bind, "/api/v1/trades?limit=1000")
         assert status == 200

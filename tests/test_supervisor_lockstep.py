@@ -13,7 +13,6 @@ from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, tcp_env
 
 
 def qf_up(tmp_path, *args: str, **settings: str) -> subprocess.CompletedProcess:
-    settings.setdefault("QF_STRATEGY_KIND", "imbalance")  # the one strategy a lock-step replay runs
     env = {**clean_environ(), **tcp_env(tmp_path, **settings), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "services.cli", "up", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -33,14 +32,6 @@ def test_lockstep_refuses_a_speed(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "qf up: --lockstep runs as fast as the services can: --speed has no meaning with it"]
-
-
-def test_lockstep_refuses_the_ofi_strategy_until_it_has_a_lockstep_loop(tmp_path):
-    proc = qf_up(tmp_path, "--feed", f"replay:{SPOT_CAPTURE}", "--lockstep", QF_STRATEGY_KIND="ofi")
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
-        "qf up: --lockstep runs QF_STRATEGY_KIND=imbalance only for now (this is ofi); `qf backtest` replays "
-        "the ofi strategy on the capture's time"]
 
 
 def test_lockstep_refuses_a_database_that_already_holds_orders(tmp_path):

@@ -6,7 +6,9 @@ capture's records (ReplayFeed(stamp="recorded"), so each carries its recorded ti
 BookRouter one at a time, and the next is released only once strategy, risk and the broker have
 reported that nothing is in flight. Before a record at `t`, each instant the broker said a
 request of its falls due (`next_due`, up to `t`) is ticked as a `Clock` message, as `qf backtest`
-wakes its exchange (services/backtest/engine.py, `Backtest.run`). So the services see the hand-offs
+wakes its exchange (services/backtest/engine.py, `Backtest.run`). A stepped strategy (the OFI
+strategy, shared/lockstep.py) is then stepped after each quiet while it holds work (after a record,
+also while its timer is due), each step followed by quiet again. So the services see the hand-offs
 in the backtest's order, on the capture's time, whatever the machine's speed.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import zmq
 from shared import lockstep
 from shared.bus import Publisher
 from shared.errors import ConfigError
-from shared.lockstep import Conductor, LockstepClock, LockstepError
+from shared.lockstep import RECORD_STEP_TOPIC, STEP_TOPIC, Conductor, LockstepClock, LockstepError, wants_step
 from shared.messages import Clock
 
 log = logging.getLogger("qf.marketdata")
@@ -82,7 +84,7 @@ class LockstepReplay:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Records released, and books, trades and clock ticks published."""
+        """Records released, and books, trades, clock ticks (and strategy steps) published."""
         return {"records": self.records, **self.conductor.published}
 
     def _timeout(self) -> float:
@@ -113,14 +115,40 @@ class LockstepReplay:
         rep = self.conductor.reports.get("broker", {})
         return rep.get("requests_in"), rep.get("replies_out"), rep.get("events_out")
 
+    def _strategy_moved(self) -> tuple:
+        rep = self.conductor.reports.get("strategy", {})
+        return tuple(rep.get(k) for k in ("held", "next_tick", "orders_sent", "cancels_sent"))
+
+    def _steps(self, ts: int, record: bool, due: int | None, seen: bool = True) -> int | None:
+        """Step a stepped strategy at `ts` while it wants it (`shared.lockstep.wants_step`), each
+        step followed by quiet; returns the broker's next due after the last (`due`: as of the
+        last quiet). `seen`: whether risk and the broker have read something at `ts`; if not (a
+        record that published nothing, where only the strategy's timer may act), a `clock` tick
+        at `ts` comes first, so that what the strategy sends meets them at its time, as in the
+        backtest. A strategy that did nothing with a step would be stepped forever: LockstepError."""
+        published = self.conductor.published
+        topic = RECORD_STEP_TOPIC if record else STEP_TOPIC
+        if not seen and wants_step(self.conductor.reports.get("strategy"), ts, record):
+            self._tick(ts)
+            due = self._quiet()
+        while wants_step(self.conductor.reports.get("strategy"), ts, record) and not self.should_stop():
+            before = self._strategy_moved()
+            self.pub.publish(topic, Clock(ts=ts))
+            published["steps"] = published.get("steps", 0) + 1
+            due = self._quiet()
+            if self._strategy_moved() == before:
+                raise LockstepError(f"lock-step: the strategy still holds work at {ts} after a step, and did nothing")
+        return due
+
     def _ticks(self, due: int | None, until: int | None) -> int | None:
         """Tick each broker due up to `until` (None: every one left), waiting for quiet after
-        each; returns the next due beyond. A broker that still holds a due request after its
-        tick, having done nothing with it, would be ticked forever: LockstepError."""
+        each (and stepping the strategy, `_steps`); returns the next due beyond. A broker that
+        still holds a due request after its tick, having done nothing with it, would be ticked
+        forever: LockstepError."""
         while due is not None and (until is None or due <= until) and not self.should_stop():
             before = self._broker_moved()
             self._tick(due)
-            nxt = self._quiet()
+            nxt = self._steps(due, False, self._quiet())
             if nxt is not None and nxt <= due and self._broker_moved() == before:
                 raise LockstepError(f"lock-step: the broker still holds a request due at {due} after the clock "
                                     "reached it, and answered nothing")
@@ -129,18 +157,21 @@ class LockstepReplay:
 
     def run(self, records: Iterable) -> bool:
         """Every record, in order, each after quiet: first the broker's dues up to its time,
-        then the record itself. After the last, the dues left (orders still in flight reach
-        the book, as the backtest's end does). True when the capture played to its end."""
+        then the record itself, then the strategy's steps at its time (a stepped strategy
+        only). After the last, the dues left (orders still in flight reach the book, as the
+        backtest's end does). True when the capture played to its end."""
         dispatch, clock, stop, idle = self.router.dispatch, self.clock, self.should_stop, self.idle
+        published = self.conductor.published
         due = None  # the broker's next due request, as of the last quiet
         for rec in records:
             t = rec.recv_ns
             if due is not None and due <= t:
                 due = self._ticks(due, t)
             clock.observe(t)
+            md = published["books"] + published["trades"]
             dispatch(rec, t)
             self.records += 1
-            due = self._quiet()
+            due = self._steps(t, True, self._quiet(), published["books"] + published["trades"] != md)
             idle()
             if stop():
                 return False

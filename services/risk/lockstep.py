@@ -7,8 +7,11 @@ Who counts what (the counters shared/lockstep.py names for risk):
 - `md`, `events_in`, `orders_in`: RiskService's lock-step readers (`_drain_lockstep`,
   `_handle_lockstep` in services/risk/service.py);
 - `answers_out`: `CountingServer.reply`, once for each OrderRequest received (`expect`), when
-  its reply goes out — a decision, or the error of an order risk could not handle; replies to
-  cancels and controls are not counted (the strategy sends neither);
+  its reply goes out — a decision, or the error of an order risk could not handle;
+  `cancel_answers_out` likewise for each Cancel (the OFI strategy's); replies to controls are
+  not counted (the strategy's STATE request comes before its hello);
+- `cancels_in`: `_handle_lockstep`; `states_out`: `_publish_state` (one risk.state per state
+  change; a lock-step risk publishes none on its heartbeat);
 - `broker_out`, `broker_in`: `CountingLink.send` when a request went to the broker, and when
   BrokerLink hands the broker's reply to it (a timeout or a closed link is no reply).
 """
@@ -34,28 +37,27 @@ def stamp(raw: bytes) -> int:
 
 
 class CountingServer(Server):
-    """Risk's ROUTER, counting `answers_out`: `expect(envelope)` when an order comes in on it,
-    then its reply (to that envelope) counts once when sent."""
+    """Risk's ROUTER, counting `answers_out` (or another counter): `expect(envelope, counter)`
+    when an order (a cancel) comes in on it, then its reply (to that envelope) counts once when
+    sent. An envelope names one request (a REQ has one at a time; the DEALER's carry a request id)."""
 
     def __init__(self, endpoint: str, reporter: Reporter, ctx: zmq.Context | None = None) -> None:
         super().__init__(endpoint, ctx)
         self.reporter = reporter
-        self.awaiting: dict[tuple[bytes, ...], int] = {}  # envelope -> orders of it not answered yet
+        self.awaiting: dict[tuple[bytes, ...], list[str]] = {}  # envelope -> counters of its unanswered requests
 
-    def expect(self, envelope: list[bytes]) -> None:
-        key = tuple(envelope)
-        self.awaiting[key] = self.awaiting.get(key, 0) + 1
+    def expect(self, envelope: list[bytes], counter: str = "answers_out") -> None:
+        self.awaiting.setdefault(tuple(envelope), []).append(counter)
 
     def reply(self, envelope: list[bytes], payload: bytes) -> None:
         super().reply(envelope, payload)
         key = tuple(envelope)
         left = self.awaiting.get(key)
         if left is not None:
-            if left > 1:
-                self.awaiting[key] = left - 1
-            else:
+            counter = left.pop(0)
+            if not left:
                 del self.awaiting[key]
-            self.reporter.counters["answers_out"] += 1
+            self.reporter.counters[counter] += 1
 
 
 class CountingLink(BrokerLink):

@@ -30,7 +30,7 @@ from shared.enums import ControlAction
 from shared.errors import DecodeError, FatalError
 from shared.lockstep import QUIET_TIMEOUT_S, LockstepClock, Reporter
 from shared.messages import (Book, Cancel, Clock, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest,
-                             RiskState)
+                             RiskState, Trade)
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
 log = logging.getLogger("qf.risk")
@@ -83,7 +83,8 @@ class RiskService:
         self._later: list[Callable[[], object]] = []
         # Subscribe before reading the database: fills committed meanwhile wait
         # in the queue instead of being lost, and the ledger drops the overlap.
-        self.md = Subscriber(cfg.bus.md_pub, ["book.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx)
+        # lock-step: trades too, only for their `ts` (a resting order's fill is stamped with its trade's)
+        self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx)
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order.", "clock"] if lockstep
                                         else ["fill.", "order."], cfg.bus.hwm, ctx)
         try:
@@ -227,19 +228,30 @@ class RiskService:
         """Store, then publish, the state changes the engine made."""
         if not self.engine.has_changes:
             return
-        for change in self.engine.take_changes():
+        changes = self.engine.take_changes()
+        for change in changes:
             self.outbox.state_change(change)
             STATE_CHANGES.labels(change.code).inc()
             log.warning("state_change", extra={"state": change.state.value, "previous": change.previous.value,
                                                "code": change.code, "by": change.by, "reason": change.reason})
         self._flush(now)
-        self._publish_state(now)
+        if self.reporter is None:
+            self._publish_state(now)
+        else:  # lock-step: one risk.state per change, as the backtest hands each change to the strategy
+            for change in changes:
+                self._publish_state(now, change)
 
-    def _publish_state(self, now: int) -> None:
+    def _publish_state(self, now: int, change=None) -> None:
+        """risk.state: the trading state now (or as `change` left it; counted as `states_out` in
+        a lock-step run)."""
         equity = self.engine.equity()
         EQUITY.set(float(equity))  # a gauge is float64; the wire stays exact
-        self.pub.publish("risk.state", RiskState(ts=now, state=self.engine.state, reason=self.engine.state_reason,
+        state, reason = (self.engine.state, self.engine.state_reason) if change is None else (change.state,
+                                                                                              change.reason)
+        self.pub.publish("risk.state", RiskState(ts=now, state=state, reason=reason,
                                                  equity=equity, drawdown=self.engine.drawdown(equity)))
+        if self.reporter is not None:
+            self.reporter.counters["states_out"] += 1
 
     def _flush(self, now: int) -> None:
         try:
@@ -372,6 +384,9 @@ class RiskService:
         if kind is OrderRequest:
             self.reporter.counters["orders_in"] += 1
             self.server.expect(envelope)
+        elif kind is Cancel:  # the OFI strategy's (its reply counts as cancel_answers_out)
+            self.reporter.counters["cancels_in"] += 1
+            self.server.expect(envelope, "cancel_answers_out")
         if kind is OrderRequest or kind is Cancel:
             if readable(self.md.sock):  # the rest of the record the strategy decided on: marked first
                 self._drain_lockstep(self.md)
@@ -385,7 +400,10 @@ class RiskService:
         up — the md SUB (this tick), the SUB to the broker's PUB (the broker passes each tick on:
         ZeroMQ drops what a PUB sends before a SUB is connected, and a fill event lost would stall
         the replay), and the DEALER to the broker (a probe cancel answered: an order sent before
-        the connection is up would be denied BROKER_UNAVAILABLE, which the backtest never is)."""
+        the connection is up would be denied BROKER_UNAVAILABLE, which the backtest never is).
+        Each tick is passed on on risk's PUB too: the OFI strategy's SUB to it learns so that it
+        hears risk.state."""
+        self.pub.publish("clock", Clock(ts=0))
         links = self._links
         if self.reporter.hello:
             return
@@ -399,8 +417,9 @@ class RiskService:
                 links["probe"] = "sent"
 
     def _drain_lockstep(self, sub: Subscriber) -> None:
-        """`_drain` in a lock-step run. Market data: a book's or tick's `ts` moves the clock
-        before the book is marked; books and ticks (not the handshake, ts 0) count as `md`.
+        """`_drain` in a lock-step run. Market data: a book's, trade's or tick's `ts` moves the
+        clock before the book is marked (a trade only moves it: a maker fill is stamped with its
+        trade's time); books, trades and ticks (not the handshake, ts 0) count as `md`.
         Broker events: counted as `events_in`, and one stamped after the clock waits for the
         market data up to it (`_catch_up`). An unreadable frame counts as nothing: the
         conductor then names the channel that disagrees."""
@@ -419,6 +438,10 @@ class RiskService:
                 if kind is Book:
                     clock.observe(msg.ts)
                     counters["md"] += 1
+                elif kind is Trade:
+                    clock.observe(msg.ts)
+                    counters["md"] += 1
+                    continue
             elif kind is Fill or kind is OrderEvent:
                 counters["events_in"] += 1
                 self._catch_up(msg.ts)
@@ -479,7 +502,8 @@ class RiskService:
         self.engine.expire(now)
         self.desk.tick(now)
         self._flush(now)  # the peak a risk.state implies is stored before it is published
-        self._publish_state(now)
+        if self.reporter is None:  # lock-step: only changes (a beat's would come at a wall-clock moment)
+            self._publish_state(now)
         stats = {**self.stats, "state": self.engine.state.value, "equity": str(self.engine.equity()),
                  "md_missed": self.md.missed, "broker_missed": self.broker_events.missed,
                  "inflight": len(self.desk.inflight), **self.broker.stats,

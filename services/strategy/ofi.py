@@ -22,7 +22,8 @@ an order awaiting its decision, or a cancel awaiting its answer; COOLDOWN_MS bet
   position and max_notional / price - position (each rounded down to the lot); under the min
   notional (or 0): skipped, counted. A post-only LIMIT GTX BUY at the best bid (on the tick grid,
   rounded down), or a MARKET BUY (sized at the best ask) when confidence >= MARKET_CONFIDENCE.
-  A SELL signal never opens a short.
+  A SELL signal never opens a short. A USD-M symbol (`USDM:…`) is scored (its signals are
+  published) but never traded: risk denies its orders (UNSUPPORTED_MARKET).
 - exit while long (ret_bps = (mid / avg_entry - 1) * 1e4, avg_entry the fills' VWAP since flat):
   take_profit ret_bps >= TAKE_PROFIT_BPS; stop_loss ret_bps <= -STOP_LOSS_BPS; time_stop
   now - first entry fill >= MAX_HOLD_MS; reversal: a SELL signal with confidence >=
@@ -97,11 +98,12 @@ class _Symbol:
     """One symbol's state."""
     __slots__ = ("symbol", "rules", "features", "position", "avg_entry", "entry_f", "entry_ns", "working",
                  "leftovers", "last_order_ns", "book", "mid", "vol_bps", "score", "side", "confidence", "regime",
-                 "pub_side", "dust_counted", "min_notional_f", "unsnapped", "base")
+                 "pub_side", "dust_counted", "min_notional_f", "unsnapped", "base", "books_only")
 
     def __init__(self, symbol: str, rules: SymbolRules, params: FeatureParams) -> None:
         self.symbol = symbol
         self.rules = rules
+        self.books_only = symbol.startswith("USDM:")
         try:  # a fee paid in the base asset (QF_BROKER_FEE_ASSET=received) comes off what is held
             self.base = base_asset(symbol)
         except UnknownAsset:
@@ -321,6 +323,8 @@ class OfiStrategy:
             return [CancelIntent(w.client_order_id, st.symbol, "leftover")]
         if not orders or (st.last_order_ns is not None and now - st.last_order_ns < self.cooldown_ns):
             return []
+        if st.books_only:  # USD-M: signals, no orders (risk denies them: margin, leverage, funding
+            return []  # are not modelled), so none is sent to be refused
         qty = self._exit_qty(st)
         if qty > 0:
             why = self._exit_reason(st, now)

@@ -26,7 +26,9 @@ from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, free_port, tcp_env
 from tests.fakes.harness import ServiceThread
 from tests.services.marketdata.test_service import replay_through_router
 
-TOPICS = {"strategy": ("book.", "clock"), "risk": ("book.", "clock"), "broker": ("book.", "trade.", "clock")}
+TOPICS = {"strategy": ("book.", "clock"), "risk": ("book.", "trade.", "clock"), "broker": ("book.", "trade.", "clock")}
+STEPPED_TOPICS = ("book.", "trade.", "clock", "step")  # a stepped (OFI) strategy's
+TICK_NS = 50_000_000  # a stepped strategy's timer (the OFI strategy's TICK_NS)
 RECORDS = 400  # of the spot capture: its snapshot, 18 depth events (16 books), 69 trades, 1.7 s of its time
 
 
@@ -55,6 +57,8 @@ class Player:
     - `hello_after`: {service: n}: that service says hello only at the n-th hello tick.
     - `mute`: services that never report; `silent_after_hello`: ones that only say hello.
     - `stuck`: the broker never acts on a tick (its next_due stays).
+    - `stepped`: the strategy is a stepped one (shared/lockstep.py): it reads trades too, holds
+      the market data until a step, and its timer wants a record's step every TICK_NS.
 
     `log[service]` is what each read, in order: (topic, msg, payload bytes); `reported[service]`
     is the state it last pushed (set before the push, so the conductor can never have read a
@@ -62,19 +66,19 @@ class Player:
 
     def __init__(self, cfg: qfconfig.Config, orders: dict[int, int] | None = None,
                  hello_after: dict[str, int] | None = None, mute: tuple = (), silent_after_hello: tuple = (),
-                 stuck: bool = False) -> None:
+                 stuck: bool = False, stepped: bool = False) -> None:
         self.orders, self.hello_after = orders or {}, hello_after or {}
-        self.mute, self.silent, self.stuck = mute, silent_after_hello, stuck
+        self.mute, self.silent, self.stuck, self.stepped = mute, silent_after_hello, stuck, stepped
         ctx = zmq.Context.instance()
         self.subs, self.reps = {}, {}
         for s in SERVICES:
             sock = ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
-            for t in TOPICS[s]:
+            for t in (STEPPED_TOPICS if stepped and s == "strategy" else TOPICS[s]):
                 sock.setsockopt(zmq.SUBSCRIBE, t.encode())
             sock.connect(cfg.bus.md_pub)
             self.subs[s] = sock
-            self.reps[s] = Reporter(cfg.bus.lockstep, s)
+            self.reps[s] = Reporter(cfg.bus.lockstep, s, stepped=stepped and s == "strategy")
         self.log: dict[str, list] = {s: [] for s in SERVICES}
         self.reported: dict[str, dict] = {}
         self.hellos = dict.fromkeys(SERVICES, 0)
@@ -113,7 +117,7 @@ class Player:
                 continue
             rep = self.reps[s]
             with self.lock:
-                self.reported[s] = {**rep.counters, "hello": rep.hello}
+                self.reported[s] = {**rep.counters, "hello": rep.hello, **({"stepped": True} if rep.stepped else {})}
             rep.report()
 
     def _on(self, service: str, topic: str, payload: bytes) -> None:
@@ -126,10 +130,18 @@ class Player:
             return self._report(service)
         with self.lock:
             self.log[service].append((topic, msg, payload))
+        if topic.startswith("step"):  # a stepped strategy works on what it holds, then its timer
+            rep.bump("steps")
+            rep.counters["held"] = 0
+            if topic == "step.record" and msg.ts >= rep.counters["next_tick"]:
+                rep.counters["next_tick"] = msg.ts + TICK_NS
+            return self._report(service)
         if topic == "clock":
             rep.on_clock(msg.ts)
         else:
             rep.bump("md")
+            if rep.stepped:
+                rep.bump("held")
         touched = [service]
         if service == "broker":
             if topic.startswith("book."):
@@ -152,6 +164,9 @@ class Player:
                     self.reps["risk"].bump("events_in")
                     self.reps["risk"].bump("answers_out")
                     self.reps["strategy"].bump("answers_in")
+                    if self.stepped:  # it hears the broker's event too, and holds both until a step
+                        self.reps["strategy"].bump("events_in")
+                        self.reps["strategy"].bump("held", 2)
                 if done:
                     touched = list(SERVICES)
             due = min(self.dues) if self.dues else -1
@@ -220,10 +235,48 @@ def test_each_record_is_released_only_once_the_reports_account_for_the_last(tmp_
     for s in SERVICES:
         seen = [m.ts for t, m, _ in player.log[s] if t != "clock"]
         assert seen == sorted(seen)
-    assert len(player.log["broker"]) == 16 + 69 + 2 and len(player.log["risk"]) == 16 + 2
+    assert len(player.log["broker"]) == 16 + 69 + 2 and len(player.log["risk"]) == 16 + 69 + 2
     done = [r for r in caplog.records if r.getMessage() == "lockstep done"]
     counts = (done[0].records, done[0].books, done[0].trades, done[0].clocks)
     assert len(done) == 1 and counts == (RECORDS + 1, 16, 69, 2)  # + the feed's RouteOpened
+
+
+def test_a_stepped_strategy_is_stepped_after_what_it_holds_and_when_its_timer_is_due(tmp_path, capture,
+                                                                                     monkeypatch):
+    """The OFI strategy decides on a record only after broker and risk are done with it: each book
+    or trade it read is followed by a step at its time before any later record is released (the
+    release checks in `checked` count the steps too); a record whose time reaches the strategy's
+    timer gets a record step even if it published nothing, after a clock tick at its time (so
+    what the timer sends meets risk and the broker at that time)."""
+    cfg = lockstep_config(tmp_path, capture)
+    player = Player(cfg, orders={3: 150_000_000}, stepped=True)
+    svc, problems = run_to_end(cfg, player, monkeypatch)
+    assert problems == []
+    seen = [(topic, msg.ts) for topic, msg, _ in player.log["strategy"]]
+    held = []
+    for topic, ts in seen:
+        if topic.startswith(("book.", "trade.")):
+            assert not held or held[-1] == ts, f"a record at {ts} released before the step at {held[-1]}"
+            held.append(ts)
+        elif topic.startswith("step"):
+            assert all(t == ts for t in held)
+            held = []
+    assert held == []
+    steps = [(topic, ts) for topic, ts in seen if topic.startswith("step")]
+    assert svc.conductor.published["steps"] == len(steps) == player.reps["strategy"].counters["steps"]
+    record_times = {ts for topic, ts in seen if topic.startswith(("book.", "trade."))}
+    timer_only = [ts for topic, ts in steps if topic == "step.record" and ts not in record_times]
+    assert timer_only
+    for ts in timer_only:  # a clock tick at its time came first: risk and the broker stand there
+        assert ("clock", ts) in seen[:seen.index(("step.record", ts))]
+        assert ("clock", ts) in [(t, m.ts) for t, m, _ in player.log["risk"]]
+    gaps = sorted(ts for topic, ts in steps if topic == "step.record")
+    assert all(b - a >= TICK_NS for a, b in zip(timer_only, timer_only[1:]))
+    assert gaps[0] == min(record_times | set(timer_only))  # the timer is due at the first record
+    # the broker's due (the 3rd book's order): its answer and event held, so a (plain) step at it
+    due = player.due_at[0]
+    assert [ts for topic, ts in steps if topic == "step"] == [due]
+    assert seen.index(("clock", due)) < seen.index(("step", due))
 
 
 def test_the_books_and_trades_are_the_backtests_byte_for_byte(tmp_path, capture, monkeypatch):

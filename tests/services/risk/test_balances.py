@@ -221,7 +221,8 @@ def test_an_engine_from_config_takes_the_balances_and_the_brokers_fees():
                 "QF_BROKER_TAKER_FEE": "0.002", "QF_BROKER_MAKER_FEE": "0.0004", "QF_BROKER_FEE_ASSET": "received"})
     eng = RiskEngine.from_config(from_config(cfg), cfg)
     assert eng.balances.totals == {"USDT": D(250), "BTC": D("0.5")}
-    assert eng.fees == FeeRates(D("0.002"), D("0.0004"), "received") and eng.ledger.start_cash == D(10000)
+    assert eng.fees == FeeRates(D("0.002"), D("0.0004"), "received")
+    assert eng.ledger.start_cash == D(250)  # equity counts from the quote balance (QF_START_CASH follows it)
     plain = RiskEngine.from_config(from_config(load({"QF_START_CASH": "70"})), load({"QF_START_CASH": "70"}))
     assert plain.balances.totals == {"USDT": D(70)}  # as before the setting existed
     assert RiskEngine(limits(), D(5)).balances.totals == {"USDT": D(5)}  # the old constructor: the same rule

@@ -14,7 +14,7 @@ from shared import messages
 from shared.config import load
 from shared.enums import OrderKind, OrderStatus, Side, Verdict
 from shared.lockstep import LockstepClock
-from shared.messages import Ack, Clock, Fill, OrderEvent, OrderRequest
+from shared.messages import Ack, Cancel, Clock, Control, ControlReply, Fill, OrderEvent, OrderRequest, RiskState, Trade
 from tests.fakes.lockstep_taps import WAIT_S, Reports, XPub
 
 T1 = 1_700_000_000_000_000_000
@@ -60,13 +60,32 @@ def conductor(lock_env):
         broker.close(0)
 
 
+ZERO = dict.fromkeys(("md", "orders_in", "answers_out", "events_in", "cancels_in", "cancel_answers_out",
+                      "states_out"), 0)
+
+
+def handshake(risk, md, broker, events, reports, wait_until) -> None:
+    """The probe answered and the broker's PUB heard: risk says hello."""
+    md.joined("book.", "trade.", "clock")
+    events.joined("fill.", "order.", "clock")
+    md.publish("clock", Clock(ts=0))
+    assert broker.poll(int(WAIT_S * 1000)), "no probe reached the broker"
+    probe = broker.recv_multipart()
+    broker.send_multipart([*probe[:-1], messages.encode(messages.Error(ts=0, code="UNKNOWN_ORDER", text="probe"))])
+    wait_until(lambda: risk.reporter.counters["broker_in"] == 1, "risk to take the probe's answer")
+    events.publish("clock", Clock(ts=0))
+    wait_until(lambda: risk._links["broker_pub"], "risk to hear the broker's PUB")
+    md.publish("clock", Clock(ts=0))
+    reports.until(hello=True)
+
+
 def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_crossed(
         lock_env, conductor, runner, clients, wait_until):
     reports, md, broker, events = conductor
     cfg = load(lock_env)
     risk = runner.start(RiskService(cfg))
     assert isinstance(risk.clock, LockstepClock)
-    md.joined("book.", "clock")
+    md.joined("book.", "trade.", "clock")
     events.joined("fill.", "order.", "clock")
 
     # The handshake: risk says hello only once its DEALER reaches the broker (a probe cancel,
@@ -84,8 +103,7 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
     events.publish("clock", Clock(ts=0))
     wait_until(lambda: risk._links["broker_pub"], "risk to hear the broker's PUB")
     md.publish("clock", Clock(ts=0))
-    zero = dict.fromkeys(("md", "orders_in", "answers_out", "events_in"), 0)
-    assert reports.until(hello=True) == {"service": "risk", "hello": True, **zero, "broker_out": 1, "broker_in": 1}
+    assert reports.until(hello=True) == {"service": "risk", "hello": True, **ZERO, "broker_out": 1, "broker_in": 1}
     md.publish("book.BTCUSDT", book(100.0, 100.5, T1))
     reports.until(md=1)
     assert risk.clock() == T1
@@ -137,8 +155,65 @@ def test_risk_marks_the_book_an_order_was_decided_on_first_and_counts_what_cross
     wait_until(lambda: risk.engine.ledger.qty("BTCUSDT") == D("-0.002"), "the fill booked")
     # every count equals what crossed: 2 books and 2 ticks, 2 orders and answers, 3 requests and
     # replies (the probe and 2 orders), 2 events
-    assert reports.until(md=4, events_in=2) == {"service": "risk", "hello": True, "md": 4, "orders_in": 2,
+    assert reports.until(md=4, events_in=2) == {"service": "risk", "hello": True, **ZERO, "md": 4, "orders_in": 2,
                                                 "answers_out": 2, "broker_out": 3, "broker_in": 3, "events_in": 2}
+
+
+def test_what_the_ofi_strategy_needs_trades_move_the_clock_cancels_and_state_changes_count(
+        lock_env, conductor, runner, clients, wait_until):
+    """The OFI strategy in lock-step (a stepped strategy): a trade's ts moves risk's clock (a maker
+    fill is stamped with it), its cancels and their answers are counted apart from orders, each
+    state change is one risk.state (counted; none on the heartbeat, whose moment is the wall
+    clock's), and risk passes the handshake tick on on its PUB (the strategy's SUB learns so)."""
+    reports, md, broker, events = conductor
+    cfg = load(lock_env)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for topic in (b"clock", b"risk.state", b"heartbeat.risk"):
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
+    risk = runner.start(RiskService(cfg))
+    try:
+        sub.connect(cfg.bus.risk_pub)
+        handshake(risk, md, broker, events, reports, wait_until)
+        for _ in range(100):  # bounded: each handshake tick is passed on once the SUB is connected
+            md.publish("clock", Clock(ts=0))
+            if sub.poll(50):
+                break
+        topic, raw = sub.recv_multipart()
+        assert topic == b"clock" and messages.decode(raw) == Clock(ts=0)
+        while sub.poll(100):  # the other passed-on ticks (and heartbeats)
+            assert sub.recv_multipart()[0] in (b"clock", b"heartbeat.risk")
+
+        md.publish("trade.BTCUSDT", Trade(ts=T1, symbol="BTCUSDT", exch_ts=T1 // 1_000_000, trade_id=1,
+                                          price=D("100.25"), qty=D("0.01"), buyer_is_maker=False, recv_ts=T1))
+        reports.until(md=1)
+        assert risk.clock() == T1 and risk.stats["books"] == 0  # a trade marks nothing
+
+        c = clients(cfg.bus.risk_rep)
+        c.sock.send(messages.encode(Cancel(ts=T1, client_order_id="gone")))
+        assert broker.poll(int(WAIT_S * 1000)), "the cancel did not reach the broker"
+        frames = broker.recv_multipart()
+        assert messages.decode(frames[-1], messages.REQUESTS) == Cancel(ts=T1, client_order_id="gone")
+        reports.until(cancels_in=1, cancel_answers_out=0, broker_out=2)
+        broker.send_multipart([*frames[:-1], messages.encode(messages.Error(ts=T1, code="UNKNOWN_ORDER",
+                                                                            text="gone"))])
+        assert c.sock.poll(int(WAIT_S * 1000)) and messages.decode(c.sock.recv(), messages.REQUESTS).code \
+            == "UNKNOWN_ORDER"
+        reports.until(cancels_in=1, cancel_answers_out=1, answers_out=0, orders_in=0, broker_in=2)
+
+        halt = messages.decode(clients(cfg.bus.risk_rep).raw(messages.encode(
+            Control(ts=T1, action=messages.ControlAction.HALT, by="test", reason="why"))), messages.REQUESTS)
+        assert isinstance(halt, ControlReply) and halt.state.value == "HALTED"
+        seen = []
+        while len([t for t, _ in seen if t == b"heartbeat.risk"]) < 3:  # QF_HEARTBEAT_MS=50
+            assert sub.poll(int(WAIT_S * 1000)), f"no heartbeats; seen {seen}"
+            topic, raw = sub.recv_multipart()
+            seen.append((topic, messages.decode(raw)))
+        states = [m for t, m in seen if t == b"risk.state"]  # one for the change, none on the heartbeats
+        assert len(states) == 1 and isinstance(states[0], RiskState) and states[0].state.value == "HALTED"
+        assert reports.until(states_out=1)["states_out"] == 1
+    finally:
+        sub.close(0)
 
 
 def test_a_lockstep_risk_takes_no_wall_clock(lock_env):

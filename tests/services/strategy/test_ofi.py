@@ -806,3 +806,18 @@ def test_an_answer_older_than_the_streams_end_does_not_bring_a_filled_entry_back
     assert s.working(SYM) is None and s.position(SYM) == intent.qty
     [exit_] = s.on_book(book(READY + 300 * MS, 59950.0), READY + 300 * MS)  # the stop: no cancel first
     assert exit_.side is Side.SELL and exit_.qty == intent.qty
+
+
+def test_usd_m_symbols_get_signals_but_no_orders():
+    """USD-M books are kept and scored (the signal says what the strategy sees), but risk denies
+    their orders (UNSUPPORTED_MARKET): the strategy sends none to be refused."""
+    usdm = "USDM:BTCUSDT"
+    cfg = load({**BASE, "QF_SYMBOLS": "btcusdt,usdm:btcusdt"})
+    s = OfiStrategy(cfg.strategy, [SYM, usdm], from_config(cfg).rules, id_prefix="t")
+    for t in range(T0, READY, 10 * MS):
+        s.on_book(book(t, symbol=usdm), t)
+        s.on_book(book(t), t)
+    assert s.on_book(book(READY, bq=9.0, symbol=usdm), READY) == []
+    assert s.last_signal(usdm).side is Side.BUY
+    [entry] = s.on_book(book(READY, bq=9.0), READY)  # the spot symbol of the same name trades
+    assert entry.symbol == SYM and entry.side is Side.BUY
