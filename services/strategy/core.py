@@ -128,6 +128,19 @@ class ImbalanceStrategy:
         """The order waiting for its decision in `symbol`, if any."""
         return self._state[symbol].in_flight
 
+    def sync(self, positions: dict[str, Decimal]) -> dict[str, Decimal]:
+        """Take risk's position of each traded symbol with no order in flight (a symbol risk does
+        not list is flat); returns the positions that changed. A negative position (not a spot
+        account's) is taken as flat: this strategy never sells what it does not hold."""
+        changed = {}
+        for symbol, st in self._state.items():
+            if st.in_flight is not None:
+                continue
+            qty = max(positions.get(symbol, ZERO), ZERO)
+            if qty != st.position:
+                st.position = changed[symbol] = qty
+        return changed
+
     def on_book(self, book: Book, now_ns: int) -> OrderIntent | None:
         """Feed one book; returns the order to send now, or None.
 

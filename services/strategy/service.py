@@ -12,15 +12,19 @@ from services.strategy.core import ImbalanceStrategy, OrderIntent, Outcome
 from shared import messages
 from shared.bus import LazyPirateClient, NoReply, Subscriber
 from shared.config import Config
-from shared.enums import Verdict
+from shared.enums import ControlAction, Verdict
 from shared.errors import DecodeError
 from shared.lockstep import Reporter
-from shared.messages import Book, Clock, Decision, OrderRequest
+from shared.messages import Book, Clock, Control, ControlReply, Decision, OrderRequest
+from shared.money import to_decimal
 from shared.runtime import Liveness, Ticker
 
 log = logging.getLogger("qf.strategy")
 
 SERVICE = "strategy"
+# rejections after which the imbalance strategy takes risk's positions again (`_resync`)
+RESYNC_CODES = frozenset({"NO_REPLY", "INSUFFICIENT_BALANCE", "BROKER_UNAVAILABLE", "BROKER_ERROR"})
+RESYNC_MIN_S = 1.0
 POLL_MS = 100  # the longest the loop waits before it looks at the stop flag and liveness again
 DRAIN_MAX = 10_000  # books read per batch, so a flood cannot starve liveness or the stop flag
 
@@ -54,7 +58,9 @@ class StrategyService:
         self.core = ImbalanceStrategy(cfg.strategy, cfg.md.symbols, id_prefix=prefix)
         self._stop = threading.Event()
         self.stats = {"books": 0, "stale_books": 0, "other_symbols": 0, "decode_errors": 0, "orders": 0,
-                      "approved": 0, "rejected": 0, "no_reply": 0, "errors": 0}
+                      "approved": 0, "rejected": 0, "no_reply": 0, "errors": 0, "resyncs": 0,
+                      "resync_failures": 0}
+        self._resynced = -RESYNC_MIN_S  # monotonic time of the last resync
         # newest unprocessed book per symbol the core trades; refilled before each book is handled,
         # so a book that went stale while an order waited for risk is overwritten. Books of other
         # symbols never enter it: a flood of made-up symbols cannot grow it.
@@ -137,6 +143,34 @@ class StrategyService:
         req = self._request(intent, time.time_ns())
         decision = self._ask(messages.encode(req), intent.client_order_id, client, liveness, ticker)
         self._apply(intent, req, decision, time.time_ns() - req.ts)
+        code = (decision.reason or {}).get("code") if decision.verdict is Verdict.REJECTED else None
+        if code in RESYNC_CODES:
+            self._resync(client, code)
+
+    def _resync(self, client: LazyPirateClient, why: str) -> None:
+        """Take risk's positions as the core's after an answer that says the core's may be wrong:
+        an order whose fate it never heard (NO_REPLY, a broker that did not answer risk) may have
+        filled, and a SELL refused INSUFFICIENT_BALANCE sells what the account does not hold. This
+        strategy does not follow the broker's fills; risk does. One STATE request, one attempt, at
+        most once per RESYNC_MIN_S: an unanswered one is tried again after the next such answer."""
+        now = time.monotonic()
+        if now - self._resynced < RESYNC_MIN_S:
+            return
+        self._resynced = now
+        try:
+            raw = client.request(messages.encode(Control(ts=time.time_ns(), action=ControlAction.STATE,
+                                                         by=SERVICE, reason=f"resync after {why}")), retries=1)
+            reply = messages.decode(raw, messages.REQUESTS)
+            if not isinstance(reply, ControlReply):
+                raise DecodeError("unexpected_type", type(reply).__name__)
+            changed = self.core.sync({s: to_decimal(q, f"positions.{s}") for s, q in (reply.positions or {}).items()})
+        except (NoReply, DecodeError, ValueError) as exc:
+            self.stats["resync_failures"] += 1
+            log.warning("resync_failed", extra={"why": why, "error": str(exc)[:200]})
+            return
+        self.stats["resyncs"] += 1
+        if changed:
+            log.warning("position_resynced", extra={"why": why, **{f"position_{s}": q for s, q in changed.items()}})
 
     def _request(self, intent: OrderIntent, now_ns: int) -> OrderRequest:
         return OrderRequest(ts=now_ns, client_order_id=intent.client_order_id, strategy=self.cfg.strategy.name,

@@ -16,10 +16,11 @@ import zmq
 from services.strategy.service import StrategyService
 from shared import messages
 from shared.bus import Publisher, Server
-from shared.enums import Liquidity, OrderKind, OrderStatus, Side, Verdict
+from shared.enums import Liquidity, OrderKind, OrderStatus, Side, TradingState, Verdict
 from shared.log import KeyValueFormatter
 from shared.messages import Ack, Decision, Fill, OrderRequest
 from shared.runtime import liveness_path
+from tests.conftest import wait_for
 
 WAIT_S = 5.0  # upper bound of every wait in this file; the happy path takes milliseconds
 
@@ -39,6 +40,8 @@ class FakeRisk(threading.Thread):
         self.answer = answer
         self.requests: queue.Queue[tuple[bytes, OrderRequest]] = queue.Queue()
         self.n = 0
+        self.positions: dict[str, str] = {}  # what a STATE request is answered with
+        self.states = 0  # STATE requests answered
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -49,6 +52,12 @@ class FakeRisk(threading.Thread):
                 continue
             envelope, payload = self.server.recv()
             req = messages.decode(payload, messages.REQUESTS)
+            if isinstance(req, messages.Control):  # the strategy's resync: risk's positions
+                self.states += 1
+                self.server.reply(envelope, messages.encode(messages.ControlReply(
+                    ts=time.time_ns(), state=TradingState.ACTIVE, reason="", positions=dict(self.positions),
+                    equity=Decimal(10000))))
+                continue
             self.n += 1
             self.requests.put((payload, req))
             reply = self.answer(req, self.n)
@@ -315,3 +324,33 @@ def test_books_of_made_up_symbols_never_queue_up(config, book, tmp_path, results
     finally:
         risk.close()
         pub.close()
+
+
+def test_a_sell_of_what_the_account_does_not_hold_makes_the_strategy_take_risks_positions(
+        config, book, tmp_path, publisher, results):
+    """The imbalance strategy does not follow the broker's fills: after an order whose fate it
+    never heard, it may think it holds what it does not. Risk refuses the SELL
+    (INSUFFICIENT_BALANCE); the strategy asks risk's positions (STATE) and is flat again, so its
+    next signal is a BUY, not the same refused SELL for ever."""
+    def answer(req, n):
+        if req.side is Side.SELL:
+            return Decision(ts=time.time_ns(), client_order_id=req.client_order_id, verdict=Verdict.REJECTED,
+                            reason={"code": "INSUFFICIENT_BALANCE", "text": "needs 0.001 BTC, 0 BTC free"})
+        return fill_all(req)
+    risk = FakeRisk(answer)
+    risk.start()
+    cfg = service_config(config, tmp_path, last_endpoint(publisher.sock), risk.endpoint)
+    svc = StrategyService(cfg)
+    try:
+        with running(svc):
+            _, buy = pump(publisher, risk, book, imbalance=0.9)
+            assert buy.side is Side.BUY and results.next().verdict == "APPROVED"
+            risk.positions = {}  # the BUY's fill never reached risk's account (say, a broker crash)
+            _, sell = pump(publisher, risk, book, imbalance=-0.9)
+            assert sell.side is Side.SELL and results.next().reason == "INSUFFICIENT_BALANCE"
+            wait_for(lambda: svc.stats["resyncs"] == 1, WAIT_S, "the resync")
+            assert svc.core.position("BTCUSDT") == 0 and risk.states == 1
+            _, again = pump(publisher, risk, book, imbalance=0.9)
+            assert again.side is Side.BUY
+    finally:
+        risk.close()
