@@ -11,6 +11,9 @@ from shared.messages import Book, Decision
 from shared.money import MONEY, ZERO
 
 
+MAX_POSITION = Decimal("1e12")  # a position risk reports at or above this is not one (sync refuses it)
+
+
 @dataclass(frozen=True, slots=True)
 class OrderIntent:
     """An order the strategy wants sent; the shell turns it into an OrderRequest."""
@@ -132,6 +135,9 @@ class ImbalanceStrategy:
         """Take risk's position of each traded symbol with no order in flight (a symbol risk does
         not list is flat); returns the positions that changed. A negative position (not a spot
         account's) is taken as flat: this strategy never sells what it does not hold."""
+        for symbol, qty in positions.items():
+            if symbol in self._state and not qty < MAX_POSITION:
+                raise ValueError(f"{symbol[:24]}: a position of {str(qty)[:40]} is not credible")
         changed = {}
         for symbol, st in self._state.items():
             if st.in_flight is not None:

@@ -19,7 +19,8 @@ from shared import messages
 from shared.bus import Publisher, Server
 from shared.config import load
 from shared.errors import DecodeError
-from shared.messages import Ack, Book, Decision, OrderRequest
+from shared.enums import ControlAction, TradingState
+from shared.messages import Ack, Book, Control, ControlReply, Decision, OrderRequest
 from shared.runtime import liveness_path
 from tests.conftest import ROOT, clean_environ, tcp_env, stop_process, wait_for
 from tests.fuzz.seeded import (HOSTILE_DECIMALS, HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_STRINGS, FuzzRun,
@@ -150,6 +151,10 @@ class FakeRisk(threading.Thread):
             envelope, payload = self.server.recv()
             try:
                 req = messages.decode(payload, messages.REQUESTS)
+                if isinstance(req, Control):  # the strategy asks risk's positions after a doubtful answer
+                    assert req.action is ControlAction.STATE, req
+                    self.state_request(envelope)
+                    continue
                 assert isinstance(req, OrderRequest) and req.qty > 0 and req.symbol in ("BTCUSDT", "ETHUSDT"), req
             except (DecodeError, AssertionError) as exc:  # the strategy's own requests must be sane
                 self.errors.append(repr(exc)[:200])
@@ -163,6 +168,21 @@ class FakeRisk(threading.Thread):
             self.run_.count("risk.hostile_answer" if answer is not None else "risk.silence")
             if answer is not None:
                 self.server.reply(envelope, answer)
+
+    def state_request(self, envelope: list) -> None:
+        """A STATE request: hostile, a lie (a position nobody holds, a garbage map) or silence;
+        honest, flat (what an honest risk, whose fills never reached, would hold)."""
+        self.run_.count("risk.state_request")
+        if self.honest.is_set():
+            positions = {}
+        else:
+            pick = self.rng.random()
+            if pick < 0.3:
+                return  # silence
+            positions = ({"BTCUSDT": "-5"} if pick < 0.5 else {"BTCUSDT": "1e40"} if pick < 0.7
+                         else {"ETHUSDT": 1.5} if pick < 0.85 else {"BTCUSDT": "0.002"})
+        self.server.reply(envelope, messages.encode(ControlReply(ts=1, state=TradingState.ACTIVE, reason="",
+                                                                 positions=positions, equity=D(10000))))
 
     def close(self) -> None:
         self._halt.set()
