@@ -177,13 +177,16 @@ class OfiService:
             finally:
                 liveness.remove()
         finally:
-            client.close()
-            md.close()
-            broker.close()
-            risk.close()
-            pub.close()
-            self.writer.stop()
-            log.info("stopped", extra={**self._beat_stats(), "missed": md.missed + broker.missed + risk.missed})
+            self._close(client, pub, md, broker, risk)
+
+    def _close(self, client: AsyncClient, pub: Publisher, *subs: Subscriber, **extra) -> None:
+        """Both loops' end: every socket closed, the signals stored, the `stopped` line."""
+        client.close()
+        for sub in subs:
+            sub.close()
+        pub.close()
+        self.writer.stop()
+        log.info("stopped", extra={**self._beat_stats(), **extra, "missed": sum(sub.missed for sub in subs)})
 
     def _poll(self, client: AsyncClient, md: Subscriber, broker: Subscriber, risk: Subscriber,
               timeout: int) -> dict:
@@ -477,15 +480,8 @@ class OfiService:
             finally:
                 liveness.remove()
         finally:
-            client.close()
-            md.close()
-            broker.close()
-            risk.close()
-            pub.close()
             reporter.close()
-            self.writer.stop()
-            log.info("stopped", extra={**self._beat_stats(), **reporter.counters,
-                                       "missed": md.missed + broker.missed + risk.missed})
+            self._close(client, pub, md, broker, risk, **reporter.counters)
 
     def _hold_answers(self, client: AsyncClient) -> None:
         """Risk's answers: STATE's at once (before hello), the others held and counted."""
