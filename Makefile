@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# The project installs editable, with its C extension (the order book, services/marketdata/_cbook.c)
+# The project installs editable, with its C extensions (the order book, services/marketdata/_cbook.c,
+# and the strategy's features, services/strategy/_cfeatures.c)
 # compiled in place: it needs gcc and Python's headers, and is rebuilt when the C source changes.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml services/marketdata/_cbook.c
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml services/marketdata/_cbook.c services/strategy/_cfeatures.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -50,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info services/marketdata/_cbook.*.so
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info services/marketdata/_cbook.*.so services/strategy/_cfeatures.*.so

@@ -6,8 +6,12 @@
   two cores spent on the other services meanwhile), while the real
   services replay the shipped capture in a loop at REPLAY_SPEED× (so ten minutes of market time
   pass in a minute), post-only entries, cancels and exits included;
-- strategy_features_us_p50 / _p99, the same run's baseline: the features core alone
-  (`Features.on_book`) over the capture's books in this process (what any OFI strategy pays);
+- strategy_decision_warm_us_p50 / _p99, the same run's baseline: the same per-book call
+  (`OfiStrategy.on_book`, defaults) over the capture's books back to back in this process, orders
+  answered at once by a stand-in (MARKET filled, LIMIT resting, cancels done): the decision on a
+  warm core. The live figure above is this plus what a book pays for arriving to a core that
+  halted or ran other processes since the last one (PERF-BASELINES: "the VM's idle cores halt");
+- strategy_features_us_p50 / _p99: the features core alone (`Features.on_book`) the same way;
 - strategy_rss_mb: the strategy process's RSS at the end of the 10-minute replay, and
   strategy_rss_growth_mb: its growth since the first minute of market time (flat: ~0);
 - strategy_books: books the strategy decided on in the run.
@@ -70,6 +74,54 @@ def _features_baseline() -> tuple[float, float]:
     return percentile(warm, 50), percentile(warm, 99)
 
 
+def _decision_warm() -> tuple[float, float]:
+    """OfiStrategy.on_book over the capture's books back to back, answers at once (µs p50, p99)."""
+    from decimal import Decimal
+
+    from services.broker.replay import market_events
+    from services.risk.limits import from_config
+    from services.strategy.ofi import CancelIntent, OfiStrategy
+    from shared.config import load
+    from shared.enums import Liquidity, OrderKind, OrderStatus, Verdict
+    from shared.messages import Ack, Book, Decision, Fill
+
+    cfg = load({"QF_STRATEGY_KIND": "ofi"})
+    core = OfiStrategy(cfg.strategy, ["BTCUSDT"], from_config(cfg).rules)
+
+    def answer(a, now: int, status: OrderStatus, fills=()) -> None:
+        ack = Ack(ts=now, client_order_id=a.client_order_id, order_id="o-" + a.client_order_id, status=status,
+                  filled_qty=sum((f.qty for f in fills), Decimal(0)), fills=list(fills))
+        core.on_decision(Decision(ts=now, client_order_id=a.client_order_id, verdict=Verdict.APPROVED, qty=a.qty,
+                                  order=ack), now)
+
+    times = []
+    clock = time.perf_counter_ns
+    for ev in market_events(CAPTURE, "BTCUSDT"):
+        now = ev.recv_ts
+        if type(ev) is not Book:
+            core.on_trade(ev, now)
+            continue
+        t0 = clock()
+        actions = core.on_book(ev, now)
+        times.append((clock() - t0) / 1000)
+        for a in actions:
+            cid = a.client_order_id
+            if isinstance(a, CancelIntent):
+                core.on_cancel_answer(cid, Ack(ts=now, client_order_id=cid, order_id="o-" + cid,
+                                               status=OrderStatus.CANCELLED, filled_qty=Decimal(0)), None, now)
+            elif a.kind is OrderKind.MARKET:
+                level = ev.asks[0] if a.side.value == "BUY" else ev.bids[0]
+                answer(a, now, OrderStatus.FILLED, [Fill(
+                    ts=now, fill_id="f-" + cid, order_id="o-" + cid, client_order_id=cid, symbol="BTCUSDT",
+                    side=a.side, price=Decimal(repr(level[0])), qty=a.qty, fee=Decimal(0), fee_asset="USDT",
+                    liquidity=Liquidity.TAKER, exch_ts=0)])
+            else:
+                answer(a, now, OrderStatus.PENDING)
+        core.take_signals()
+    warm = times[100:]
+    return percentile(warm, 50), percentile(warm, 99)
+
+
 def run() -> dict[str, float]:
     tmp = tempfile.mkdtemp(prefix="qf-bench-strategy-")
     strategy_pub = f"tcp://127.0.0.1:{free_port()}"
@@ -118,11 +170,14 @@ def run() -> dict[str, float]:
     if not stats.get("decision_n"):
         raise RuntimeError(f"the strategy decided on no book: {stats}")
     f50, f99 = _features_baseline()
+    w50, w99 = _decision_warm()
     return {
         "strategy_decision_us_p50": stats["decision_us_p50"],
         "strategy_decision_us_p99": stats["decision_us_p99"],
         "strategy_decision_cpu_us_p50": stats["decision_cpu_us_p50"],
         "strategy_decision_cpu_us_p99": stats["decision_cpu_us_p99"],
+        "strategy_decision_warm_us_p50": round(w50, 1),
+        "strategy_decision_warm_us_p99": round(w99, 1),
         "strategy_features_us_p50": round(f50, 1),
         "strategy_features_us_p99": round(f99, 1),
         "strategy_books": stats["decision_n"],

@@ -54,14 +54,20 @@ Before any data every feature is 0.0 (never None). Books with an empty side are 
 in `skipped`); so are trades with a non-positive qty.
 
 Cost: O(1) per event (amortised; a constant times the number of windows and horizons). Window sums
-are exact: quantities are fixed-point integers (qty * 2**96, exact for any qty >= 2**-43) summed in
-Python ints, so a running sum never drifts and the reported value is the correctly rounded ratio
-of exact sums. Event times live in preallocated array('q') rings, mids in array('d'), the exact
-per-event terms in preallocated fixed-size lists whose slots are reset as they leave every window
-(memory is bounded by what the windows hold, never by history). A ring that fills up (more events
-in the longest window than `capacity`) drops its oldest event and counts it in `dropped`; it never
-grows. (numpy is not a dependency of the project, and per-element numpy access is slower than
-`array` from pure Python; these rings are numpy-free.)
+are exact: quantities are integers of 1e-8 (Binance's finest step, the order book's units: `round(q
+* 1e8)`, exact for the book's and the exchange's quantities), summed as integers, so a running sum
+never drifts and the reported value is the correctly rounded ratio of exact sums. A book with a bad
+level among its top N (a price that is not finite and positive, a quantity that is negative, not
+finite or >= 2**62 units) is not used, like a book with an empty side (both counted in `skipped`);
+so is a trade whose quantity is not a positive number of units. Event times and mids live in
+preallocated rings, as do the exact per-event terms; a ring that fills up (more events in the
+longest window than `capacity`) drops its oldest event and counts it in `dropped`; it never grows.
+
+`SymbolFeatures` is the C implementation (services/strategy/_cfeatures.c, built when the project
+is installed): inside the strategy process a book meets cold caches, where the interpreted core
+cost several times its tight-loop time. `PySymbolFeatures` below is the same contract in Python,
+the reference the C type is held to bit for bit (tests/services/strategy/test_cfeatures.py), and
+the slow reference of the tests holds both to the definitions above.
 """
 from __future__ import annotations
 
@@ -72,14 +78,17 @@ from typing import Iterable
 
 from shared.messages import Book, Trade
 
-SCALE_BITS = 96
-_SCALE_F = float(1 << SCALE_BITS)  # qty * 2**96 is an exact float product; int() of it is exact for qty >= 2**-43
+UNITS = 100_000_000  # integer units per 1.0 of quantity
+_UNITS_F = 1e8
+_MAX_UNITS = 2.0 ** 62  # a quantity at or above this many units is nonsense
+_INF = math.inf
 _NS = 1_000_000_000
 
 
-def _fixed(q: float) -> int:
-    """A quantity as an exact fixed-point integer (q * 2**96)."""
-    return int(q * _SCALE_F)
+def _units(q: float) -> int | None:
+    """A book level's quantity in units (None when negative, not finite or too large)."""
+    x = q * _UNITS_F
+    return round(x) if 0.0 <= x < _MAX_UNITS else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +110,12 @@ class FeatureParams:
             raise ValueError("horizons_s must be positive")
         if self.vol_tau_s <= 0 or self.spread_tau_s <= 0:
             raise ValueError("time constants must be positive")
-        if self.capacity < 2:
-            raise ValueError("capacity must be >= 2")
+        if not 1 <= self.levels <= 100:
+            raise ValueError("levels must be 1..100")
+        if len(self.windows_ms) > 16 or len(self.horizons_s) > 16:
+            raise ValueError("at most 16 windows and 16 horizons")
+        if not 2 <= self.capacity <= 1 << 22:
+            raise ValueError("capacity must be 2..2**22")
 
     @property
     def warmup_ns(self) -> int:
@@ -145,8 +158,9 @@ class _Window:
         self.n = 0
 
 
-class SymbolFeatures:
-    """The features of one symbol (see the module docstring for the definitions)."""
+class PySymbolFeatures:
+    """The features of one symbol (see the module docstring for the definitions), in Python: the
+    reference of the C `SymbolFeatures`."""
 
     def __init__(self, params: FeatureParams | None = None) -> None:
         p = self.params = params or FeatureParams()
@@ -274,36 +288,42 @@ class SymbolFeatures:
 
     # -- events --------------------------------------------------------------------
 
-    def on_book(self, book: Book, now_ns: int) -> None:
-        """Feed one `book` message seen at `now_ns`."""
+    def on_book(self, book: Book, now_ns: int) -> bool:
+        """Feed one `book` message seen at `now_ns`; False when it is not used (an empty side or a
+        bad level among the top N: counted in `skipped`)."""
         bids, asks = book.bids, book.asks
         if not bids or not asks:
             self.skipped += 1
-            return
-        self.advance(now_ns)
-        now = self._now
+            return False
         n = self._levels
         cbp, cbq, cap_, caq = self._cbp, self._cbq, self._cap_, self._caq
         sb = sa = 0
         nb, na = len(bids), len(asks)
-        scale = _SCALE_F
         for m in range(n):
             if m < nb:
                 px, q = bids[m]
-                q = int(q * scale)  # _fixed, inlined
+                u = _units(q)
+                if u is None or not 0.0 < px < _INF:
+                    self.skipped += 1
+                    return False
                 cbp[m] = px
-                cbq[m] = q
-                sb += q
+                cbq[m] = u
+                sb += u
             else:
                 cbp[m], cbq[m] = None, 0
             if m < na:
                 px, q = asks[m]
-                q = int(q * scale)
+                u = _units(q)
+                if u is None or not 0.0 < px < _INF:
+                    self.skipped += 1
+                    return False
                 cap_[m] = px
-                caq[m] = q
-                sa += q
+                caq[m] = u
+                sa += u
             else:
                 cap_[m], caq[m] = None, 0
+        self.advance(now_ns)
+        now = self._now
         # OFI per level against the previous book
         e1 = em = 0
         if self.books:
@@ -387,6 +407,7 @@ class SymbolFeatures:
             win.s2 += em
             win.s3 += d
             win.n += 1
+        return True
 
     def _drop_book(self) -> None:
         """The book ring is full: forget its oldest event everywhere, count it."""
@@ -406,12 +427,17 @@ class SymbolFeatures:
         self._bstart = s + 1
         self.dropped += 1
 
-    def on_trade(self, trade: Trade, now_ns: int) -> None:
-        """Feed one `trade` message seen at `now_ns`."""
-        q = _fixed(float(trade.qty))
+    def on_trade(self, trade: Trade, now_ns: int) -> bool:
+        """Feed one `trade` message seen at `now_ns`; False when its qty is not a positive number
+        of units (counted in `skipped`)."""
+        try:
+            x = float(trade.qty) * _UNITS_F
+        except (TypeError, ValueError):  # no number at all (a signalling NaN)
+            x = -1.0
+        q = round(x) if 0.0 < x < _MAX_UNITS else 0
         if q <= 0:
             self.skipped += 1
-            return
+            return False
         self.advance(now_ns)
         v = -q if trade.buyer_is_maker else q
         cap = self._cap
@@ -437,6 +463,7 @@ class SymbolFeatures:
             win.s2 += q
             win.n += 1
         self.trades += 1
+        return True
 
     # -- read ----------------------------------------------------------------------
 
@@ -445,7 +472,7 @@ class SymbolFeatures:
         third of its cost): (mid, ofi_l1[0], ofi_multi[0], trade_flow[0], depth_imbalance,
         microprice_dev_bps, spread_bps, vol_1s, spread_ratio, ready), the first window's sums."""
         w, t = self._bwin[0], self._twin[0]
-        ofi_l1 = w.s1 / (1 << SCALE_BITS)
+        ofi_l1 = w.s1 / UNITS
         ofi_multi = (w.s2 * 2 * self._levels * w.n) / w.s3 if w.s3 else 0.0
         flow = t.s1 / t.s2 if t.s2 else 0.0
         if self.books:
@@ -464,7 +491,7 @@ class SymbolFeatures:
         """The features as of the latest event (or `advance`); reads only, changes nothing."""
         now = self._now
         two_n = 2 * self._levels
-        ofi_l1 = tuple(w.s1 / (1 << SCALE_BITS) for w in self._bwin)
+        ofi_l1 = tuple(w.s1 / UNITS for w in self._bwin)
         ofi_multi = tuple((w.s2 * two_n * w.n) / w.s3 if w.s3 else 0.0 for w in self._bwin)
         flow = tuple(w.s1 / w.s2 if w.s2 else 0.0 for w in self._twin)
         if self.books:
@@ -493,6 +520,15 @@ class SymbolFeatures:
                              spread_ratio=ratio, ready=ready, dropped=self.dropped, skipped=self.skipped)
 
 
+try:
+    from services.strategy._cfeatures import SymbolFeatures, bind as _bind
+except ImportError as exc:  # pragma: no cover - a broken install, not a runtime condition
+    raise ImportError(
+        f"the C features core (services/strategy/_cfeatures.c) is not built: {exc}. Install the project "
+        "with `make venv` (or `pip install -e .`), which needs gcc and Python's headers.") from exc
+_bind(FeatureVector)
+
+
 class Features:
     """Symbol -> SymbolFeatures; a symbol's core is made on its first event."""
 
@@ -507,13 +543,13 @@ class Features:
             core = self._by_symbol[symbol] = SymbolFeatures(self.params)
         return core
 
-    def on_book(self, book: Book, now_ns: int) -> None:
-        """Feed one `book` message seen at `now_ns`."""
-        self.symbol(book.symbol).on_book(book, now_ns)
+    def on_book(self, book: Book, now_ns: int) -> bool:
+        """Feed one `book` message seen at `now_ns` (False: not used, see SymbolFeatures)."""
+        return self.symbol(book.symbol).on_book(book, now_ns)
 
-    def on_trade(self, trade: Trade, now_ns: int) -> None:
-        """Feed one `trade` message seen at `now_ns`."""
-        self.symbol(trade.symbol).on_trade(trade, now_ns)
+    def on_trade(self, trade: Trade, now_ns: int) -> bool:
+        """Feed one `trade` message seen at `now_ns` (False: not used)."""
+        return self.symbol(trade.symbol).on_trade(trade, now_ns)
 
     def vector(self, symbol: str) -> FeatureVector:
         """`symbol`'s features (all 0.0, not ready, for a symbol never seen)."""

@@ -243,6 +243,10 @@ class OfiService:
                 self.decision_us.record_ns(time.perf_counter_ns() - t0)
                 self.decision_cpu_us.record_ns(time.thread_time_ns() - c0)
                 self._act(actions)
+                if core.has_signals() and self.reporter is None:
+                    # out now, after its order: the signal's features are read here, not by the
+                    # next book of a burst (a lock-step replay keeps them for its step's end)
+                    self._signals()
             elif kind is Trade:
                 if core.trades(msg.symbol):
                     self.stats["trades"] += 1

@@ -54,16 +54,18 @@ next event (the same values), and the Signal built when taken: the per-book path
 few features the score needs (`SymbolFeatures.head()`), not the whole vector.
 
 Cost: O(1) per event (a constant times the windows and horizons); the features' rings are
-preallocated; known orders (for late fills) and pending signals are bounded. On the shipped capture
-(6,493 books, orders answered at once by a stand-in), `on_book` takes p50 ~15 µs, p99 ~40-55 µs
-on the development machine (tests/services/strategy/test_ofi.py prints them): ~11 µs of it the
-features, the rest the decision; a book that sends an entry ~35-40 µs.
+preallocated; known orders (for late fills) and pending signals are bounded. The features and the
+score are C (`SymbolFeatures`, `Scorer.score`); an entry is sized in integers from flat
+(`_entry_units`, equal to the Decimal `_entry_decimal`). On the shipped capture (6,493 books,
+orders answered at once by a stand-in) `on_book` takes p50 ~3 µs, p99 ~20 µs on a warm core
+(bench/strategy.py, `strategy_decision_warm_us_*`); in the live process, where a book meets caches
+the other services used since the last one, about five times that.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Iterable, Mapping
 
 from services.risk.checks import SymbolRules
@@ -98,7 +100,7 @@ class _Symbol:
     """One symbol's state."""
     __slots__ = ("symbol", "rules", "features", "position", "avg_entry", "entry_f", "entry_ns", "working",
                  "leftovers", "last_order_ns", "book", "mid", "vol_bps", "score", "side", "confidence", "regime",
-                 "pub_side", "dust_counted", "min_notional_f", "unsnapped", "base", "books_only")
+                 "pub_side", "dust_counted", "min_notional_f", "unsnapped", "base", "books_only", "units")
 
     def __init__(self, symbol: str, rules: SymbolRules, params: FeatureParams) -> None:
         self.symbol = symbol
@@ -126,7 +128,28 @@ class _Symbol:
         self.pub_side: Side | None = None
         self.dust_counted = False
         self.min_notional_f = float(rules.min_notional)
+        self.units = _rule_units(rules)  # the integer sizing's limits (None: sizing in Decimal)
         self.unsnapped: list[list] = []  # signal snapshots still without their features (OfiStrategy._snap)
+
+
+_STEP = Decimal("1e-8")
+_UNITS_PX_MAX = 1e7  # below this a book price times 1e8 rounds to its exact 1e-8 units
+
+
+def _units(x: Decimal, exp: int, rounding: str = ROUND_FLOOR) -> int:
+    """x * 10**exp rounded to an integer (exact)."""
+    return int(x.scaleb(exp, context=MONEY).to_integral_value(rounding=rounding))
+
+
+def _rule_units(rules: SymbolRules) -> tuple[int, ...] | None:
+    """The entry sizing's limits in integers (OfiStrategy._entry_units): lot and tick in 1e-8 units,
+    max order notional, max position (1e-8 units), max notional and min notional (1e-16 units: a
+    price times a qty). None when a step is off the 1e-8 grid (then sizing stays in Decimal)."""
+    lot, tick = rules.lot_size.scaleb(8, context=MONEY), rules.tick_size.scaleb(8, context=MONEY)
+    if lot != lot.to_integral_value() or tick != tick.to_integral_value() or lot <= 0 or tick <= 0:
+        return None
+    return (int(lot), int(tick), _units(rules.max_order_notional, 16), _units(rules.max_position, 8),
+            _units(rules.max_notional, 16), _units(rules.min_notional, 16, ROUND_CEILING))
 
 
 def _floor(x: Decimal, step: Decimal) -> Decimal:
@@ -141,6 +164,9 @@ class OfiStrategy:
                  id_prefix: str | None = None) -> None:
         self.cfg = cfg
         self.scorer = Scorer(cfg)
+        # QF_STRATEGY_NOTIONAL in 1e-8 units for the integer sizing (0: off the grid, sizing in Decimal)
+        n = cfg.notional.scaleb(8, context=MONEY)
+        self.notional_e8 = int(n) if n == n.to_integral_value() else 0
         self.params = feature_params(cfg)
         self.names = feature_names(self.params)
         # the prefix must differ between runs (the shell adds its start time): client_order_id is
@@ -163,7 +189,7 @@ class OfiStrategy:
         self.reachable = True
         self._n = 0
         self.stats: dict[str, int] = dict.fromkeys((
-            "books", "trades", "not_ready", "filtered", "side_changes", "signals_dropped", "entries_limit",
+            "books", "books_unused", "trades", "not_ready", "filtered", "side_changes", "signals_dropped", "entries_limit",
             "entries_market", "exits_take_profit", "exits_stop_loss", "exits_time_stop", "exits_reversal",
             "cancels_stale", "cancels_away_from_touch", "cancels_signal_lost", "cancels_state", "cancels_exit",
             "cancels_leftover", "cancel_failures", "skipped_min_notional", "dust", "fills", "duplicate_fills",
@@ -191,6 +217,10 @@ class OfiStrategy:
         snap = self._snap(st, st.features.vector().ts)
         self._fill_features(st)
         return self._build(snap)
+
+    def has_signals(self) -> bool:
+        """Whether `take_signals` has something."""
+        return bool(self._signals)
 
     def take_signals(self) -> list[Signal]:
         """The signals to publish and store since the last call (side changes and every signal that
@@ -223,13 +253,12 @@ class OfiStrategy:
             return []
         if st.unsnapped:
             self._fill_features(st)
-        if not book.bids or not book.asks:
-            st.features.on_book(book, now_ns)  # counted there as skipped
+        if not st.features.on_book(book, now_ns):
+            self.stats["books_unused"] += 1  # an empty side or a bad level (the features' `skipped`)
             return []
         self.stats["books"] += 1
-        st.features.on_book(book, now_ns)
         st.book = book
-        self._score(st, st.features.head())
+        self._score(st)
         changed = st.side is not st.pub_side
         if changed:
             st.pub_side = st.side
@@ -239,11 +268,10 @@ class OfiStrategy:
             self._push(st, now_ns)  # (an order's signal, pushed by _send, stands for the side change too)
         return acts
 
-    def _score(self, st: _Symbol, head: tuple) -> None:
-        """The signal of `head` (SymbolFeatures.head()) into `st`."""
-        st.mid = head[0]
-        st.vol_bps = head[7] * 1e4
-        st.score, st.side, st.confidence, why = self.scorer(head)
+    def _score(self, st: _Symbol) -> None:
+        """The signal of `st`'s features into `st` (Scorer.score)."""
+        st.score, st.side, st.confidence, why, st.mid, vol = self.scorer.score(st.features)
+        st.vol_bps = vol * 1e4
         st.regime = not why
         if why:
             self.stats[why] += 1
@@ -380,30 +408,63 @@ class OfiStrategy:
         return None
 
     def _entry(self, st: _Symbol, now: int) -> list[Action]:
-        cfg, rules, book = self.cfg, st.rules, st.book
+        cfg, book = self.cfg, st.book
         market = st.confidence >= cfg.market_confidence
-        if market:
-            price = from_book_float(book.asks[0][0])
-        else:
-            price = from_book_float(book.bids[0][0])
-            if price is not None:
-                price = _floor(price, rules.tick_size)
-        if price is None or price <= 0:
-            return []
         vol_bps = st.vol_bps
         scale = st.confidence * (min(1.0, cfg.target_vol_bps / vol_bps) if vol_bps > 0 else 1.0)
-        notional = MONEY.multiply(cfg.notional, Decimal(f"{scale:.8f}"))
+        px = book.asks[0][0] if market else book.bids[0][0]
+        if st.units is not None and self.notional_e8 and st.position == 0 and 0.0 < px < _UNITS_PX_MAX:
+            qty, price = self._entry_units(st, px, scale, market)
+        else:
+            qty, price = self._entry_decimal(st, px, scale, market)
+        if price is None:
+            return []
+        if qty is None:
+            self.stats["skipped_min_notional"] += 1
+            return []
+        if market:
+            return self._send(st, now, Side.BUY, qty, OrderKind.MARKET, None, "entry", "entry")
+        return self._send(st, now, Side.BUY, qty, OrderKind.LIMIT, price, "entry", "entry")
+
+    def _entry_decimal(self, st: _Symbol, px: float, scale: float, market: bool
+                       ) -> tuple[Decimal | None, Decimal | None]:
+        """(qty, price) of an entry at book price `px`: price None for no usable price, qty None
+        when it rounds to nothing or is under the min notional. In Decimal: the reference, and
+        the path for a position that is not flat (dust) or rules off the 1e-8 grid."""
+        rules = st.rules
+        price = from_book_float(px)
+        if price is not None and not market:
+            price = _floor(price, rules.tick_size)
+        if price is None or price <= 0:
+            return None, None
+        notional = MONEY.multiply(self.cfg.notional, Decimal(round(scale * 1e8)).scaleb(-8))
         # floor(min(...)) = min(floor(...)): the order notional, capped by max_order_notional, the
         # base room under max_position and the notional room under max_notional, to the lot once
         pos = st.position
         qty = _floor(min(MONEY.divide(min(notional, rules.max_order_notional), price), rules.max_position - pos,
                          MONEY.divide(rules.max_notional, price) - pos), rules.lot_size)
         if qty <= 0 or MONEY.multiply(qty, price) < rules.min_notional:
-            self.stats["skipped_min_notional"] += 1
-            return []
-        if market:
-            return self._send(st, now, Side.BUY, qty, OrderKind.MARKET, None, "entry", "entry")
-        return self._send(st, now, Side.BUY, qty, OrderKind.LIMIT, price, "entry", "entry")
+            return None, price
+        return qty, price
+
+    def _entry_units(self, st: _Symbol, px: float, scale: float, market: bool
+                     ) -> tuple[Decimal | None, Decimal | None]:
+        """`_entry_decimal` from flat, in integers (prices and quantities in 1e-8 units, notionals
+        in 1e-16): the same (qty, price), exactly (tests/services/strategy/test_ofi.py), without
+        a dozen Decimal operations on the per-book path. `px` in (0, 1e7): px * 1e8 rounds to
+        the book's exact units."""
+        lot_u, tick_u, max_order, max_pos, max_notional, min_notional = st.units
+        p_u = round(px * 1e8)
+        if not market:
+            p_u -= p_u % tick_u
+        if p_u <= 0:
+            return None, None
+        notional = self.notional_e8 * round(scale * 1e8)
+        lots = min(min(notional, max_order) // p_u, max_pos, max_notional // p_u) // lot_u
+        price = st.rules.tick_size * (p_u // tick_u) if not market else _STEP * p_u
+        if lots <= 0 or lots * lot_u * p_u < min_notional:
+            return None, price
+        return st.rules.lot_size * lots, price
 
     def _send(self, st: _Symbol, now: int, side: Side, qty: Decimal, kind: OrderKind, price: Decimal | None,
               purpose: str, action: str) -> list[Action]:

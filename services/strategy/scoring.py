@@ -25,11 +25,13 @@ import json
 import math
 from dataclasses import dataclass
 
+from services.strategy._cfeatures import Scorer as _CScorer, bind_score
 from services.strategy.features import FeatureParams, FeatureVector
 from shared.config import StrategyConfig, numbers
 from shared.enums import Side
 
 NOT_READY, FILTERED = "not_ready", "filtered"  # why a score gives no side besides its size
+bind_score(Side.BUY, Side.SELL, NOT_READY, FILTERED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +51,12 @@ class Signal:
 
 class Scorer:
     """The module docstring's score, regime, side and confidence, for one book's features.
-    Raises ValueError at construction when no weight is positive."""
+    Raises ValueError at construction when no weight is positive. `score(features)` is the same
+    answer computed in C straight from a SymbolFeatures (no head tuple: the per-book path);
+    `__call__(head)` is its Python reference (tests/services/strategy/test_cfeatures.py: equal
+    bit for bit)."""
     __slots__ = ("w_ofi", "w_l1", "w_flow", "w_depth", "w_micro", "wsum", "ofi_scale", "l1_scale", "entry",
-                 "max_spread_ratio", "vol_min", "vol_max")
+                 "max_spread_ratio", "vol_min", "vol_max", "score")
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.w_ofi, self.w_l1, self.w_flow, self.w_depth, self.w_micro = (
@@ -62,6 +67,8 @@ class Scorer:
         self.ofi_scale, self.l1_scale = cfg.ofi_scale, cfg.ofi_l1_scale
         self.entry, self.max_spread_ratio = cfg.entry_score, cfg.max_spread_ratio
         self.vol_min, self.vol_max = cfg.vol_min_bps, cfg.vol_max_bps
+        # score(features) -> (score, side, confidence, why, mid, vol_1s)
+        self.score = _CScorer(self).score
 
     def __call__(self, head: tuple) -> tuple[float, Side | None, float, str]:
         """`head` (SymbolFeatures.head()) -> (score, side, confidence, why): why is "" when the

@@ -821,3 +821,34 @@ def test_usd_m_symbols_get_signals_but_no_orders():
     assert s.last_signal(usdm).side is Side.BUY
     [entry] = s.on_book(book(READY, bq=9.0), READY)  # the spot symbol of the same name trades
     assert entry.symbol == SYM and entry.side is Side.BUY
+
+
+# -- the integer entry sizing ------------------------------------------------------------------
+
+STEPS = st.sampled_from(["0.00000001", "0.00001", "0.001", "0.01", "0.1", "1", "5", "0.00000025"])
+AMOUNTS = st.decimals(Decimal("0"), Decimal("1e9"), places=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lot=STEPS, tick=STEPS, max_order=AMOUNTS, max_pos=AMOUNTS, max_notional=AMOUNTS,
+       min_notional=st.decimals(Decimal("0"), Decimal("1e4"), places=6),
+       notional=st.decimals(Decimal("0.01"), Decimal("1e7"), places=8), scale=st.floats(0.0, 1.0),
+       px=st.one_of(st.integers(1, 10**14).map(lambda u: u / 1e8), st.floats(1e-9, 1e7)), market=st.booleans())
+def test_the_integer_entry_size_is_the_decimal_one_exactly(lot, tick, max_order, max_pos, max_notional, min_notional,
+                                                          notional, scale, px, market):
+    """From flat, _entry_units gives the (qty, price) of the Decimal reference, exactly (as values:
+    the reference's exponent depends on its division's)."""
+    limits = (f"btcusdt lot_size={lot} tick_size={tick} max_order_notional={max_order} max_position={max_pos} "
+              f"max_notional={max_notional} min_notional={min_notional}")
+    s = make(QF_RISK_SYMBOL_LIMITS=limits, QF_STRATEGY_NOTIONAL=str(notional))
+    st_ = s._sym[SYM]
+    assert st_.units is not None and s.notional_e8
+    want = s._entry_decimal(st_, px, scale, market)
+    if not 0.0 < px < ofi_mod._UNITS_PX_MAX:
+        return
+    got = s._entry_units(st_, px, scale, market)
+    if want[0] is None or got[0] is None:
+        assert want[0] is got[0] and (want[1] is None) is (got[1] is None)
+    else:
+        assert got == want
+        assert got[0] % Decimal(lot) == 0 and (market or got[1] % Decimal(tick) == 0)
