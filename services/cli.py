@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backtest(sub)
     from services.backtest.cli import add_parity_parser
     add_parity_parser(sub)
+    from services.calendar.cli import add_parser as add_calendar
+    add_calendar(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

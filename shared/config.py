@@ -529,8 +529,48 @@ class ApiConfig:
                          secret=True)
 
 
+def _shabbat_location(raw: str) -> str:
+    """A named city or LAT,LON,TZ[,ELEVATION], checked by shared.shabbat.place()."""
+    from shared.shabbat import place  # here: astral and pyluach load only with the section
+
+    place(raw)
+    return raw.strip()
+
+
+def _shabbat_candles(raw: str) -> str:
+    """Empty (the place's custom) or whole minutes 0..90, as canonical text."""
+    return str(_int(0, 90)(raw)) if raw.strip() else ""
+
+
+def _shabbat_tzeit(raw: str) -> str:
+    """`8.5deg` (0 < degrees <= 18) or `42min` (1..120), as canonical text."""
+    from shared.shabbat import parse_tzeit
+
+    return str(parse_tzeit(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class ShabbatConfig:
+    """The Shabbat and Yom Tov pauses (shared/shabbat.py; `qf calendar` lists them)."""
+    location: str = setting("QF_SHABBAT_LOCATION", "Jerusalem", _shabbat_location,
+                            "where the pauses are kept: a city (Jerusalem, Tel Aviv, Haifa, New York, London, "
+                            "Paris, São Paulo, Johannesburg, Melbourne, …) or LAT,LON,TZ[,ELEVATION]")
+    yom_tov: bool = setting("QF_SHABBAT_YOM_TOV", "true", _bool,
+                            "also pause for Yom Tov (one day in Israel, two abroad), merged with an adjacent "
+                            "Shabbat")
+    candles_min: str = setting("QF_SHABBAT_CANDLES_MIN", "", _shabbat_candles,
+                               "a pause starts this many minutes before sunset (0..90; empty: the local custom, "
+                               "18, Jerusalem 40, Haifa 30)")
+    tzeit: str = setting("QF_SHABBAT_TZEIT", "8.5deg", _shabbat_tzeit,
+                         "a pause ends at nightfall: the sun this far below the horizon ('8.5deg') or minutes "
+                         "after sunset ('42min', '50min', '72min')")
+    flatten_min: int = setting("QF_SHABBAT_FLATTEN_MIN", "15", _int(0, 240),
+                               "minutes before a pause starts at which positions are flattened")
+
+
 SECTIONS = {"bus": BusConfig, "common": CommonConfig, "md": MarketDataConfig,
-            "strategy": StrategyConfig, "risk": RiskConfig, "broker": BrokerConfig, "api": ApiConfig}
+            "strategy": StrategyConfig, "risk": RiskConfig, "broker": BrokerConfig, "api": ApiConfig,
+            "shabbat": ShabbatConfig}
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +582,7 @@ class Config:
     risk: RiskConfig
     broker: BrokerConfig
     api: ApiConfig
+    shabbat: ShabbatConfig
 
     def effective(self) -> dict[str, str]:
         """Every setting as `QF_NAME -> text` for the start-up log: secret settings as `***`,
