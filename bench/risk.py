@@ -32,7 +32,7 @@ def _settings(tmp: str) -> dict[str, str]:
     s = {key: f"tcp://127.0.0.1:{free_port()}" for key in (
         "QF_MD_PUB", "QF_RISK_REP", "QF_BROKER_REP", "QF_BROKER_PUB", "QF_RISK_PUB")}
     s.update({"QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "QF_SYMBOLS": "btcusdt",
-              "QF_HEARTBEAT_MS": "200", "QF_LOG_LEVEL": "WARNING",
+              "QF_HEARTBEAT_MS": "200", "QF_LOG_LEVEL": "WARNING", "QF_SHABBAT_PAUSE": "false",
               # every check runs; none may stop the benchmark (rates, breakers sized out of the way)
               "QF_RISK_MAX_POSITION": "1", "QF_RISK_MAX_NOTIONAL": "1000000", "QF_RISK_MAX_ORDER_NOTIONAL": "1000000",
               "QF_RISK_ADJUST": "false",

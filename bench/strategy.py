@@ -134,6 +134,7 @@ def run() -> dict[str, float]:
         "QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "PYTHONUNBUFFERED": "1",
         "QF_FEED": f"replay:{CAPTURE}", "QF_REPLAY_SPEED": str(REPLAY_SPEED), "QF_REPLAY_LOOP": "true",
         "QF_STRATEGY_KIND": "ofi",
+        "QF_SHABBAT_PAUSE": "false",  # on the wall clock: a benchmark must not depend on the weekday
     })
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)

@@ -27,6 +27,7 @@ def run() -> dict[str, float]:
         "QF_DB": f"{tmp}/bench.db", "QF_RUN_DIR": f"{tmp}/run", "PYTHONUNBUFFERED": "1",
         # recorded pace ×10 so orders are frequent, yet each one meets an idle-ish pipeline as live would
         "QF_FEED": f"replay:{CAPTURE}", "QF_REPLAY_SPEED": "10", "QF_REPLAY_LOOP": "true",
+        "QF_SHABBAT_PAUSE": "false",  # on the wall clock: a benchmark must not depend on the weekday
         # the imbalance strategy: market orders, so every sample is a fill acknowledged to the strategy
         "QF_STRATEGY_KIND": "imbalance", "QF_STRATEGY_COOLDOWN_MS": "0", "QF_RISK_MAX_POSITION": "0.001",
         # our pipeline's own cost: the broker's simulated exchange latency (10 ms by default) is off

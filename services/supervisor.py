@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import zoneinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Mapping
 
@@ -25,6 +27,7 @@ import zmq
 from shared.bus import Subscriber
 from shared.config import Config, mask_secrets
 from shared.errors import DecodeError
+from shared.shabbat import place
 
 # Binding sides first; marketdata last so subscribers are connected when data flows.
 SERVICES = ("broker", "risk", "api", "strategy", "marketdata")
@@ -161,10 +164,56 @@ class Stack:
         return sum(c.running for c in self.children)
 
 
-class StatusMonitor:
-    """Listens to the heartbeats on the PUB sockets and summarises them."""
+PAUSE_AHEAD = timedelta(hours=24)  # the status line names the next Shabbat or Yom Tov pause this far ahead
 
-    def __init__(self, cfg: Config) -> None:
+
+def _pause_time(iso: object, zone: tzinfo | None) -> datetime:
+    """A pause's ISO-8601 time (with its offset) in `zone` when that zone agrees on the offset,
+    else at its own offset. Raises ValueError or TypeError for anything else."""
+    t = datetime.fromisoformat(iso)  # TypeError for a non-string
+    if t.tzinfo is None:
+        raise ValueError(f"{iso!r} has no UTC offset")
+    if zone is not None and (local := t.astimezone(zone)).utcoffset() == t.utcoffset():
+        return local
+    return t
+
+
+def _hhmm(t: datetime) -> str:
+    return t.strftime("%a %H:%M %Z")  # Sat 17:16 IST (a bare offset reads UTC+02:00)
+
+
+def risk_text(risk: Mapping, now_ns: int, zone: tzinfo | None = None) -> str:
+    """The status line's risk part: risk's state in force and, when its heartbeat carries a
+    `pause` ({"phase", "start", "end", "kind", "name"}), the Shabbat or Yom Tov pause: its end
+    while paused, its start while flattening, or its start when it comes within PAUSE_AHEAD.
+    Times in `zone` (the pauses' place). A pause it cannot read is left out."""
+    state = risk.get("state", "-")
+    text = f"risk {state}"
+    pause = risk.get("pause")
+    if not isinstance(pause, Mapping):
+        return text
+    try:
+        start, end = _pause_time(pause["start"], zone), _pause_time(pause["end"], zone)
+    except (KeyError, TypeError, ValueError):
+        return text
+    name, phase = str(pause.get("name") or "the pause")[:60], pause.get("phase")
+    if phase == "paused":  # a HALT outranks a pause: risk stays HALTED after it
+        return f"{text} until {_hhmm(end)} ({name})" if state == "PAUSED_SHABBAT" else \
+            f"{text}; {name} until {_hhmm(end)}"
+    if phase == "flatten":
+        return f"{text}: {name} at {_hhmm(start)}, flattening" if state == "REDUCING" else \
+            f"{text}; {name} at {_hhmm(start)}"
+    now = datetime.fromtimestamp(now_ns / 1e9, timezone.utc)
+    if phase == "" and timedelta(0) <= start - now <= PAUSE_AHEAD:
+        return f"{text} | next pause {_hhmm(start)}"
+    return text
+
+
+class StatusMonitor:
+    """Listens to the heartbeats on the PUB sockets and summarises them. `clock` (ns since the
+    epoch) tells how near risk's next pause is."""
+
+    def __init__(self, cfg: Config, clock: Callable[[], int] = time.time_ns) -> None:
         self.subs = [Subscriber(ep, ["heartbeat."], 1000) for ep in
                      (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub, cfg.bus.strategy_pub)]
         self.lockstep = bool(cfg.bus.lockstep)
@@ -172,6 +221,8 @@ class StatusMonitor:
         self.status: dict[str, str] = {}
         self._rate_ref: tuple[float, int] | None = None
         self.book_rate = 0.0
+        self.clock = clock
+        self.zone = zoneinfo.ZoneInfo(place(cfg.shabbat.location).tz)  # the pauses' local time
 
     def drain(self) -> None:
         for sub in self.subs:
@@ -209,7 +260,7 @@ class StatusMonitor:
         signals = f" | signals {strategy.get('signals', 0)}" if strategy else ""
         return (f"{services} | feed {feed} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')}{signals} | "
-                f"equity {equity} | risk {risk.get('state', '-')}")
+                f"equity {equity} | {risk_text(risk, self.clock(), self.zone)}")
 
     def close(self) -> None:
         for s in self.subs:

@@ -552,6 +552,9 @@ def _shabbat_tzeit(raw: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ShabbatConfig:
     """The Shabbat and Yom Tov pauses (shared/shabbat.py; `qf calendar` lists them)."""
+    pause: bool = setting("QF_SHABBAT_PAUSE", "true", _bool,
+                          "keep the Shabbat and Yom Tov pauses: risk stops trading from candle-lighting to "
+                          "nightfall, flat, and resumes by itself (false: trade through them)")
     location: str = setting("QF_SHABBAT_LOCATION", "Jerusalem", _shabbat_location,
                             "where the pauses are kept: a city (Jerusalem, Tel Aviv, Haifa, New York, London, "
                             "Paris, São Paulo, Johannesburg, Melbourne, …) or LAT,LON,TZ[,ELEVATION]")

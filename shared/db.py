@@ -116,6 +116,8 @@ class RiskEvent(BaseModel):
 
     class Meta:
         table_name = "risk_events"
+        # the API's latest trading state (kind STATE, newest first) without walking every denial
+        indexes = ((("kind", "ts"), False),)
 
 
 MODELS = (OrderRow, FillRow, EquitySnapshot, RiskEvent)

@@ -49,6 +49,7 @@ class TradingState(str, Enum):
     ACTIVE = "ACTIVE"
     REDUCING = "REDUCING"
     HALTED = "HALTED"
+    PAUSED_SHABBAT = "PAUSED_SHABBAT"  # risk: a Shabbat or Yom Tov pause (qf calendar); orders denied SHABBAT
 
 
 class Liquidity(str, Enum):

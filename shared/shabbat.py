@@ -504,3 +504,25 @@ def calendar_from(cfg: "ShabbatConfig") -> Calendar:
     """The Calendar the QF_SHABBAT_* settings describe (already validated by config.load)."""
     minutes = int(cfg.candles_min) if cfg.candles_min else None
     return Calendar(place(cfg.location), yom_tov=cfg.yom_tov, candles_min=minutes, tzeit=cfg.tzeit)
+
+
+# -- the pause's phase at an instant (risk's enforcement, the API, `qf up`) -----------------------
+
+FLATTEN, PAUSED = "flatten", "paused"  # the phases besides "" (trading as usual)
+
+
+def phase_at(cal: Calendar, t_ns: int, flatten_ns: int) -> tuple[str, Pause | None, int]:
+    """(phase, pause, until_ns) at `t_ns`: PAUSED inside a pause (the pause, its end); FLATTEN in
+    the `flatten_ns` before one starts (the coming pause, its start); else "" (the next pause or
+    None, the instant the flatten window opens). `until_ns` is when the answer may next change:
+    a caller that keeps it need not ask again before then. Pure."""
+    cur = cal.at(t_ns)
+    if cur is not None:
+        return PAUSED, cur, cur.end_ns
+    nxt = cal.next_after(t_ns)
+    if nxt is None:
+        return "", None, t_ns + NS_PER_DAY
+    opens = nxt.start_ns - flatten_ns
+    if t_ns >= opens:
+        return FLATTEN, nxt, nxt.start_ns
+    return "", nxt, opens

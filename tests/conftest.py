@@ -70,6 +70,9 @@ def tcp_env(tmp_path, **extra: str) -> dict[str, str]:
         "QF_DB": str(tmp_path / "qf.db"),
         "QF_RUN_DIR": str(tmp_path / "run"),
         "QF_HEARTBEAT_MS": "200",
+        # on the wall clock a test must not depend on the weekday: the pauses are tested with a
+        # clock they move (tests/services/risk/test_pause.py, tests/test_pause.py)
+        "QF_SHABBAT_PAUSE": "false",
     }
     env.update(extra)
     return env

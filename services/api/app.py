@@ -16,6 +16,7 @@ from services.api import queries
 from services.api.body import read_object
 from services.api.dbreader import DatabaseUnavailable, ReadOnlyDatabase
 from services.api.errors import bad_param, error_body, error_code
+from services.api.pause import Clock, PauseCollector, PauseView
 from shared import messages
 from shared.bus import LazyPirateClient, NoReply
 from shared.config import Config
@@ -162,9 +163,11 @@ class _TradingCollector:
         yield realized
 
 
-def create_app(cfg: Config) -> Flask:
-    """The API app for `cfg`; the database is opened on the first request of each process."""
+def create_app(cfg: Config, clock: Clock = time.time_ns) -> Flask:
+    """The API app for `cfg`; the database is opened on the first request of each process.
+    `clock` (ns since the epoch) is the wall clock of `/api/v1/status` and the pause's metrics."""
     app = Flask("services.api")
+    pause = PauseView(cfg.shabbat)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # views that read a body set their own, smaller cap
     db = ReadOnlyDatabase(cfg.common.db)
     app.extensions["qf_db"] = db
@@ -237,8 +240,10 @@ def create_app(cfg: Config) -> Flask:
     def status():
         _params(set())
         s = queries.summary()
+        now = clock()
         body = {"fills": s["fills"], "orders": s["orders"], "equity": s["equity"],
-                "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": time.time_ns()}
+                "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": now,
+                "risk_state": queries.risk_state(), "pause": pause.status(now)}
         return jsonify(queries.jsonable(body))
 
     @app.post("/api/v1/control")
@@ -259,6 +264,7 @@ def create_app(cfg: Config) -> Flask:
     def metrics():
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_TradingCollector(queries.summary()))
+        registry.register(PauseCollector(pause, clock))
         return Response(generate_latest(registry), mimetype=None, content_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -6,8 +6,8 @@ from typing import Any, Iterable
 
 import peewee as pw
 
-from shared.db import EquitySnapshot, FillRow, OrderRow, database
-from shared.enums import OrderStatus
+from shared.db import EquitySnapshot, FillRow, OrderRow, RiskEvent, database
+from shared.enums import OrderStatus, TradingState
 from shared.ledger import Ledger, Position
 from shared.money import quote_asset
 
@@ -20,7 +20,7 @@ _TRADE_FIELDS = (FillRow.fill_id, FillRow.order_id, FillRow.client_order_id, Fil
                  FillRow.exch_ts, FillRow.ts)
 
 __all__ = ["Position", "quote_asset", "positions_from", "position_dict", "ping", "trades", "positions",
-           "latest_equity", "order_counts", "summary", "render_decimal", "jsonable"]
+           "latest_equity", "order_counts", "summary", "risk_state", "render_decimal", "jsonable"]
 
 
 def positions_from(fills: Iterable[tuple]) -> dict[str, Position]:
@@ -92,6 +92,23 @@ def summary() -> dict[str, Any]:
     with database.atomic():
         return {"fills": FillRow.select().count(), "orders": order_counts(), "equity": latest_equity(),
                 "positions": positions()}
+
+
+def risk_state() -> dict[str, Any]:
+    """The newest trading-state change risk stored (a `risk_events` row of kind STATE) as
+    {state, code, reason, by, ts}; {"state": "ACTIVE", code/reason/by "", ts None} when none.
+    One query, newest first by `ts` (risk writes "reason [by who]" in `text`)."""
+    row = (RiskEvent.select(RiskEvent.ts, RiskEvent.code, RiskEvent.text, RiskEvent.state)
+           .where(RiskEvent.kind == "STATE").order_by(RiskEvent.ts.desc(), RiskEvent.id.desc())
+           .limit(1).tuples().first())
+    if row is None:
+        return {"state": TradingState.ACTIVE.value, "code": "", "reason": "", "by": "", "ts": None}
+    ts, code, text, state = row
+    reason, by = text, ""
+    head, sep, tail = text.rpartition(" [by ")
+    if sep and tail.endswith("]"):
+        reason, by = head, tail[:-1]
+    return {"state": state, "code": code, "reason": reason, "by": by, "ts": ts}
 
 
 def render_decimal(value: Decimal) -> str:

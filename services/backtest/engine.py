@@ -43,6 +43,8 @@ from services.broker.queue import make_queue_model
 from services.risk import limits as risk_limits
 from services.risk.core import RiskEngine
 from services.risk.desk import OrderDesk
+from services.risk.checks import PAUSE_PREFIX
+from services.risk.flatten import FLATTEN_RETRY_NS, FlattenJob
 from services.risk.store import Forwarded, Outbox
 from services.risk.telemetry import LogLimiter
 from services.strategy.core import ImbalanceStrategy, OrderIntent
@@ -252,6 +254,10 @@ class Backtest:
         self._open_gap: dict[str, Gap] = {}
         self._gap_counts = {k: 0 for k in symbols}
         self._gaps_seen = 0
+        self._later: list = []  # what risk's shell runs at the end of its turn (RiskService.later)
+        self._flattening: FlattenJob | None = None  # a pause's flatten in progress
+        self._flatten_retry_ns = 0
+        self.pause_flattens = self.pause_flatten_failures = 0
         self.heartbeat_ns = cfg.bus.heartbeat_ms * 1_000_000
         self.equity_ns = int(cfg.broker.equity_s * 1e9)
         self._next_beat = self._next_equity = None
@@ -266,17 +272,22 @@ class Backtest:
 
     def run(self, records: Iterable, progress: Callable[[int, int], None] | None = None,
             progress_every: int = 10_000) -> None:
-        exchange, clock, inbox = self.exchange, self.clock, self.inbox
+        exchange, clock, inbox, engine = self.exchange, self.clock, self.inbox, self.engine
         dispatch, stats = self.router.dispatch, self.router.stats
         for rec in records:
             t = rec.recv_ns
             if self.first_ns is None:
                 self.first_ns = t
+                engine.on_clock(t)  # the calendar's phase as the capture starts (no pause before it)
                 self._next_beat, self._next_equity = t + self.heartbeat_ns, t + self.equity_ns
             due = exchange.due
             while due is not None and due <= t:
                 self._wake(due)
                 due = exchange.due
+            turn = engine.pause_next_ns
+            while turn is not None and turn <= t:  # a pause starts or ends at its minute, between records
+                self._wake(turn)
+                turn = engine.pause_next_ns
             if t >= self._next_beat or t >= self._next_equity:
                 self._timers(t)
             if t > clock.now:
@@ -453,13 +464,33 @@ class Backtest:
             callback(raw)
 
     def _settle(self, now: int) -> None:
-        """Risk's end of a loop turn: the breakers judge the latest marks and fills; state
-        changes are stored (the outbox)."""
-        self.engine.evaluate_due(now)
-        for change in self.engine.take_changes():
+        """Risk's end of a loop turn: the calendar's phase (a Shabbat or Yom Tov pause), the
+        breakers judge the latest marks and fills; state changes are stored (the outbox); a
+        pause's flatten runs while one is due (RiskService._pause_turn)."""
+        engine = self.engine
+        engine.on_clock(now)
+        engine.evaluate_due(now)
+        for change in engine.take_changes():
             self.outbox.state_change(change)
             if self.ofi:  # risk.state, as the strategy hears it
                 self._act(self.strategy.on_risk_state(change.state, now), now)
+        while self._later:
+            self._later.pop(0)()
+        if self._flattening is None and now >= self._flatten_retry_ns and engine.flatten_due:
+            self._pause_flatten(now)
+
+    def _pause_flatten(self, now: int) -> None:
+        """Cancels, then closing orders through risk's desk, as RiskService does before a pause."""
+        self.pause_flattens += 1
+
+        def done(_results: list[dict]) -> None:
+            self._flattening = None
+            self._flatten_retry_ns = self.clock.now + FLATTEN_RETRY_NS
+            if self.engine.held_positions() or self.engine.working:
+                self.pause_flatten_failures += 1
+        self._flattening = FlattenJob(self.engine, self.desk.submit_order, self.desk.submit_cancel, self._later.append,
+                                      now, done, id_prefix=f"{PAUSE_PREFIX}{now:x}")
+        self._flattening.start()
 
     # -- gaps ---------------------------------------------------------------------------------
 
@@ -495,7 +526,14 @@ class Backtest:
             open_orders=sum(1 for w in self.exchange.model.working.values() if w.order.is_open),
             risk_state=self.engine.state.value,
             positions={s: format(q, "f") for s, q in sorted(self.exchange.account.positions.items()) if q},
-            first_ts=self.first_ns, last_ts=self.clock.now, **self._strategy_summary())
+            first_ts=self.first_ns, last_ts=self.clock.now, **self._pause_summary(), **self._strategy_summary())
+
+    def _pause_summary(self) -> dict:
+        """The Shabbat and Yom Tov pauses the capture's time crossed (nothing without a calendar)."""
+        if self.engine.calendar is None:
+            return {}
+        return {"pause_flattens": self.pause_flattens, "pause_flatten_failures": self.pause_flatten_failures,
+                "pause": self.engine.pause_view()}
 
     def _strategy_summary(self) -> dict:
         """The OFI strategy's own figures (nothing for the imbalance strategy: its summary is as it was)."""

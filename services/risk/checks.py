@@ -10,6 +10,12 @@ ZERO = Decimal(0)
 MAX_AMOUNT = Decimal("1e12")  # a quantity or price beyond this is malformed, whatever the limits say
 
 
+# client_order_id prefixes of the orders risk sends itself (services/risk/flatten.py): an operator's
+# FLATTEN and a Shabbat pause's; a strategy follows their fills on positions it holds
+FLATTEN_PREFIX, PAUSE_PREFIX = "flatten-", "shabbat-"
+RISK_ORDER_PREFIXES = (FLATTEN_PREFIX, PAUSE_PREFIX)
+
+
 class Reason:
     """Denial codes (Decision.reason["code"]); docs/protocol.md lists them."""
     HALTED = "HALTED"
@@ -30,6 +36,7 @@ class Reason:
     BROKER_ERROR = "BROKER_ERROR"
     INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
     UNSUPPORTED_MARKET = "UNSUPPORTED_MARKET"
+    SHABBAT = "SHABBAT"
 
 
 TEXTS = {
@@ -51,6 +58,7 @@ TEXTS = {
     Reason.BROKER_ERROR: "the broker refused the order with an error, or its answer was unreadable or not credible",
     Reason.INSUFFICIENT_BALANCE: "not enough free balance (what working orders reserve is not free)",
     Reason.UNSUPPORTED_MARKET: "USD-M futures orders are not modelled (margin, leverage, funding): books only",
+    Reason.SHABBAT: "trading is paused for Shabbat or Yom Tov (qf calendar): only risk's own closing orders pass",
 }
 
 
@@ -89,14 +97,17 @@ def check_price(kind: OrderKind, price: Decimal | None, rules: SymbolRules) -> s
 
 
 def check_state(state: TradingState, position: Decimal, working_same_side: Decimal, side: Side,
-                qty: Decimal) -> str | None:
+                qty: Decimal, own_close: bool = False) -> str | None:
     """HALTED denies every order; REDUCING allows only an order that shrinks |position|
-    without flipping it, counting working orders on the same side as already sent."""
+    without flipping it, counting working orders on the same side as already sent;
+    PAUSED_SHABBAT denies every order but risk's own closing ones (`own_close`) that reduce."""
     if state is TradingState.ACTIVE:
         return None
     if state is TradingState.HALTED:
         return Reason.HALTED
     reduces = position * side.sign < 0 and qty + working_same_side <= abs(position)
+    if state is TradingState.PAUSED_SHABBAT:
+        return None if own_close and reduces else Reason.SHABBAT
     return None if reduces else Reason.REDUCING
 
 

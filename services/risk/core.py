@@ -15,12 +15,16 @@ from shared.enums import TERMINAL_STATUSES, ControlAction, OrderKind, OrderStatu
 from shared.ledger import Ledger
 from shared.money import MONEY, STEP, ZERO, from_book_float, text
 from shared.messages import OrderRequest
+from shared.shabbat import FLATTEN, PAUSED, phase_at
 
 if TYPE_CHECKING:
     from shared.config import Config
+    from shared.shabbat import Calendar, Pause
 
 DAY_NS = 86_400 * 1_000_000_000
 UNCERTAIN_NS = 10 * 1_000_000_000  # an order whose fate the broker never told us counts this long at most
+MINUTE_NS = 60 * 1_000_000_000
+FLATTEN_IDS_KEPT = 1024  # ids of risk's own flatten orders remembered (exempt from a pause)
 TARGET = {ControlAction.HALT: TradingState.HALTED, ControlAction.RESUME: TradingState.ACTIVE,
           ControlAction.FLATTEN: TradingState.REDUCING}
 
@@ -48,7 +52,7 @@ class StateChange:
     ts: int
     state: TradingState
     previous: TradingState
-    code: str  # HALT / RESUME / FLATTEN, a breaker key, or NEW_DAY
+    code: str  # HALT / RESUME / FLATTEN, a breaker key, NEW_DAY, or SHABBAT_FLATTEN / SHABBAT / SHABBAT_END
     reason: str
     by: str
 
@@ -95,10 +99,21 @@ class RiskEngine:
     `start_cash` in the quote asset of each traded spot symbol), moved by every booked fill;
     each working order on a spot symbol holds what it may still spend, priced with `fees`
     (None: no fees), and no order may spend more than is free (INSUFFICIENT_BALANCE). Orders
-    for USD-M symbols are denied (UNSUPPORTED_MARKET); their books are still kept and marked."""
+    for USD-M symbols are denied (UNSUPPORTED_MARKET); their books are still kept and marked.
+
+    The Shabbat and Yom Tov pauses (`calendar`, shared/shabbat.py; None: none kept): `state` is
+    the state in force, `held` the one operators and breakers set (HALT, RESUME, FLATTEN, the
+    breakers, the new day), which is what a checkpoint stores. From `flatten_ns` before a pause
+    starts the state in force is REDUCING (code SHABBAT_FLATTEN: the shell cancels and closes
+    through `flatten_orders`), from its start to its end PAUSED_SHABBAT (SHABBAT: every new order
+    is denied SHABBAT but risk's own closing orders), then `held` again (SHABBAT_END): trading
+    resumes by itself, unless an operator HALT came meanwhile (HALTED outranks a pause). The
+    phase comes from the calendar and `now_ns` alone (`on_clock`), never from memory, so an engine
+    rebuilt during a pause is paused at once."""
 
     def __init__(self, limits: RiskLimits, start_cash: Decimal, *,
-                 start_balances: Mapping[str, Decimal] | None = None, fees: FeeRates | None = None) -> None:
+                 start_balances: Mapping[str, Decimal] | None = None, fees: FeeRates | None = None,
+                 calendar: "Calendar | None" = None, flatten_ns: int = 15 * MINUTE_NS) -> None:
         self.limits = limits
         self.stale_ns = limits.stale_ns
         self.ledger = Ledger(start_cash)
@@ -107,6 +122,15 @@ class RiskEngine:
         self.pricing = Pricing(self.fees, band_of(limits.price_band_bps, limits.fill_band_bps), limits.rules)
         self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
             TradingState.ACTIVE, "", "", "", 0)
+        # the state operators and breakers set, beneath a pause (a checkpoint stores this one)
+        self.held, self.held_code, self.held_reason, self.held_by, self.held_ts = (
+            TradingState.ACTIVE, "", "", "", 0)
+        self.calendar = calendar
+        self.flatten_ns = flatten_ns
+        self.pause_phase = ""  # "", FLATTEN or PAUSED (shared/shabbat.py phase_at)
+        self.pause: "Pause | None" = None  # the pause of the phase (the next one when trading)
+        self._pause_until = -1  # the phase may change at this instant (phase_at's until_ns)
+        self._flatten_ids: dict[str, None] = {}  # risk's own closing orders: they pass a pause
         self.book_ns: dict[str, int] = {}
         self._mids: dict[str, Decimal] = {}  # symbol -> the last two-sided book's mid (`marks`)
         self.working: dict[str, Working] = {}
@@ -129,9 +153,11 @@ class RiskEngine:
     def from_config(cls, limits: RiskLimits, cfg: "Config") -> "RiskEngine":
         """The engine of `cfg`: QF_START_CASH, QF_START_BALANCES and the broker's fees.
         Raises UnknownAsset (a ConfigError) for a spot symbol of no known quote asset."""
-        b = cfg.broker
+        from shared.shabbat import calendar_from
+        b, sh = cfg.broker, cfg.shabbat
         return cls(limits, b.start_cash, start_balances=bal.parse_balances(b.start_balances),
-                   fees=FeeRates(b.taker_fee, b.maker_fee, b.fee_asset))
+                   fees=FeeRates(b.taker_fee, b.maker_fee, b.fee_asset),
+                   calendar=calendar_from(sh) if sh.pause else None, flatten_ns=sh.flatten_min * MINUTE_NS)
 
     # -- the gate --------------------------------------------------------------------------
 
@@ -139,6 +165,8 @@ class RiskEngine:
         """Approve `order` at `now_ns` (taking a rate token), cut it to what fits (ADJUSTED),
         or deny it with the first failing check: symbol, qty, price, state, stale book,
         price band, notional, open orders, loss pause, position limits, rate."""
+        if now_ns >= self._pause_until:
+            self.on_clock(now_ns)  # a pause starts or ends at its minute, whatever came before
         if self._moved:
             self.evaluate(now_ns)  # the breakers judge the latest marks and fills first
         rules = self.limits.rules.get(order.symbol)
@@ -179,7 +207,7 @@ class RiskEngine:
         pos = ZERO if held is None else held.qty
         working = self.exposure.get((symbol, side), ZERO)
         code = (ck.check_qty(qty, rules) or ck.check_price(order.kind, order.price, rules)
-                or ck.check_state(self.state, pos, working, side, qty)
+                or ck.check_state(self.state, pos, working, side, qty, order.client_order_id in self._flatten_ids)
                 or ck.check_book(self.book_ns.get(symbol), now_ns, self.stale_ns))
         if code:
             return self._deny(code, order, pos, working)
@@ -242,13 +270,76 @@ class RiskEngine:
         return changes
 
     def _set_state(self, state: TradingState, code: str, reason: str, by: str, now_ns: int) -> bool:
-        if state is self.state:
+        """Operators and breakers set `held`; the state in force follows unless a pause holds it
+        (then it takes `held` when the pause ends). Returns whether `held` changed."""
+        if state is self.held:
             return False
+        self.held, self.held_code, self.held_reason, self.held_by, self.held_ts = state, code, reason, by, now_ns
+        self._dirty = True
+        self._enforce(code, reason, by, now_ns)
+        return True
+
+    def _in_force(self) -> TradingState:
+        held = self.held
+        if held is TradingState.HALTED:
+            return held  # an operator's or a breaker's halt outranks a pause
+        if self.pause_phase == PAUSED:
+            return TradingState.PAUSED_SHABBAT
+        if self.pause_phase == FLATTEN:
+            return TradingState.REDUCING
+        return held
+
+    def _enforce(self, code: str, reason: str, by: str, now_ns: int) -> None:
+        """The state in force from `held` and the pause; a change is recorded (`take_changes`)."""
+        state = self._in_force()
+        if state is self.state:
+            return
         self._changes.append(StateChange(now_ns, state, self.state, code, reason, by))
         self.state, self.state_code, self.state_reason, self.state_by, self.state_ts = (
             state, code, reason, by, now_ns)
-        self._dirty = True
-        return True
+
+    # -- the Shabbat and Yom Tov pauses ----------------------------------------------------------
+
+    def on_clock(self, now_ns: int) -> None:
+        """The calendar's phase at `now_ns` (the shells call this every loop turn or step, `check`
+        before judging): entering the flatten window, the pause or its end changes the state in
+        force (SHABBAT_FLATTEN, SHABBAT, SHABBAT_END). O(1) between the instants it can change."""
+        if self.calendar is None or now_ns < self._pause_until:
+            return
+        phase, pause, self._pause_until = phase_at(self.calendar, now_ns, self.flatten_ns)
+        if phase == self.pause_phase and (phase == "" or pause == self.pause):
+            self.pause = pause
+            return
+        ended, self.pause_phase, self.pause = self.pause, phase, pause
+        if phase == PAUSED:
+            code, reason = "SHABBAT", f"{pause.name}: from {_local(pause.start)} to {_local(pause.end)}"
+        elif phase == FLATTEN:
+            code, reason = "SHABBAT_FLATTEN", (f"{pause.name} starts at {_local(pause.start)}: entries stop, "
+                                               f"working orders are cancelled, positions closed")
+        else:
+            code = "SHABBAT_END"
+            reason = f"{ended.name} ended at {_local(ended.end)}" if ended is not None else "the pause ended"
+            if self.held is not TradingState.ACTIVE:
+                reason += f"; {self.held.value} stays ({self.held_code}: {self.held_reason})"
+        self._enforce(code, reason, "calendar", now_ns)
+
+    @property
+    def pause_next_ns(self) -> int | None:
+        """When the calendar's phase may next change (None: no calendar): a shell whose clock jumps
+        (a replay) calls `on_clock` at this instant so the change lands on its minute."""
+        return None if self.calendar is None else max(self._pause_until, 0)
+
+    def held_positions(self) -> dict[str, str]:
+        """symbol -> position (decimal text) of every position not flat."""
+        return {s: text(p.qty) for s, p in sorted(self.ledger.positions.items()) if p.qty}
+
+    @property
+    def flatten_due(self) -> bool:
+        """In the flatten window or a pause with a position or a working order left: what the
+        shell's flatten (cancels, then closing orders through `flatten_orders`) is for."""
+        if self.pause_phase not in (FLATTEN, PAUSED) or self.state is TradingState.HALTED:
+            return False
+        return bool(self.working) or any(p.qty for p in self.ledger.positions.values())
 
     def evaluate(self, now_ns: int) -> None:
         """Roll the day, track the peak, and fire the breakers whose condition newly holds
@@ -268,7 +359,7 @@ class RiskEngine:
         if day != self.day:
             self.day, self.day_start, self._dirty = day, equity, True
             self.tripped -= DAILY_KEYS
-            if limits.day_reset and self.state_code in DAILY_KEYS:
+            if limits.day_reset and self.held_code in DAILY_KEYS:
                 self._set_state(TradingState.ACTIVE, "NEW_DAY", "a new UTC day lifts the daily-loss state",
                                 "risk", now_ns)
         if self.peak is None or equity > self.peak:
@@ -282,7 +373,7 @@ class RiskEngine:
         if fired:
             key = max(fired, key=lambda k: (SEVERITY[BREAKER_STATE[k]], k))
             target = BREAKER_STATE[key]
-            if SEVERITY[target] > SEVERITY[self.state]:
+            if SEVERITY[target] > SEVERITY[self.held]:
                 self._set_state(target, key, f"equity {text(equity)}, day start {text(self.day_start)}, "
                                              f"peak {text(self.peak)}", "risk", now_ns)
 
@@ -439,9 +530,13 @@ class RiskEngine:
                 continue
             qty = (abs(pos.qty) // rules.lot_size) * rules.lot_size
             if qty > 0:
-                out.append(OrderRequest(ts=now_ns, client_order_id=f"{id_prefix}-{symbol}", strategy="risk",
+                coid = f"{id_prefix}-{symbol}"
+                self._flatten_ids[coid] = None
+                out.append(OrderRequest(ts=now_ns, client_order_id=coid, strategy="risk",
                                         symbol=symbol, side=Side.SELL if pos.qty > 0 else Side.BUY,
                                         kind=OrderKind.MARKET, qty=qty))
+        while len(self._flatten_ids) > FLATTEN_IDS_KEPT:
+            del self._flatten_ids[next(iter(self._flatten_ids))]
         return out
 
     # -- what the desk vets the broker's word against ---------------------------------------
@@ -487,8 +582,8 @@ class RiskEngine:
 
     def snapshot(self) -> dict:
         """What fills cannot rebuild: the trading state, peak, day, day start equity, fired breakers."""
-        return {"state": self.state.value, "code": self.state_code, "reason": self.state_reason,
-                "by": self.state_by, "state_ts": self.state_ts, "peak_equity": self.peak, "day": self.day,
+        return {"state": self.held.value, "code": self.held_code, "reason": self.held_reason,
+                "by": self.held_by, "state_ts": self.held_ts, "peak_equity": self.peak, "day": self.day,
                 "day_start_equity": self.day_start, "tripped": ",".join(sorted(self.tripped))}
 
     def replay(self, fills: Iterable[Mapping], open_orders: Iterable[tuple], snapshot: Mapping | None) -> int:
@@ -510,9 +605,15 @@ class RiskEngine:
 
     def restore(self, snap: Mapping) -> None:
         """Take back a `snapshot()` (after the fills were replayed)."""
-        self.state = TradingState(snap["state"])
-        self.state_code, self.state_reason, self.state_by = snap["code"], snap["reason"], snap["by"]
-        self.state_ts = snap["state_ts"]
+        held = TradingState(snap["state"])
+        if held is TradingState.PAUSED_SHABBAT:  # never stored as held; a pause is the calendar's
+            held = TradingState.ACTIVE
+        self.held = self.state = held
+        self.held_code = self.state_code = snap["code"]
+        self.held_reason = self.state_reason = snap["reason"]
+        self.held_by = self.state_by = snap["by"]
+        self.held_ts = self.state_ts = snap["state_ts"]
+        self.pause_phase, self.pause, self._pause_until = "", None, -1  # on_clock judges again
         self.peak, self.day, self.day_start = snap["peak_equity"], snap["day"], snap["day_start_equity"]
         self.tripped = {k for k in snap["tripped"].split(",") if k}
         self._dirty = False
@@ -523,11 +624,19 @@ class RiskEngine:
         when it found no snapshot): the last STATE event, if any (`state`, `code`, `reason`: a
         halt survives, coming back ACTIVE would fail open), and the peak of `equities` (the
         broker's equity snapshots)."""
-        if state is not None:
-            self.state, self.state_code, self.state_reason = state, code, reason
+        if state is not None and state is not TradingState.PAUSED_SHABBAT and not code.startswith("SHABBAT"):
+            self.held = self.state = state
+            self.held_code = self.state_code = code
+            self.held_reason = self.state_reason = reason
         for equity in equities:
             if self.peak is None or equity > self.peak:
                 self.peak = equity
+
+    def pause_view(self) -> dict | None:
+        """The pause of the phase as plain values (None: no calendar, or none ahead)."""
+        if self.calendar is None or self.pause is None:
+            return None
+        return {"phase": self.pause_phase, **self.pause.to_json()}
 
     def summary(self) -> dict:
         """Everything risk knows, as plain values (Decimals as strings), for control replies."""
@@ -538,7 +647,8 @@ class RiskEngine:
                          "fees_by_asset": {a: text(f) for a, f in sorted(p.fees_by_asset().items())}}
                      for s, p in sorted(self.ledger.positions.items())}
         return {"state": self.state.value, "code": self.state_code, "reason": self.state_reason,
-                "by": self.state_by, "since_ts": self.state_ts, "equity": text(equity),
+                "by": self.state_by, "since_ts": self.state_ts, "held": self.held.value,
+                "pause": self.pause_view(), "equity": text(equity),
                 "realized": text(self.ledger.realized()), "fees": text(self.ledger.fees()),
                 "unrealized": text(self.ledger.unrealized()), "peak_equity": opt(self.peak),
                 "day_start_equity": opt(self.day_start), "day": self.day,
@@ -546,3 +656,8 @@ class RiskEngine:
                 "loss_pause_until": self.streak.paused_until, "working": len(self.working),
                 "positions": positions, "balances": self.balances.view(),
                 "fees_by_asset": {a: text(f) for a, f in sorted(self.ledger.fees_by_asset().items())}}
+
+
+def _local(t) -> str:
+    """A pause's local time for a reason text: `Fri 2026-12-11 15:55 IST`."""
+    return t.strftime("%a %Y-%m-%d %H:%M %Z")

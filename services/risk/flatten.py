@@ -4,11 +4,14 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from services.risk.checks import FLATTEN_PREFIX
 from services.risk.core import RiskEngine
 from services.risk.desk import Notify
 from shared import messages
 from shared.errors import DecodeError
 from shared.messages import Ack, Decision, OrderRequest
+
+FLATTEN_RETRY_NS = 60 * 1_000_000_000  # a pause's flatten that left a position is tried again this often
 
 
 class FlattenJob:
@@ -25,9 +28,10 @@ class FlattenJob:
                  submit_order: Callable[[OrderRequest, bytes | None, int, Notify, int], None],
                  submit_cancel: Callable[[str, int, Callable[[bytes], None]], None],
                  later: Callable[[Callable[[], object]], None], now: int,
-                 done: Callable[[list[dict]], None]) -> None:
+                 done: Callable[[list[dict]], None], id_prefix: str | None = None) -> None:
         self.engine, self.submit_order, self.submit_cancel, self.later = engine, submit_order, submit_cancel, later
         self.now, self.done = now, done
+        self.id_prefix = id_prefix or f"{FLATTEN_PREFIX}{now:x}"  # the closing orders' client_order_id prefix
         self.results: list[dict] = []
         self.waiting = 0
 
@@ -52,7 +56,7 @@ class FlattenJob:
             self._close_positions()
 
     def _close_positions(self) -> None:
-        orders = self.engine.flatten_orders(self.now, f"flatten-{self.now:x}")
+        orders = self.engine.flatten_orders(self.now, self.id_prefix)
         self.waiting = len(orders)
         if not orders:
             self.done(self.results)

@@ -17,10 +17,12 @@ from services.risk import limits as risk_limits
 from services.risk import store
 from services.risk.core import RiskEngine
 from services.risk.desk import OrderDesk
-from services.risk.flatten import FlattenJob
+from services.risk.checks import PAUSE_PREFIX
+from services.risk.flatten import FLATTEN_RETRY_NS, FlattenJob
 from services.risk.link import BrokerLink
 from services.risk.lockstep import CountingLink, CountingServer
-from services.risk.telemetry import BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, STATE_CHANGES, LogLimiter
+from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, PAUSE_FLATTEN_FAILED,
+                                     PAUSE_FLATTEN_FAILURES, STATE_CHANGES, LogLimiter)
 from shared import journal, messages, storage
 from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
@@ -127,6 +129,8 @@ class RiskService:
         self.outbox.attach(self.alerts)
         self.desk = OrderDesk(self.engine, self.broker, self.outbox, forwarded, self.stats, self.clock, self.quiet,
                               self.alerts)
+        self._flattening: FlattenJob | None = None  # the pause's flatten in progress
+        self._flatten_retry_ns = 0
         self.liveness = Liveness(cfg.common.run_dir, "risk")
         self.heartbeat = HeartbeatMaker("risk")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
@@ -308,6 +312,8 @@ class RiskService:
                 while self._later:
                     self._guard(self._later.pop(0))
                 self._evaluate()
+                if self.engine.calendar is not None:
+                    self._guard(self._pause_turn)
                 if self.engine.has_changes:
                     self._settle(self.clock())
                 if self.outbox.events and (len(self.outbox) >= FLUSH_ROWS
@@ -330,6 +336,47 @@ class RiskService:
         """Let the engine judge the marks and fills of this batch (after each one, off the reply path)."""
         if self.engine.needs_evaluation:  # the usual turn: nothing moved, no clock read, no closure made
             self._guard(lambda: self.engine.evaluate_due(self.clock()))
+
+    def _pause_turn(self) -> None:
+        """The Shabbat and Yom Tov pauses (RiskEngine.on_clock): the state changes at the window's
+        and the pause's minute, whatever else happens, and a flatten runs while one is due (the
+        flatten window, or a pause that began with a position or an order left), one at a time,
+        again every FLATTEN_RETRY_NS while it leaves something."""
+        now = self.clock()
+        engine = self.engine
+        engine.on_clock(now)
+        if engine.has_changes:
+            self._settle(now)
+        if self._flattening is None and now >= self._flatten_retry_ns and engine.flatten_due:
+            self._pause_flatten(now)
+
+    def _pause_flatten(self, now: int) -> None:
+        engine, pause = self.engine, self.engine.pause
+        self.stats["pause_flattens"] = self.stats.get("pause_flattens", 0) + 1
+        log.warning("pause_flatten", extra={"pause": pause.name, "start": pause.start.isoformat(),
+                                            "positions": engine.position_map(), "working": len(engine.working)})
+
+        def done(results: list[dict]) -> None:
+            self._flattening = None
+            self._flatten_retry_ns = self.clock() + FLATTEN_RETRY_NS
+            left = engine.held_positions()
+            refused = [r for r in results if r.get("action") == "CLOSE"
+                       and (r.get("verdict") != "APPROVED" or r.get("status") != "FILLED")]
+            if left or refused or engine.working:
+                PAUSE_FLATTEN_FAILURES.inc()
+                self.stats["pause_flatten_failures"] = self.stats.get("pause_flatten_failures", 0) + 1
+                text = (f"risk: the flatten before {pause.name} ({pause.start:%a %H:%M %Z}) left positions "
+                        f"{left or 'none'} and {len(engine.working)} working orders; trading stays paused; "
+                        f"closing again in {FLATTEN_RETRY_NS // 1_000_000_000} s")
+                log.error("pause_flatten_failed", extra={"pause": pause.name, "positions": left,
+                                                         "working": len(engine.working), "results": results})
+                self.alerts.raise_(PAUSE_FLATTEN_FAILED, text)
+            else:
+                log.warning("pause_flattened", extra={"pause": pause.name, "results": results})
+                self.alerts.resolve(PAUSE_FLATTEN_FAILED, f"risk: flat for {pause.name}")
+        self._flattening = FlattenJob(engine, self.desk.submit_order, self.desk.submit_cancel, self.later, now, done,
+                                      id_prefix=f"{PAUSE_PREFIX}{now:x}")
+        self._flattening.start()
 
     def _guard(self, fn: Callable[[], object]) -> None:
         try:
@@ -504,7 +551,8 @@ class RiskService:
         self._flush(now)  # the peak a risk.state implies is stored before it is published
         if self.reporter is None:  # lock-step: only changes (a beat's would come at a wall-clock moment)
             self._publish_state(now)
-        stats = {**self.stats, "state": self.engine.state.value, "equity": str(self.engine.equity()),
+        stats = {**self.stats, "state": self.engine.state.value, "pause": self.engine.pause_view(),
+                 "equity": str(self.engine.equity()),
                  "md_missed": self.md.missed, "broker_missed": self.broker_events.missed,
                  "inflight": len(self.desk.inflight), **self.broker.stats,
                  **self.check_us.stats("check"), **self.serve_us.stats("serve"),

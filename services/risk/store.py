@@ -68,6 +68,7 @@ def rebuild(engine: RiskEngine, forwarded: Forwarded, now_ns: int) -> dict:
               .limit(forwarded.limit).tuples())
     for (coid,) in reversed(list(recent)):
         forwarded.add(coid)
+    engine.on_clock(now_ns)  # a restart during a pause is paused at once: the calendar's, not memory
     engine.evaluate(now_ns)
     return {"fills": applied, "working": engine.working_count, "state": engine.state.value,
             "checkpoint": last is not None}

@@ -13,6 +13,9 @@ BAD_ACKS = Counter("qf_risk_bad_acks_total", "Broker answers and events refused 
                    "BROKER_ERROR, nothing booked), by source (ack/cancel/fill/order) and why", ["source", "why"])
 FAILURES = Counter("qf_risk_failures_total", "Messages whose handling failed inside risk")
 STATE_CHANGES = Counter("qf_risk_state_changes_total", "Trading-state changes, by cause", ["code"])
+PAUSE_FLATTEN_FAILURES = Counter("qf_risk_pause_flatten_failures_total",
+                                 "Flattens before a Shabbat or Yom Tov pause that left a position or an order")
+PAUSE_FLATTEN_FAILED = "PAUSE_FLATTEN_FAILED"  # the alert's code while a pause's flatten leaves something
 DECIDE_SECONDS = Histogram("qf_risk_decision_seconds", "Time to decide one order, broker round trip included",
                            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0))
 CHECK_SECONDS = Histogram("qf_risk_check_seconds", "Time inside risk per request, broker round trip excluded",

@@ -50,7 +50,7 @@ from services.strategy.signals import SignalWriter
 from shared import messages
 from shared.bus import AsyncClient, Publisher, Subscriber
 from shared.config import Config
-from shared.enums import ControlAction, Verdict
+from shared.enums import ControlAction, TradingState, Verdict
 from shared.errors import DecodeError
 from shared.lockstep import RECORD_STEP_TOPIC, STEP_TOPIC, LockstepClock, Reporter
 from shared.messages import (Ack, Book, Cancel, Clock, Control, ControlReply, Decision, Error, Fill, OrderEvent,
@@ -114,6 +114,7 @@ class OfiService:
         self.asked: dict[str, tuple[str, object, int]] = {}  # key -> (kind, intent, sent perf ns)
         self.reachable = False
         self.synced = False
+        self._told_state = TradingState.ACTIVE  # the last risk state `_risk_state` spoke of
         self.status = "starting"
         self._poller: zmq.Poller | None = None
         self._polled: zmq.Socket | None = None
@@ -198,6 +199,19 @@ class OfiService:
                 poller.register(sock, zmq.POLLIN)
         return dict(poller.poll(timeout))
 
+    def _risk_state(self, state: TradingState, reason: str) -> None:
+        """Say once, at each change of risk's state, what it means for this strategy."""
+        if state is self._told_state:
+            return
+        self._told_state = state
+        if state is TradingState.PAUSED_SHABBAT:
+            log.warning("paused", extra={"state": state.value, "why": reason,
+                                         "note": "no entries and no exits until risk resumes (risk closed what was held)"})
+        elif state is not TradingState.ACTIVE:
+            log.warning("entries_stopped", extra={"state": state.value, "why": reason})
+        else:
+            log.info("trading", extra={"state": state.value, "why": reason})
+
     def _beat_stats(self) -> dict:
         """The counters of the heartbeat and the `stopped` line: the shell's, the core's (prefixed
         `core_` where a name is the shell's too), rejections by reason, the signal writer's, and
@@ -260,6 +274,7 @@ class OfiService:
                     self.stats["order_events"] += 1
                     self._act(core.on_order(msg, now))
             elif kind is RiskState:
+                self._risk_state(msg.state, msg.reason)
                 self._act(core.on_risk_state(msg.state, now))
         except ValueError as exc:  # a fill or order event the core found not credible: nothing applied
             self.stats["errors"] += 1
@@ -370,6 +385,7 @@ class OfiService:
         self.synced = True
         first = not self.reachable
         self._reachable(True, now)  # first: the cancels the state asks for (REDUCING, HALTED) go at once
+        self._risk_state(reply.state, reply.reason)
         self._act(self.core.on_risk_state(reply.state, now))
         if first:
             log.info("risk_answered", extra={"state": reply.state.value,

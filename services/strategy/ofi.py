@@ -29,7 +29,8 @@ an order awaiting its decision, or a cancel awaiting its answer; COOLDOWN_MS bet
   now - first entry fill >= MAX_HOLD_MS; reversal: a SELL signal with confidence >=
   REVERSAL_CONFIDENCE. A MARKET SELL of the position rounded down to the lot; what is left under
   the lot or the min notional is dust (counted, never traded). A resting entry is cancelled first
-  (reason "exit"). In REDUCING exits still go; HALTED sends nothing but cancels.
+  (reason "exit"). In REDUCING exits still go; HALTED and PAUSED_SHABBAT (a Shabbat or Yom Tov
+  pause: risk flattens before it and closes what is left itself) send nothing but cancels.
 - a resting entry is cancelled when: older than ENTRY_TTL_MS ("stale"); the best bid moved more
   than AWAY_BPS from its price ("away_from_touch"); the score fell to CANCEL_SCORE or below, or the
   regime filter closed ("signal_lost"); the trading state is not ACTIVE ("state").
@@ -68,7 +69,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Iterable, Mapping
 
-from services.risk.checks import SymbolRules
+from services.risk.checks import RISK_ORDER_PREFIXES, SymbolRules
 from services.strategy.core import OrderIntent
 from services.strategy.features import FeatureParams, SymbolFeatures
 from services.strategy.scoring import Scorer, Signal, feature_names, feature_params, flatten, signal_params
@@ -193,7 +194,7 @@ class OfiStrategy:
             "entries_market", "exits_take_profit", "exits_stop_loss", "exits_time_stop", "exits_reversal",
             "cancels_stale", "cancels_away_from_touch", "cancels_signal_lost", "cancels_state", "cancels_exit",
             "cancels_leftover", "cancel_failures", "skipped_min_notional", "dust", "fills", "duplicate_fills",
-            "foreign_fills", "unknown_decisions", "adopted", "blocked_unreachable", "syncs", "refused"), 0)
+            "foreign_fills", "risk_closes", "unknown_decisions", "adopted", "blocked_unreachable", "syncs", "refused"), 0)
         self.rejections: dict[str, int] = {}
 
     # -- queries ------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class OfiStrategy:
         qty = self._exit_qty(st)
         if qty > 0:
             why = self._exit_reason(st, now)
-            if why is None or self.state is TradingState.HALTED:
+            if why is None or self.state is TradingState.HALTED or self.state is TradingState.PAUSED_SHABBAT:
                 return []
             return self._send(st, now, Side.SELL, qty, OrderKind.MARKET, None, "exit", "exit:" + why)
         if not entries or st.side is not Side.BUY or self.state is not TradingState.ACTIVE:
@@ -597,13 +598,21 @@ class OfiStrategy:
         st = self._sym.get(fill.symbol)
         w = self._orders.get(fill.client_order_id)
         if w is None:
-            if st is None or not fill.client_order_id.startswith(self.leftover_prefix):
+            if st is not None and fill.client_order_id.startswith(RISK_ORDER_PREFIXES):
+                # risk closed what is held itself (an operator's FLATTEN, a pause's flatten): its
+                # fills move the position as ours do; the order is risk's, never ours to work
+                w = WorkingOrder.leftover(fill.client_order_id, fill.symbol, fill.side, now_ns)
+                w.phase, w.purpose = DONE, "risk"
+                self._remember(w)
+                self.stats["risk_closes"] += 1
+            elif st is None or not fill.client_order_id.startswith(self.leftover_prefix):
                 self.stats["foreign_fills"] += 1
                 return []
-            # an order of an earlier run (or one forgotten): its fills move the position all the same
-            w = WorkingOrder.leftover(fill.client_order_id, fill.symbol, fill.side, now_ns)
-            self._remember(w)
-            self.stats["adopted"] += 1
+            else:
+                # an order of an earlier run (or one forgotten): its fills move the position all the same
+                w = WorkingOrder.leftover(fill.client_order_id, fill.symbol, fill.side, now_ns)
+                self._remember(w)
+                self.stats["adopted"] += 1
         st = self._sym[w.symbol]
         if fill.fill_id in w.fill_ids:
             self.stats["duplicate_fills"] += 1
@@ -702,8 +711,8 @@ class OfiStrategy:
     # -- risk ---------------------------------------------------------------------------------
 
     def on_risk_state(self, state: TradingState, now_ns: int) -> list[Action]:
-        """Risk's trading state: REDUCING/HALTED stop entries and cancel resting ones (exits still
-        go in REDUCING)."""
+        """Risk's trading state: REDUCING/HALTED/PAUSED_SHABBAT stop entries and cancel resting ones
+        (exits still go in REDUCING)."""
         self.state = state
         out: list[Action] = []
         if state is not TradingState.ACTIVE:

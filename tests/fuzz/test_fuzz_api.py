@@ -131,7 +131,7 @@ class TinyRisk:
 
 def start_api(tmp, db_path, risk_endpoint: str) -> tuple[subprocess.Popen, int, object]:
     port = free_port()
-    env = {**clean_environ(), "QF_DB": str(db_path), "QF_API_BIND": f"127.0.0.1:{port}", "QF_API_WORKERS": str(WORKERS),
+    env = {**clean_environ(), "QF_SHABBAT_PAUSE": "false", "QF_DB": str(db_path), "QF_API_BIND": f"127.0.0.1:{port}", "QF_API_WORKERS": str(WORKERS),
            "QF_API_TOKEN": TOKEN, "QF_RISK_REP": risk_endpoint, "QF_RISK_CONTROL_TIMEOUT_MS": str(CONTROL_TIMEOUT_MS),
            "QF_RUN_DIR": str(tmp / "run"), "QF_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
     log_path = tmp / "api.log"

@@ -316,6 +316,7 @@ def test_fuzz_risk(tmp_path):
                 "QF_BROKER_PUB": broker.pub_endpoint, "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
                 "QF_RISK_PUB": f"tcp://127.0.0.1:{free_port()}"}
     settings.update({"QF_DB": str(tmp_path / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run"),
+                     "QF_SHABBAT_PAUSE": "false",  # risk on the wall clock: no weekday may change an answer
                      "QF_SYMBOLS": "btcusdt,ethusdt", "QF_HEARTBEAT_MS": "200", "QF_LOG_LEVEL": "WARNING",
                      "QF_START_CASH": str(START_CASH), "QF_RISK_LOT_SIZE": "0.001", "QF_RISK_TICK_SIZE": "0.25",
                      "QF_RISK_MIN_NOTIONAL": "0", "QF_RISK_MAX_POSITION": "100", "QF_RISK_MAX_NOTIONAL": "1000000000",

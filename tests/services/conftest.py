@@ -26,11 +26,13 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = WAIT
 
 
 def endpoints() -> dict[str, str]:
+    """In-process endpoints, and no Shabbat pause: services on the wall clock must not depend on
+    the weekday (the pauses are tested with a clock the test moves)."""
     tag = uuid.uuid4().hex[:10]
-    return {key: f"inproc://{tag}-{name}" for key, name in (
+    return {**{key: f"inproc://{tag}-{name}" for key, name in (
         ("QF_MD_PUB", "md"), ("QF_RISK_REP", "risk"), ("QF_BROKER_REP", "broker"),
         ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub"),
-        ("QF_STRATEGY_PUB", "strategy-pub"))}
+        ("QF_STRATEGY_PUB", "strategy-pub"))}, "QF_SHABBAT_PAUSE": "false"}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import astral.sun
 import pytest
 from astral import Observer
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared import config, shabbat
@@ -357,6 +357,8 @@ rules = st.fixed_dictionaries({
 @settings(max_examples=60, deadline=None)
 @given(where=places, rule=rules, first=st.dates(date(1990, 1, 1), date(2150, 1, 1)), days=st.integers(6, 120),
        probes=st.lists(st.integers(0, 10 ** 6), min_size=1, max_size=20))
+@example(where=Place("p", 0.0, 0.0, "Etc/GMT"), rule={"yom_tov": True, "candles_min": None, "tzeit": "8.5deg"},
+         first=date(2130, 6, 11), days=6, probes=[0])  # a probe in the Shabbat that ended the day before
 def test_pauses_never_overlap_and_at_agrees(where, rule, first, days, probes):
     cal = Calendar(where, **rule)
     pauses = cal.pauses(first, first + timedelta(days=days))
@@ -368,11 +370,14 @@ def test_pauses_never_overlap_and_at_agrees(where, rule, first, days, probes):
     for a, b in zip(pauses, pauses[1:]):
         assert a.end < b.start
     lo, hi = pauses[0].start_ns - 86400 * 10 ** 9, pauses[-1].end_ns
+    # a probe a day before the first may fall in a pause that ended before `first` (so not listed
+    # above): judged against the pauses of a wider range
+    around = cal.pauses(first - timedelta(days=7), first + timedelta(days=days))
     for probe in probes:
         t = lo + (hi - lo) * probe // 10 ** 6
-        inside = [p for p in pauses if p.start_ns <= t < p.end_ns]
+        inside = [p for p in around if p.start_ns <= t < p.end_ns]
         assert cal.at(t) == (inside[0] if inside else None)
-        later = [p for p in pauses if p.start_ns > t]
+        later = [p for p in around if p.start_ns > t]
         if later:
             assert cal.next_after(t) == later[0]
 

@@ -13,7 +13,8 @@ from shared.db import EquitySnapshot, FillRow, OrderRow, close_db, init_db
 @pytest.fixture
 def api_config(tmp_path):
     """Config from explicit variables only: a database file in tmp_path."""
-    return load({"QF_DB": str(tmp_path / "data" / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run")})
+    return load({"QF_DB": str(tmp_path / "data" / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run"),
+                 "QF_SHABBAT_PAUSE": "false"})  # the wall clock: no weekday may change an answer
 
 
 @pytest.fixture

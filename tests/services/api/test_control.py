@@ -21,6 +21,7 @@ def settings(tmp_path, **extra) -> dict[str, str]:
         ("QF_MD_PUB", "md"), ("QF_RISK_REP", "risk"), ("QF_BROKER_REP", "broker"),
         ("QF_BROKER_PUB", "broker-pub"), ("QF_RISK_PUB", "risk-pub"))}
     env.update({"QF_DB": str(tmp_path / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run"), "QF_API_TOKEN": TOKEN,
+                "QF_SHABBAT_PAUSE": "false",  # risk on the wall clock: no weekday may change an answer
                 "QF_RISK_CONTROL_TIMEOUT_MS": "300", "QF_HEARTBEAT_MS": "100"})
     env.update(extra)
     return env

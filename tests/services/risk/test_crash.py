@@ -113,6 +113,7 @@ def test_kill_9_in_the_middle_of_an_order_stream_and_rebuild(tmp_path):
     settings = {key: f"tcp://127.0.0.1:{free_port()}" for key in (
         "QF_MD_PUB", "QF_RISK_REP", "QF_BROKER_REP", "QF_BROKER_PUB", "QF_RISK_PUB")}
     settings.update({"QF_DB": str(tmp_path / "qf.db"), "QF_RUN_DIR": str(tmp_path / "run"), "QF_SYMBOLS": "btcusdt",
+                     "QF_SHABBAT_PAUSE": "false",  # the wall clock: no weekday may change an answer
                      "QF_HEARTBEAT_MS": "100", "QF_START_CASH": "10", "QF_RISK_LOT_SIZE": "0.001",
                      "QF_RISK_TICK_SIZE": "0.25", "QF_RISK_MIN_NOTIONAL": "0", "QF_RISK_MAX_POSITION": "0.05",
                      "QF_RISK_MAX_NOTIONAL": "100", "QF_RISK_ORDERS_PER_S": "1000", "QF_RISK_ORDERS_PER_MIN": "60000",
