@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_parity_parser(sub)
     from services.calendar.cli import add_parser as add_calendar
     add_calendar(sub)
+    from services.control.cli import add_parser as add_control
+    add_control(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

@@ -1,4 +1,4 @@
-"""Flask app: thin JSON and Prometheus views over services.api.queries."""
+"""Flask app: thin JSON and Prometheus views over the control layer (services/control)."""
 from __future__ import annotations
 
 import hmac
@@ -12,17 +12,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from services.api import queries
 from services.api.body import read_object
-from services.api.dbreader import DatabaseUnavailable, ReadOnlyDatabase
 from services.api.errors import bad_param, error_body, error_code
-from services.api.pause import Clock, PauseCollector, PauseView
-from shared import messages
-from shared.bus import LazyPirateClient, NoReply
+from services.api.pause import Clock, PauseCollector
+from services.control import queries
+from services.control import risk as control_risk
+from services.control.dbreader import DatabaseUnavailable, ReadOnlyDatabase
+from services.control import Control
+from services.control.risk import RiskRefused, RiskUnreachable
 from shared.config import Config
 from shared.enums import ControlAction
-from shared.errors import ApiError, DecodeError
-from shared.messages import Control, ControlReply, Error
+from shared.errors import ApiError
 
 log = logging.getLogger("qf.api")
 
@@ -49,27 +49,14 @@ def check_token(expected: str, header: str | None) -> None:
 
 
 def ask_risk(cfg: Config, action: ControlAction, by: str, reason: str) -> dict:
-    """Send a `control` request to risk (Lazy Pirate REQ, one attempt: a control is not
-    repeated behind the caller's back) and return its reply as a JSON-able dict.
-    Raises ApiError 503 when risk does not answer in time, 502 when it answers with an error."""
-    client = LazyPirateClient(cfg.bus.risk_rep, cfg.risk.control_timeout_ms, retries=1)
+    """The control layer's `ask_risk` (services/control/risk.py), its errors as the API answers
+    them: 503 when risk does not answer in time, 502 when it answers with an error."""
     try:
-        raw = client.request(messages.encode(Control(ts=time.time_ns(), action=action, by=by, reason=reason)))
-    except NoReply:
-        raise ApiError(503, "risk_unavailable",
-                       f"risk did not answer within {cfg.risk.control_timeout_ms} ms") from None
-    finally:
-        client.close()
-    try:
-        reply = messages.decode(raw, messages.REQUESTS)
-    except DecodeError as exc:
-        raise ApiError(502, "bad_risk_reply", f"risk's answer could not be read: {str(exc)[:80]}") from None
-    if isinstance(reply, Error):
-        raise ApiError(502, "risk_error", f"{reply.code}: {reply.text}"[:300])
-    if not isinstance(reply, ControlReply):
-        raise ApiError(502, "bad_risk_reply", f"unexpected {reply.TYPE} answer")
-    return {"state": reply.state.value, "reason": reply.reason, "positions": reply.positions,
-            "equity": reply.equity, "detail": reply.detail}
+        return control_risk.ask_risk(cfg, action, by, reason)
+    except RiskUnreachable as exc:
+        raise ApiError(503, "risk_unavailable", str(exc)) from None
+    except RiskRefused as exc:
+        raise ApiError(502, exc.code, exc.message) from None
 
 
 def _names(names) -> str:
@@ -167,10 +154,11 @@ def create_app(cfg: Config, clock: Clock = time.time_ns) -> Flask:
     """The API app for `cfg`; the database is opened on the first request of each process.
     `clock` (ns since the epoch) is the wall clock of `/api/v1/status` and the pause's metrics."""
     app = Flask("services.api")
-    pause = PauseView(cfg.shabbat)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # views that read a body set their own, smaller cap
     db = ReadOnlyDatabase(cfg.common.db)
     app.extensions["qf_db"] = db
+    ctl = Control(cfg, clock, db)  # the queries and actions every front end shares
+    pause = ctl.pause
 
     @app.before_request
     def _open_db():
@@ -225,26 +213,21 @@ def create_app(cfg: Config, clock: Clock = time.time_ns) -> Flask:
     @app.get("/api/v1/trades")
     def trades():
         args = _params({"symbol", "limit", "since"})
-        rows = queries.trades(symbol=_symbol_param(args),
-                              limit=_int_param(args, "limit", queries.DEFAULT_LIMIT, 1, queries.MAX_LIMIT),
-                              since=_int_param(args, "since", None, 0, 2**63 - 1))
+        rows = ctl.trades(symbol=_symbol_param(args),
+                          limit=_int_param(args, "limit", queries.DEFAULT_LIMIT, 1, queries.MAX_LIMIT),
+                          since=_int_param(args, "since", None, 0, 2**63 - 1))
         return jsonify({"trades": queries.jsonable(rows), "count": len(rows)})
 
     @app.get("/api/v1/positions")
     def positions():
         args = _params({"symbol"})
-        found = queries.positions(_symbol_param(args))
+        found = ctl.positions(_symbol_param(args))
         return jsonify({"positions": queries.jsonable(found)})
 
     @app.get("/api/v1/status")
     def status():
         _params(set())
-        s = queries.summary()
-        now = clock()
-        body = {"fills": s["fills"], "orders": s["orders"], "equity": s["equity"],
-                "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": now,
-                "risk_state": queries.risk_state(), "pause": pause.status(now)}
-        return jsonify(queries.jsonable(body))
+        return jsonify(queries.jsonable(ctl.status()))
 
     @app.post("/api/v1/control")
     def control():

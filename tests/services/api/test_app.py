@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.api import queries
+from services.control import queries
 from services.api.app import create_app
 from shared.config import load
 

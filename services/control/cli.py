@@ -1,0 +1,196 @@
+"""`qf status|positions|trades|halt|resume|flatten`: the control layer (services/control) on a terminal.
+
+The queries read the database read-only (QF_DB), the actions go to risk (QF_RISK_REP), exactly as
+the REST API's do. Tables for a person; `--json` prints what the API would answer.
+
+Exit status: 0 done; 1 the database or risk could not answer (one line naming which and why);
+2 bad input (a bad argument or QF_* setting).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from datetime import datetime, timezone
+from decimal import Decimal
+
+EXIT_UNAVAILABLE, EXIT_BAD_INPUT = 1, 2
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("status", help="trading state, pause, equity, orders and positions (from the database)",
+                       description="What the running stack has stored: risk's last trading-state change, the "
+                                   "Shabbat/Yom Tov pause now or next, the latest equity, orders by status and "
+                                   "the positions. Reads QF_DB read-only; the same answer as GET /api/v1/status.")
+    s.add_argument("--json", action="store_true", help="print the API's JSON")
+    s.set_defaults(func=cmd_status)
+    p = sub.add_parser("positions", help="average-cost positions from the fills",
+                       description="Every symbol's position from its fills (the ledger risk keeps), read-only.")
+    p.add_argument("--symbol", help="one symbol, e.g. btcusdt")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.set_defaults(func=cmd_positions)
+    t = sub.add_parser("trades", help="the latest fills, newest first",
+                       description="Fills from the database, newest first, read-only.")
+    t.add_argument("--symbol", help="one symbol, e.g. btcusdt")
+    t.add_argument("--limit", type=int, default=20, help="how many (1..1000, default 20)")
+    t.add_argument("--json", action="store_true", help="print the API's JSON")
+    t.set_defaults(func=cmd_trades)
+    for name, text in (("halt", "stop all trading: risk denies every new order (only cancels pass)"),
+                       ("resume", "trade again (ACTIVE), after a HALT or a FLATTEN"),
+                       ("flatten", "cancel working orders and close every position through the normal path, "
+                                   "then REDUCING")):
+        a = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. Sent to risk on "
+                           "QF_RISK_REP, which answers with the state in force.")
+        a.add_argument("--reason", required=True, help="why (stored with the state change)")
+        a.add_argument("--by", help="who (default: qf:<your user name>)")
+        a.add_argument("--json", action="store_true", help="print risk's answer as JSON")
+        a.set_defaults(func=cmd_action, action=name)
+
+
+def _control():
+    import logging
+
+    from services.control import Control
+    from shared.config import load
+    # what goes wrong is said in one line by _run; the readers' own warnings would repeat it
+    logging.getLogger("qf").setLevel(logging.ERROR)
+    return Control(load())
+
+
+def _local(iso: str, tz: str) -> str:
+    """An ISO-8601 time as the place's local time a person reads: `Fri 11 Dec 15:55 IST`."""
+    from zoneinfo import ZoneInfo
+    return datetime.fromisoformat(iso).astimezone(ZoneInfo(tz)).strftime("%a %d %b %Y %H:%M %Z")
+
+
+def _fail(text: str, code: int) -> int:
+    print(f"qf: {text}", file=sys.stderr)
+    return code
+
+
+def _run(fn):
+    """Run `fn()`; the errors a person can act on become one line and an exit status."""
+    from services.control import RiskRefused, RiskUnreachable
+    from services.control.dbreader import DatabaseUnavailable
+    from shared.errors import ConfigError
+    try:
+        return fn()
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except DatabaseUnavailable as exc:
+        return _fail(f"the database cannot be read: {exc.message}", EXIT_UNAVAILABLE)
+    except RiskUnreachable as exc:
+        return _fail(f"risk is not answering: {exc} (is the stack running? QF_RISK_REP)", EXIT_UNAVAILABLE)
+    except RiskRefused as exc:
+        return _fail(f"risk refused: {exc.message}", EXIT_UNAVAILABLE)
+
+
+def _dump(obj) -> None:
+    from services.control.queries import jsonable
+    print(json.dumps(jsonable(obj), indent=2, sort_keys=False))
+
+
+def _num(value) -> str:
+    from services.control.queries import render_decimal
+    return render_decimal(value) if isinstance(value, Decimal) else "-" if value is None else str(value)
+
+
+def _when(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def run() -> int:
+        ctl = _control()
+        st = ctl.status()
+        if args.json:
+            _dump(st)
+            return 0
+        rs, pause = st["risk_state"], st["pause"]
+        since = f" since {_when(rs['ts'])}" if rs["ts"] else ""
+        why = f" ({rs['code']}: {rs['reason']})" if rs["code"] else ""
+        print(f"trading   {rs['state']}{why}{since}")
+        if pause["enabled"]:
+            cur, nxt, tz = pause["current"], pause["next"], ctl.pause.calendar.where.tz
+            if cur:
+                print(f"pause     {cur['name']}: paused until {_local(cur['end'], tz)}")
+            if nxt:
+                print(f"next      {nxt['name']}: {_local(nxt['start'], tz)} to {_local(nxt['end'], tz)}; "
+                      f"flattening from {_local(pause['flatten_from'], tz)[-9:]}")
+        else:
+            print("pause     off (QF_SHABBAT_PAUSE=false)")
+        eq = st["equity"]
+        print(f"equity    {_num(eq['equity']) if eq else '-'}" + (f" at {_when(eq['ts'])}" if eq else ""))
+        orders = ", ".join(f"{k.lower()} {n}" for k, n in st["orders"].items() if n) or "none"
+        print(f"fills     {st['fills']}; orders: {orders}")
+        held = {s: q for s, q in st["positions"].items() if q}
+        print("positions " + (", ".join(f"{s} {_num(q)}" for s, q in sorted(held.items())) or "flat"))
+        return 0
+    return _run(run)
+
+
+def cmd_positions(args: argparse.Namespace) -> int:
+    def run() -> int:
+        found = _control().positions(args.symbol)
+        if args.json:
+            _dump({"positions": found})
+            return 0
+        if not found:
+            print("no fills yet: no positions")
+            return 0
+        _table(["symbol", "qty", "avg entry", "realized", "net realized", "last price", "fills"],
+               [[p.symbol, _num(p.qty), _num(p.avg_price), _num(p.realized), _num(p.net_realized),
+                 _num(p.last_price), str(p.fills)] for p in found])
+        return 0
+    return _run(run)
+
+
+def cmd_trades(args: argparse.Namespace) -> int:
+    from services.control.queries import MAX_LIMIT
+    if not 1 <= args.limit <= MAX_LIMIT:
+        return _fail(f"--limit must be between 1 and {MAX_LIMIT}, not {args.limit}", EXIT_BAD_INPUT)
+
+    def run() -> int:
+        rows = _control().trades(symbol=args.symbol, limit=args.limit)
+        if args.json:
+            _dump({"trades": rows, "count": len(rows)})
+            return 0
+        if not rows:
+            print("no fills yet")
+            return 0
+        _table(["time (UTC)", "symbol", "side", "qty", "price", "fee", "liquidity", "order"],
+               [[_when(r["ts"]), r["symbol"], r["side"], _num(r["qty"]), _num(r["price"]),
+                 f"{_num(r['fee'])} {r['fee_asset']}", r["liquidity"], r["client_order_id"]] for r in rows])
+        return 0
+    return _run(run)
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    def run() -> int:
+        by = args.by or f"qf:{getpass.getuser()}"
+        answer = _control().act(args.action, by, args.reason)
+        if args.json:
+            _dump(answer)
+            return 0
+        detail = answer.get("detail") or {}
+        changed = "" if detail.get("changed", True) else " (unchanged)"
+        print(f"risk: {answer['state']}{changed} — {answer['reason']}")
+        for r in detail.get("flatten") or []:
+            print(f"  {r.get('action', '').lower():6} {r.get('client_order_id', '')}: "
+                  f"{r.get('verdict', '') or r.get('status', '')} {r.get('status', '') if r.get('verdict') else ''}"
+                  .rstrip())
+        held = {s: q for s, q in (answer.get("positions") or {}).items() if Decimal(q)}
+        print("positions " + (", ".join(f"{s} {q}" for s, q in sorted(held.items())) or "flat"))
+        return 0
+    return _run(run)
