@@ -16,6 +16,7 @@ SERVICE_HELP = {
     "risk": "pre-trade gate between strategy and broker; positions and P&L",
     "broker": "paper fills against the latest book; orders and fills to SQLite",
     "api": "REST API and /metrics under gunicorn",
+    "notifier": "fills, halts, alerts, restarts and a daily report to Telegram (off without QF_TELEGRAM_TOKEN)",
 }
 
 
@@ -46,6 +47,8 @@ def run_service(name: str) -> int:
         from services.strategy.service import StrategyService as cls
     elif name == "risk":
         from services.risk.service import RiskService as cls
+    elif name == "notifier":
+        from services.notifier.service import NotifierService as cls
     else:
         from services.broker.service import BrokerService as cls
     try:
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Configuration comes from QF_* environment variables (`qf config` lists them).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="run every service as a supervised local process",
-                        description="Start marketdata, strategy, risk, broker and api; restart any that dies; "
+                        description="Start marketdata, strategy, risk, broker, api and notifier; restart any that dies; "
                                     "Ctrl-C or SIGTERM stops them all.")
     up.add_argument("--feed", help="'live' (default, from QF_FEED) or 'replay:<capture.jsonl.gz>'")
     up.add_argument("--speed", type=float, help="replay speed (1 = as recorded, 0 = as fast as possible)")

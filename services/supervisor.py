@@ -30,7 +30,7 @@ from shared.errors import DecodeError
 from shared.shabbat import place
 
 # Binding sides first; marketdata last so subscribers are connected when data flows.
-SERVICES = ("broker", "risk", "api", "strategy", "marketdata")
+SERVICES = ("broker", "risk", "api", "strategy", "notifier", "marketdata")
 RESTART_BASE_S, RESTART_CAP_S, HEALTHY_AFTER_S = 0.5, 30.0, 60.0
 CANNOT_START = 2  # a service's exit status for a problem only a person can fix (ConfigError, StorageError)
 # `qf up --lockstep`: the conductor holds the capture's time still while the services work, so a

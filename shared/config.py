@@ -260,7 +260,9 @@ def _balances(raw: str) -> str:
 
 def setting(env: str, default: str, parse: Callable[[str], Any], help: str, secret: bool = False):
     """A config field: its variable, its default (as the text a user would write) and parser."""
-    return field(metadata={"env": env, "default": default, "parse": parse, "help": help, "secret": secret})
+    # a secret is left out of the dataclass's repr too: a config printed whole must not show it
+    return field(repr=not secret,
+                 metadata={"env": env, "default": default, "parse": parse, "help": help, "secret": secret})
 
 
 # -- sections --------------------------------------------------------------------
@@ -419,6 +421,8 @@ class StrategyConfig:
                                "ofi: time stop: exit a position held this long")
     reversal_confidence: float = setting("QF_STRATEGY_REVERSAL_CONFIDENCE", "0.8", _float(0.0, 2.0),
                                          "ofi: exit on a SELL signal of at least this confidence (above 1: never)")
+    metrics_bind: str = setting("QF_STRATEGY_METRICS_BIND", "", _bind,
+                                "host:port of the strategy's own Prometheus /metrics (empty: off)")
 
     def __post_init__(self) -> None:
         if not self.name:  # orders say which strategy sent them: "ofi-…" or "imbalance-…"
@@ -487,6 +491,8 @@ class RiskConfig:
                            "(0: sleep at once)")
     control_timeout_ms: int = setting("QF_RISK_CONTROL_TIMEOUT_MS", "3000", _int(10, 60_000),
                                       "how long the API waits for risk's answer to a control request")
+    metrics_bind: str = setting("QF_RISK_METRICS_BIND", "", _bind,
+                                "host:port of risk's own Prometheus /metrics (empty: off)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,6 +525,8 @@ class BrokerConfig:
     equity_s: float = setting("QF_BROKER_EQUITY_S", "10", _float(0.1, 86400.0),
                               "equity snapshot period in seconds (also one per fill)")
     seed: int = setting("QF_BROKER_SEED", "0", _int(0, 2**63 - 1), "seed of the sampled latency")
+    metrics_bind: str = setting("QF_BROKER_METRICS_BIND", "", _bind,
+                                "host:port of the broker's own Prometheus /metrics (empty: off)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,9 +579,66 @@ class ShabbatConfig:
                                "minutes before a pause starts at which positions are flattened")
 
 
+_BOT_TOKEN = re.compile(r"[0-9]{1,20}:[A-Za-z0-9_-]{20,100}")
+
+
+def _bot_token(raw: str) -> str:
+    """Empty (the notifier is off) or a Bot API token as @BotFather gives it, `123456:ABC…`.
+    The error never quotes the value: it is a secret."""
+    value = raw.strip()
+    if value and not _BOT_TOKEN.fullmatch(value):
+        raise ValueError("must be empty (off) or a bot token from @BotFather, digits:letters (123456789:AAF…)")
+    return value
+
+
+def _chat_ids(raw: str) -> tuple[str, ...]:
+    """`123456, -1001234567890` → ("123456", "-1001234567890"): chat ids (a group's is negative)."""
+    out: list[str] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{item[:40]!r} is not a chat id: whole numbers, e.g. 123456789,-1001234567890") from None
+        if value == 0 or abs(value) >= 10**16:
+            raise ValueError(f"{item[:40]!r} is not a chat id")
+        if str(value) not in out:
+            out.append(str(value))
+    return tuple(out)
+
+
+def _hhmm_utc(raw: str) -> str:
+    """Empty (off) or `HH:MM` (UTC), as canonical text `21:00`."""
+    value = raw.strip()
+    if not value:
+        return ""
+    hh, sep, mm = value.partition(":")
+    if not (sep and hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24 and int(mm) < 60):
+        raise ValueError("must be empty (off) or HH:MM in UTC, e.g. 21:00")
+    return f"{int(hh):02d}:{mm}"
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierConfig:
+    """The Telegram notifier (services/notifier/; README "Telegram")."""
+    telegram_token: str = setting("QF_TELEGRAM_TOKEN", "", _bot_token,
+                                  "Telegram bot token from @BotFather (empty: the notifier is off)", secret=True)
+    telegram_chat_ids: tuple = setting("QF_TELEGRAM_CHAT_IDS", "", _chat_ids,
+                                       "comma-separated chat ids the notifier writes to (a group's is negative)")
+    telegram_api_url: str = setting("QF_TELEGRAM_API_URL", "https://api.telegram.org/bot", _url("http", "https"),
+                                    "Telegram Bot API base; the token follows it (a local Bot API server, a test "
+                                    "fake)")
+    report_at: str = setting("QF_NOTIFIER_REPORT_AT", "21:00", _hhmm_utc,
+                             "daily report (the last 24 h, with the equity chart) at HH:MM UTC (empty: off)")
+    batch_ms: int = setting("QF_NOTIFIER_BATCH_MS", "2000", _int(0, 60_000),
+                            "fills of one symbol within this many ms of the first go out as one message "
+                            "(0: one message per fill)")
+
+
 SECTIONS = {"bus": BusConfig, "common": CommonConfig, "md": MarketDataConfig,
             "strategy": StrategyConfig, "risk": RiskConfig, "broker": BrokerConfig, "api": ApiConfig,
-            "shabbat": ShabbatConfig}
+            "shabbat": ShabbatConfig, "notifier": NotifierConfig}
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +651,7 @@ class Config:
     broker: BrokerConfig
     api: ApiConfig
     shabbat: ShabbatConfig
+    notifier: NotifierConfig
 
     def effective(self) -> dict[str, str]:
         """Every setting as `QF_NAME -> text` for the start-up log: secret settings as `***`,

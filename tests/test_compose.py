@@ -179,6 +179,16 @@ def test_monitoring_profile_scrapes_the_api(stack):
         wait_until(lambda: (r := query('qf_md_books_published_total{job="quantumflow-marketdata"}'))
                    and r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) > 0, 90,
                    "prometheus to scrape marketdata's book counter")
+        # risk's, the broker's and the strategy's own /metrics (QF_*_METRICS_BIND), over `bus` too
+        for expr in ('sum(qf_risk_trading_state{job="quantumflow-risk"}) == 1',  # one state, whichever
+                     'qf_broker_store_available{job="quantumflow-broker"} == 1',
+                     'qf_strategy_books_total{job="quantumflow-strategy"} > 0'):
+            wait_until(lambda: (r := query(expr)) and r["data"]["result"], 90, f"prometheus to see {expr}")
+        # and the alert rules (deploy/alerts.yml, mounted beside prometheus.yml) are loaded
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=5) as resp:
+            groups = json.loads(resp.read())["data"]["groups"]
+        assert {g["name"] for g in groups} >= {"quantumflow-services", "quantumflow-feed", "quantumflow-risk",
+                                              "quantumflow-broker"}
 
 
 # -- (4) faults -------------------------------------------------------------------------------------

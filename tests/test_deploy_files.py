@@ -36,6 +36,8 @@ REPLAY_FEED = f"replay:/app/{CAPTURE}"
 IMAGE = "quantumflow:local"
 ZMQ_SERVICES = ("marketdata", "strategy", "risk", "broker")
 APP_SERVICES = (*ZMQ_SERVICES, "api")
+# The notifier is a container like them, with no socket or port of its own (it only subscribes).
+CONTAINERS = (*APP_SERVICES, "notifier")
 # Socket variable -> (service that binds it, port).
 SOCKETS = {
     "QF_MD_PUB": ("marketdata", 5555),
@@ -44,6 +46,13 @@ SOCKETS = {
     "QF_BROKER_PUB": ("broker", 5558),
     "QF_RISK_PUB": ("risk", 5559),
     "QF_STRATEGY_PUB": ("strategy", 5560),
+}
+# Service -> (its /metrics setting, port), scraped by deploy/prometheus.yml over `bus`.
+METRICS_BINDS = {
+    "marketdata": ("QF_MD_METRICS_BIND", 9101),
+    "risk": ("QF_RISK_METRICS_BIND", 9102),
+    "broker": ("QF_BROKER_METRICS_BIND", 9103),
+    "strategy": ("QF_STRATEGY_METRICS_BIND", 9104),
 }
 # Read by Compose itself (interpolation), never passed into a container.
 COMPOSE_ONLY_VARS = {"QUANTUMFLOW_BASE_IMAGE", "QUANTUMFLOW_API_PORT", "QUANTUMFLOW_ORDERS_NET",
@@ -89,7 +98,7 @@ def test_compose_has_no_version_key():
 
 
 def test_one_image_one_container_per_service(base):
-    assert set(base["services"]) == set(APP_SERVICES)
+    assert set(base["services"]) == set(CONTAINERS)
     builds = set()
     for name, svc in base["services"].items():
         assert svc["image"] == IMAGE, name
@@ -158,9 +167,10 @@ def test_broker_order_port_is_only_on_the_orders_network(base):
 
 
 def test_database_volume_only_on_broker_risk_strategy_api(base):
-    """The strategy writes its signals table; marketdata has no business with the database."""
+    """The strategy writes its signals table, the notifier reads for its daily report; marketdata
+    has no business with the database."""
     with_data = {name for name, svc in base["services"].items() if "/data" in volume_targets(svc)}
-    assert with_data == {"broker", "risk", "strategy", "api"}
+    assert with_data == {"broker", "risk", "strategy", "api", "notifier"}
     for name in with_data:
         assert volume_targets(base["services"][name])["/data"] == "qfdata"
         assert env_of(base["services"][name])["QF_DB"].startswith("/data/")
@@ -173,7 +183,7 @@ def test_healthchecks_and_start_order(base):
         hc = svc["healthcheck"]
         for key in ("interval", "timeout", "retries", "start_period"):
             assert key in hc, f"{name}: healthcheck.{key}"
-        if name in ZMQ_SERVICES:
+        if name in (*ZMQ_SERVICES, "notifier"):
             assert hc["test"] == ["CMD", "qf", "health", name]
         else:
             assert hc["test"][:3] == ["CMD", "python", "-c"]
@@ -231,6 +241,8 @@ def test_monitoring_profile(compose):
         assert {h for h, _, _ in port_bindings(services[name])} == {"127.0.0.1"}, name
     mounts = volume_targets(services["prometheus"])
     assert Path(mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS
+    # prometheus.yml's rule_files (relative to it) is the mounted rules file
+    assert Path(mounts["/etc/prometheus/alerts.yml"]).resolve() == PROMETHEUS.parent / "alerts.yml"
     assert networks_of(services["prometheus"]) & networks_of(services["api"]), "prometheus must reach api"
     mounts = volume_targets(services["grafana"])
     assert Path(mounts["/etc/grafana/provisioning"]).resolve() == GRAFANA / "provisioning"
@@ -393,6 +405,28 @@ def test_prometheus_scrapes_api_metrics():
     out = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_each_service_serves_its_own_metrics_where_prometheus_scrapes_it(compose):
+    """Every service but the API (its /metrics is on 8000) binds its QF_*_METRICS_BIND on every
+    interface at its own port; prometheus.yml scrapes it there by name, over a network they share."""
+    services = compose.config([COMPOSE], profiles=("monitoring",))["services"]
+    jobs = {j["static_configs"][0]["labels"]["service"]: j["static_configs"][0]["targets"]
+            for j in load_yaml(PROMETHEUS)["scrape_configs"]}
+    assert set(jobs) == set(APP_SERVICES)
+    assert jobs["api"] == ["api:8000"]
+    settings = {var for var, _ in METRICS_BINDS.values()}
+    for name in APP_SERVICES:
+        env = env_of(services[name])
+        if name not in METRICS_BINDS:
+            assert not settings & set(env), f"{name} has no metrics port of its own"
+            continue
+        var, port = METRICS_BINDS[name]
+        assert env[var] == f"0.0.0.0:{port}", name
+        assert set(env) & settings == {var}, f"{name} sets only its own metrics bind"
+        assert jobs[name] == [f"{name}:{port}"], name
+        assert networks_of(services["prometheus"]) & networks_of(services[name]), f"prometheus must reach {name}"
+    assert len({port for _, port in METRICS_BINDS.values()}) == len(METRICS_BINDS)
 
 
 # -- (4) linters ---------------------------------------------------------------------

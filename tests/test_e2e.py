@@ -131,7 +131,7 @@ def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with)
     reader.start()
     try:
         wait_for(lambda: _get(settings["QF_API_BIND"], "/health")[0] == 200, 30, "api /health = 200")
-        wait_for(lambda: any("status services 5/5 up" in l and "fills" in l and "| fills -" not in l
+        wait_for(lambda: any("status services 6/6 up" in l and "fills" in l and "| fills -" not in l
                              for l in lines), 40, "a status line with fills")
         if stop_with == "one SIGTERM":
             proc.send_signal(signal.SIGTERM)
@@ -147,8 +147,8 @@ def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with)
             proc.wait(10)
         reader.join(10)
     text = "".join(lines)
-    assert "starting broker, risk, api, strategy, marketdata" in text
-    assert "stopped: broker=0, risk=0, api=0, strategy=0, marketdata=0" in text, text[-3000:]
+    assert "starting broker, risk, api, strategy, notifier, marketdata" in text
+    assert "stopped: broker=0, risk=0, api=0, strategy=0, notifier=0, marketdata=0" in text, text[-3000:]
     # nothing of the process group is left behind
     try:
         os.killpg(proc.pid, 0)

@@ -84,7 +84,8 @@ def test_qf_backtest_flattens_at_the_window_trades_nothing_during_and_resumes_af
     db = str(tmp_path / "bt.db")
     # hold what is bought (no take-profit, stop-loss, time stop or reversal in ten minutes), so
     # the flatten has a position to close
-    env = {**clean_environ(), **SETTINGS, "QF_STRATEGY_TAKE_PROFIT_BPS": "100000", "QF_STRATEGY_STOP_LOSS_BPS": "100000",
+    env = {**clean_environ(), **SETTINGS, "QF_STRATEGY_TAKE_PROFIT_BPS": "100000",
+           "QF_STRATEGY_STOP_LOSS_BPS": "100000",
            "QF_STRATEGY_MAX_HOLD_MS": "86400000", "QF_STRATEGY_REVERSAL_CONFIDENCE": "2"}
     done = subprocess.run([sys.executable, "-m", "services.cli", "backtest", "--capture", capture, "--db", db,
                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,8 @@ from services.broker import store
 from services.broker.core import Order
 from services.broker.desk import READ_ERRORS, BrokerDesk, Events, OrderIds, SeededIds, Waiter, rebuild
 from services.broker.keeper import STORE_UNAVAILABLE, StoreKeeper
-from services.broker.telemetry import ACK_SECONDS, BAD_FRAMES, BAD_MD, FAILURES, QuietLog, labelled
+from services.broker.telemetry import (ACK_SECONDS, BAD_FRAMES, BAD_MD, FAILURES, METRICS, JournalCollector, QuietLog,
+                                       labelled)
 from shared import journal, messages, storage
 from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
@@ -25,6 +26,8 @@ from shared.errors import ConfigError, DecodeError, FatalError, StoreUnavailable
 from shared.lockstep import LockstepClock, Reporter
 from shared.messages import Book, Cancel, Clock, Error, OrderRequest, Trade
 from shared.journal import Journal, JournalBusy
+from shared.metrics_http import MetricsServer
+from shared.metrics_http import serve as serve_metrics
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
 # importable from here as before: the desk's and the keeper's names
@@ -120,6 +123,7 @@ class BrokerService:
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
         self.equity_ticker = Ticker(int(cfg.broker.equity_s * 1000))
         self.checkpointer = store.Checkpointer(cfg.common.db)
+        self.metrics: MetricsServer | None = None  # /metrics on QF_BROKER_METRICS_BIND while run() runs
 
     @property
     def books(self) -> dict[str, Book]:
@@ -172,6 +176,11 @@ class BrokerService:
             gc.freeze()
             gc.set_threshold(GC_THRESHOLD, 20, 100)
         try:
+            bind = self.cfg.broker.metrics_bind
+            if bind:  # MetricsBindError (a FatalError) when it cannot be bound
+                self.metrics = serve_metrics(bind, "QF_BROKER_METRICS_BIND",
+                                             (*METRICS, JournalCollector(self.journal)), self.liveness.path)
+                log.info("metrics listening", extra={"bind": bind, "port": self.metrics.port})
             database.connect(reuse_if_open=True)
             self.checkpointer.start()
             if self.lockstep is None:
@@ -416,6 +425,8 @@ class BrokerService:
         if self._closed:
             return
         self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
         self._guarded(lambda: self.keeper.store(force=True))  # what is left stays in the journal
         self.checkpointer.stop()
         for sock in (self.server, self.md, self.pub):

@@ -6,8 +6,9 @@ import time
 from bisect import bisect_left
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from shared import metrics_http
 
 # Why not prometheus_client's own Counter/Histogram: a labelled inc() or observe() takes a lock
 # and costs ~0.5-1.5 µs; a depth event touches five metrics against a 25 µs budget. Plain ints
@@ -161,15 +162,9 @@ def _gauge(name: str, doc: str, label: str, values: dict) -> GaugeMetricFamily:
     return fam
 
 
-def serve(bind: str, m: MdMetrics):
-    """Start /metrics for `m` on `bind` ("host:port"; port 0 = any free port) in a daemon thread.
-
-    Returns (server, port); stop it with server.shutdown() then server.server_close().
-    Raises OSError if the address cannot be bound."""
-    from shared.alerts import ALERTS  # qf_alerts_total: BOOK_STALLED raised by this process
-    host, _, port = bind.rpartition(":")
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MdCollector(m))
-    registry.register(ALERTS)
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    return server, server.server_address[1]
+def serve(bind: str, m: MdMetrics, heartbeat=None):
+    """Start /metrics for `m` on `bind` ("host:port"; port 0 = any free port) in a daemon thread,
+    with the base every service exports (shared/metrics_http.py; `heartbeat`: the liveness file).
+    Returns the MetricsServer (`port`, `close()`). Raises MetricsBindError (a FatalError) when
+    the address cannot be bound."""
+    return metrics_http.serve(bind, "QF_MD_METRICS_BIND", [MdCollector(m)], heartbeat)

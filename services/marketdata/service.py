@@ -12,10 +12,10 @@ from services.marketdata.router import BookRouter
 from shared.alerts import Alerter
 from shared.bus import Publisher
 from shared.config import Config
-from shared.errors import ConfigError, FatalError
+from shared.errors import ConfigError
 from shared.lockstep import LockstepClock
 from shared.messages import MdStatus
-from shared.runtime import HeartbeatMaker, Liveness, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, Ticker, liveness_path
 
 log = logging.getLogger("qf.marketdata")
 
@@ -85,11 +85,9 @@ class MarketDataService:
         beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker("marketdata")
         server = None
         try:
-            if cfg.md.metrics_bind:
-                try:
-                    server, self.metrics_port = serve(cfg.md.metrics_bind, router.m)
-                except OSError as exc:
-                    raise FatalError(f"cannot serve metrics on {cfg.md.metrics_bind}: {exc}") from None
+            if cfg.md.metrics_bind:  # MetricsBindError (a FatalError) when it cannot be bound
+                server = serve(cfg.md.metrics_bind, router.m, liveness_path(cfg.common.run_dir, "marketdata"))
+                self.metrics_port = server.port
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
             if self.lockstep:
                 self._run_lockstep(pub, beat, hb, live)
@@ -106,8 +104,7 @@ class MarketDataService:
             if self.recorder is not None:
                 self.recorder.close()
             if server is not None:
-                server.shutdown()
-                server.server_close()
+                server.close()
             if self.conductor is not None:
                 self.conductor.close()
             live.remove()

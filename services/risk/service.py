@@ -21,8 +21,9 @@ from services.risk.checks import PAUSE_PREFIX
 from services.risk.flatten import FLATTEN_RETRY_NS, FlattenJob
 from services.risk.link import BrokerLink
 from services.risk.lockstep import CountingLink, CountingServer
-from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, EQUITY, FAILURES, PAUSE_FLATTEN_FAILED,
-                                     PAUSE_FLATTEN_FAILURES, STATE_CHANGES, LogLimiter)
+from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, DECIDE_SECONDS, FAILURES, METRICS,
+                                     PAUSE_FLATTEN_FAILED, PAUSE_FLATTEN_FAILURES, STATE_CHANGES, LogLimiter,
+                                     show_state)
 from shared import journal, messages, storage
 from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
@@ -31,6 +32,8 @@ from shared.db import database, init_db
 from shared.enums import ControlAction
 from shared.errors import DecodeError, FatalError
 from shared.lockstep import QUIET_TIMEOUT_S, LockstepClock, Reporter
+from shared.metrics_http import MetricsServer
+from shared.metrics_http import serve as serve_metrics
 from shared.messages import (Book, Cancel, Clock, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest,
                              RiskState, Trade)
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
@@ -134,6 +137,7 @@ class RiskService:
         self.liveness = Liveness(cfg.common.run_dir, "risk")
         self.heartbeat = HeartbeatMaker("risk")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
+        self.metrics: MetricsServer | None = None  # /metrics on QF_RISK_METRICS_BIND while run() runs
 
     # -- requests -----------------------------------------------------------------------
 
@@ -187,6 +191,7 @@ class RiskService:
         inside = spent_ns + encoded - since_ns
         self.check_us.record_ns(inside)
         CHECK_SECONDS.observe(inside / 1e9)
+        DECIDE_SECONDS.observe((encoded - decoded_ns) / 1e9)  # the broker's round trip included
         hop = since_ns - decoded_ns - spent_ns
         self.serve_us.record_ns(time.perf_counter_ns() - received_ns - hop)
 
@@ -249,11 +254,12 @@ class RiskService:
         """risk.state: the trading state now (or as `change` left it; counted as `states_out` in
         a lock-step run)."""
         equity = self.engine.equity()
-        EQUITY.set(float(equity))  # a gauge is float64; the wire stays exact
         state, reason = (self.engine.state, self.engine.state_reason) if change is None else (change.state,
                                                                                               change.reason)
+        drawdown = self.engine.drawdown(equity)
+        show_state(state, equity, drawdown)  # the gauges of /metrics (QF_RISK_METRICS_BIND)
         self.pub.publish("risk.state", RiskState(ts=now, state=state, reason=reason,
-                                                 equity=equity, drawdown=self.engine.drawdown(equity)))
+                                                 equity=equity, drawdown=drawdown))
         if self.reporter is not None:
             self.reporter.counters["states_out"] += 1
 
@@ -289,6 +295,10 @@ class RiskService:
         spin_ns, spin_until = self.cfg.risk.spin_us * 1000, 0
         reporter = self.reporter
         try:
+            if self.cfg.risk.metrics_bind:  # MetricsBindError (a FatalError) when it cannot be bound
+                self.metrics = serve_metrics(self.cfg.risk.metrics_bind, "QF_RISK_METRICS_BIND", METRICS,
+                                             self.liveness.path)
+                log.info("metrics listening", extra={"bind": self.cfg.risk.metrics_bind, "port": self.metrics.port})
             while not self._stop.is_set():
                 busy = time.perf_counter_ns() < spin_until
                 ready = dict(poller.poll(0 if busy else self.broker.wait_ms(POLL_MS)))
@@ -570,6 +580,8 @@ class RiskService:
         if self._closed:
             return
         self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
         self._guard(self.broker.close)
         self._flush(self.clock())
         for sock in (self.server, self.md, self.broker_events, self.pub):

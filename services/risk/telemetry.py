@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import logging
 import time
+from decimal import Decimal
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from shared.enums import TradingState
 
 
 DECISIONS = Counter("qf_risk_decisions_total", "Order decisions, by verdict and reason code", ["verdict", "code"])
@@ -21,6 +24,23 @@ DECIDE_SECONDS = Histogram("qf_risk_decision_seconds", "Time to decide one order
 CHECK_SECONDS = Histogram("qf_risk_check_seconds", "Time inside risk per request, broker round trip excluded",
                           buckets=(1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
 EQUITY = Gauge("qf_risk_equity", "Equity as risk marks it (quote asset)")
+DRAWDOWN = Gauge("qf_risk_drawdown_ratio", "Drawdown from peak equity as risk marks it, a fraction "
+                 "(QF_RISK_DRAWDOWN_SOFT → REDUCING, QF_RISK_MAX_DRAWDOWN → HALTED)")
+STATE = Gauge("qf_risk_trading_state", "1 for risk's trading state now, 0 for the others", ["state"])
+_STATES = {s: STATE.labels(s.value) for s in TradingState}
+
+# What risk's own /metrics serves (QF_RISK_METRICS_BIND), beside the base of shared/metrics_http.py.
+METRICS = (DECISIONS, BAD_FRAMES, BAD_ACKS, FAILURES, STATE_CHANGES, PAUSE_FLATTEN_FAILURES, DECIDE_SECONDS,
+           CHECK_SECONDS, EQUITY, DRAWDOWN, STATE)
+
+
+def show_state(state: TradingState, equity: Decimal, drawdown: Decimal) -> None:
+    """The gauges of what risk publishes on risk.state (each heartbeat and each change); float64
+    in Prometheus, the wire stays exact."""
+    EQUITY.set(float(equity))
+    DRAWDOWN.set(float(drawdown))
+    for s, child in _STATES.items():
+        child.set(1 if s is state else 0)
 
 
 class LogLimiter:

@@ -44,6 +44,7 @@ import zmq
 from collections import deque
 
 from services.risk import limits as risk_limits
+from services.strategy import telemetry
 from services.strategy.core import OrderIntent
 from services.strategy.ofi import CancelIntent, OfiStrategy, Signal
 from services.strategy.signals import SignalWriter
@@ -55,6 +56,7 @@ from shared.errors import DecodeError
 from shared.lockstep import RECORD_STEP_TOPIC, STEP_TOPIC, LockstepClock, Reporter
 from shared.messages import (Ack, Book, Cancel, Clock, Control, ControlReply, Decision, Error, Fill, OrderEvent,
                              OrderRequest, RiskState, SignalEvent, Trade)
+from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
 from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
 
@@ -118,6 +120,7 @@ class OfiService:
         self.status = "starting"
         self._poller: zmq.Poller | None = None
         self._polled: zmq.Socket | None = None
+        self.metrics: MetricsServer | None = None  # /metrics on QF_STRATEGY_METRICS_BIND while run() runs
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,10 +128,25 @@ class OfiService:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Until stop(): the live loop, or the lock-step one (QF_LOCKSTEP); /metrics beside either
+        while it runs when QF_STRATEGY_METRICS_BIND is set (MetricsBindError when it cannot be bound)."""
+        keys = [s.upper() for s in self.cfg.md.symbols]
+        core = self.core
+        self.metrics = telemetry.serve(self.cfg, telemetry.StrategyCollector(
+            self.stats, rejections=core.rejections, core_stats=core.stats, decision=self.decision_us,
+            decision_cpu=self.decision_cpu_us, reachable=lambda: self.reachable,
+            positions=lambda: {k: core.position(k) for k in keys}))
+        try:
+            if self.cfg.bus.lockstep:
+                self._run_lockstep()
+            else:
+                self._run_live()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _run_live(self) -> None:
         cfg = self.cfg
-        if cfg.bus.lockstep:
-            self._run_lockstep()
-            return
         ctx = self.ctx
         md = Subscriber(cfg.bus.md_pub, ["book.", "trade."], cfg.bus.hwm, ctx=ctx)
         broker = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx=ctx)
@@ -206,7 +224,8 @@ class OfiService:
         self._told_state = state
         if state is TradingState.PAUSED_SHABBAT:
             log.warning("paused", extra={"state": state.value, "why": reason,
-                                         "note": "no entries and no exits until risk resumes (risk closed what was held)"})
+                                         "note": "no entries and no exits until risk resumes "
+                                                 "(risk closed what was held)"})
         elif state is not TradingState.ACTIVE:
             log.warning("entries_stopped", extra={"state": state.value, "why": reason})
         else:

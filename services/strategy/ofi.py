@@ -190,11 +190,13 @@ class OfiStrategy:
         self.reachable = True
         self._n = 0
         self.stats: dict[str, int] = dict.fromkeys((
-            "books", "books_unused", "trades", "not_ready", "filtered", "side_changes", "signals_dropped", "entries_limit",
+            "books", "books_unused", "trades", "not_ready", "filtered", "side_changes", "signals_dropped",
+            "entries_limit",
             "entries_market", "exits_take_profit", "exits_stop_loss", "exits_time_stop", "exits_reversal",
             "cancels_stale", "cancels_away_from_touch", "cancels_signal_lost", "cancels_state", "cancels_exit",
             "cancels_leftover", "cancel_failures", "skipped_min_notional", "dust", "fills", "duplicate_fills",
-            "foreign_fills", "risk_closes", "unknown_decisions", "adopted", "blocked_unreachable", "syncs", "refused"), 0)
+            "foreign_fills", "risk_closes", "unknown_decisions", "adopted", "blocked_unreachable", "syncs",
+            "refused"), 0)
         self.rejections: dict[str, int] = {}
 
     # -- queries ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 
 import zmq
 
+from services.strategy import telemetry
 from services.strategy.core import ImbalanceStrategy, OrderIntent, Outcome
 from shared import messages
 from shared.bus import LazyPirateClient, NoReply, Subscriber
@@ -16,6 +17,7 @@ from shared.enums import ControlAction, Verdict
 from shared.errors import DecodeError
 from shared.lockstep import Reporter
 from shared.messages import Book, Clock, Control, ControlReply, Decision, OrderRequest
+from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
 from shared.runtime import Liveness, Ticker
 
@@ -66,17 +68,30 @@ class StrategyService:
         # symbols never enter it: a flood of made-up symbols cannot grow it.
         self.pending: dict[str, Book] = {}
         self.reporter: Reporter | None = None  # lock-step only: the counters the conductor reads
+        self.metrics: MetricsServer | None = None  # /metrics on QF_STRATEGY_METRICS_BIND while run() runs
 
     def stop(self) -> None:
         """Ask `run()` to return; safe from a signal handler or another thread."""
         self._stop.set()
 
     def run(self) -> None:
-        """Subscribe to `book.*`, trade until stopped, then close every socket."""
+        """Subscribe to `book.*`, trade until stopped, then close every socket; /metrics beside the
+        loop while it runs when QF_STRATEGY_METRICS_BIND is set (MetricsBindError when it cannot be bound)."""
+        keys = [s.upper() for s in self.cfg.md.symbols]
+        core = self.core
+        self.metrics = telemetry.serve(self.cfg, telemetry.StrategyCollector(
+            self.stats, positions=lambda: {k: core.position(k) for k in keys}))
+        try:
+            if self.cfg.bus.lockstep:
+                self._run_lockstep()
+            else:
+                self._run_live()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _run_live(self) -> None:
         cfg = self.cfg
-        if cfg.bus.lockstep:
-            self._run_lockstep()
-            return
         sub = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx=self.ctx)
         client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx)
         liveness = Liveness(cfg.common.run_dir, SERVICE)

@@ -62,7 +62,8 @@ def test_flatten_at_the_window_shabbat_during_and_trading_after_nightfall(pcfg, 
         clock.now = WINDOW + 1  # risk's next loop turn: REDUCING, and the flatten through the broker
         wait_until(lambda: risk.engine.ledger.qty("BTCUSDT") == 0, "the position closed by risk")
         assert risk.engine.state is TradingState.REDUCING
-        closing = db_rows(pcfg.common.db, "SELECT client_order_id, side, qty, status FROM orders WHERE strategy = 'risk'")
+        closing = db_rows(pcfg.common.db,
+                          "SELECT client_order_id, side, qty, status FROM orders WHERE strategy = 'risk'")
         assert [(s, q, st) for _, s, q, st in closing] == [("SELL", "0.004", "FILLED")]
         assert closing[0][0].startswith("shabbat-")
         assert client.request(order("entry", "0.001")).reason["code"] == "REDUCING"
