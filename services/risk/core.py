@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 DAY_NS = 86_400 * 1_000_000_000
 UNCERTAIN_NS = 10 * 1_000_000_000  # an order whose fate the broker never told us counts this long at most
 MINUTE_NS = 60 * 1_000_000_000
+NEVER = 1 << 63  # later than any ns timestamp
 FLATTEN_IDS_KEPT = 1024  # ids of risk's own flatten orders remembered (exempt from a pause)
 TARGET = {ControlAction.HALT: TradingState.HALTED, ControlAction.RESUME: TradingState.ACTIVE,
           ControlAction.FLATTEN: TradingState.REDUCING}
@@ -129,7 +130,9 @@ class RiskEngine:
         self.flatten_ns = flatten_ns
         self.pause_phase = ""  # "", FLATTEN or PAUSED (shared/shabbat.py phase_at)
         self.pause: "Pause | None" = None  # the pause of the phase (the next one when trading)
-        self._pause_until = -1  # the phase may change at this instant (phase_at's until_ns)
+        # the phase may change at this instant (phase_at's until_ns); never without a calendar, so
+        # `check` does not even call on_clock then
+        self._pause_until = -1 if calendar is not None else NEVER
         self._flatten_ids: dict[str, None] = {}  # risk's own closing orders: they pass a pause
         self.book_ns: dict[str, int] = {}
         self._mids: dict[str, Decimal] = {}  # symbol -> the last two-sided book's mid (`marks`)
@@ -613,7 +616,8 @@ class RiskEngine:
         self.held_reason = self.state_reason = snap["reason"]
         self.held_by = self.state_by = snap["by"]
         self.held_ts = self.state_ts = snap["state_ts"]
-        self.pause_phase, self.pause, self._pause_until = "", None, -1  # on_clock judges again
+        self.pause_phase, self.pause = "", None
+        self._pause_until = -1 if self.calendar is not None else NEVER  # on_clock judges again
         self.peak, self.day, self.day_start = snap["peak_equity"], snap["day"], snap["day_start_equity"]
         self.tripped = {k for k in snap["tripped"].split(",") if k}
         self._dirty = False
