@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_calendar(sub)
     from services.control.cli import add_parser as add_control
     add_control(sub)
+    from services.notifier.commands import add_parser as add_telegram
+    add_telegram(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

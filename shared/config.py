@@ -591,6 +591,18 @@ def _bot_token(raw: str) -> str:
     return value
 
 
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
+
+
+def _webhook_secret(raw: str) -> str:
+    """Empty (the webhook is off) or 16..256 of `A-Z a-z 0-9 _ -` (Telegram's `secret_token`
+    allows 1..256; fewer than 16 is too easy to guess). The error never quotes the value."""
+    value = raw.strip()
+    if value and not _WEBHOOK_SECRET.fullmatch(value):
+        raise ValueError("must be empty (off) or 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
+    return value
+
+
 def _chat_ids(raw: str) -> tuple[str, ...]:
     """`123456, -1001234567890` → ("123456", "-1001234567890"): chat ids (a group's is negative)."""
     out: list[str] = []
@@ -634,6 +646,12 @@ class NotifierConfig:
     batch_ms: int = setting("QF_NOTIFIER_BATCH_MS", "2000", _int(0, 60_000),
                             "fills of one symbol within this many ms of the first go out as one message "
                             "(0: one message per fill)")
+    allowed_chats: tuple = setting("QF_TELEGRAM_ALLOWED_CHATS", "", _chat_ids,
+                                   "comma-separated chat ids whose commands the API's webhook obeys "
+                                   "(empty: commands off)")
+    webhook_secret: str = setting("QF_TELEGRAM_WEBHOOK_SECRET", "", _webhook_secret,
+                                  "secret Telegram sends in X-Telegram-Bot-Api-Secret-Token with each "
+                                  "webhook call (empty: POST /telegram/webhook is off)", secret=True)
 
 
 SECTIONS = {"bus": BusConfig, "common": CommonConfig, "md": MarketDataConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import threading
 import time
 
 import peewee as pw
@@ -30,6 +31,7 @@ _SYMBOL = re.compile(r"[A-Za-z0-9]{1,20}")
 
 # Only the control endpoint takes a body, one small flat object; nothing else reads one.
 CONTROL_MAX_BYTES = 4096
+TELEGRAM_MAX_BYTES = 32 * 1024  # one Update: a message, perhaps with the one it replies to
 MAX_BODY_BYTES = 64 * 1024
 
 __all__ = ["ApiError", "bad_param", "error_body", "create_app", "check_token", "ask_risk",
@@ -159,10 +161,16 @@ def create_app(cfg: Config, clock: Clock = time.time_ns) -> Flask:
     app.extensions["qf_db"] = db
     ctl = Control(cfg, clock, db)  # the queries and actions every front end shares
     pause = ctl.pause
+    # /flatten's asked confirmations, chat id -> ns deadline: per process (another gunicorn
+    # worker asks again); the chats already logged as refused (once each)
+    tg_pending: dict[int, int] = {}
+    tg_refused: set[int] = set()
+    tg_lock = threading.Lock()
 
     @app.before_request
     def _open_db():
-        if request.endpoint not in (None, "health", "control", "risk_state"):  # health reports failures itself
+        # health reports failures itself; control and the webhook check their caller first
+        if request.endpoint not in (None, "health", "control", "risk_state", "telegram_webhook"):
             db.ensure()  # per request: notices a database file deleted or replaced since the last one
 
     @app.errorhandler(ApiError)
@@ -242,6 +250,40 @@ def create_app(cfg: Config, clock: Clock = time.time_ns) -> Flask:
         check_token(cfg.api.token, request.headers.get("Authorization"))
         _params(set())
         return jsonify(queries.jsonable(ask_risk(cfg, ControlAction.STATE, "api", "")))
+
+    @app.post("/telegram/webhook")
+    def telegram_webhook():
+        """Bot commands (services/notifier/commands.py). 403 unless the secret header matches
+        QF_TELEGRAM_WEBHOOK_SECRET; 200 `{}` and nothing done for a chat not allowed; the replies
+        go out by sendMessage before the 200 (a failed send is logged, not retried)."""
+        from services.notifier import commands
+        n = cfg.notifier
+        if not n.webhook_secret or not n.telegram_token:
+            raise ApiError(403, "telegram_disabled",
+                           "Telegram commands are off: QF_TELEGRAM_WEBHOOK_SECRET or QF_TELEGRAM_TOKEN is not set")
+        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), n.webhook_secret.encode()):
+            raise ApiError(403, "forbidden", "the secret token is not valid")
+        update = read_object(request, TELEGRAM_MAX_BYTES)
+        parsed = commands.parse(update)
+        if parsed is None:
+            return jsonify({})
+        chat_id = parsed[0]
+        if str(chat_id) not in n.allowed_chats:
+            with tg_lock:
+                first = chat_id not in tg_refused
+                if first and len(tg_refused) < 1000:  # bounded: a flood of chat ids cannot grow it
+                    tg_refused.add(chat_id)
+            if first:
+                log.warning("telegram_chat_refused", extra={"chat_id": chat_id})
+            return jsonify({})
+        with tg_lock:  # one command at a time: the pending confirmations are shared
+            replies = commands.handle(update, ctl, clock(), tg_pending, n.report_at)
+        for outcome in commands.send_replies(cfg, chat_id, replies):
+            if outcome.kind != "sent":
+                log.warning("telegram_reply_failed", extra={"chat_id": chat_id, "kind": outcome.kind,
+                                                            "detail": outcome.detail})
+        return jsonify({})
 
     @app.get("/metrics")
     def metrics():
