@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from bench import backtest, broker, compose, marketdata, md_rss, risk, strategy, tick_to_trade
+from bench import api, backtest, broker, compose, marketdata, md_rss, risk, strategy, tick_to_trade
 
 BENCHMARKS = {
     "tick_to_trade": tick_to_trade.run,
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "risk": risk.run,
     "backtest": backtest.run,
     "strategy": strategy.run,
+    "api": api.run,
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

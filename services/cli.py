@@ -140,7 +140,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         host, _, port = cfg.api.bind.rpartition(":")
         host = "127.0.0.1" if host in ("", "0.0.0.0", "*") else host
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=3) as resp:
+            with urllib.request.urlopen(f"http://{host}:{port}/health/live", timeout=3) as resp:
                 ok = resp.status == 200
         except OSError as exc:
             print(f"api unhealthy: {exc}", file=sys.stderr)

@@ -54,7 +54,7 @@ class OrderRow(BaseModel):
     filled_qty = DecimalText()
     avg_price = DecimalText(null=True)
     reason = pw.TextField(default="")
-    created_ts = pw.BigIntegerField()
+    created_ts = pw.BigIntegerField(index=True)  # /api/v1/orders pages newest first by it
     updated_ts = pw.BigIntegerField()
     # issue #5: when the order reached the simulated exchange, and the mids it was judged against
     arrival_ts = pw.BigIntegerField(null=True)
@@ -288,6 +288,67 @@ class SignalRow(BaseModel):
 MODELS = (*MODELS, SignalRow)
 
 
+class PositionRow(BaseModel):
+    """Issue #15: each symbol's position and P&L as all its fills so far make it (shared/ledger.py's
+    average cost, exact), kept by the broker in the same transaction as the fills
+    (shared/aggregates.py), so the API answers positions, P&L and stats from one row per
+    symbol instead of re-reading every fill. Absolute values, written whole each time: storing
+    a journal record twice cannot count a fill twice."""
+    symbol = pw.TextField(primary_key=True)
+    qty = DecimalText()
+    cost = DecimalText()  # signed: qty × average entry price
+    realized = DecimalText()  # before fees
+    fees = DecimalText()  # paid in the symbol's quote asset (they count in P&L)
+    other_fees = pw.TextField(default="{}")  # JSON {asset: "decimal"}: fees paid in any other asset
+    fills = pw.BigIntegerField()
+    last_price = DecimalText(null=True)
+    last_ts = pw.BigIntegerField(null=True)  # the newest fill's ts
+    trip_pnl = DecimalText()  # the open round trip's net P&L so far (Position.trip_pnl)
+    trips = pw.BigIntegerField()  # round trips closed (to flat or through it)
+    wins = pw.BigIntegerField()  # of which net P&L > 0
+    gross_win = DecimalText()  # sum of the winning trips' net P&L (≥ 0)
+    gross_loss = DecimalText()  # sum of the losing trips' net P&L (≤ 0)
+    maker_fills = pw.BigIntegerField()
+    notional = DecimalText()  # sum of price × qty
+    maker_notional = DecimalText()
+    slip_n = pw.BigIntegerField()  # fills with a slippage_arrival
+    slip_sum = DecimalText()  # sum of their slippage_arrival (quote per unit; > 0 cost)
+    slip_cost = DecimalText()  # sum of slippage_arrival × qty (quote)
+
+    class Meta:
+        table_name = "positions"
+
+
+class PnlDayRow(BaseModel):
+    """Issue #15: one UTC day's realized P&L per symbol (day of the fill's `ts`), kept by the
+    broker beside `positions` (absolute values, written whole)."""
+    day = pw.IntegerField()  # days since the epoch, UTC
+    symbol = pw.TextField()
+    realized = DecimalText()
+    fees = DecimalText()  # quote-asset fees
+    fills = pw.BigIntegerField()
+    trips = pw.BigIntegerField()
+    wins = pw.BigIntegerField()
+    notional = DecimalText()
+
+    class Meta:
+        table_name = "pnl_days"
+        primary_key = pw.CompositeKey("day", "symbol")
+
+
+class OrderCountRow(BaseModel):
+    """Issue #15: how many orders are in each status now, kept by the broker with the orders
+    (absolute values, written whole), so a status query does not count every order."""
+    status = pw.TextField(primary_key=True)
+    n = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "order_counts"
+
+
+MODELS = (*MODELS, PositionRow, PnlDayRow, OrderCountRow)
+
+
 def _insert_sql(model: type[BaseModel], cols: tuple[str, ...], param: str) -> str:
     meta = model._meta.fields
     return (f'INSERT INTO "{model._meta.table_name}" ("' + '", "'.join(meta[c].column_name for c in cols)
@@ -308,7 +369,23 @@ FILL_COLS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price"
 EQUITY_COLS = ("ts", "equity", "cash", "note")
 SIGNAL_COLS = ("ts", "symbol", "side", "confidence", "score", "features", "update_id", "recv_ts", "client_order_id",
                "action")  # services/strategy/ofi.py signal_params() gives them in this order
+POSITION_COLS = ("symbol", "qty", "cost", "realized", "fees", "other_fees", "fills", "last_price", "last_ts",
+                 "trip_pnl", "trips", "wins", "gross_win", "gross_loss", "maker_fills", "notional", "maker_notional",
+                 "slip_n", "slip_sum", "slip_cost")  # shared/aggregates.py position_row() gives them in this order
+PNL_DAY_COLS = ("day", "symbol", "realized", "fees", "fills", "trips", "wins", "notional")  # day_row()'s order
 ORDER_INSERT, ORDER_UPDATE, FILL_INSERT, EQUITY_INSERT, SIGNAL_INSERT = 0, 1, 2, 3, 4
+# issue #15: a symbol's row of `positions` / a (day, symbol) row of `pnl_days`, written whole (absolute
+# values: storing a record twice leaves the same row)
+ORDER_COUNT_COLS = ("status", "n")
+POSITION_UPSERT, PNL_DAY_UPSERT, ORDER_COUNT_UPSERT = 5, 6, 7
+
+
+def _upsert_sql(model: type[BaseModel], cols: tuple[str, ...], keys: tuple[str, ...], param: str) -> str:
+    meta = model._meta.fields
+    names = [meta[c].column_name for c in cols]
+    key_names = [meta[c].column_name for c in keys]
+    return (_insert_sql(model, cols, param) + ' ON CONFLICT ("' + '", "'.join(key_names) + '") DO UPDATE SET '
+            + ", ".join(f'"{n}" = excluded."{n}"' for n in names if n not in key_names))
 
 
 def journal_sql(param: str = "?") -> dict[int, str]:
@@ -318,7 +395,10 @@ def journal_sql(param: str = "?") -> dict[int, str]:
                            + f' WHERE "order_id" = {param}'),
             FILL_INSERT: _insert_sql(FillRow, FILL_COLS, param),
             EQUITY_INSERT: _insert_sql(EquitySnapshot, EQUITY_COLS, param),
-            SIGNAL_INSERT: _insert_sql(SignalRow, SIGNAL_COLS, param)}
+            SIGNAL_INSERT: _insert_sql(SignalRow, SIGNAL_COLS, param),
+            POSITION_UPSERT: _upsert_sql(PositionRow, POSITION_COLS, ("symbol",), param),
+            PNL_DAY_UPSERT: _upsert_sql(PnlDayRow, PNL_DAY_COLS, ("day", "symbol"), param),
+            ORDER_COUNT_UPSERT: _upsert_sql(OrderCountRow, ORDER_COUNT_COLS, ("status",), param)}
 
 
 JOURNAL_SQL = journal_sql()

@@ -206,3 +206,13 @@ def small_disk(tmp_path):
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)  # a straggler holds a file
+
+
+@pytest.fixture(autouse=True)
+def _stop_api_watchers():
+    """The API's bus watchers (services/control/watch.py) a test's apps started end with the test."""
+    yield
+    import sys
+    watch = sys.modules.get("services.control.watch")
+    if watch is not None:
+        watch.BusWatch.close_all()

@@ -187,7 +187,7 @@ def test_healthchecks_and_start_order(base):
             assert hc["test"] == ["CMD", "qf", "health", name]
         else:
             assert hc["test"][:3] == ["CMD", "python", "-c"]
-            assert "http://127.0.0.1:8000/health" in hc["test"][3]
+            assert "http://127.0.0.1:8000/health/live" in hc["test"][3]  # the container: the API process up
     # Only real needs: risk forwards to the broker, strategy trades on books through risk,
     # api reads the broker's database. marketdata and broker start together (a shallow chain
     # keeps `up` short: Docker runs the first check one interval after the start).
@@ -251,25 +251,66 @@ def test_monitoring_profile(compose):
 
 
 def test_grafana_provisioning_and_dashboard():
-    """The provisioned data source points at the compose prometheus, and every panel of
-    the dashboard uses it (tests/test_compose.py runs each panel's query on a live Prometheus)."""
+    """The provisioned data source points at the compose prometheus; the dashboard is what
+    deploy/grafana/dashboard.py builds, every panel and annotation queries that data source, ids and
+    titles are unique, panels do not overlap, and a row for each topic the on-call person needs has
+    panels (tests/prometheus/test_dashboard.py runs every query on a Prometheus scraping the real
+    services; tests/test_compose.py on the compose stack)."""
     sources = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")
     (source,) = sources["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    uids = {s["uid"] for s in sources["datasources"]}
     providers = load_yaml(GRAFANA / "provisioning" / "dashboards" / "quantumflow.yml")
     assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
     dashboards = sorted((GRAFANA / "dashboards").glob("*.json"))
-    assert dashboards
-    for path in dashboards:
-        dash = json.loads(path.read_text())
-        assert dash["uid"] and dash["title"] and dash["panels"]
-        ids = [p["id"] for p in dash["panels"]]
-        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
-        for panel in dash["panels"]:
-            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
-            assert panel["targets"] and all(t["expr"] and t["datasource"]["uid"] == source["uid"]
-                                            for t in panel["targets"]), panel["title"]
-            assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+    assert [p.name for p in dashboards] == ["quantumflow.json"]
+
+    import importlib.util  # the script is no package module: loaded from its path
+    spec = importlib.util.spec_from_file_location("qf_grafana_dashboard", GRAFANA / "dashboard.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = dashboards[0].read_text()
+    assert text == script.render(), "quantumflow.json is not what deploy/grafana/dashboard.py writes: run it"
+
+    dash = json.loads(text)
+    assert dash["uid"] and dash["title"] and dash["panels"] and dash["templating"]["list"] == []
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    titles = [p["title"] for p in panels]
+    assert len(titles) == len(set(titles)), "duplicate panel titles"
+    cells: dict[tuple[int, int], str] = {}
+    rows: dict[str, list[str]] = {}
+    current = None
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert {"x", "y", "w", "h"} <= set(pos) and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] == "row":
+            assert not panel["collapsed"] and panel["panels"] == [], panel["title"]
+            assert panel["targets"] == []  # tests/test_compose.py reads every panel's targets
+            current = rows.setdefault(panel["title"], [])
+            continue
+        assert current is not None, f"{panel['title']} is above the first row"
+        current.append(panel["title"])
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], f"{panel['title']}: no unit"
+        targets = panel["targets"]
+        assert targets and len({t["refId"] for t in targets}) == len(targets), panel["title"]
+        for t in targets:
+            assert t["expr"].strip() and t["datasource"]["uid"] in uids, (panel["title"], t["refId"])
+            # tests/test_compose.py sends each expr to Prometheus as it stands: no Grafana variable
+            assert "$" not in t["expr"], (panel["title"], t["expr"])
+    for ann in dash["annotations"]["list"]:
+        assert ann["datasource"]["uid"] in uids and ann["expr"].strip() and "$" not in ann["expr"], ann["name"]
+    topics = {"feed": r"\bfeed\b", "latency": r"\blatency\b", "risk": r"\brisk\b", "pnl": r"\bP&L\b",
+              "fills": r"\bfills\b", "fill quality": r"\bfill quality\b"}
+    for topic, pattern in topics.items():
+        found = [title for title in rows if re.search(pattern, title, re.IGNORECASE)]
+        assert found and all(rows[title] for title in found), f"no row with panels for {topic}: {list(rows)}"
 
 
 def test_test_override_changes_only_images_and_test_settings(compose):

@@ -80,7 +80,9 @@ class ApiApplication(BaseApplication):
             self.cfg.set("control_socket_disable", True)
 
     def load(self):
-        return create_app(self.qf_cfg)
+        app = create_app(self.qf_cfg)
+        app.extensions["qf_watch"].start()  # in the worker (no preload): heartbeats heard before /health asks
+        return app
 
 
 def run_api(cfg: Config) -> None:

@@ -51,6 +51,7 @@ from services.strategy.core import ImbalanceStrategy, OrderIntent
 from services.strategy.ofi import CancelIntent, OfiStrategy, signal_params
 from services.backtest.summary import Figures, Gap
 from shared import messages
+from shared.aggregates import Aggregates
 from shared.config import Config
 from shared.db import EQUITY_INSERT, SIGNAL_INSERT
 from shared.errors import DecodeError
@@ -90,6 +91,7 @@ class PaperExchange:
         self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
                                self.latency, b.fee_asset, symbols)
         self.account = Account(b.start_cash)
+        self.aggregates = Aggregates()  # the run's database starts empty (services/backtest/cli.py)
         self.timeout_ns = cfg.risk.broker_timeout_ms * 1_000_000
         self.clock, self.sink, self.figures = clock, sink, figures
         self.ids = SeededIds(seed)
@@ -164,8 +166,9 @@ class PaperExchange:
             return
         changes = store.changes_of(updates)
         if changes:
-            statements, self.account = store.statements(changes, self.account, self.model.marks())
-            self.sink(statements)
+            done = store.batch(changes, self.account, self.model.marks(), self.aggregates)
+            self.sink(done.statements)
+            self.account, self.aggregates = done.account, done.aggregates
         events = []
         for u in updates:
             if u.event == NOT_OPEN:

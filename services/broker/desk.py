@@ -20,6 +20,7 @@ from services.broker.queue import make_queue_model
 from services.broker.store import KnownIds
 from services.broker.telemetry import DUPLICATES, FAILURES, FILLS, ORDERS, STORE_REFUSED, labelled
 from shared import journal, messages, storage
+from shared.aggregates import Aggregates
 from shared.config import Config
 from shared.enums import TERMINAL_STATUSES, OrderStatus
 from shared.errors import StoreUnavailable
@@ -68,10 +69,12 @@ class SeededIds:
         return raw.hex()
 
 
-def rebuild(cfg: Config, journal_: Journal) -> tuple[FillModel, Account, KnownIds, int]:
+def rebuild(cfg: Config, journal_: Journal) -> tuple[FillModel, Account, Aggregates, KnownIds, int]:
     """Store what `journal_` holds, then rebuild the fill model (with the open orders), cash and
-    positions, and the known client_order_ids from the bound database: `(model, account, known,
-    fills counted)`. Raises peewee, sqlite3 or OS errors (nothing is built)."""
+    positions, the per-symbol aggregates (read from their tables, or recomputed from the fills when
+    those disagree: store.load_aggregates) and the known client_order_ids from the bound database:
+    `(model, account, aggregates, known, fills counted)`. Raises peewee, sqlite3 or OS errors
+    (nothing is built)."""
     # what an earlier run made durable but did not store goes in first: the state is read from SQLite
     recovered = journal_.catch_up()
     if recovered:
@@ -81,12 +84,13 @@ def rebuild(cfg: Config, journal_: Journal) -> tuple[FillModel, Account, KnownId
     model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
                       latency, b.fee_asset, cfg.md.symbols)
     account, fills = store.load_account(b.start_cash)
+    aggregates = store.load_aggregates()
     known = store.known_ids()
     for order, row in store.load_open():
         model.restore(order, row.arrival_ts, row.decision_mid, row.arrival_mid)
     log.info("rebuilt", extra={"fills": fills, "open_orders": len(model.working),
                                "cash": account.cash, "queue_model": model.queue.name, **latency.describe()})
-    return model, account, known, fills
+    return model, account, aggregates, known, fills
 
 
 class BrokerDesk:
@@ -100,12 +104,15 @@ class BrokerDesk:
     second order: it waits for the one in flight, or gets the answer from the cache (`acks`),
     else from the database and the journal's unstored records. While the storage cannot take
     what a request needs, it is answered error STORE_UNAVAILABLE (`refuse`). Order ids come from
-    `ids` (`OrderIds`, random, unless given: the lock-step broker passes `SeededIds`)."""
+    `ids` (`OrderIds`, random, unless given: the lock-step broker passes `SeededIds`). `aggregates`:
+    the per-symbol tallies as the database holds them (`rebuild`; empty for an empty database),
+    kept beside the account: each record also stores the rows its fills changed."""
 
     def __init__(self, model: FillModel, account: Account, known: KnownIds, keeper: StoreKeeper, stats: dict,
                  clock: Callable[[], int], reply: Reply, publish: Callable[[Events], None],
-                 ids: OrderIds | SeededIds | None = None) -> None:
+                 ids: OrderIds | SeededIds | None = None, aggregates: Aggregates | None = None) -> None:
         self.model, self.account, self.known = model, account, known
+        self.aggregates = aggregates if aggregates is not None else Aggregates()
         self.keeper, self.journal, self.health = keeper, keeper.journal, keeper.health
         self.stats, self.clock, self.reply, self.publish = stats, clock, reply, publish
         for key in ("orders", "fills", "rejects", "commit_failures", "store_refused"):
@@ -116,11 +123,11 @@ class BrokerDesk:
         self._tokens = 0
         self._order_ids = ids if ids is not None else OrderIds()
 
-    def restore(self, model: FillModel, account: Account, known: KnownIds) -> None:
+    def restore(self, model: FillModel, account: Account, aggregates: Aggregates, known: KnownIds) -> None:
         """The state rebuilt from the database (`rebuild`) after a freeze, keeping the books (the
         frozen model was shown every book meanwhile, its own doings thrown away)."""
         model.markets = self.model.markets
-        self.model, self.account, self.known = model, account, known
+        self.model, self.account, self.aggregates, self.known = model, account, aggregates, known
 
     # -- repeats: the answer cache, the database, the journal ------------------------------
 
@@ -246,9 +253,9 @@ class BrokerDesk:
         changes = store.changes_of(updates)
         if changes:
             try:
-                statements, account = store.statements(changes, self.account, self.model.marks())
-                self.journal.append(statements)
-                self.account = account
+                done = store.batch(changes, self.account, self.model.marks(), self.aggregates)
+                self.journal.append(done.statements)
+                self.account, self.aggregates = done.account, done.aggregates
             except Exception as exc:
                 # nothing was made durable, so nothing is told; the model is rebuilt from the database
                 FAILURES.inc()

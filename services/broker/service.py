@@ -86,7 +86,7 @@ class BrokerService:
         try:
             try:
                 init_db(cfg.common.db)
-                model, account, known, self.stats["fills"] = rebuild(cfg, self.journal)
+                model, account, aggregates, known, self.stats["fills"] = rebuild(cfg, self.journal)
                 held = self.lockstep is not None and OrderRow.select().exists()
             except READ_ERRORS as exc:  # e.g. a full disk refusing what the journal holds: `qf up` retries
                 raise FatalError(f"cannot bring {cfg.common.db} up to date: "
@@ -115,10 +115,11 @@ class BrokerService:
         self.keeper = StoreKeeper(self.journal, cfg.common.db, self.alerts, self.stats)
         self.health = self.keeper.health
         if self.lockstep is None:
-            self.desk = BrokerDesk(model, account, known, self.keeper, self.stats, clock, self._reply, self._publish)
+            self.desk = BrokerDesk(model, account, known, self.keeper, self.stats, clock, self._reply, self._publish,
+                                   aggregates=aggregates)
         else:
             self.desk = BrokerDesk(model, account, known, self.keeper, self.stats, clock, self._reply_counted,
-                                   self._publish_counted, SeededIds(cfg.broker.seed))
+                                   self._publish_counted, SeededIds(cfg.broker.seed), aggregates)
         self.heartbeat = HeartbeatMaker("broker")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
         self.equity_ticker = Ticker(int(cfg.broker.equity_s * 1000))
@@ -138,8 +139,8 @@ class BrokerService:
     def _reload(self) -> None:
         """After a freeze, when the storage takes writes again (StoreKeeper.probe): the desk's
         state rebuilt. Raises like `rebuild` (the frozen model stays; the next probe tries again)."""
-        model, account, known, self.stats["fills"] = rebuild(self.cfg, self.journal)
-        self.desk.restore(model, account, known)
+        model, account, aggregates, known, self.stats["fills"] = rebuild(self.cfg, self.journal)
+        self.desk.restore(model, account, aggregates, known)
 
     def request(self, envelope: list, payload: bytes) -> None:
         """One request: answered now (an error, a repeat, a bad order) or when the

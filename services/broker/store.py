@@ -5,6 +5,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Iterable
@@ -13,7 +14,8 @@ import peewee as pw
 
 from services.broker.core import Account, Order
 from services.broker.fill_model import ARRIVED, NOT_OPEN
-from shared import journal, money
+from shared import aggregates, journal, money
+from shared.aggregates import Aggregates
 from shared.db import (EQUITY_INSERT, FILL_COLS, FILL_INSERT, ORDER_COLS, ORDER_INSERT, ORDER_UPDATE,
                        ORDER_UPDATE_COLS, DecimalText, EquitySnapshot, FillRow, OrderRow, database, insert_rows)
 from shared.enums import OPEN_STATUSES, Liquidity, OrderKind, OrderStatus, Side, TimeInForce
@@ -109,13 +111,29 @@ def _fill_params(f: Fill, mid: Decimal | None) -> tuple:
             _dec(f.arrival_mid), _dec(f.slippage_decision), _dec(f.slippage_arrival), f.queue_wait_ns)
 
 
-def statements(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> tuple[list, Account]:
-    """The journal statements that store `changes`, with an equity snapshot after each order
-    that filled, and the account with the fills applied (the caller swaps it in only once the
-    statements are durable)."""
+@dataclass(slots=True)
+class Batch:
+    """What `batch` makes of a batch of changes: the journal `statements` that store it, and the
+    account and aggregates with its fills applied (new objects: the caller swaps them in only
+    once the statements are durable)."""
+    statements: list
+    account: Account
+    aggregates: Aggregates | None
+
+
+def batch(changes: Iterable[Change], account: Account, marks: dict[str, Decimal],
+          aggregates: Aggregates | None) -> Batch:
+    """The journal statements that store `changes`, with an equity snapshot after each order that
+    filled and, after the last change, the `positions` and `pnl_days` rows its fills touched
+    (issue #15: shared/aggregates.py; each once, whole, in the same record as the fills, so in the
+    same transaction), with the account and a copy of `aggregates` the fills were applied to.
+    `aggregates` None: no such rows (the caller rebuilds the tables after)."""
     acct = Account(account.cash, dict(account.positions), dict(account.last_price))
+    aggs = None if aggregates is None else aggregates.copy()
     out: list = []
     for c in changes:
+        if aggs is not None:
+            aggs.orders.change(c.order.order_id, c.order.status.value, c.new, _stored_status)
         avg = c.order.avg_price
         if c.new:
             out.append((ORDER_INSERT, _order_params(c, avg)))
@@ -126,15 +144,38 @@ def statements(changes: Iterable[Change], account: Account, marks: dict[str, Dec
             for f in c.fills:
                 out.append((FILL_INSERT, _fill_params(f, mid)))
                 acct.apply(f.symbol, f.side, f.price, f.qty, f.fee, f.fee_asset)
+                if aggs is not None:
+                    aggs.apply_fill(f)
             out.append((EQUITY_INSERT, (c.order.updated_ts, _dec(acct.equity(marks)), _dec(acct.cash),
                                         c.order.order_id)))
-    return out, acct
+    if aggs is not None:
+        out.extend(aggs.upserts())
+    return Batch(out, acct, aggs)
+
+
+def _stored_status(order_id: str) -> str | None:
+    """The status the database holds for `order_id` (an update of an order the counts do not track
+    as open: not expected, but the count must move from where the order was); None if unknown."""
+    try:
+        row = database.execute_sql(f'SELECT "status" FROM "orders" WHERE "order_id" = {database.param}',
+                                   [order_id]).fetchone()
+    except (pw.PeeweeException, sqlite3.Error):
+        return None
+    return None if row is None else row[0]
+
+
+def statements(changes: Iterable[Change], account: Account, marks: dict[str, Decimal],
+               aggregates: Aggregates | None = None) -> tuple[list, Account]:
+    """`batch`'s statements and account (the aggregates' rows only when `aggregates` is given)."""
+    b = batch(changes, account, marks, aggregates)
+    return b.statements, b.account
 
 
 def commit(changes: Iterable[Change], account: Account, marks: dict[str, Decimal]) -> Account:
     """Write `changes` straight into the database in ONE transaction (no journal), with an
-    equity snapshot after each order that filled. Returns the account with the fills applied.
-    Raises peewee or sqlite3 errors (nothing written)."""
+    equity snapshot after each order that filled (no aggregates: `load_aggregates` rebuilds
+    them). Returns the account with the fills applied. Raises peewee or sqlite3 errors (nothing
+    written)."""
     stmts, acct = statements(changes, account, marks)
     journal.write(stmts)
     return acct
@@ -250,6 +291,21 @@ def load_account(start_cash: Decimal) -> tuple[Account, int]:
         account.apply(symbol, Side(side), Decimal(price), Decimal(qty), Decimal(fee_), asset)
         n += 1
     return account, n
+
+
+def load_aggregates() -> Aggregates:
+    """The aggregates (shared/aggregates.py) from the `positions` and `pnl_days` tables when they
+    count every stored fill, symbol by symbol; else (a database older than them, or rows lost)
+    recomputed from the fills and stored, with a warning `aggregates_rebuilt`. Raises peewee or
+    sqlite3 errors."""
+    differs = aggregates.disagreement()
+    if differs is None:
+        return aggregates.load()
+    started = time.perf_counter()
+    aggs = aggregates.rebuild()
+    log.warning("aggregates_rebuilt", extra={**differs, "symbols_rebuilt": len(aggs.tallies),
+                                             "seconds": round(time.perf_counter() - started, 3)})
+    return aggs
 
 
 def load_open() -> list[tuple[Order, OrderRow]]:

@@ -15,6 +15,7 @@ from services.control import queries
 from services.control.dbreader import ReadOnlyDatabase
 from services.control.pause import PauseView
 from services.control.risk import RiskRefused, RiskUnreachable, ask_risk
+from services.control.watch import BusWatch, feeds_view, services_view
 from shared.config import Config
 from shared.enums import ControlAction
 
@@ -27,22 +28,39 @@ class Control:
     """Status, positions, trades, P&L and risk's state; HALT / RESUME / FLATTEN through risk."""
 
     def __init__(self, cfg: Config, clock: Callable[[], int] = time.time_ns,
-                 db: ReadOnlyDatabase | None = None) -> None:
+                 db: ReadOnlyDatabase | None = None, watch: BusWatch | None = None) -> None:
         self.cfg, self.clock = cfg, clock
         self.db = db if db is not None else ReadOnlyDatabase(cfg.common.db)
         self.pause = PauseView(cfg.shabbat)
+        self.watch = watch  # heartbeats and feed states heard on the bus (watch.py); None: not asked
+
+    def bus(self, wait: bool = False):
+        """(snapshot, services, feeds) as `self.watch` hears them now (`wait`: a young watcher first
+        waits, bounded, for every service's first heartbeat). Needs a watch."""
+        snap = self.watch.snapshot(wait=wait)
+        services = services_view(snap, self.watch.expected, self.watch.stale_s)
+        md_fresh = services.get("marketdata", {}).get("fresh", False)
+        return snap, services, feeds_view(snap, tuple(self.cfg.md.symbols), md_fresh)
 
     # -- queries (the database, read-only) --------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Fills, orders by status, the latest equity, positions (symbol -> qty), risk's last stored
-        state change, and the Shabbat/Yom Tov pause now or next, as of `clock()`."""
+        state change, and the Shabbat/Yom Tov pause now or next, as of `clock()`; with a watch,
+        also `trading_state` (risk's live state while its heartbeat is fresh), `services` (each
+        heartbeat's age) and `feeds` (each symbol's state)."""
         self.db.ensure()
         s = queries.summary()
         now = self.clock()
-        return {"fills": s["fills"], "orders": s["orders"], "equity": s["equity"],
-                "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": now,
-                "risk_state": queries.risk_state(), "pause": self.pause.status(now)}
+        out = {"fills": s["fills"], "orders": s["orders"], "equity": s["equity"],
+               "positions": {p.symbol: p.qty for p in s["positions"]}, "ts": now,
+               "risk_state": queries.risk_state(), "pause": self.pause.status(now)}
+        if self.watch is not None:  # with a watch: risk's live state, each heartbeat's age, each feed
+            snap, services, feeds = self.bus()
+            live = snap.risk is not None and services.get("risk", {}).get("fresh")
+            out["trading_state"] = snap.risk.state.value if live else out["risk_state"]["state"]
+            out["services"], out["feeds"] = services, feeds
+        return out
 
     def positions(self, symbol: str | None = None) -> list:
         """Average-cost positions from the fills (queries.Position), by symbol."""
@@ -56,14 +74,54 @@ class Control:
         return queries.trades(symbol=symbol, limit=limit, since=since)
 
     def pnl(self) -> dict[str, Any]:
-        """Realized P&L (before fees), fees in the quote asset, net realized, and the latest equity
-        snapshot, summed over the positions."""
+        """Realized (before fees), unrealized, fees, net, the latest equity and today's (UTC) figures
+        (queries.pnl), as of `clock()`."""
         self.db.ensure()
-        found = queries.positions()
-        realized = sum((p.realized for p in found), Decimal(0))
-        net = sum((p.net_realized for p in found), Decimal(0))
-        return {"realized": realized, "fees": realized - net, "net_realized": net,
-                "equity": queries.latest_equity(), "symbols": len(found)}
+        return queries.pnl(self.clock())
+
+    def trades_page(self, **filters) -> tuple[list[dict], str | None]:
+        """A page of fills with their quality fields and the next cursor (queries.trades_page)."""
+        self.db.ensure()
+        return queries.trades_page(**filters)
+
+    def orders_page(self, **filters) -> tuple[list[dict], str | None]:
+        self.db.ensure()
+        return queries.orders_page(**filters)
+
+    def signals_page(self, **filters) -> tuple[list[dict], str | None]:
+        self.db.ensure()
+        return queries.signals_page(**filters)
+
+    def equity(self, start: int | None, end: int | None, interval: str = "auto") -> dict[str, Any]:
+        """The equity curve resampled (queries.equity_series); default range: the day before `clock()`."""
+        self.db.ensure()
+        end = self.clock() if end is None else end
+        start = end - queries.DAY_NS if start is None else start
+        return queries.equity_series(start, end, interval)
+
+    def stats(self, start: int | None = None, end: int | None = None) -> dict[str, Any]:
+        self.db.ensure()
+        return queries.stats(start, end)
+
+    def risk_view(self, window_s: int = 3600, limit: int = 50) -> dict[str, Any]:
+        """Risk as stored (state, denials in the last `window_s` by reason, recent events), its
+        limits as configured and the pause now; no request to risk."""
+        self.db.ensure()
+        now = self.clock()
+        with queries.database.atomic():
+            state = queries.risk_state()
+            denials = queries.denials_by_reason(now - window_s * 1_000_000_000)
+            events = queries.risk_events(limit)
+        return {"state": state, "limits": self.limits(), "pause": self.pause.status(now),
+                "denials": {"window_s": window_s, "by_reason": denials, "total": sum(denials.values())},
+                "events": events}
+
+    def limits(self) -> dict[str, Any]:
+        """Risk's limits as configured (QF_RISK_*), by their setting names' short form."""
+        from dataclasses import fields
+        r = self.cfg.risk
+        return {f.name: getattr(r, f.name) for f in fields(r)
+                if isinstance(getattr(r, f.name), (int, float, str, Decimal, bool)) and "timeout" not in f.name}
 
     # -- actions (through risk) -------------------------------------------------------------
 

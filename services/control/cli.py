@@ -48,14 +48,18 @@ def add_parser(sub) -> None:
         a.set_defaults(func=cmd_action, action=name)
 
 
-def _control():
+def _control(watch: bool = False):
+    """The control layer on QF_* settings; `watch`: with a bus watcher (services/control/watch.py)
+    for heartbeats and feeds (the caller closes `ctl.watch`)."""
     import logging
 
     from services.control import Control
+    from services.control.watch import BusWatch
     from shared.config import load
     # what goes wrong is said in one line by _run; the readers' own warnings would repeat it
     logging.getLogger("qf").setLevel(logging.ERROR)
-    return Control(load())
+    cfg = load()
+    return Control(cfg, watch=BusWatch(cfg) if watch else None)
 
 
 def _local(iso: str, tz: str) -> str:
@@ -110,17 +114,36 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
+def _beat(name: str, s: dict) -> str:
+    """One service's heartbeat for the status text: `risk 0.4s`, `broker 7.2s STALE`, `strategy SILENT`."""
+    if s["age_s"] is None:
+        return f"{name} not heard"
+    return f"{name} {s['age_s']:.1f}s" + ("" if s["fresh"] else " STALE") + \
+        ("" if s["status"] in ("ok", "no heartbeat") or name == "marketdata" else f" ({s['status']})")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     def run() -> int:
-        ctl = _control()
-        st = ctl.status()
+        ctl = _control(watch=True)
+        try:
+            ctl.bus(wait=True)  # one heartbeat period at most: each service heard, or said not to be
+            st = ctl.status()
+        finally:
+            ctl.watch.close()
         if args.json:
             _dump(st)
             return 0
         rs, pause = st["risk_state"], st["pause"]
         since = f" since {_when(rs['ts'])}" if rs["ts"] else ""
         why = f" ({rs['code']}: {rs['reason']})" if rs["code"] else ""
-        print(f"trading   {rs['state']}{why}{since}")
+        live = f" (risk now: {st['trading_state']})" if st["trading_state"] != rs["state"] else ""
+        print(f"trading   {rs['state']}{why}{since}{live}")
+        if any(s["age_s"] is not None for s in st["services"].values()):
+            print("services  " + ", ".join(_beat(name, s) for name, s in st["services"].items()))
+            print("feeds     " + (", ".join(f"{sym} {f['state']}" for sym, f in st["feeds"].items()) or "-"))
+        else:
+            print(f"services  none heard within {ctl.watch.grace_s:.1f} s (is the stack running? "
+                  f"the heartbeats come on QF_MD_PUB, QF_BROKER_PUB, QF_RISK_PUB, QF_STRATEGY_PUB)")
         if pause["enabled"]:
             cur, nxt, tz = pause["current"], pause["next"], ctl.pause.calendar.where.tz
             if cur:
@@ -162,9 +185,9 @@ def cmd_trades(args: argparse.Namespace) -> int:
         return _fail(f"--limit must be between 1 and {MAX_LIMIT}, not {args.limit}", EXIT_BAD_INPUT)
 
     def run() -> int:
-        rows = _control().trades(symbol=args.symbol, limit=args.limit)
-        if args.json:
-            _dump({"trades": rows, "count": len(rows)})
+        rows, cursor = _control().trades_page(symbol=args.symbol, limit=args.limit)
+        if args.json:  # the REST API's answer, to the letter
+            _dump({"trades": rows, "count": len(rows), "next_cursor": cursor})
             return 0
         if not rows:
             print("no fills yet")

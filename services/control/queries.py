@@ -1,12 +1,23 @@
-"""The one query layer over shared/db.py: trades, positions (the shared average-cost ledger), summaries."""
+"""The one query layer over shared/db.py: trades, orders, positions, P&L, equity, risk, stats, signals.
+
+Every answer costs O(page) or O(symbols), never O(all fills): positions, P&L and the trip
+tallies come from the tables the broker keeps beside the fills (`positions`, `pnl_days`,
+`order_counts`; shared/aggregates.py), pages are keyset-paginated on an index (a cursor is the
+last row's key, so a page never skips or repeats a row while the broker writes). Reads go
+through the read-only WAL connection: they never block the broker's writes."""
 from __future__ import annotations
 
+import json
+import math
+import re
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Iterable
 
 import peewee as pw
 
-from shared.db import EquitySnapshot, FillRow, OrderRow, RiskEvent, database
+from shared.db import (EquitySnapshot, FillRow, OrderCountRow, OrderRow, PnlDayRow, PositionRow, RiskEvent,
+                       SignalRow, database)
 from shared.enums import OrderStatus, TradingState
 from shared.ledger import Ledger, Position
 from shared.money import quote_asset
@@ -19,8 +30,36 @@ _TRADE_FIELDS = (FillRow.fill_id, FillRow.order_id, FillRow.client_order_id, Fil
                  FillRow.price, FillRow.qty, FillRow.fee, FillRow.fee_asset, FillRow.liquidity,
                  FillRow.exch_ts, FillRow.ts)
 
+DAY_NS = 86_400 * 1_000_000_000
+
 __all__ = ["Position", "quote_asset", "positions_from", "position_dict", "ping", "trades", "positions",
-           "latest_equity", "order_counts", "summary", "risk_state", "render_decimal", "jsonable"]
+           "latest_equity", "order_counts", "summary", "risk_state", "render_decimal", "jsonable",
+           "BadCursor", "trades_page", "orders_page", "signals_page", "pnl", "equity_series", "risk_view", "stats"]
+
+
+class BadCursor(ValueError):
+    """A pagination cursor this API did not make (a front end answers 400)."""
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_HEX = re.compile(r"[0-7]?[0-9a-f]{1,15}")
+
+
+def encode_cursor(ts: int, row_id: str | int) -> str:
+    """A page's last row key as the next page's cursor: its time in hex, a dot, its id (an
+    integer id in hex). Every string of that shape is a valid cursor: a position in the order.
+    An id outside [A-Za-z0-9_-] (never made by this broker) gives a cursor of its time alone."""
+    if isinstance(row_id, int):
+        return f"{ts:x}.{row_id:x}"
+    return f"{ts:x}.{row_id}" if _ID.fullmatch(row_id) else f"{ts:x}.-"
+
+
+def decode_cursor(cursor: str, int_id: bool = False) -> tuple[int, str | int]:
+    """(ts, id) from `cursor`; BadCursor for anything that is not of encode_cursor's shape."""
+    ts, dot, row_id = cursor.partition(".")
+    if not dot or not _HEX.fullmatch(ts) or not (_HEX if int_id else _ID).fullmatch(row_id):
+        raise BadCursor("cursor is not one this API gave out (it is the next_cursor of a page)")
+    return int(ts, 16), int(row_id, 16) if int_id else row_id
 
 
 def positions_from(fills: Iterable[tuple]) -> dict[str, Position]:
@@ -36,7 +75,7 @@ def position_dict(pos: Position) -> dict[str, Any]:
     """A position as the API shows it: realized P&L before fees, fees per asset, net of the quote fees."""
     return {"symbol": pos.symbol, "qty": pos.qty, "avg_entry_price": pos.avg_price, "cost_basis": pos.cost,
             "realized_pnl": pos.realized, "fees": pos.fees_by_asset(), "net_realized_pnl": pos.net_realized,
-            "last_price": pos.last_price, "fills": pos.fills}
+            "unrealized_pnl": pos.unrealized(), "last_price": pos.last_price, "fills": pos.fills}
 
 
 def ping() -> None:
@@ -61,36 +100,47 @@ def trades(symbol: str | None = None, limit: int = DEFAULT_LIMIT, since: int | N
     return list(query.dicts())
 
 
+def _position(row: tuple) -> Position:
+    symbol, qty, cost, realized, fees, other, fills, last_price = row
+    pos = Position(symbol, qty=Decimal(qty), cost=Decimal(cost), realized=Decimal(realized), fees=Decimal(fees),
+                   last_price=None if last_price is None else Decimal(last_price), fills=fills)
+    pos.other_fees = {k: Decimal(v) for k, v in json.loads(other or "{}").items()}
+    return pos
+
+
 def positions(symbol: str | None = None) -> list[Position]:
-    """Every symbol's position computed from all its fills, sorted by symbol."""
-    query = FillRow.select(FillRow.symbol, FillRow.side, FillRow.qty, FillRow.price, FillRow.fee,
-                           FillRow.fee_asset)
-    if symbol:
-        query = query.where(FillRow.symbol == symbol.upper())
-    query = query.order_by(FillRow.ts, FillRow.exch_ts, FillRow.fill_id)
-    found = positions_from(query.tuples())
-    return [found[s] for s in sorted(found)]
+    """Every symbol's position as the broker keeps it from all its fills (table `positions`,
+    one row per symbol), sorted by symbol."""
+    p = database.param
+    sql = ('SELECT "symbol", "qty", "cost", "realized", "fees", "other_fees", "fills", "last_price" FROM "positions"'
+           + (f' WHERE "symbol" = {p}' if symbol else "") + ' ORDER BY "symbol"')
+    return [_position(r) for r in database.execute_sql(sql, [symbol.upper()] if symbol else []).fetchall()]
 
 
 def latest_equity() -> dict | None:
     """The newest equity snapshot as {ts, equity, cash, note}, or None."""
-    row = EquitySnapshot.select().order_by(EquitySnapshot.ts.desc(), EquitySnapshot.id.desc()).first()
-    return None if row is None else {"ts": row.ts, "equity": row.equity, "cash": row.cash, "note": row.note}
+    row = database.execute_sql('SELECT "ts", "equity", "cash", "note" FROM "equity" '
+                               'ORDER BY "ts" DESC, "id" DESC LIMIT 1').fetchone()
+    return None if row is None else {"ts": row[0], "equity": Decimal(row[1]), "cash": Decimal(row[2]), "note": row[3]}
 
 
 def order_counts() -> dict[str, int]:
-    """Orders per status; every status present, zero when none."""
+    """Orders per status (table `order_counts`, kept by the broker); every status present, zero when none."""
     counts = {s.value: 0 for s in OrderStatus}
-    query = OrderRow.select(OrderRow.status, pw.fn.COUNT(OrderRow.order_id)).group_by(OrderRow.status)
-    for status, n in query.tuples():
+    for status, n in database.execute_sql('SELECT "status", "n" FROM "order_counts"').fetchall():
         counts[status] = n
     return counts
+
+
+def fill_count() -> int:
+    """Fills stored: the sum of the positions' fill counts (not COUNT(*) over every fill)."""
+    return int(database.execute_sql('SELECT COALESCE(SUM("fills"), 0) FROM "positions"').fetchone()[0])
 
 
 def summary() -> dict[str, Any]:
     """Fills count, orders by status, latest equity and positions, from one read snapshot."""
     with database.atomic():
-        return {"fills": FillRow.select().count(), "orders": order_counts(), "equity": latest_equity(),
+        return {"fills": fill_count(), "orders": order_counts(), "equity": latest_equity(),
                 "positions": positions()}
 
 
@@ -98,9 +148,8 @@ def risk_state() -> dict[str, Any]:
     """The newest trading-state change risk stored (a `risk_events` row of kind STATE) as
     {state, code, reason, by, ts}; {"state": "ACTIVE", code/reason/by "", ts None} when none.
     One query, newest first by `ts` (risk writes "reason [by who]" in `text`)."""
-    row = (RiskEvent.select(RiskEvent.ts, RiskEvent.code, RiskEvent.text, RiskEvent.state)
-           .where(RiskEvent.kind == "STATE").order_by(RiskEvent.ts.desc(), RiskEvent.id.desc())
-           .limit(1).tuples().first())
+    row = database.execute_sql('SELECT "ts", "code", "text", "state" FROM "risk_events" WHERE "kind" = \'STATE\' '
+                               'ORDER BY "ts" DESC, "id" DESC LIMIT 1').fetchone()
     if row is None:
         return {"state": TradingState.ACTIVE.value, "code": "", "reason": "", "by": "", "ts": None}
     ts, code, text, state = row
@@ -109,6 +158,251 @@ def risk_state() -> dict[str, Any]:
     if sep and tail.endswith("]"):
         reason, by = head, tail[:-1]
     return {"state": state, "code": code, "reason": reason, "by": by, "ts": ts}
+
+
+TRADE_COLUMNS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price", "qty", "fee", "fee_asset",
+                 "liquidity", "exch_ts", "ts", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
+                 "slippage_arrival", "queue_wait_ns")
+ORDER_COLUMNS = ("order_id", "client_order_id", "strategy", "symbol", "side", "kind", "tif", "qty", "price", "status",
+                 "filled_qty", "avg_price", "reason", "created_ts", "updated_ts", "arrival_ts", "decision_mid",
+                 "arrival_mid")
+_MONEY_COLUMNS = frozenset(("price", "qty", "fee", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
+                            "slippage_arrival", "filled_qty", "avg_price"))
+
+
+def money_text(text: str | None) -> str | None:
+    """A money column's stored text (DecimalText: exact, fixed-point) as `render_decimal` shows
+    it, by string operations: no Decimal on a page's hundreds of values."""
+    if text is None or "." not in text:
+        return "0" if text in ("-0",) else text
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "", "-") else text
+
+
+def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filters: list[tuple[str, object]],
+          start: int | None, end: int | None, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
+    """Rows of `table` newest first by (ts_col, id_col), keyset-paginated; `filters` are
+    (column, value) equalities. Raw SQL over the ts index: peewee's builder and its Decimal
+    conversions cost more than the query (the text is rendered as stored, see money_text)."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    p = database.param
+    where, params = [], []
+    for col, value in filters:
+        where.append(f'"{col}" = {p}')
+        params.append(value)
+    if start is not None:
+        where.append(f'"{ts_col}" >= {p}')
+        params.append(start)
+    if end is not None:
+        where.append(f'"{ts_col}" < {p}')
+        params.append(end)
+    if cursor:
+        ts, row_id = decode_cursor(cursor)
+        where.append(f'"{ts_col}" <= {p} AND ("{ts_col}" < {p} OR "{id_col}" < {p})')
+        params += [ts, ts, row_id]
+    sql = (f'SELECT {", ".join(chr(34) + c + chr(34) for c in columns)} FROM "{table}"'
+           + (" WHERE " + " AND ".join(where) if where else "")
+           + f' ORDER BY "{ts_col}" DESC, "{id_col}" DESC LIMIT {p}')
+    params.append(limit + 1)
+    fetched = database.execute_sql(sql, params).fetchall()
+    money = [i for i, c in enumerate(columns) if c in _MONEY_COLUMNS]
+    rows = []
+    for raw in fetched[:limit]:
+        values = list(raw)
+        for i in money:
+            values[i] = money_text(values[i])
+        rows.append(dict(zip(columns, values)))
+    more = len(fetched) > limit
+    return rows, encode_cursor(rows[-1][ts_col], rows[-1][id_col]) if more else None
+
+
+def trades_page(symbol: str | None = None, side: str | None = None, start: int | None = None,
+                end: int | None = None, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of fills, newest first, with the fill-quality fields; filters: symbol, side, ts in
+    [start, end). Returns (rows, the next page's cursor or None), money as decimal strings. Keyset
+    on (ts, fill_id) over the ts index: any page costs the same. Raises BadCursor, ValueError for
+    a limit out of range."""
+    filters = [(c, v) for c, v in (("symbol", symbol.upper() if symbol else None), ("side", side)) if v]
+    return _page("fills", TRADE_COLUMNS, "ts", "fill_id", filters, start, end, cursor, limit)
+
+
+def orders_page(symbol: str | None = None, side: str | None = None, status: str | None = None,
+                start: int | None = None, end: int | None = None, limit: int = DEFAULT_LIMIT,
+                cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of orders, newest first by created_ts (keyset on (created_ts, order_id)); filters:
+    symbol, side, status, created_ts in [start, end). Raises BadCursor."""
+    filters = [(c, v) for c, v in (("symbol", symbol.upper() if symbol else None), ("side", side),
+                                   ("status", status)) if v]
+    return _page("orders", ORDER_COLUMNS, "created_ts", "order_id", filters, start, end, cursor, limit)
+
+
+def signals_page(symbol: str | None = None, start: int | None = None, end: int | None = None,
+                 limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of stored strategy signals, newest first (keyset on (ts, id)); `features` as an
+    object. Raises BadCursor."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    query = SignalRow.select()
+    if symbol:
+        query = query.where(SignalRow.symbol == symbol.upper())
+    if start is not None:
+        query = query.where(SignalRow.ts >= start)
+    if end is not None:
+        query = query.where(SignalRow.ts < end)
+    if cursor:
+        ts, row_id = decode_cursor(cursor, int_id=True)
+        query = query.where((SignalRow.ts <= ts) & ((SignalRow.ts < ts) | (SignalRow.id < row_id)))
+    rows = list(query.order_by(SignalRow.ts.desc(), SignalRow.id.desc()).limit(limit + 1).dicts())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1]["ts"], rows[-1]["id"]) if more else None
+    for row in rows:
+        row.pop("id")
+        try:
+            features = json.loads(row["features"] or "{}")
+        except ValueError:
+            features = None
+        row["features"] = features if isinstance(features, dict) else {}
+        for key in ("confidence", "score"):  # JSON has no NaN or infinity
+            if not math.isfinite(row[key]):
+                row[key] = 0.0
+    return rows, next_cursor
+
+
+def equity_at(ts: int) -> dict | None:
+    """The newest equity snapshot taken before `ts`, or None."""
+    row = database.execute_sql(f'SELECT "ts", "equity", "cash", "note" FROM "equity" WHERE "ts" < {database.param} '
+                               'ORDER BY "ts" DESC, "id" DESC LIMIT 1', [ts]).fetchone()
+    return None if row is None else {"ts": row[0], "equity": Decimal(row[1]), "cash": Decimal(row[2]), "note": row[3]}
+
+
+def pnl(now_ns: int) -> dict[str, Any]:
+    """Realized (before fees), unrealized (open quantity at the last fill price), quote fees,
+    fees in other assets, net; the latest equity; today's (UTC) realized P&L and fees from
+    `pnl_days`, and the equity change since the last snapshot before the day began."""
+    with database.atomic():
+        found = positions()
+        day = now_ns // DAY_NS
+        today = database.execute_sql(f'SELECT "realized", "fees", "fills" FROM "pnl_days" WHERE "day" = '
+                                     f'{database.param}', [day]).fetchall()
+        latest, start = latest_equity(), equity_at(day * DAY_NS)
+    realized = sum((p.realized for p in found), ZERO)
+    fees = sum((p.fees for p in found), ZERO)
+    unrealized = sum((p.unrealized() for p in found), ZERO)
+    other: dict[str, Decimal] = {}
+    for p in found:
+        for asset, amount in p.other_fees.items():
+            other[asset] = other.get(asset, ZERO) + amount
+    t_realized = sum((Decimal(r) for r, _, _ in today), ZERO)
+    t_fees = sum((Decimal(f) for _, f, _ in today), ZERO)
+    return {"realized": realized, "unrealized": unrealized, "fees": fees, "other_fees": other,
+            "net_realized": realized - fees, "net": realized - fees + unrealized, "equity": latest,
+            "today": {"day": datetime.fromtimestamp(day * 86_400, timezone.utc).date().isoformat(),
+                      "realized": t_realized, "fees": t_fees, "net_realized": t_realized - t_fees,
+                      "fills": sum(n for _, _, n in today),
+                      "equity_start": None if start is None else start["equity"],
+                      "equity_change": None if start is None or latest is None else latest["equity"] - start["equity"]},
+            "symbols": len(found)}
+
+
+INTERVALS_S = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14_400, "1d": 86_400}
+MAX_POINTS = 500
+
+
+def equity_series(start: int, end: int, interval: str = "auto") -> dict[str, Any]:
+    """Equity resampled over [start, end): the last snapshot of each `interval` bucket (buckets
+    aligned to the epoch), at most MAX_POINTS+1 points ("auto" picks the smallest interval that
+    fits; an interval that would make more than 20 × MAX_POINTS is coarsened the same way, and
+    `interval_s` says what was used); none for end ≤ start."""
+    span_s = max(end - start, 0) / 1e9
+    asked = None if interval == "auto" else INTERVALS_S[interval]
+    step = asked
+    if step is None or span_s / step > MAX_POINTS * 20:  # too many for the range asked: coarser, said so
+        step = next((v for v in INTERVALS_S.values() if span_s / v <= MAX_POINTS), None)
+        if step is None:
+            step = math.ceil(span_s / MAX_POINTS / 86_400) * 86_400
+    bucket_ns = step * 1_000_000_000
+    # SQLite takes the bare columns from the row holding MAX(ts): each bucket's last snapshot
+    # (SQLite's rule; another database needs a window function here)
+    p = database.param
+    sql = (f'SELECT MAX("ts"), "equity", "cash" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} '
+           f'GROUP BY "ts" / {p} ORDER BY 1')
+    rows = database.execute_sql(sql, (start, end, bucket_ns)).fetchall()
+    return {"interval_s": step, "requested_interval_s": asked, "from": start, "to": end,
+            "points": [{"ts": ts, "equity": Decimal(eq), "cash": Decimal(cash)} for ts, eq, cash in rows]}
+
+
+def risk_events(limit: int = 50) -> list[dict]:
+    """The newest risk events (denials and state changes), newest first."""
+    query = (RiskEvent.select(RiskEvent.ts, RiskEvent.kind, RiskEvent.code, RiskEvent.text,
+                              RiskEvent.client_order_id, RiskEvent.symbol, RiskEvent.state)
+             .order_by(RiskEvent.ts.desc(), RiskEvent.id.desc()).limit(limit))
+    return list(query.dicts())
+
+
+def denials_by_reason(since: int) -> dict[str, int]:
+    """Denials since `since` (ns) counted by code (the (kind, ts) index bounds the scan)."""
+    query = (RiskEvent.select(RiskEvent.code, pw.fn.COUNT(RiskEvent.id))
+             .where((RiskEvent.kind == "DENIED") & (RiskEvent.ts >= since)).group_by(RiskEvent.code))
+    return {code: n for code, n in query.tuples()}
+
+
+def _ratio(a, b) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+def stats(start: int | None = None, end: int | None = None) -> dict[str, Any]:
+    """Round trips (win rate, profit factor), fills (maker share, slippage) from the positions'
+    tallies; Sharpe (hourly equity closes, annualised by √8760) and max drawdown from the equity
+    snapshots in [start, end), both in SQL over the equity index."""
+    cols = (PositionRow.fills, PositionRow.trips, PositionRow.wins, PositionRow.gross_win, PositionRow.gross_loss,
+            PositionRow.maker_fills, PositionRow.notional, PositionRow.maker_notional, PositionRow.slip_n,
+            PositionRow.slip_sum, PositionRow.slip_cost)
+    with database.atomic():
+        rows = list(PositionRow.select(*cols).tuples())
+        curve = _equity_curve(start, end)
+    fills = sum(r[0] for r in rows)
+    trips = sum(r[1] for r in rows)
+    wins = sum(r[2] for r in rows)
+    gross_win = sum((Decimal(r[3]) for r in rows), ZERO)
+    gross_loss = sum((Decimal(r[4]) for r in rows), ZERO)
+    maker = sum(r[5] for r in rows)
+    notional = sum((Decimal(r[6]) for r in rows), ZERO)
+    maker_notional = sum((Decimal(r[7]) for r in rows), ZERO)
+    slip_n = sum(r[8] for r in rows)
+    slip_sum = sum((Decimal(r[9]) for r in rows), ZERO)
+    slip_cost = sum((Decimal(r[10]) for r in rows), ZERO)
+    losses = trips - wins  # a trip of exactly zero counts as a trip, not a win
+    return {"fills": fills, "round_trips": trips, "wins": wins, "losses": losses,
+            "win_rate": _ratio(wins, trips), "profit_factor": _ratio(gross_win, -gross_loss),
+            "gross_win": gross_win, "gross_loss": gross_loss, "maker_share": _ratio(maker, fills),
+            "maker_notional_share": _ratio(maker_notional, notional), "notional": notional,
+            "slippage": {"fills": slip_n, "mean_per_unit": (slip_sum / slip_n) if slip_n else None,
+                         "cost": slip_cost, "cost_bps": _ratio(slip_cost * 10_000, notional)},
+            "equity": curve}
+
+
+def _equity_curve(start: int | None, end: int | None) -> dict[str, Any]:
+    lo, hi = start if start is not None else 0, end if end is not None else 2**63 - 1
+    hour = 3600 * 1_000_000_000
+    p = database.param
+    closes = [float(eq) for _, eq in database.execute_sql(
+        f'SELECT MAX("ts"), "equity" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} GROUP BY "ts" / {p} ORDER BY 1',
+        (lo, hi, hour)).fetchall()]
+    dd = database.execute_sql(
+        'SELECT MAX("peak" - "eq"), MAX(("peak" - "eq") / "peak") FROM (SELECT CAST("equity" AS REAL) AS "eq", '
+        'MAX(CAST("equity" AS REAL)) OVER (ORDER BY "ts", "id" ROWS UNBOUNDED PRECEDING) AS "peak" '
+        f'FROM "equity" WHERE "ts" >= {p} AND "ts" < {p}) WHERE "peak" > 0', (lo, hi)).fetchone()
+    returns = [b / a - 1 for a, b in zip(closes, closes[1:]) if a > 0]
+    sharpe = None
+    if len(returns) >= 2:
+        mean = sum(returns) / len(returns)
+        sd = math.sqrt(sum((r - mean) ** 2 for r in returns) / (len(returns) - 1))
+        sharpe = mean / sd * math.sqrt(24 * 365) if sd > 0 else None
+    return {"hourly_closes": len(closes), "sharpe": sharpe,
+            "max_drawdown": dd[0] if dd and dd[0] is not None else 0.0,
+            "max_drawdown_pct": (dd[1] * 100) if dd and dd[1] is not None else 0.0}
 
 
 def render_decimal(value: Decimal) -> str:

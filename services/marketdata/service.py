@@ -189,5 +189,7 @@ class MarketDataService:
         since = [t for t in m.unsynced_since.values() if t]
         stats["unsynced_s"] = round((now_ns - min(since)) / 1e9, 1) if since else 0.0
         extra = {"recorded": self.recorder.lines} if self.recorder is not None else {}
+        # each symbol's state by name: the API's /health and /status say which feed is not synced
+        extra["symbols"] = dict(router.state)
         router.pub.publish("heartbeat.marketdata", hb.make(status, {**stats, **extra, "state": status}))
         live.touch()

@@ -13,7 +13,8 @@ from decimal import Decimal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.db import EquitySnapshot, FillRow, OrderRow, close_db, init_db
+from shared import aggregates
+from shared.db import EquitySnapshot, FillRow, OrderRow, close_db, database, init_db
 from tests.conftest import ROOT, clean_environ, free_port, wait_for
 
 ROUNDS = 24  # scrapes per check, 4 at a time: they land on whichever worker is free
@@ -43,6 +44,8 @@ def add_fill(db, n: int, side: str, qty: str, price: str, equity: str) -> None:
                         kind="MARKET", tif="GTC", qty=Decimal(qty), status="FILLED", filled_qty=Decimal(qty),
                         created_ts=n, updated_ts=n)
         EquitySnapshot.create(ts=1_700_000_000_000_000_000 + n, equity=Decimal(equity), cash=Decimal(equity))
+    database.initialize(db)
+    aggregates.rebuild()  # the rows the broker keeps beside its fills and orders
 
 
 def value(answer: tuple, name: str, **labels: str) -> float:
@@ -68,11 +71,11 @@ def test_two_gunicorn_workers_give_the_database_figures(tmp_path):
             if proc.poll() is not None:
                 raise AssertionError(f"api exited with {proc.returncode}:\n{log.read_text()}")
             try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                with urllib.request.urlopen(base + "/health/live", timeout=2) as resp:
                     return resp.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 return False
-        wait_for(healthy, START_S, "the api to answer /health", step=0.05)
+        wait_for(healthy, START_S, "the api to answer /health/live", step=0.05)
 
         (first,) = every_answer(base)  # one set of figures from every worker
         assert value(first, "qf_fills_total") == 1

@@ -119,7 +119,8 @@ def test_with_the_pause_off_the_status_says_so_and_nothing_else(tmp_path, db):
 
 def test_the_status_keeps_its_keys_and_takes_its_ts_from_the_clock(client, clock):
     body = client.get("/api/v1/status").get_json()
-    assert set(body) == {"fills", "orders", "equity", "positions", "ts", "risk_state", "pause"}
+    assert set(body) == {"fills", "orders", "equity", "positions", "ts", "risk_state", "pause", "trading_state",
+                         "services", "feeds"}  # the first seven are the contract; three were added (issue #15)
     assert body["ts"] == clock.now
 
 

@@ -41,8 +41,9 @@ def test_status_positions_and_trades_read_like_a_person_would_want(backtest_db):
     status = qf("status", env=env)
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0] == "trading   ACTIVE" and lines[1] == "pause     off (QF_SHABBAT_PAUSE=false)"
-    assert lines[2].startswith("equity    9995.") and "fills     35; orders: filled 34, cancelled 80" in lines
+    assert lines[0] == "trading   ACTIVE" and lines[1].startswith("services  none heard within ")
+    assert lines[2] == "pause     off (QF_SHABBAT_PAUSE=false)"
+    assert lines[3].startswith("equity    9995.") and "fills     35; orders: filled 34, cancelled 80" in lines
     assert lines[-1] == "positions flat"
     positions = qf("positions", env=env)
     assert positions.returncode == 0 and positions.stdout.splitlines()[1].split()[:2] == ["BTCUSDT", "0"]
@@ -124,3 +125,32 @@ def test_a_silent_risk_a_missing_database_and_bad_input_are_one_line_each(tmp_pa
     assert bad.returncode == 2 and "unknown setting QF_NOPE" in bad.stderr and bad.stderr.count("\n") == 1
     assert qf("halt", env=env).returncode == 2  # --reason is required
     assert not os.path.exists(tmp_path / "none.db")  # a reader never creates the database
+
+
+def test_status_names_each_services_heartbeat_and_each_feed(backtest_db):
+    """`qf status` with the stack beating (real PUB sockets on TCP, as the services publish):
+    each service's heartbeat age, the broker's own status when not ok, each symbol's feed."""
+    from tests.services.api.conftest import Beats
+    endpoints = {f"QF_{k}_PUB": f"tcp://127.0.0.1:{free_port()}" for k in ("MD", "BROKER", "RISK", "STRATEGY")}
+    env = {**EMPTY_ENV, "QF_DB": backtest_db, "QF_SYMBOLS": "BTCUSDT,ETHUSDT", **endpoints}
+    beats = Beats(load(env))
+    done = threading.Event()
+
+    def beat():  # the services' heartbeats, until `qf status` has answered
+        while not done.wait(0.05):
+            beats.beat(services=("marketdata", "strategy", "risk"), symbols={"BTCUSDT": "SYNCED", "ETHUSDT": "SYNCING"})
+            beats.beat(services=("broker",), status="store_unavailable")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        status = qf("status", env=env)
+    finally:
+        done.set()
+        thread.join(5)
+        beats.close()
+    assert status.returncode == 0, status.stderr
+    services = next(line for line in status.stdout.splitlines() if line.startswith("services  "))
+    for name in ("marketdata", "strategy", "risk", "broker"):
+        assert f" {name} 0." in services or f" {name} 1." in services, services  # heard, fresh
+    assert "broker" in services and "(store_unavailable)" in services and "STALE" not in services
+    assert "feeds     BTCUSDT SYNCED, ETHUSDT SYNCING" in status.stdout.splitlines()

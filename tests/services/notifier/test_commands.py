@@ -13,6 +13,7 @@ from services.cli import main as qf_main
 from services.notifier import commands
 from services.risk.service import RiskService
 from shared.config import load
+from shared import aggregates
 from shared.db import FillRow, close_db, init_db
 from tests.services.api.test_control import settings
 from tests.services.notifier.conftest import TOKEN
@@ -81,6 +82,7 @@ def fills(cfg):
             FillRow.create(fill_id=f"f{n}", order_id=f"o{n}", client_order_id=f"c{n}", symbol="BTCUSDT",
                            side=side, price=Decimal(price), qty=Decimal(qty), fee=Decimal("0.06"),
                            fee_asset="USDT", liquidity="TAKER", exch_ts=ts // 1_000_000, ts=ts)
+    aggregates.rebuild()  # the rows the broker keeps beside its fills
     yield
     database.close()
     close_db()
