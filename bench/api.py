@@ -29,7 +29,7 @@ from shared.money import quote_asset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = os.path.join(ROOT, "build", "bench-api")
-VERSION = 1  # part of the cache key: bump it when make_db writes other rows or shared/db.py's tables change
+VERSION = 3  # part of the cache key: bump it when make_db writes other rows or shared/db.py's tables change
 SECONDS = int(os.environ.get("QF_BENCH_API_S", "30"))
 FILLS = int(os.environ.get("QF_BENCH_API_FILLS", "1000000"))
 CONNECTIONS, THREADS = 200, 2

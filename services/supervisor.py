@@ -256,8 +256,8 @@ class StatusMonitor:
         trouble = [f"{name} {st}" for name, st in sorted(self.status.items()) if name != "marketdata" and st != "ok"]
         services = f"services {up}/{total} up" + (f" ({', '.join(trouble)})" if trouble else "")
         feed = f"lock-step replay {md}" if self.lockstep else md
-        strategy = self.stats.get("strategy")  # the OFI strategy's heartbeat (the imbalance one has none)
-        signals = f" | signals {strategy.get('signals', 0)}" if strategy else ""
+        strategy = self.stats.get("strategy")  # the OFI strategy counts its signals; the imbalance one has none
+        signals = f" | signals {strategy['signals']}" if strategy and "signals" in strategy else ""
         return (f"{services} | feed {feed} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')}{signals} | "
                 f"equity {equity} | {risk_text(risk, self.clock(), self.zone)}")

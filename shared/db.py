@@ -54,7 +54,7 @@ class OrderRow(BaseModel):
     filled_qty = DecimalText()
     avg_price = DecimalText(null=True)
     reason = pw.TextField(default="")
-    created_ts = pw.BigIntegerField(index=True)  # /api/v1/orders pages newest first by it
+    created_ts = pw.BigIntegerField()
     updated_ts = pw.BigIntegerField()
     # issue #5: when the order reached the simulated exchange, and the mids it was judged against
     arrival_ts = pw.BigIntegerField(null=True)
@@ -63,6 +63,8 @@ class OrderRow(BaseModel):
 
     class Meta:
         table_name = "orders"
+        # /api/v1/orders pages newest first by (created_ts, order_id): the index is that order
+        indexes = ((("created_ts", "order_id"), False),)
 
 
 class FillRow(BaseModel):
@@ -80,7 +82,7 @@ class FillRow(BaseModel):
     fee_asset = pw.TextField()
     liquidity = pw.TextField()
     exch_ts = pw.BigIntegerField()
-    ts = pw.BigIntegerField(index=True)
+    ts = pw.BigIntegerField()  # indexed with fill_id (Meta): a page of /api/v1/trades is an index range
     mid_at_fill = DecimalText(null=True)
     # issue #5: fill quality (see messages.Fill)
     decision_mid = DecimalText(null=True)
@@ -91,6 +93,9 @@ class FillRow(BaseModel):
 
     class Meta:
         table_name = "fills"
+        # the one ts index, (ts, fill_id): ordered as the API pages fills, so a page needs no sort
+        # (it replaced an index on ts alone: `init_db` drops that one from an older file)
+        indexes = ((("ts", "fill_id"), False),)
 
 
 class EquitySnapshot(BaseModel):
@@ -150,6 +155,7 @@ def init_db(target: str, create: bool = True) -> pw.Database:
         if create:
             db.create_tables(MODELS, safe=True)
             add_missing_columns(db)
+            _drop_replaced_indexes(db)
     except (pw.DatabaseError, sqlite3.Error) as exc:
         if "://" in target:
             raise
@@ -175,6 +181,16 @@ def _unusable(path: str, exc: BaseException) -> StorageError | None:
     if "unable to open database file" in text or "readonly database" in text:
         return StorageError(f"cannot open {path} for writing: {exc}")
     return None
+
+
+# indexes an older file has that a newer one replaced (the replacement is made by create_tables)
+REPLACED_INDEXES = ("fills_ts",)  # by fills (ts, fill_id)
+
+
+def _drop_replaced_indexes(db: pw.Database) -> None:
+    """Drop the indexes REPLACED_INDEXES names: each write would keep them up to date for no reader."""
+    for name in REPLACED_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
 def add_missing_columns(db: pw.Database) -> list[str]:

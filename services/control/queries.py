@@ -172,9 +172,10 @@ _MONEY_COLUMNS = frozenset(("price", "qty", "fee", "mid_at_fill", "decision_mid"
 
 def money_text(text: str | None) -> str | None:
     """A money column's stored text (DecimalText: exact, fixed-point) as `render_decimal` shows
-    it, by string operations: no Decimal on a page's hundreds of values."""
+    it, by string operations: no Decimal on a page's thousand values. (Done in SQL with rtrim and
+    CASE it measured 3× slower than here.)"""
     if text is None or "." not in text:
-        return "0" if text in ("-0",) else text
+        return "0" if text == "-0" else text
     text = text.rstrip("0").rstrip(".")
     return "0" if text in ("-0", "", "-") else text
 
@@ -211,7 +212,12 @@ def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filter
     for raw in fetched[:limit]:
         values = list(raw)
         for i in money:
-            values[i] = money_text(values[i])
+            v = values[i]
+            if v is not None and "." in v:  # money_text, inline: a call per value costs as much again
+                v = v.rstrip("0").rstrip(".")
+                values[i] = "0" if v in ("-0", "", "-") else v
+            elif v == "-0":
+                values[i] = "0"
         rows.append(dict(zip(columns, values)))
     more = len(fetched) > limit
     return rows, encode_cursor(rows[-1][ts_col], rows[-1][id_col]) if more else None

@@ -32,11 +32,10 @@ POLL_MS = 200  # the thread's loop turn: how late close() is noticed
 SYNCED = "SYNCED"
 
 
-def expected_services(cfg: Config) -> tuple[str, ...]:
-    """The services whose heartbeats `/health` requires: marketdata, strategy (the OFI strategy
-    beats; the imbalance one does not), risk, broker."""
-    strategy = ("strategy",) if cfg.strategy.kind == "ofi" else ()
-    return ("marketdata", *strategy, "risk", "broker")
+def expected_services(cfg: Config) -> tuple[str, ...]:  # noqa: ARG001 - the same for every setting so far
+    """The services whose heartbeats `/health` requires: the four that publish (either strategy
+    kind beats on QF_STRATEGY_PUB); the notifier only listens."""
+    return ("marketdata", "strategy", "risk", "broker")
 
 
 @dataclass

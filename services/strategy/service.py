@@ -11,7 +11,7 @@ import zmq
 from services.strategy import telemetry
 from services.strategy.core import ImbalanceStrategy, OrderIntent, Outcome
 from shared import messages
-from shared.bus import LazyPirateClient, NoReply, Subscriber
+from shared.bus import LazyPirateClient, NoReply, Publisher, Subscriber
 from shared.config import Config
 from shared.enums import ControlAction, Verdict
 from shared.errors import DecodeError
@@ -19,7 +19,7 @@ from shared.lockstep import Reporter
 from shared.messages import Book, Clock, Control, ControlReply, Decision, OrderRequest
 from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
-from shared.runtime import Liveness, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, Ticker
 
 log = logging.getLogger("qf.strategy")
 
@@ -96,15 +96,22 @@ class StrategyService:
         client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx)
         liveness = Liveness(cfg.common.run_dir, SERVICE)
         ticker = Ticker(cfg.bus.heartbeat_ms)
+        # heartbeat.strategy on QF_STRATEGY_PUB, as the OFI strategy's: /health and the status
+        # line hear every service, whichever strategy runs
+        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, self.ctx)
+        beat = HeartbeatMaker(SERVICE)
         poller = zmq.Poller()
         poller.register(sub.sock, zmq.POLLIN)
         log.info("started", extra={"md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep,
-                                   "symbols": ",".join(cfg.md.symbols), "prefix": self.core.id_prefix})
+                                   "strategy_pub": cfg.bus.strategy_pub, "symbols": ",".join(cfg.md.symbols),
+                                   "prefix": self.core.id_prefix})
         pending = self.pending
         try:
             while not self._stop.is_set():
                 if ticker.due():
                     liveness.touch()
+                    pub.publish("heartbeat.strategy", beat.make("ok", {k: self.stats[k] for k in (
+                        "books", "orders", "approved", "rejected", "no_reply", "errors")}))
                 if not pending and not poller.poll(POLL_MS):
                     continue
                 self._drain(sub, pending)
@@ -114,6 +121,7 @@ class StrategyService:
         finally:
             client.close()
             sub.close()
+            pub.close()
             liveness.remove()
             log.info("stopped", extra=dict(self.stats, missed=sub.missed, refused_books=self.core.refused_books))
 
