@@ -131,11 +131,6 @@ class StatsQuery(Query):
     to: Optional[Instant] = Field(None, description="equity curve up to (default: now)")
 
 
-def to_ns(value: int | None) -> int | None:
-    """An `Instant` (already ns since the epoch once validated); None stays None."""
-    return value
-
-
 # -- responses (the document's; the views build plain dicts that match them) -----------------
 
 class ErrorDetail(BaseModel):

@@ -69,9 +69,14 @@ class Control:
 
     def trades(self, symbol: str | None = None, limit: int = queries.DEFAULT_LIMIT,
                since: int | None = None) -> list[dict]:
-        """Fills, newest first (ValueError for a limit outside 1..MAX_LIMIT or a negative since)."""
-        self.db.ensure()
-        return queries.trades(symbol=symbol, limit=limit, since=since)
+        """The newest page of fills (queries.trades_page, ts ≥ `since` when given), money as Decimals
+        for the front ends that format numbers (ValueError for a limit outside 1..MAX_LIMIT or a
+        negative since)."""
+        if since is not None and since < 0:
+            raise ValueError("since must be a non-negative ns timestamp")
+        rows, _ = self.trades_page(symbol=symbol, start=since, limit=limit)
+        return [{k: Decimal(v) if k in queries.MONEY_COLUMNS and v is not None else v for k, v in r.items()}
+                for r in rows]
 
     def pnl(self) -> dict[str, Any]:
         """Realized (before fees), unrealized, fees, net, the latest equity and today's (UTC) figures

@@ -16,8 +16,7 @@ from typing import Any, Iterable
 
 import peewee as pw
 
-from shared.db import (EquitySnapshot, FillRow, OrderCountRow, OrderRow, PnlDayRow, PositionRow, RiskEvent,
-                       SignalRow, database)
+from shared.db import FillRow, PositionRow, RiskEvent, SignalRow, database
 from shared.enums import OrderStatus, TradingState
 from shared.ledger import Ledger, Position
 from shared.money import quote_asset
@@ -26,15 +25,13 @@ ZERO = Decimal(0)
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
-_TRADE_FIELDS = (FillRow.fill_id, FillRow.order_id, FillRow.client_order_id, FillRow.symbol, FillRow.side,
-                 FillRow.price, FillRow.qty, FillRow.fee, FillRow.fee_asset, FillRow.liquidity,
-                 FillRow.exch_ts, FillRow.ts)
 
 DAY_NS = 86_400 * 1_000_000_000
 
-__all__ = ["Position", "quote_asset", "positions_from", "position_dict", "ping", "trades", "positions",
+__all__ = ["Position", "quote_asset", "positions_from", "position_dict", "ping", "positions",
            "latest_equity", "order_counts", "summary", "risk_state", "render_decimal", "jsonable",
-           "BadCursor", "trades_page", "orders_page", "signals_page", "pnl", "equity_series", "risk_view", "stats"]
+           "BadCursor", "trades_page", "orders_page", "signals_page", "pnl", "equity_series", "risk_events",
+           "denials_by_reason", "stats", "money_text"]
 
 
 class BadCursor(ValueError):
@@ -81,23 +78,6 @@ def position_dict(pos: Position) -> dict[str, Any]:
 def ping() -> None:
     """Raise if the database cannot answer a query on the fills table."""
     FillRow.select(FillRow.fill_id).limit(1).execute()
-
-
-def trades(symbol: str | None = None, limit: int = DEFAULT_LIMIT, since: int | None = None) -> list[dict]:
-    """Fills newest first; `symbol` filters, `since` keeps fills with ts ≥ since (ns).
-
-    Raises ValueError when `limit` is outside 1..MAX_LIMIT or `since` is negative."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
-    if since is not None and since < 0:
-        raise ValueError("since must be a non-negative ns timestamp")
-    query = FillRow.select(*_TRADE_FIELDS)
-    if symbol:
-        query = query.where(FillRow.symbol == symbol.upper())
-    if since is not None:
-        query = query.where(FillRow.ts >= since)
-    query = query.order_by(FillRow.ts.desc(), FillRow.exch_ts.desc(), FillRow.fill_id.desc()).limit(limit)
-    return list(query.dicts())
 
 
 def _position(row: tuple) -> Position:
@@ -166,7 +146,7 @@ TRADE_COLUMNS = ("fill_id", "order_id", "client_order_id", "symbol", "side", "pr
 ORDER_COLUMNS = ("order_id", "client_order_id", "strategy", "symbol", "side", "kind", "tif", "qty", "price", "status",
                  "filled_qty", "avg_price", "reason", "created_ts", "updated_ts", "arrival_ts", "decision_mid",
                  "arrival_mid")
-_MONEY_COLUMNS = frozenset(("price", "qty", "fee", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
+MONEY_COLUMNS = frozenset(("price", "qty", "fee", "mid_at_fill", "decision_mid", "arrival_mid", "slippage_decision",
                             "slippage_arrival", "filled_qty", "avg_price"))
 
 
@@ -207,7 +187,7 @@ def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filter
            + f' ORDER BY "{ts_col}" DESC, "{id_col}" DESC LIMIT {p}')
     params.append(limit + 1)
     fetched = database.execute_sql(sql, params).fetchall()
-    money = [i for i, c in enumerate(columns) if c in _MONEY_COLUMNS]
+    money = [i for i, c in enumerate(columns) if c in MONEY_COLUMNS]
     rows = []
     for raw in fetched[:limit]:
         values = list(raw)

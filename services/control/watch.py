@@ -32,10 +32,9 @@ POLL_MS = 200  # the thread's loop turn: how late close() is noticed
 SYNCED = "SYNCED"
 
 
-def expected_services(cfg: Config) -> tuple[str, ...]:  # noqa: ARG001 - the same for every setting so far
-    """The services whose heartbeats `/health` requires: the four that publish (either strategy
-    kind beats on QF_STRATEGY_PUB); the notifier only listens."""
-    return ("marketdata", "strategy", "risk", "broker")
+# the services whose heartbeats `/health` requires: the four that publish (either strategy kind
+# beats on QF_STRATEGY_PUB); the notifier only listens
+EXPECTED = ("marketdata", "strategy", "risk", "broker")
 
 
 @dataclass
@@ -65,7 +64,7 @@ class BusWatch:
 
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.clock = cfg, clock
-        self.expected = expected_services(cfg)
+        self.expected = EXPECTED
         self.stale_s = 3 * cfg.bus.heartbeat_ms / 1000  # three beats missed
         self.grace_s = cfg.bus.heartbeat_ms / 1000 + 0.5  # a new watcher waits this long for the first beats
         self._lock = threading.Lock()

@@ -23,6 +23,7 @@ from shared.db import FILL_INSERT, PNL_DAY_UPSERT, POSITION_UPSERT, close_db, in
 from shared.enums import Liquidity, OrderKind, OrderStatus, Side, TimeInForce
 from shared.journal import Journal, journal_path
 from shared.messages import Ack, Book, Error, Fill, OrderRequest
+from tests.shared.test_aggregates import _tables  # the two tables as rows, by symbol then day
 
 MS = 1_000_000
 T0 = 19_950 * DAY_NS + DAY_NS - 60_000 * MS  # a minute before a UTC midnight
@@ -39,15 +40,6 @@ def _order(coid: str, qty: str, side: Side = Side.BUY, symbol: str = "BTCUSDT", 
     return OrderRequest(ts=1, client_order_id=coid, strategy="t", symbol=symbol, side=side,
                         kind=OrderKind.MARKET if price is None else OrderKind.LIMIT, qty=D(qty),
                         price=None if price is None else D(price), tif=tif)
-
-
-def _tables(path: str) -> tuple[list, list]:
-    con = sqlite3.connect(path)
-    try:
-        return (con.execute("SELECT * FROM positions ORDER BY symbol").fetchall(),
-                con.execute("SELECT * FROM pnl_days ORDER BY symbol, day").fetchall())
-    finally:
-        con.close()
 
 
 def _rebuilt(path: str) -> tuple[list, list]:
