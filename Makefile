@@ -36,11 +36,18 @@ up: $(STAMP)
 
 COMPOSE_V2 := build/compose-v2/docker-compose
 
-# The whole suite (container tests under Debian's docker-compose 1.29), then the
-# container tests again under Compose v2, fetched from Debian's archive (see
-# tests/docker/fetch-compose-v2.sh). `make test PYTEST_ARGS=...` runs a selection only.
+# The whole suite: everything but the container tests (budget: 10 minutes on 2 cores), the
+# container tests under Debian's docker-compose 1.29, then again under Compose v2, fetched from
+# Debian's archive (see tests/docker/fetch-compose-v2.sh); each part prints its own time.
+# `make test PYTEST_ARGS=...` runs a selection only.
 test: $(STAMP) sysdeps
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(BIN)/python -m pytest -m "not docker"
+	@echo "== container tests under $$(docker-compose version --short 2>/dev/null || echo docker-compose)"
+	$(BIN)/python -m pytest -m docker
+else
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+endif
 ifeq ($(strip $(PYTEST_ARGS)),)
 	@if tests/docker/fetch-compose-v2.sh $(COMPOSE_V2) >/dev/null; then \
 	  echo "== container tests again under Compose v2 ($$($(COMPOSE_V2) version --short))"; \

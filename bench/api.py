@@ -3,7 +3,11 @@
 Each endpoint gets its own wrk run (200 connections, 2 threads, QF_BENCH_API_S seconds) beside the
 same run's floor, `GET /health/live`, which answers without touching the database: the goals
 (p99 ≤ 100 ms, 0 errors) are read against what the API costs when it does no work at all.
-The database is generated once (`make_db`) and cached under build/bench-api/."""
+The database is generated once (`make_db`) and cached under build/bench-api/; each run loads a
+copy of it into which a writer commits a fill QF_BENCH_API_WRITES_PER_S times a second (20:
+a busy strategy), as the broker would, so that pages kept by the API (services/api/pagecache.py)
+are dropped as they would be live. `trades_distinct` asks for the newest page under a different
+query string every time: what pages cost when none is ever served twice (not in api_p99_ms).""" 
 from __future__ import annotations
 
 import json
@@ -16,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +43,8 @@ START_WAIT_S = 30
 ENDPOINTS = (("floor", "/health/live"), ("status", "/api/v1/status"), ("positions", "/api/v1/positions"),
              ("pnl", "/api/v1/pnl"), ("trades", "/api/v1/trades?limit=100"), ("trades_deep", None))
 WORK = ("status", "positions", "pnl", "trades", "trades_deep")  # what api_p99_ms / api_rps cover
+DISTINCT = ("trades_distinct", "/api/v1/trades?limit=100")  # + a `to` no other request has
+WRITES_PER_S = float(os.environ.get("QF_BENCH_API_WRITES_PER_S", "20"))
 
 # -- the database -----------------------------------------------------------------------------
 
@@ -328,6 +335,58 @@ end
 """
 
 
+# Each request of `trades_distinct` adds `to=9<thread><counter>` (ns, after every fill: clamped to
+# 2262): the same newest page, under a query string no other request used.
+WRK_DISTINCT_LUA = """
+local threads = 0
+setup = function(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, wrk.path .. "&to=9" .. tid .. string.format("%017d", counter))
+end
+""" + WRK_LUA
+
+
+class LiveWriter(threading.Thread):
+    """Commits one new fill (newer than every other) `per_s` times a second into the SQLite file
+    at `path`, in WAL mode, like the broker; counts its commits."""
+
+    def __init__(self, path: str, per_s: float) -> None:
+        super().__init__(name="bench-live-writer", daemon=True)
+        self.path, self.period = path, 1 / per_s
+        self.stopping = threading.Event()
+        self.commits = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        con = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            last = con.execute('SELECT * FROM "fills" ORDER BY "ts" DESC, "fill_id" DESC LIMIT 1').fetchone()
+            row = dict(zip(FILL_COLS, last))
+            sql = f'INSERT INTO "fills" ({", ".join(FILL_COLS)}) VALUES ({", ".join("?" * len(FILL_COLS))})'
+            ts, deadline = row["ts"], time.monotonic()
+            while not self.stopping.wait(max(0.0, deadline - time.monotonic())):  # the pace, not a sync
+                deadline += self.period
+                ts += 1_000_000
+                row.update(fill_id=f"bench-live-{self.commits}", ts=ts, exch_ts=ts // 1_000_000)
+                con.execute(sql, [row[c] for c in FILL_COLS])
+                self.commits += 1
+        except sqlite3.Error as exc:
+            self.error = str(exc)
+        finally:
+            con.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
 def default_workers() -> int:
     """QF_API_WORKERS's default (shared/config.py ApiConfig)."""
     return qfconfig.load({}).api.workers
@@ -477,23 +536,30 @@ def run() -> dict:
     """Generate (or reuse) the database, start the API, load each endpoint with wrk; the figures."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (make sysdeps installs it)")
-    db = cached_db(FILLS)
+    cached = cached_db(FILLS)
+    tmp = tempfile.mkdtemp(prefix="qf-bench-api-")
+    db = os.path.join(tmp, "qf.db")
+    shutil.copyfile(cached, db)  # the live writer's fills stay out of the cached file
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         fills = con.execute('SELECT COUNT(*) FROM "fills"').fetchone()[0]
     finally:
         con.close()
     workers = default_workers()
-    tmp = tempfile.mkdtemp(prefix="qf-bench-api-")
-    script = os.path.join(tmp, "done.lua")
-    with open(script, "w") as f:
-        f.write(WRK_LUA)
+    script, distinct = os.path.join(tmp, "done.lua"), os.path.join(tmp, "distinct.lua")
+    for path, text in ((script, WRK_LUA), (distinct, WRK_DISTINCT_LUA)):
+        with open(path, "w") as f:
+            f.write(text)
     runs: dict[str, dict] = {}
     failed: dict[str, str] = {}
     proc = None
+    writer = LiveWriter(db, WRITES_PER_S) if WRITES_PER_S > 0 else None
+    started = time.monotonic()
     try:
         proc, base, _ = _start_api(db, tmp, workers)
-        for name, path in ENDPOINTS:
+        if writer is not None:
+            writer.start()
+        for name, path in (*ENDPOINTS, DISTINCT):
             if path is None:
                 path, why = deep_page(base)
                 if path is None:
@@ -504,11 +570,16 @@ def run() -> dict:
                 failed[name] = why
                 continue
             print(f"wrk {name} {path[:70]} ({SECONDS} s)", flush=True)
-            runs[name] = wrk(base + path, SECONDS, script)
+            runs[name] = wrk(base + path, SECONDS, distinct if name == DISTINCT[0] else script)
         rss = _tree_rss_mib(proc.pid)
     finally:
+        if writer is not None:
+            writer.stop()
         if proc is not None:
             _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**_figures(runs, failed), "api_fills": fills, "api_workers": workers, "api_rss_mb": round(rss, 1),
-            "api_seconds": SECONDS}
+    live = {"api_live_writes_per_s": round(writer.commits / (time.monotonic() - started), 1) if writer else 0.0}
+    if writer is not None and writer.error:
+        live["api_live_writer_failed"] = writer.error
+    return {**_figures(runs, failed), **live, "api_fills": fills, "api_workers": workers,
+            "api_rss_mb": round(rss, 1), "api_seconds": SECONDS}

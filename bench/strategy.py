@@ -11,6 +11,12 @@
   answered at once by a stand-in (MARKET filled, LIMIT resting, cancels done): the decision on a
   warm core. The live figure above is this plus what a book pays for arriving to a core that
   halted or ran other processes since the last one (PERF-BASELINES: "the VM's idle cores halt");
+- strategy_decision_idle_us_p50 / _p99, the live figure's baseline: the same back-to-back call,
+  but the process sleeps before each book for as long as books were apart in the live run (~10 ms
+  at REPLAY_SPEED×): the decision arriving to a core left idle, with no other process running.
+  Measured here, that idle gap alone makes the same code ~3× slower at p50 and ~6× at p99 (the
+  VM's idle cores halt and come back with cold caches; even the C features core, 0.8 µs warm,
+  takes ~30 µs at p99 after it); strategy_decision_vs_idle_p99 is the live p99 over it;
 - strategy_features_us_p50 / _p99: the features core alone (`Features.on_book`) the same way;
 - strategy_rss_mb: the strategy process's RSS at the end of the 10-minute replay, and
   strategy_rss_growth_mb: its growth since the first minute of market time (flat: ~0);
@@ -74,8 +80,9 @@ def _features_baseline() -> tuple[float, float]:
     return percentile(warm, 50), percentile(warm, 99)
 
 
-def _decision_warm() -> tuple[float, float]:
-    """OfiStrategy.on_book over the capture's books back to back, answers at once (µs p50, p99)."""
+def _decision_warm(gap_s: float = 0.0) -> tuple[float, float]:
+    """OfiStrategy.on_book over the capture's books back to back, answers at once (µs p50, p99);
+    with `gap_s`, the process sleeps that long before each book (the live books' spacing)."""
     from decimal import Decimal
 
     from services.broker.replay import market_events
@@ -101,6 +108,8 @@ def _decision_warm() -> tuple[float, float]:
         if type(ev) is not Book:
             core.on_trade(ev, now)
             continue
+        if gap_s:
+            time.sleep(gap_s)  # idle, as between live books: the baseline's point, not a wait
         t0 = clock()
         actions = core.on_book(ev, now)
         times.append((clock() - t0) / 1000)
@@ -172,6 +181,8 @@ def run() -> dict[str, float]:
         raise RuntimeError(f"the strategy decided on no book: {stats}")
     f50, f99 = _features_baseline()
     w50, w99 = _decision_warm()
+    gap_s = (MARKET_S / REPLAY_SPEED) / stats["decision_n"]  # the live books' mean spacing
+    i50, i99 = _decision_warm(gap_s)
     return {
         "strategy_decision_us_p50": stats["decision_us_p50"],
         "strategy_decision_us_p99": stats["decision_us_p99"],
@@ -179,6 +190,10 @@ def run() -> dict[str, float]:
         "strategy_decision_cpu_us_p99": stats["decision_cpu_us_p99"],
         "strategy_decision_warm_us_p50": round(w50, 1),
         "strategy_decision_warm_us_p99": round(w99, 1),
+        "strategy_decision_idle_us_p50": round(i50, 1),
+        "strategy_decision_idle_us_p99": round(i99, 1),
+        "strategy_decision_idle_gap_ms": round(gap_s * 1000, 2),
+        "strategy_decision_vs_idle_p99": round(stats["decision_us_p99"] / i99, 2) if i99 > 0 else None,
         "strategy_features_us_p50": round(f50, 1),
         "strategy_features_us_p99": round(f99, 1),
         "strategy_books": stats["decision_n"],

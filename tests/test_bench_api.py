@@ -100,3 +100,23 @@ def test_txt_is_canonical():
     for _ in range(2000):
         units, scale = rng.randint(-10**12, 10**12) // rng.choice((1, 10, 1000)), rng.randint(0, 14)
         assert _txt(units, scale) == money.text(Decimal(units).scaleb(-scale))
+
+
+def test_the_live_writer_commits_fills_newer_than_every_other(generated, tmp_path):
+    import shutil
+    from bench.api import LiveWriter
+    from tests.conftest import wait_for
+    path = str(tmp_path / "live.db")
+    shutil.copyfile(generated[0], path)
+    newest = _con(path).execute('SELECT MAX(ts) FROM "fills"').fetchone()[0]
+    writer = LiveWriter(path, per_s=200)
+    writer.start()
+    try:
+        wait_for(lambda: writer.commits >= 5, 10, "five commits by the live writer")
+    finally:
+        writer.stop()
+    assert writer.error is None and not writer.is_alive()
+    con = _con(path)
+    rows = con.execute('SELECT fill_id, ts FROM "fills" WHERE ts > ? ORDER BY ts', [newest]).fetchall()
+    assert len(rows) == writer.commits and [r[0] for r in rows] == [f"bench-live-{n}" for n in range(len(rows))]
+    assert con.execute('SELECT COUNT(*) FROM "fills"').fetchone()[0] == FILLS + writer.commits

@@ -12,7 +12,7 @@ import time
 
 import orjson
 import peewee as pw
-from flask import Response, request
+from flask import Response, g, request
 from flask_openapi3 import Info, OpenAPI, Tag
 from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from services.api.body import read_object
 from services.api.collector import TradingCollector
 from services.api.errors import bad_param, error_body, error_code
+from services.api.pagecache import Page, PageCache
 from services.api import schemas as sc
 from services.api.pause import Clock, PauseCollector
 from services.control import queries
@@ -39,6 +40,9 @@ log = logging.getLogger("qf.api")
 CONTROL_MAX_BYTES = 4096
 TELEGRAM_MAX_BYTES = 32 * 1024  # one Update: a message, perhaps with the one it replies to
 MAX_BODY_BYTES = 64 * 1024
+# Endpoints whose answer is a function of the query string and the database alone: their
+# rendered pages are kept while the database is unchanged (services/api/pagecache.py)
+CACHED_PAGES = frozenset(("trades", "orders", "signals"))
 
 __all__ = ["ApiError", "bad_param", "error_body", "create_app", "check_token", "ask_risk",
            "CONTROL_MAX_BYTES", "MAX_BODY_BYTES"]
@@ -208,6 +212,8 @@ def create_app(cfg: Config, clock: Clock = time.time_ns, watch: BusWatch | None 
     tg_pending: dict[int, int] = {}
     tg_refused: set[int] = set()
     tg_lock = threading.Lock()
+    pages = PageCache()
+    app.extensions["qf_pages"] = pages
     no_db = {None, "health", "health_live", "openapi_json", "control", "risk_state", "telegram_webhook"}
 
     @app.before_request
@@ -218,6 +224,21 @@ def create_app(cfg: Config, clock: Clock = time.time_ns, watch: BusWatch | None 
         # health reports failures itself; control and the webhook check their caller first
         if request.endpoint not in no_db:
             db.ensure()  # per request: notices a database file deleted or replaced since the last one
+        if request.endpoint in CACHED_PAGES and request.method in ("GET", "HEAD"):  # not OPTIONS' empty answer
+            key, version = request.path + "?" + request.query_string.decode("latin-1"), db.version()
+            page = pages.get(key, version)
+            if page is not None:
+                return Response(page.body, headers=[*page.headers, ("X-QF-Cache", "hit")], content_type=page.content_type)
+            g.qf_page = key, version  # read before the page: a commit meanwhile changes the next version
+
+    @app.after_request
+    def _keep_page(resp: Response) -> Response:
+        pending = g.pop("qf_page", None)
+        if pending is not None and request.method == "GET" and resp.status_code == 200 and not resp.is_streamed:
+            kept = tuple((k, v) for k, v in resp.headers.items() if k not in ("Content-Type", "Content-Length"))
+            pages.put(*pending, Page(resp.get_data(), resp.content_type, kept))
+            resp.headers["X-QF-Cache"] = "miss"
+        return resp
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):

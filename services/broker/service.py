@@ -2,7 +2,6 @@
 (and its lock-step variant: QF_LOCKSTEP, shared/lockstep.py)."""
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -28,7 +27,7 @@ from shared.messages import Book, Cancel, Clock, Error, OrderRequest, Trade
 from shared.journal import Journal, JournalBusy
 from shared.metrics_http import MetricsServer
 from shared.metrics_http import serve as serve_metrics
-from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker, quiet_gc
 
 # importable from here as before: the desk's and the keeper's names
 __all__ = ["BrokerService", "OrderIds", "StoreUnavailable", "STORE_UNAVAILABLE", "Events", "Waiter"]
@@ -37,7 +36,6 @@ log = logging.getLogger("qf.broker")
 
 POLL_MS = 100  # longest loop turn; bounds how long stop() takes
 DRAIN_MAX = 1000  # messages per socket per turn, so one busy socket cannot starve the other
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
 # Risk's start-up recovery holds the journal for milliseconds; a broker started beside it (as `qf up`
 # and compose do) waits that long before it concludes another broker runs (exit 2, not restarted).
 JOURNAL_BUSY_WAIT_S = 3.0
@@ -170,12 +168,7 @@ class BrokerService:
         poller = zmq.Poller()
         poller.register(self.server.sock, zmq.POLLIN)
         poller.register(self.md.sock, zmq.POLLIN)
-        if threading.current_thread() is threading.main_thread():  # the broker process itself, not a test
-            # As in risk: what start-up built is frozen, and the cycle collector runs rarely
-            # (at Python's default, a young-generation pass every ~700 allocations).
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(GC_THRESHOLD, 20, 100)
+        quiet_gc()  # shared/runtime.py: the cycle collector off the per-message path
         try:
             bind = self.cfg.broker.metrics_bind
             if bind:  # MetricsBindError (a FatalError) when it cannot be bound

@@ -73,6 +73,7 @@ class ReadOnlyDatabase:
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self.stamp: tuple[int, int] | None = None  # its (st_mtime_ns, st_size) when opened
         self.missing = False  # logged once per outage, not once per request
+        self.generation = 0  # counts the connections opened: part of `version()`
 
     def ensure(self) -> pw.Database:
         """Bind the models to a connection on the database as it is now and return it.
@@ -90,6 +91,14 @@ class ReadOnlyDatabase:
         if database.obj is not self.db:
             database.initialize(self.db)  # another app in this process (tests) rebound the models
         return self.db
+
+    def version(self) -> tuple[int, int] | None:
+        """A token that changes whenever the data this process reads may have: the connection's
+        generation and SQLite's data_version (changed by every other connection's commit). None
+        when there is no such cheap token (a database server, or no connection yet)."""
+        if self.file is None or self.db is None:
+            return None
+        return self.generation, self.db.execute_sql("PRAGMA data_version").fetchone()[0]
 
     def close(self) -> None:
         """Close this process's connection, if open; the next `ensure()` opens a fresh one.
@@ -143,6 +152,7 @@ class ReadOnlyDatabase:
             db.close()
             raise DatabaseUnavailable("db_unavailable", "the database file was replaced while being opened")
         self.db, self.identity, self.stamp = db, _identity(st), _stamp(now)
+        self.generation += 1
         if self.missing:
             log.warning("db_back", extra={"path": path})
         else:

@@ -15,7 +15,7 @@ from shared.config import Config
 from shared.errors import ConfigError
 from shared.lockstep import LockstepClock
 from shared.messages import MdStatus
-from shared.runtime import HeartbeatMaker, Liveness, Ticker, liveness_path
+from shared.runtime import HeartbeatMaker, Liveness, Ticker, liveness_path, quiet_gc
 
 log = logging.getLogger("qf.marketdata")
 
@@ -89,6 +89,7 @@ class MarketDataService:
                 server = serve(cfg.md.metrics_bind, router.m, liveness_path(cfg.common.run_dir, "marketdata"))
                 self.metrics_port = server.port
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
+            quiet_gc()  # shared/runtime.py: the cycle collector off the per-event path
             if self.lockstep:
                 self._run_lockstep(pub, beat, hb, live)
             else:

@@ -1,7 +1,6 @@
 """Risk service shell: ROUTER for orders and control, a DEALER to the broker, SUB books and fills, PUB risk.state."""
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sqlite3
@@ -36,14 +35,13 @@ from shared.metrics_http import MetricsServer
 from shared.metrics_http import serve as serve_metrics
 from shared.messages import (Book, Cancel, Clock, Control, ControlReply, Error, Fill, OrderEvent, OrderRequest,
                              RiskState, Trade)
-from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker, quiet_gc
 
 log = logging.getLogger("qf.risk")
 
 POLL_MS = 100  # idle loop turn; bounds how late stop(), heartbeats and flushes can be
 DRAIN_MAX = 1000  # messages per socket per turn, so a book burst cannot starve orders
 FLUSH_ROWS, FLUSH_NS = 256, 100_000_000  # denial rows are written in batches, off the reply path
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
 LOCKSTEP_PROBE = "lockstep-hello"  # the cancel that proves risk's DEALER reaches the broker (answered UNKNOWN_ORDER)
 MAX_ID = 128  # longest client_order_id / strategy kept: the answer caches must stay bounded
 OUTBOX_MAX = 100_000  # rows kept while the database refuses writes; older ones are dropped and counted
@@ -286,12 +284,7 @@ class RiskService:
             poller.unregister(old)
             poller.register(new, zmq.POLLIN)
         self.broker.on_reopen = reopened
-        if threading.current_thread() is threading.main_thread():  # the risk process itself, not a test
-            # What start-up built never becomes garbage; refcounting frees the rest, so the cycle
-            # collector may run rarely (a young-generation pass every ~700 allocations cost the p99).
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(GC_THRESHOLD, 20, 100)
+        quiet_gc()  # shared/runtime.py: the cycle collector off the per-message path
         spin_ns, spin_until = self.cfg.risk.spin_us * 1000, 0
         reporter = self.reporter
         try:

@@ -58,7 +58,7 @@ from shared.messages import (Ack, Book, Cancel, Clock, Control, ControlReply, De
                              OrderRequest, RiskState, SignalEvent, Trade)
 from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
-from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker, quiet_gc
 
 log = logging.getLogger("qf.strategy")
 
@@ -165,6 +165,7 @@ class OfiService:
                                        "symbols": ",".join(cfg.md.symbols), "prefix": self.core.id_prefix})
             self.core.set_risk_reachable(False, time.time_ns())
             self._ask_state()
+            quiet_gc()  # shared/runtime.py: the cycle collector off the per-book decision
             next_tick = 0
             try:
                 while not self._stop.is_set():

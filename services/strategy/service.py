@@ -19,7 +19,7 @@ from shared.lockstep import Reporter
 from shared.messages import Book, Clock, Control, ControlReply, Decision, OrderRequest
 from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
-from shared.runtime import HeartbeatMaker, Liveness, Ticker
+from shared.runtime import HeartbeatMaker, Liveness, Ticker, quiet_gc
 
 log = logging.getLogger("qf.strategy")
 
@@ -106,6 +106,7 @@ class StrategyService:
                                    "strategy_pub": cfg.bus.strategy_pub, "symbols": ",".join(cfg.md.symbols),
                                    "prefix": self.core.id_prefix})
         pending = self.pending
+        quiet_gc()  # shared/runtime.py: the cycle collector off the per-book path
         try:
             while not self._stop.is_set():
                 if ticker.due():

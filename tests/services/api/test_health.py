@@ -50,13 +50,15 @@ def test_health_follows_heartbeats_and_feeds_across_processes(tmp_path, db, api_
         # one book resyncing: 503 naming the symbol and its state (marketdata's own words)
         syncing = {"BTCUSDT": "SYNCED", "ETHUSDT": "SYNCING"}
 
+        # (on a loaded machine a heartbeat may also be late now and then: the answer that names
+        # the feed alone is waited for, as the broker's below)
         def eth_syncing():
             beats.md_status("ETHUSDT", "SYNCING", "gap in the diff stream: resyncing")
             status, body = health(symbols=syncing)
-            return status == 503 and body
-        body = wait_for(eth_syncing, 15, "/health = 503 for ETHUSDT")
+            return status == 503 and body.get("problems") == [
+                "ETHUSDT: feed SYNCING (gap in the diff stream: resyncing)"] and body
+        body = wait_for(eth_syncing, 15, "/health = 503 naming ETHUSDT's feed alone")
         assert body["error"]["code"] == "unhealthy"
-        assert body["problems"] == ["ETHUSDT: feed SYNCING (gap in the diff stream: resyncing)"]
         assert body["feeds"]["ETHUSDT"]["synced"] is False and body["feeds"]["BTCUSDT"]["synced"] is True
 
         # the broker falls silent (the rest beats on): 503 once its heartbeat is 3 periods old

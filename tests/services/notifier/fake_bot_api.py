@@ -142,6 +142,10 @@ class FakeBotApi:
 
     def _answer(self, h: BaseHTTPRequestHandler, req: Request, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
+        # recorded before the answer is written: a client that has its answer finds it recorded
+        # (after, a test reading `sends()` as soon as the API returned raced the recording)
+        with self._lock:
+            req.status, req.answered_at = status, time.monotonic()
         try:
             h.send_response(status)
             h.send_header("Content-Type", "application/json")
@@ -150,8 +154,6 @@ class FakeBotApi:
             h.wfile.write(data)
         except OSError:  # the client gave up (a timeout) and closed the connection
             pass
-        with self._lock:
-            req.status, req.answered_at = status, time.monotonic()
 
     def _message(self, method: str, fields: dict[str, str], files: dict[str, bytes]) -> dict:
         chat_id = int(fields["chat_id"])
