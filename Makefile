@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml services/marketda
 # Debian packages the test suite drives for real (installed only when missing, as root).
 # debootstrap: tests/docker/build-base.sh builds the container tests' base image from Debian packages.
 # wrk: bench/api.py loads the API with it.
-SYSDEPS := docker-compose:docker-compose prometheus:prometheus debootstrap:debootstrap wrk:wrk
+SYSDEPS := docker-compose:docker-compose prometheus:prometheus debootstrap:debootstrap wrk:wrk pg_ctlcluster:postgresql
 sysdeps:
 	@missing=""; for pair in $(SYSDEPS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

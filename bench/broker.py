@@ -38,12 +38,13 @@ def _order(coid: str, side: Side) -> OrderRequest:
                         kind=OrderKind.MARKET, qty=Decimal("0.001"))
 
 
-def _broker_figures() -> dict[str, float]:
-    """A broker process (zero simulated latency: its own cost) on loopback TCP with a WAL database."""
+def _broker_figures(db: str | None = None, suffix: str = "") -> dict[str, float]:
+    """A broker process (zero simulated latency: its own cost) on loopback TCP with a WAL database
+    (or QF_DB `db`, e.g. a PostgreSQL URL; each key then ends in `suffix`)."""
     tmp = tempfile.mkdtemp(prefix="qf-bench-broker-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
     md, rep, pub = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-    env.update({"QF_MD_PUB": md, "QF_BROKER_REP": rep, "QF_BROKER_PUB": pub, "QF_DB": f"{tmp}/bench.db",
+    env.update({"QF_MD_PUB": md, "QF_BROKER_REP": rep, "QF_BROKER_PUB": pub, "QF_DB": db or f"{tmp}/bench.db",
                 "QF_RUN_DIR": f"{tmp}/run", "QF_BROKER_LATENCY_MODE": "constant", "QF_BROKER_LATENCY_MS": "0",
                 "QF_LOG_LEVEL": "WARNING", "QF_START_CASH": "1000000000", "PYTHONPATH": ROOT})
     ctx = zmq.Context.instance()
@@ -105,9 +106,30 @@ def _broker_figures() -> dict[str, float]:
             proc.kill()
             proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"broker_ack_us_p50": round(percentile(samples, 50), 1),
-            "broker_ack_us_p99": round(percentile(samples, 99), 1),
-            "broker_durable_fills_per_s": round(fills / elapsed)}
+    return {f"broker_ack_us_p50{suffix}": round(percentile(samples, 50), 1),
+            f"broker_ack_us_p99{suffix}": round(percentile(samples, 99), 1),
+            f"broker_durable_fills_per_s{suffix}": round(fills / elapsed)}
+
+
+def _pg_figures() -> dict[str, float]:
+    """The same broker with QF_DB on a real PostgreSQL server (tests/pg.py: Debian's, a temporary
+    cluster, fsync on, synchronous_commit on): acks are durable in the broker's journal as with
+    SQLite; its records are stored into the server off the answers' path. Checked after the stop:
+    every fill answered is in the server's `fills` table. {} without PostgreSQL's binaries."""
+    from tests import pg
+    if pg.bin_dir() is None:
+        return {}
+    server = pg.start()
+    try:
+        url = server.create_database()
+        figures = _broker_figures(url, "_pg")
+        stored = pg.rows(url, 'SELECT COUNT(*) FROM "fills"')[0][0]
+        expected = ACK_SAMPLES + WARMUP + THROUGHPUT_ORDERS  # one fill each (the first probes add a few)
+        if stored < expected:
+            raise RuntimeError(f"the broker stored {stored} fills into PostgreSQL, fewer than the {expected} answered")
+        return figures
+    finally:
+        server.stop()
 
 
 def _ladder_order(n: int, side: Side, price: Decimal, ts: int) -> Order:
@@ -149,4 +171,4 @@ def _match_figures() -> dict[str, float]:
 
 
 def run() -> dict[str, float]:
-    return {**_broker_figures(), **_match_figures()}
+    return {**_broker_figures(), **_pg_figures(), **_match_figures()}

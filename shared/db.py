@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from decimal import Decimal
+from urllib.parse import urlparse
 
 import peewee as pw
 from playhouse.db_url import connect as connect_url
+from playhouse.db_url import parse as parse_url
 
 from shared import storage
-from shared.errors import StorageError
+from shared.errors import ConfigError, StorageError
 
 database = pw.DatabaseProxy()
 
@@ -141,9 +143,12 @@ def init_db(target: str, create: bool = True) -> pw.Database:
     """Open `target` (a SQLite path, or a peewee URL such as postgresql://…),
     bind the models to it and create missing tables. Returns the database. Raises
     StorageError (one line naming the file) for a SQLite file that cannot be used at all:
-    on a read-only file system, a directory, not a database, damaged; other errors as they come."""
+    on a read-only file system, a directory, not a database, damaged; for a database server,
+    ConfigError for a URL that names none and StorageError (one line naming user, host and
+    database, never the password) for a login it refuses (a wrong password, no such database
+    or role); other errors as they come (a server that does not answer: peewee's OperationalError)."""
     if "://" in target:
-        db = connect_url(target)
+        db = open_url(target)
     else:
         if os.path.isdir(target):
             raise StorageError(f"cannot use {target} as the database: it is a directory")
@@ -153,12 +158,18 @@ def init_db(target: str, create: bool = True) -> pw.Database:
     try:
         db.connect(reuse_if_open=True)
         if create:
-            db.create_tables(MODELS, safe=True)
-            add_missing_columns(db)
-            _drop_replaced_indexes(db)
+            if isinstance(db, pw.PostgresqlDatabase):
+                _create_server_schema(db)
+            else:
+                db.create_tables(MODELS, safe=True)
+                add_missing_columns(db)
+                _drop_replaced_indexes(db)
     except (pw.DatabaseError, sqlite3.Error) as exc:
         if "://" in target:
-            raise
+            refused = _refused(target, exc)
+            if refused is None:
+                raise
+            raise refused from None
         error = _unusable(target, exc)
         if error is None:
             raise
@@ -166,6 +177,91 @@ def init_db(target: str, create: bool = True) -> pw.Database:
             db.close()
         raise error from None
     return db
+
+
+# -- a database server (PostgreSQL) ----------------------------------------------------------
+
+PG_SCHEMES = ("postgres", "postgresql")
+PG_CONNECT_TIMEOUT_S = 10  # libpq waits for the OS's TCP timeout (minutes) on a host that never answers
+# every process that creates the schema takes this transaction-scoped advisory lock first: two
+# services starting together (broker and risk) would otherwise race on CREATE TABLE IF NOT EXISTS,
+# which PostgreSQL does not serialise (a duplicate-key error on its catalog)
+PG_SCHEMA_LOCK = 0x51460001
+
+
+class ServerDatabase(pw.PostgresqlDatabase):
+    """PostgreSQL as the services use it: FloatField as DOUBLE PRECISION (peewee's REAL is 4 bytes;
+    SQLite's REAL is 8), and a connection the server dropped (a restart, a failover) forgotten
+    at the next statement outside a transaction, so that statement connects afresh: the
+    broker's storage probe and the API's next request then work again by themselves."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("field_types", {"FLOAT": "DOUBLE PRECISION"})
+        super().__init__(*args, **kwargs)
+
+    def cursor(self, named_cursor=None):
+        state = self._state
+        if not state.closed and state.conn is not None and state.conn.closed and not self.in_transaction():
+            state.reset()
+        return super().cursor(named_cursor)
+
+
+def where(target: str) -> str:
+    """`target` as an error may name it: a SQLite path as it is; a URL as scheme://user@host:port/name,
+    without password or query parameters."""
+    if "://" not in target:
+        return target
+    scheme = urlparse(target).scheme
+    try:
+        p = parse_url(target)
+    except ValueError:
+        return f"{scheme}://…"
+    user = f"{p['user']}@" if p.get("user") else ""
+    port = f":{p['port']}" if p.get("port") else ""
+    return f"{scheme}://{user}{p.get('host', '')}{port}/{p.get('database', '')}"
+
+
+def open_url(target: str, **params) -> pw.Database:
+    """An unconnected peewee database for URL `target`: PostgreSQL (postgres:// or postgresql://)
+    as a ServerDatabase, percent-escapes in user and password decoded (as libpq does), with a
+    connect timeout unless the URL sets one; any other URL as playhouse.db_url makes it. `params`
+    go to the driver (over the URL's own). Raises ConfigError (naming the URL without its
+    password) for a PostgreSQL URL that cannot be used."""
+    if urlparse(target).scheme not in PG_SCHEMES:
+        return connect_url(target, **params)  # as before: SQLite URLs, other servers
+    try:
+        kwargs = parse_url(target, unquote_password=True, unquote_user=True)
+    except ValueError as exc:  # its text may hold the whole URL
+        raise ConfigError(f"QF_DB: {where(target)} is not a database URL peewee can use "
+                          f"({type(exc).__name__})") from None
+    if not kwargs.get("database"):
+        raise ConfigError(f"QF_DB: {where(target)} names no database (postgresql://user:password@host:port/name)")
+    kwargs.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+    kwargs.update(params)
+    return ServerDatabase(**kwargs)
+
+
+def _create_server_schema(db: pw.Database) -> None:
+    with db.atomic():
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)" % PG_SCHEMA_LOCK)
+        db.create_tables(MODELS, safe=True)
+        add_missing_columns(db)
+        _drop_replaced_indexes(db)
+
+
+# what a server says when it refuses a login that only a person can fix (libpq's and the server's words)
+_REFUSED = ("password authentication failed", "no password supplied", "does not exist", "permission denied",
+            "authentication failed", "pg_hba.conf")
+
+
+def _refused(target: str, exc: BaseException) -> StorageError | None:
+    """The StorageError for a server that refuses this login or database for good, or None for an
+    error that may pass (a server not up yet, a connection dropped)."""
+    text = str(exc).strip()
+    first = next((line for line in text.splitlines() if any(r in line.lower() for r in _REFUSED)), None)
+    if first is None:
+        return None
+    return StorageError(f"cannot use the database {where(target)}: {first.strip()[:200]}")
 
 
 def _unusable(path: str, exc: BaseException) -> StorageError | None:

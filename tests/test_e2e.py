@@ -25,6 +25,9 @@ def _get(bind: str, path: str) -> tuple[int, object]:
 
 
 def _db_rows(path: str, sql: str) -> list[tuple]:
+    if "://" in path:  # a database server's URL (tests/services/pg)
+        from tests import pg
+        return pg.rows(path, sql)
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as con:
             return con.execute(sql).fetchall()
@@ -34,9 +37,14 @@ def _db_rows(path: str, sql: str) -> list[tuple]:
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_replay_flows_through_every_service(tmp_path, transport):
+    replay_through_every_service(tmp_path, transport)
+
+
+def replay_through_every_service(tmp_path, transport: str, **extra: str) -> None:
+    """The test above, with `extra` QF_ settings over its own (tests/services/pg: QF_DB=postgresql://…)."""
     settings = (tcp_env if transport == "tcp" else ipc_env)(
         tmp_path, QF_FEED=f"replay:{SPOT_CAPTURE}", QF_REPLAY_SPEED="20", QF_REPLAY_LOOP="true",
-        QF_STRATEGY_COOLDOWN_MS="100", QF_RISK_MAX_POSITION="0.002")
+        QF_STRATEGY_COOLDOWN_MS="100", QF_RISK_MAX_POSITION="0.002", **extra)
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
     cfg = qfconfig.load(settings)
     stack = Stack(env)

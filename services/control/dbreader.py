@@ -21,10 +21,9 @@ import os
 from urllib.parse import quote
 
 import peewee as pw
-from playhouse.db_url import connect as connect_url
 from playhouse.db_url import parse as parse_url
 
-from shared.db import database
+from shared.db import PG_SCHEMES, database, open_url
 from shared.errors import TransientError
 
 log = logging.getLogger("qf.api")
@@ -51,6 +50,21 @@ def sqlite_file(target: str) -> tuple[str, dict] | None:
     params = parse_url(target)
     path = params.pop("database", "") or ""
     return (os.path.abspath(path), params) if path and path != ":memory:" else None
+
+
+# A PostgreSQL session of the API's: read-only (as SQLite's mode=ro: the API never writes), and each
+# transaction one snapshot (as a SQLite read transaction: a page of several queries, e.g.
+# `summary`, reads one state of the database; read-only snapshots never fail to serialise)
+SERVER_READ_OPTIONS = "-c default_transaction_read_only=on -c default_transaction_isolation=repeatable\\ read"
+
+
+def server_read_params(target: str) -> dict:
+    """The driver parameters of the API's read-only session on the server `target` names (its own
+    `options`, if the URL has any, kept after ours)."""
+    if target.split("://", 1)[0] not in PG_SCHEMES:
+        return {}
+    own = parse_url(target).get("options")
+    return {"options": SERVER_READ_OPTIONS + (f" {own}" if own else "")}
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -165,7 +179,7 @@ class ReadOnlyDatabase:
         if self.db is not None:
             return
         try:
-            db = connect_url(self.target)
+            db = open_url(self.target, **server_read_params(self.target))
             db.connect(reuse_if_open=True)
         except Exception as exc:  # no driver, no server, refused login: all "unavailable now"
             if not self.missing:  # once per outage; log lines mask the URL's password

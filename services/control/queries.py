@@ -306,11 +306,16 @@ def equity_series(start: int, end: int, interval: str = "auto") -> dict[str, Any
             step = math.ceil(span_s / MAX_POINTS / 86_400) * 86_400
     bucket_ns = step * 1_000_000_000
     # SQLite takes the bare columns from the row holding MAX(ts): each bucket's last snapshot
-    # (SQLite's rule; another database needs a window function here)
+    # (SQLite's rule; PostgreSQL has no such rule: DISTINCT ON, the newest by (ts, id) of each bucket)
     p = database.param
-    sql = (f'SELECT MAX("ts"), "equity", "cash" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} '
-           f'GROUP BY "ts" / {p} ORDER BY 1')
-    rows = database.execute_sql(sql, (start, end, bucket_ns)).fetchall()
+    if _server():
+        sql = (f'SELECT DISTINCT ON ("ts" / {p}) "ts", "equity", "cash" FROM "equity" WHERE "ts" >= {p} '
+               f'AND "ts" < {p} ORDER BY "ts" / {p}, "ts" DESC, "id" DESC')
+        rows = database.execute_sql(sql, (bucket_ns, start, end, bucket_ns)).fetchall()
+    else:
+        sql = (f'SELECT MAX("ts"), "equity", "cash" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} '
+               f'GROUP BY "ts" / {p} ORDER BY 1')
+        rows = database.execute_sql(sql, (start, end, bucket_ns)).fetchall()
     return {"interval_s": step, "requested_interval_s": asked, "from": start, "to": end,
             "points": [{"ts": ts, "equity": Decimal(eq), "cash": Decimal(cash)} for ts, eq, cash in rows]}
 
@@ -385,9 +390,10 @@ def _equity_curve(start: int | None, end: int | None) -> dict[str, Any]:
         'SELECT "equity" FROM (SELECT "ts", "equity", ROW_NUMBER() OVER (PARTITION BY "ts" / '
         f'{p} ORDER BY "ts" DESC, "id" DESC) AS "n" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p}) AS "h" '
         'WHERE "n" = 1 ORDER BY "ts"', (HOUR_NS, lo, hi)).fetchall()]
+    real = _real()
     dd = database.execute_sql(
-        'SELECT MAX("peak" - "eq"), MAX(("peak" - "eq") / "peak") FROM (SELECT CAST("equity" AS REAL) AS "eq", '
-        'MAX(CAST("equity" AS REAL)) OVER (ORDER BY "ts", "id" ROWS UNBOUNDED PRECEDING) AS "peak" '
+        f'SELECT MAX("peak" - "eq"), MAX(("peak" - "eq") / "peak") FROM (SELECT CAST("equity" AS {real}) AS "eq", '
+        f'MAX(CAST("equity" AS {real})) OVER (ORDER BY "ts", "id" ROWS UNBOUNDED PRECEDING) AS "peak" '
         f'FROM "equity" WHERE "ts" >= {p} AND "ts" < {p}) AS "d" WHERE "peak" > 0', (lo, hi)).fetchone()
     return _curve_figures(closes, dd[0] if dd else None, dd[1] if dd else None)
 
@@ -404,7 +410,17 @@ def _curve_figures(closes: list[float], dd: float | None, dd_ratio: float | None
             "max_drawdown_pct": dd_ratio * 100 if dd_ratio is not None else 0.0}
 
 
-_ROWS = 'SELECT "id", "ts", "equity", CAST("equity" AS REAL) FROM "equity"'
+_ROWS = 'SELECT "id", "ts", "equity", CAST("equity" AS {real}) FROM "equity"'
+
+
+def _server() -> bool:
+    """Whether the bound database is a server (PostgreSQL) rather than SQLite: where their SQL differs."""
+    return not isinstance(database.obj, pw.SqliteDatabase)
+
+
+def _real() -> str:
+    """The SQL type of an 8-byte float: SQLite's REAL; PostgreSQL's REAL has 4 bytes."""
+    return "DOUBLE PRECISION" if _server() else "REAL"
 
 
 class AllTimeEquity:
@@ -414,10 +430,11 @@ class AllTimeEquity:
     float() of the text for the closes; tests/services/control/test_stats_memo.py).
 
     The broker only appends snapshots, one writer, in id order. What was folded in is checked on
-    every answer: the first and the last row folded in (by (ts, id)) must still be there,
-    unchanged, the smallest id still the smallest; and no new row may sort before the last one
-    by (ts, id) (a clock stepped back). Otherwise (another file, the oldest rows pruned, rows
-    rewritten) it starts again from every row."""
+    every answer: the first and the last row folded in (by (ts, id)) and the last written (the
+    largest id) must still be there, unchanged, the smallest id still the smallest; and no new
+    row may sort before the last one by (ts, id) (a clock stepped back). Otherwise (another
+    file, the oldest rows pruned, those rows rewritten) it starts again from every row; a row
+    rewritten in the middle (which nothing does) is not looked for."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -428,6 +445,7 @@ class AllTimeEquity:
         self.first: tuple | None = None  # (id, ts, equity text) of the first row folded in by (ts, id)
         self.last: tuple | None = None  # ... and of the last
         self.last_id, self.min_id = 0, None  # the largest and the smallest id folded in
+        self.newest: tuple | None = None  # (id, ts, equity text) of the largest id: the last written
         self.closes: list[list] = []  # [hour, equity text] per hour: its newest row's
         self.peak = self.dd = self.dd_ratio = None
 
@@ -436,10 +454,10 @@ class AllTimeEquity:
             return True
         p = database.param
         kept = {r[0]: tuple(r) for r in database.execute_sql(
-            f'SELECT "id", "ts", "equity" FROM "equity" WHERE "id" IN ((SELECT MIN("id") FROM "equity"), {p}, {p})',
-            (self.first[0], self.last[0])).fetchall()}
+            f'SELECT "id", "ts", "equity" FROM "equity" WHERE "id" IN ((SELECT MIN("id") FROM "equity"), {p}, {p}, {p})',
+            (self.first[0], self.last[0], self.newest[0])).fetchall()}
         return kept.get(self.first[0]) == self.first and kept.get(self.last[0]) == self.last \
-            and min(kept) == self.min_id
+            and kept.get(self.newest[0]) == self.newest and min(kept) == self.min_id
 
     def figures(self) -> dict[str, Any]:
         with self._lock:
@@ -459,7 +477,8 @@ class AllTimeEquity:
             self._reset()
         lts, lid = (self.last[1], self.last[0]) if self.last is not None else (-2**63, -1)
         cursor = database.execute_sql(  # in (ts, id) order over the ts index, from after the last
-            f'{_ROWS} WHERE "ts" >= {p} AND NOT ("ts" = {p} AND "id" <= {p}) ORDER BY "ts", "id"', (lts, lts, lid))
+            f'{_ROWS.format(real=_real())} WHERE "ts" >= {p} AND NOT ("ts" = {p} AND "id" <= {p}) ORDER BY "ts", "id"',
+            (lts, lts, lid))
         closes, peak, dd, ratio = self.closes, self.peak, self.dd, self.dd_ratio
         row = None
         while batch := cursor.fetchmany(10_000):  # streamed: a month of rows is ~200 MB as tuples
@@ -471,7 +490,7 @@ class AllTimeEquity:
                 else:
                     closes.append([hour, text])
                 if rid > self.last_id:
-                    self.last_id = rid
+                    self.last_id, self.newest = rid, (rid, ts, text)
                 if self.min_id is None or rid < self.min_id:
                     self.min_id = rid
                 if self.first is None:

@@ -148,38 +148,48 @@ def check_database(path: str, told: dict[str, dict]) -> int:
     con = sqlite3.connect(path, timeout=5)
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        stored = {r[0]: r for r in con.execute(
-            "SELECT fill_id, order_id, client_order_id, side, price, qty, fee FROM fills")}
-        for fill_id, f in told.items():
-            assert fill_id in stored, f"told fill {fill_id} is not in the database"
-            row = stored[fill_id]
-            assert (row[2], row[3], D(row[4]), D(row[5]), D(row[6])) == (
-                f["client_order_id"], f["side"], D(f["price"]), D(f["qty"]), D(f["fee"])), fill_id
-        assert con.execute("SELECT client_order_id FROM orders GROUP BY client_order_id "
-                           "HAVING COUNT(*) > 1").fetchall() == []
-        per_order = defaultdict(lambda: D(0))
-        cash = START_CASH
-        for _, order_id, _, side, price, qty, fee in stored.values():
-            per_order[order_id] += D(qty)
-            cash -= (1 if side == "BUY" else -1) * D(price) * D(qty) + D(fee)
-        for order_id, qty, filled, status in con.execute("SELECT order_id, qty, filled_qty, status FROM orders"):
-            assert D(filled) == per_order.pop(order_id, D(0)), order_id
-            assert D(0) <= D(filled) <= D(qty)
-            assert (status == "FILLED") == (D(filled) == D(qty)), (order_id, status)
-            assert status != "PARTIALLY_FILLED" or D(0) < D(filled)
-        assert not per_order, f"fills without an order: {list(per_order)[:3]}"
-        # the cash of the latest snapshot (one is written with every fill) is what the fills add up to
-        last = con.execute("SELECT cash FROM equity ORDER BY id DESC LIMIT 1").fetchone()
-        assert (D(last[0]) if last else START_CASH) == cash, (last, cash)
-        return len(stored)
+        return check_rows(lambda sql: con.execute(sql).fetchall(), told)
     finally:
         con.close()
 
 
+def check_rows(rows, told: dict[str, dict]) -> int:
+    """check_database's invariants over `rows(sql)` (a list of tuples; tests/services/pg reads a server)."""
+    stored = {r[0]: r for r in rows(
+        "SELECT fill_id, order_id, client_order_id, side, price, qty, fee FROM fills")}
+    for fill_id, f in told.items():
+        assert fill_id in stored, f"told fill {fill_id} is not in the database"
+        row = stored[fill_id]
+        assert (row[2], row[3], D(row[4]), D(row[5]), D(row[6])) == (
+            f["client_order_id"], f["side"], D(f["price"]), D(f["qty"]), D(f["fee"])), fill_id
+    assert rows("SELECT client_order_id FROM orders GROUP BY client_order_id HAVING COUNT(*) > 1") == []
+    per_order = defaultdict(lambda: D(0))
+    cash = START_CASH
+    for _, order_id, _, side, price, qty, fee in stored.values():
+        per_order[order_id] += D(qty)
+        cash -= (1 if side == "BUY" else -1) * D(price) * D(qty) + D(fee)
+    for order_id, qty, filled, status in rows("SELECT order_id, qty, filled_qty, status FROM orders"):
+        assert D(filled) == per_order.pop(order_id, D(0)), order_id
+        assert D(0) <= D(filled) <= D(qty)
+        assert (status == "FILLED") == (D(filled) == D(qty)), (order_id, status)
+        assert status != "PARTIALLY_FILLED" or D(0) < D(filled)
+    assert not per_order, f"fills without an order: {list(per_order)[:3]}"
+    # the cash of the latest snapshot (one is written with every fill) is what the fills add up to
+    last = (rows("SELECT cash FROM equity ORDER BY id DESC LIMIT 1") or [None])[0]
+    assert (D(last[0]) if last else START_CASH) == cash, (last, cash)
+    return len(stored)
+
+
 def test_kill_9_twenty_times_loses_nothing_anyone_was_told(tmp_path):
+    kill_nine_times(tmp_path)
+
+
+def kill_nine_times(tmp_path, check=check_database, **extra: str) -> None:
+    """The test above, with `extra` QF_ settings over its own and `check(QF_DB, told fills)` after each kill
+    (tests/services/pg: QF_DB=postgresql://…, checked on the server)."""
     settings = tcp_env(tmp_path, QF_SYMBOLS="btcusdt", QF_BROKER_LATENCY_MODE="constant", QF_BROKER_LATENCY_MS="2",
                        QF_BROKER_EQUITY_S="0.2", QF_HEARTBEAT_MS="50", QF_START_CASH=str(START_CASH),
-                       QF_LOG_LEVEL="WARNING")
+                       QF_LOG_LEVEL="WARNING", **extra)
     cfg = load(settings)
     env = {**clean_environ(), **settings, "PYTHONPATH": ROOT}
     events = list(market_events(SPOT_CAPTURE, "BTCUSDT"))
@@ -212,7 +222,7 @@ def test_kill_9_twenty_times_loses_nothing_anyone_was_told(tmp_path):
             told = {fid: f.to_wire() for fid, f in listener.fills.items()}
             for ack in list(flow.acks.values()):
                 told.update((f.fill_id, f.to_wire()) for f in ack.fills)
-            counts.append((len(told), check_database(cfg.common.db, told)))
+            counts.append((len(told), check(cfg.common.db, told)))
             proc = start_broker()
         assert flow.error is None, flow.error
         answered = len(flow.acks)
@@ -232,6 +242,6 @@ def test_kill_9_twenty_times_loses_nothing_anyone_was_told(tmp_path):
     told = {fid: f.to_wire() for fid, f in listener.fills.items()}
     for ack in flow.acks.values():
         told.update((f.fill_id, f.to_wire()) for f in ack.fills)
-    stored = check_database(cfg.common.db, told)
+    stored = check(cfg.common.db, told)
     assert len(counts) == KILLS and stored >= len(told) > 100, (counts, stored, len(told))
-    assert len(flow.acks) > 200 and os.path.exists(cfg.common.db)
+    assert len(flow.acks) > 200 and ("://" in cfg.common.db or os.path.exists(cfg.common.db))
