@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_control(sub)
     from services.notifier.commands import add_parser as add_telegram
     add_telegram(sub)
+    from services.keys import add_parser as add_keys
+    add_keys(sub)
     c = sub.add_parser("config", help="list every QF_* setting with its default")
     c.set_defaults(func=cmd_config)
     return p

@@ -24,9 +24,10 @@ from typing import Callable, Mapping
 
 import zmq
 
+from shared import curve
 from shared.bus import Subscriber
 from shared.config import Config, mask_secrets
-from shared.errors import DecodeError
+from shared.errors import ConfigError, DecodeError
 from shared.shabbat import place
 
 # Binding sides first; marketdata last so subscribers are connected when data flows.
@@ -214,7 +215,8 @@ class StatusMonitor:
     epoch) tells how near risk's next pause is."""
 
     def __init__(self, cfg: Config, clock: Callable[[], int] = time.time_ns) -> None:
-        self.subs = [Subscriber(ep, ["heartbeat."], 1000) for ep in
+        keys = curve.load(cfg, "api")  # the operator's view: it listens as the API does (shared/curve.py)
+        self.subs = [Subscriber(ep, ["heartbeat."], 1000, curve=keys) for ep in
                      (cfg.bus.md_pub, cfg.bus.broker_pub, cfg.bus.risk_pub, cfg.bus.strategy_pub)]
         self.lockstep = bool(cfg.bus.lockstep)
         self.stats: dict[str, dict] = {}
@@ -296,7 +298,14 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
     mode = f"lock-step replay of {cfg.md.feed.path}: each event once the services are done with the last" \
         if cfg.bus.lockstep else f"feed {cfg.md.feed}"
     emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} ({mode}); Ctrl-C stops everything")
-    monitor = StatusMonitor(cfg)
+    try:
+        if cfg.bus.curve_keys:  # every party runs here: a missing key is told once, before anything starts
+            for party in curve.PARTIES:
+                curve.load(cfg, party)
+        monitor = StatusMonitor(cfg)
+    except ConfigError as exc:
+        emit(f"{'qf up':<10} | {exc}")
+        return CANNOT_START
     stack.start()
     last_plain = 0.0
     code = 0

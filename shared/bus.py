@@ -1,5 +1,10 @@
 """ZeroMQ helpers: PUB/SUB with topic frames and sequence numbers, a ROUTER
-server for REQ clients, and a Lazy Pirate REQ client (zguide's lpclient)."""
+server for REQ clients, and a Lazy Pirate REQ client (zguide's lpclient).
+
+Every helper takes `curve` (shared/curve.py; None: QF_CURVE_KEYS is off): given, its socket
+is a CURVE client of whoever binds the endpoint, or the CURVE server of an endpoint its
+process owns, accepting only the keys shared/curve.py lists for it. Sockets made outside
+these helpers go through `connect`/`bind` for the same."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +16,7 @@ import msgpack
 import zmq
 
 from shared import messages
+from shared.curve import Curve
 from shared.errors import DecodeError, TransientError
 
 log = logging.getLogger("qf.bus")
@@ -51,11 +57,42 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
-def _prepare_ipc(endpoint: str) -> None:
+def _ipv6(sock: zmq.Socket, endpoint: str) -> None:
+    # ZeroMQ resolves and binds IPv4 only unless a socket says otherwise. An IPv6 literal
+    # (`tcp://[::]:5557`, `tcp://[fdaa::3]:5557`) needs it, and so does a name on Fly's private
+    # network (`<group>.process.<app>.internal`), which has AAAA records only (fly.multi.toml).
+    if endpoint.startswith("tcp://"):
+        host = endpoint[6:].rpartition(":")[0]
+        if host.startswith("[") or host.endswith(".internal"):
+            sock.setsockopt(zmq.IPV6, 1)
+
+
+def connect(sock: zmq.Socket, endpoint: str, curve: Curve | None = None) -> None:
+    """Connect `sock` to `endpoint`, as a CURVE client of its owner when `curve` is given."""
+    _ipv6(sock, endpoint)
+    if curve is not None:
+        curve.client(sock, endpoint)
+    sock.connect(endpoint)
+
+
+def bind(sock: zmq.Socket, endpoint: str, curve: Curve | None = None) -> None:
+    """Bind `sock` to `endpoint` (an ipc:// path's directory made first), as its CURVE server
+    accepting only the listed client keys when `curve` is given. ZeroMQ binds addresses, not
+    DNS names: a Fly private-network name (`tcp://broker.process.APP.internal:5557`, the name
+    the other machines connect to, so one setting serves both ends in fly.multi.toml) binds
+    every IPv6 address of this machine, `tcp://[::]:5557`."""
+    _ipv6(sock, endpoint)
+    if curve is not None:
+        curve.server(sock, endpoint)
     if endpoint.startswith("ipc://"):
         parent = os.path.dirname(endpoint[6:])
         if parent:
             os.makedirs(parent, exist_ok=True)
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[6:].rpartition(":")
+        if host.endswith(".internal"):
+            endpoint = f"tcp://[::]:{port}"
+    sock.bind(endpoint)
 
 
 MAX_GAP = 1 << 32  # sequence jumps a Subscriber counts as missed messages
@@ -69,13 +106,12 @@ class Publisher:
     The high-water mark is set on purpose: at ZeroMQ's default of 1000,
     bursts are dropped silently (PERF-BASELINES.md)."""
 
-    def __init__(self, endpoint: str, hwm: int, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, hwm: int, ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
         self.endpoint = endpoint
         self.sock = (ctx or context()).socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        _prepare_ipc(endpoint)
-        self.sock.bind(endpoint)
+        bind(self.sock, endpoint, curve)
         self.seqs: dict[str, int] = {}
 
     def publish(self, topic: str, msg: messages.Message) -> None:
@@ -100,14 +136,14 @@ class Subscriber:
     """SUB socket connected to one publisher; counts sequence gaps per topic (`missed`)."""
 
     def __init__(self, endpoint: str, topics: Iterable[str], hwm: int,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
         self.endpoint = endpoint
         self.sock = (ctx or context()).socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         for topic in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.sock.connect(endpoint)
+        connect(self.sock, endpoint, curve)
         self.last_seq: dict[bytes, int] = {}
         self.missed = 0
         self.decode_errors = 0
@@ -146,21 +182,41 @@ class Subscriber:
 
 
 class Server:
-    """ROUTER socket answering REQ (or DEALER) clients: `[id, b"", payload]`."""
+    """ROUTER socket answering REQ (or DEALER) clients: `[id, b"", payload]`.
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None) -> None:
+    With `curve`, `peer` is the party whose key sent the request `recv` returned last (ZAP's
+    User-Id, shared/curve.py), for a server that serves several parties different things
+    (risk); None without CURVE."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
         self.endpoint = endpoint
+        self.peer: str | None = None
         self.sock = (ctx or context()).socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME * 2)
-        _prepare_ipc(endpoint)
-        self.sock.bind(endpoint)
+        bind(self.sock, endpoint, curve)
+        if curve is not None:
+            self.recv = self._recv_from  # type: ignore[method-assign]
 
     def recv(self, flags: int = 0) -> tuple[list[bytes], bytes | None]:
         """Next request as `(envelope, payload)`; payload is None when the
         frames are not a REQ envelope (the caller counts it; no reply possible)."""
         frames = recv_frames(self.sock, flags)
+        if len(frames) < 3 or frames[-2] != b"":
+            return frames, None
+        return frames[:-1], frames[-1]
+
+    def _recv_from(self, flags: int = 0) -> tuple[list[bytes], bytes | None]:
+        """`recv`, noting in `peer` which party's key sent the request (a frame's metadata)."""
+        first = self.sock.recv(flags, copy=False)
+        try:
+            self.peer = first.get("User-Id")
+        except zmq.ZMQError:  # no ZAP answer named it: no party
+            self.peer = "unknown"
+        frames = [first.bytes]
+        while _get(self.sock, _RCVMORE):
+            frames.append(_recv(self.sock, flags))
         if len(frames) < 3 or frames[-2] != b"":
             return frames, None
         return frames[:-1], frames[-1]
@@ -183,11 +239,12 @@ class LazyPirateClient:
     The server must be idempotent on the request (client_order_id)."""
 
     def __init__(self, endpoint: str, timeout_ms: int, retries: int,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.ctx = ctx or context()
+        self.curve = curve
         self.sock: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.timeouts = 0
@@ -195,7 +252,7 @@ class LazyPirateClient:
     def _open(self) -> None:
         self.sock = self.ctx.socket(zmq.REQ)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.endpoint)
+        connect(self.sock, self.endpoint, self.curve)
         self.poller.register(self.sock, zmq.POLLIN)
 
     def _discard(self) -> None:
@@ -242,11 +299,13 @@ class AsyncClient:
     not connected a send is not queued for later; the attempt just times out.
     Not thread-safe: one loop owns it (poll `sock`, then `recv()` until None)."""
 
-    def __init__(self, endpoint: str, timeout_ms: int, retries: int, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_ms: int, retries: int, ctx: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_ns = timeout_ms * 1_000_000
         self.retries = retries
         self.ctx = ctx or context()
+        self.curve = curve
         self.sock: zmq.Socket | None = None
         self._rid = 0
         self._ids: dict[bytes, str] = {}  # request id (every attempt's) -> key
@@ -259,7 +318,7 @@ class AsyncClient:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.connect(self.endpoint)
+        connect(self.sock, self.endpoint, self.curve)
 
     def _send(self, key: str, entry: list, now_ns: int) -> None:
         self._rid += 1

@@ -104,6 +104,13 @@ def _optional_endpoint(raw: str) -> str:
     return _endpoint(raw) if raw.strip() else ""
 
 
+def _curve_keys(raw: str) -> str:
+    value = raw.strip()
+    if value and not os.path.isdir(value):
+        raise ValueError("must be empty (off) or the directory `qf keys DIR` made (public/, private/)")
+    return value
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().rstrip("/")
@@ -282,6 +289,9 @@ class BusConfig:
     lockstep: str = setting("QF_LOCKSTEP", "", _optional_endpoint,
                             "lock-step replay (`qf up --lockstep` sets it): the conductor's PULL endpoint; "
                             "empty: off")
+    curve_keys: str = setting("QF_CURVE_KEYS", "", _curve_keys,
+                              "CURVE key directory (`qf keys DIR`): every tcp/ipc socket authenticates and encrypts, "
+                              "and each server accepts only its clients' keys (shared/curve.py); empty: off")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -12,7 +13,9 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 from services.api.app import create_app
 from services.api.errors import error_body, error_code
-from shared.config import Config
+from shared import curve
+from shared.config import Config, mask_secrets
+from shared.errors import ConfigError
 
 log = logging.getLogger("qf.api")
 
@@ -89,7 +92,14 @@ class ApiApplication(BaseApplication):
 
 def run_api(cfg: Config) -> None:
     """Serve the API on `cfg.api.bind` with `cfg.api.workers` workers; blocks until
-    gunicorn's master stops (SIGTERM/SIGINT: graceful, at most GRACEFUL_TIMEOUT_S)."""
+    gunicorn's master stops (SIGTERM/SIGINT: graceful, at most GRACEFUL_TIMEOUT_S). A CURVE key
+    of the API's that cannot be read (QF_CURVE_KEYS) stops it before gunicorn starts: one line on
+    stderr, SystemExit(2), as `qf` does for any ConfigError."""
+    try:  # read in the master, so the workers fork with the keys already loaded (shared/curve.py)
+        curve.load(cfg, "api")
+    except ConfigError as exc:
+        print(mask_secrets(f"qf api: {exc}"), file=sys.stderr)
+        raise SystemExit(2) from None
     log.info("api_starting", extra={"bind": cfg.api.bind, "workers": cfg.api.workers})
     master = os.getpid()
     try:

@@ -16,7 +16,7 @@ from services.broker.desk import READ_ERRORS, BrokerDesk, Events, OrderIds, Seed
 from services.broker.keeper import STORE_UNAVAILABLE, StoreKeeper
 from services.broker.telemetry import (ACK_SECONDS, BAD_FRAMES, BAD_MD, FAILURES, METRICS, JournalCollector, QuietLog,
                                        labelled)
-from shared import journal, messages, storage
+from shared import curve, journal, messages, storage
 from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
@@ -63,6 +63,9 @@ class BrokerService:
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.cfg = cfg
+        # its key pair and the public keys of those it serves, before anything is opened: a
+        # missing key file stops the start with one line (KeyFileError, a ConfigError)
+        self.curve = curve.load(cfg, "broker")
         self.lockstep: LockstepClock | None = None
         if cfg.bus.lockstep:
             if clock is time.time_ns:
@@ -101,10 +104,10 @@ class BrokerService:
         except BaseException:
             self.journal.close()
             raise
-        self.server = Server(cfg.bus.broker_rep, ctx)
+        self.server = Server(cfg.bus.broker_rep, ctx, self.curve)  # with CURVE: risk's key only
         self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock"] if self.lockstep else ["book.", "trade."],
-                             cfg.bus.hwm, ctx)
-        self.pub = Publisher(cfg.bus.broker_pub, cfg.bus.hwm, ctx)
+                             cfg.bus.hwm, ctx, self.curve)
+        self.pub = Publisher(cfg.bus.broker_pub, cfg.bus.hwm, ctx, self.curve)
         self.reporter: Reporter | None = None
         if self.lockstep is not None:
             self.reporter = Reporter(cfg.bus.lockstep, "broker", ctx)
@@ -406,6 +409,8 @@ class BrokerService:
                  "checkpoint_failures": self.checkpointer.failures,
                  "feed_lag_ms": model.latency.describe()["feed_lag_ms"],
                  "equity": str(self.desk.account.equity(model.marks())), **self.ack_us.stats("ack")}
+        if self.curve is not None:  # handshakes refused by its sockets' key lists (shared/curve.py)
+            stats["curve_refused"] = curve.refused_total()
         self.pub.publish("heartbeat.broker", self.heartbeat.make(
             "store_unavailable" if self.health.down else "ok", stats))
         self.liveness.touch()  # never raises: a full disk must not stop the loop

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from shared import messages
+from shared import curve, messages
 from shared.bus import LazyPirateClient, NoReply
 from shared.config import Config
 from shared.enums import ControlAction
@@ -28,8 +28,11 @@ def ask_risk(cfg: Config, action: ControlAction, by: str, reason: str) -> dict:
     """Send a `control` request to risk (Lazy Pirate REQ, one attempt: a control is not repeated
     behind the caller's back) and return its reply as a plain dict {state, reason, positions,
     equity, detail}. Raises RiskUnreachable when risk does not answer within
-    QF_RISK_CONTROL_TIMEOUT_MS, RiskRefused when it answers with an error or nonsense."""
-    client = LazyPirateClient(cfg.bus.risk_rep, cfg.risk.control_timeout_ms, retries=1)
+    QF_RISK_CONTROL_TIMEOUT_MS, RiskRefused when it answers with an error or nonsense. With
+    QF_CURVE_KEYS it speaks as the `api` party (the only key risk takes HALT/RESUME/FLATTEN from):
+    KeyFileError when that key cannot be read."""
+    client = LazyPirateClient(cfg.bus.risk_rep, cfg.risk.control_timeout_ms, retries=1,
+                              curve=curve.load(cfg, "api"))
     try:
         raw = client.request(messages.encode(Control(ts=time.time_ns(), action=action, by=by, reason=reason)))
     except NoReply:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import zmq
 
+from shared import curve
 from shared.bus import Subscriber, context
 from shared.config import Config
 from shared.errors import DecodeError
@@ -64,6 +65,8 @@ class BusWatch:
 
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.clock = cfg, clock
+        # it listens as the API (shared/curve.py); KeyFileError here, not in its thread
+        self.curve = curve.load(cfg, "api")
         self.expected = EXPECTED
         self.stale_s = 3 * cfg.bus.heartbeat_ms / 1000  # three beats missed
         self.grace_s = cfg.bus.heartbeat_ms / 1000 + 0.5  # a new watcher waits this long for the first beats
@@ -101,10 +104,11 @@ class BusWatch:
     def _run(self) -> None:
         bus = self.cfg.bus
         ctx = context()
-        subs = [Subscriber(bus.md_pub, ["heartbeat.", "status."], 1000, ctx=ctx),
-                Subscriber(bus.broker_pub, ["heartbeat."], 1000, ctx=ctx),
-                Subscriber(bus.risk_pub, ["heartbeat.", "risk.state"], 1000, ctx=ctx),
-                Subscriber(bus.strategy_pub, ["heartbeat."], 1000, ctx=ctx)]
+        keys = self.curve
+        subs = [Subscriber(bus.md_pub, ["heartbeat.", "status."], 1000, ctx=ctx, curve=keys),
+                Subscriber(bus.broker_pub, ["heartbeat."], 1000, ctx=ctx, curve=keys),
+                Subscriber(bus.risk_pub, ["heartbeat.", "risk.state"], 1000, ctx=ctx, curve=keys),
+                Subscriber(bus.strategy_pub, ["heartbeat."], 1000, ctx=ctx, curve=keys)]
         poller = zmq.Poller()
         for sub in subs:
             poller.register(sub.sock, zmq.POLLIN)

@@ -39,8 +39,8 @@ class CountingPublisher(Publisher):
     trip through three services that each record waits for."""
 
     def __init__(self, endpoint: str, hwm: int, published: dict[str, int] | None = None,
-                 ctx: zmq.Context | None = None) -> None:
-        super().__init__(endpoint, hwm, ctx)
+                 ctx: zmq.Context | None = None, curve=None) -> None:
+        super().__init__(endpoint, hwm, ctx, curve)
         self.published = published if published is not None else {"books": 0, "trades": 0, "clocks": 0}
 
     def send_raw(self, topic: bytes, payload: bytes) -> None:

@@ -9,6 +9,7 @@ from services.marketdata.feeds import ReplayFeed
 from services.marketdata.guard import BookGuard
 from services.marketdata.metrics import serve
 from services.marketdata.router import BookRouter
+from shared import curve
 from shared.alerts import Alerter
 from shared.bus import Publisher
 from shared.config import Config
@@ -50,6 +51,7 @@ class MarketDataService:
             from services.marketdata.record import Recorder
             recorder = Recorder(cfg.md.record, cfg.md.record_rotate_s, int(cfg.md.record_rotate_mb * 1e6))
         self.cfg, self.recorder = cfg, recorder
+        self.curve = curve.load(cfg, "marketdata") if publish else None  # KeyFileError: one line, exit 2
         self.lockstep = bool(cfg.bus.lockstep)
         if self.lockstep and cfg.md.feed.kind != "replay":
             raise ConfigError(f"QF_LOCKSTEP is a lock-step replay: it needs QF_FEED=replay:FILE, not {cfg.md.feed}")
@@ -80,7 +82,8 @@ class MarketDataService:
     def run(self) -> None:
         cfg, router = self.cfg, self.router
         pub_cls = CountingPublisher if self.lockstep else Publisher
-        pub = router.pub = pub_cls(cfg.bus.md_pub, cfg.bus.hwm) if self.publish_enabled else _NoPublisher()
+        pub = router.pub = pub_cls(cfg.bus.md_pub, cfg.bus.hwm, curve=self.curve) if self.publish_enabled \
+            else _NoPublisher()
         live = Liveness(cfg.common.run_dir, "marketdata")
         beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker("marketdata")
         server = None

@@ -32,6 +32,7 @@ from services.notifier.ratelimit import ChatLimits
 from services.notifier.report import build_report, due_slot, first_slot
 from services.notifier.sender import (BAD_TOKEN, MIGRATED, REFUSED, RETRY_AFTER, SENT, TRANSIENT, Outcome,
                                       TelegramSender, protect_logs)
+from shared import curve
 from shared.bus import NOBLOCK, Subscriber
 from shared.config import Config
 from shared.errors import DecodeError
@@ -87,6 +88,7 @@ class NotifierService:
     def __init__(self, cfg: Config, clock: Callable[[], int] = time.time_ns,
                  sender_options: dict | None = None) -> None:
         self.cfg, self.clock = cfg, clock
+        self.curve = curve.load(cfg, "notifier")  # KeyFileError (one line, exit 2) before anything runs
         self._stop = threading.Event()
         self.liveness = Liveness(cfg.common.run_dir, "notifier")
         self.off = off_reason(cfg)
@@ -102,7 +104,7 @@ class NotifierService:
                                  memory=self.outbox.get("core"), started_ns=clock())
         self.limits = ChatLimits()
         self.sender = TelegramSender(n.telegram_token, n.telegram_api_url, **(sender_options or {}))
-        self.subs = [Subscriber(ep, topics, cfg.bus.hwm) for ep, topics in subscriptions(cfg).items()]
+        self.subs = [Subscriber(ep, topics, cfg.bus.hwm, curve=self.curve) for ep, topics in subscriptions(cfg).items()]
         self.heard: set[str] = set()
         self.quote = _quote(cfg)
         self.last_slot: int | None = self.outbox.get("report_slot")

@@ -11,7 +11,8 @@ from typing import Callable
 import zmq
 
 from shared import messages
-from shared.bus import NOBLOCK, readable, recv_frames, send_frames
+from shared.bus import NOBLOCK, connect, readable, recv_frames, send_frames
+from shared.curve import Curve
 
 log = logging.getLogger("qf.risk")
 
@@ -42,8 +43,10 @@ class BrokerLink:
     after a timeout with nothing else in flight the socket is replaced, so no stale
     request can reach a broker that comes back."""
 
-    def __init__(self, endpoint: str, timeout_ms: int, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_ms: int, ctx: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve  # shared/curve.py: risk's key, the one the broker's order port accepts
         self.timeout_ns = timeout_ms * 1_000_000
         self.ctx = ctx or zmq.Context.instance()
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # in deadline order: one timeout for all
@@ -57,7 +60,7 @@ class BrokerLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
-        sock.connect(self.endpoint)
+        connect(sock, self.endpoint, self.curve)
         return sock
 
     def send(self, payload: bytes, callback: Callback) -> bool:

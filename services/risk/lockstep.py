@@ -24,6 +24,7 @@ import zmq
 
 from services.risk.link import BrokerLink, Callback
 from shared.bus import Server
+from shared.curve import Curve
 from shared.lockstep import Reporter
 
 
@@ -41,8 +42,9 @@ class CountingServer(Server):
     when an order (a cancel) comes in on it, then its reply (to that envelope) counts once when
     sent. An envelope names one request (a REQ has one at a time; the DEALER's carry a request id)."""
 
-    def __init__(self, endpoint: str, reporter: Reporter, ctx: zmq.Context | None = None) -> None:
-        super().__init__(endpoint, ctx)
+    def __init__(self, endpoint: str, reporter: Reporter, ctx: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
+        super().__init__(endpoint, ctx, curve)
         self.reporter = reporter
         self.awaiting: dict[tuple[bytes, ...], list[str]] = {}  # envelope -> counters of its unanswered requests
 
@@ -67,8 +69,8 @@ class CountingLink(BrokerLink):
     must stand there too when it books the answer (as the backtest's clock does)."""
 
     def __init__(self, endpoint: str, timeout_ms: int, reporter: Reporter, catch_up: Callable[[int], None],
-                 ctx: zmq.Context | None = None) -> None:
-        super().__init__(endpoint, timeout_ms, ctx)
+                 ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
+        super().__init__(endpoint, timeout_ms, ctx, curve)
         self.reporter = reporter
         self.catch_up = catch_up
 

@@ -23,7 +23,7 @@ from services.risk.lockstep import CountingLink, CountingServer
 from services.risk.telemetry import (BAD_FRAMES, CHECK_SECONDS, DECIDE_SECONDS, FAILURES, METRICS,
                                      PAUSE_FLATTEN_FAILED, PAUSE_FLATTEN_FAILURES, STATE_CHANGES, LogLimiter,
                                      show_state)
-from shared import journal, messages, storage
+from shared import curve, journal, messages, storage
 from shared.alerts import Alerter
 from shared.bus import NOBLOCK, Publisher, Server, Subscriber, readable
 from shared.config import Config
@@ -71,13 +71,14 @@ class RiskService:
         elif lockstep and not isinstance(clock, LockstepClock):
             raise TypeError("a lock-step risk takes its time from the conductor: its clock is a LockstepClock")
         self.clock = clock
+        self.curve = curve.load(cfg, "risk")  # KeyFileError (one line, exit 2) before anything is opened
         self.limits = risk_limits.from_config(cfg)
         for line in risk_limits.describe(self.limits):
             log.info("limits", extra=line)
         self.engine = RiskEngine.from_config(self.limits, cfg)  # QF_START_CASH/_BALANCES, the broker's fees
         forwarded = store.Forwarded()
         self.stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
-                      "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0}
+                      "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0, "forbidden": 0}
         self.outbox = store.Outbox(OUTBOX_MAX, self.stats)  # bounded, backs off, alerts while writes fail
         self.check_us, self.serve_us = MicrosHistogram(), MicrosHistogram()
         self.quiet = LogLimiter(log)
@@ -87,9 +88,10 @@ class RiskService:
         # Subscribe before reading the database: fills committed meanwhile wait
         # in the queue instead of being lost, and the ledger drops the overlap.
         # lock-step: trades too, only for their `ts` (a resting order's fill is stamped with its trade's)
-        self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx)
+        self.md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock"] if lockstep else ["book."], cfg.bus.hwm, ctx,
+                             self.curve)
         self.broker_events = Subscriber(cfg.bus.broker_pub, ["fill.", "order.", "clock"] if lockstep
-                                        else ["fill.", "order."], cfg.bus.hwm, ctx)
+                                        else ["fill.", "order."], cfg.bus.hwm, ctx, self.curve)
         try:
             init_db(cfg.common.db)
         except (pw.PeeweeException, sqlite3.Error, OSError) as exc:  # e.g. a full disk: one line, `qf up` retries
@@ -116,16 +118,17 @@ class RiskService:
         self.reporter: Reporter | None = None
         if lockstep:
             self.reporter = Reporter(lockstep, "risk", ctx)
-            self.server = CountingServer(cfg.bus.risk_rep, self.reporter, ctx)
+            self.server = CountingServer(cfg.bus.risk_rep, self.reporter, ctx, self.curve)
             self.broker = CountingLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, self.reporter,
-                                       self._catch_up, ctx)
+                                       self._catch_up, ctx, self.curve)
             self._links = {"broker_pub": False, "probe": ""}  # what `_hello` waits for
             self.handle = self._handle_lockstep  # type: ignore[method-assign]
             self._drain = self._drain_lockstep  # type: ignore[method-assign]
         else:
-            self.server = Server(cfg.bus.risk_rep, ctx)
-            self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx)
-        self.pub = Publisher(cfg.bus.risk_pub, cfg.bus.hwm, ctx)
+            # with CURVE: the strategies' and the API's keys; who may send what is checked in handle()
+            self.server = Server(cfg.bus.risk_rep, ctx, self.curve)
+            self.broker = BrokerLink(cfg.bus.broker_rep, cfg.risk.broker_timeout_ms, ctx, self.curve)
+        self.pub = Publisher(cfg.bus.risk_pub, cfg.bus.hwm, ctx, self.curve)
         self.alerts = Alerter("risk", self.pub.publish, clock=self.clock)
         self.outbox.attach(self.alerts)
         self.desk = OrderDesk(self.engine, self.broker, self.outbox, forwarded, self.stats, self.clock, self.quiet,
@@ -149,6 +152,11 @@ class RiskService:
             return self._bad_request(now, exc.reason, exc.detail)
         decoded = time.perf_counter_ns()
         kind = type(req)
+        peer = self.server.peer  # None without CURVE: then every client may send anything
+        if peer is not None:
+            why = curve.refusal(peer, req.TYPE, req.action.value if kind is Control else "")
+            if why is not None:
+                return self._forbidden(now, peer, why)
         if (kind is OrderRequest or kind is Cancel) and not 0 < len(req.client_order_id) <= MAX_ID:
             return self._bad_request(now, "bad_field", f"client_order_id: 1 to {MAX_ID} characters")
         if kind is OrderRequest:
@@ -172,6 +180,14 @@ class RiskService:
         BAD_FRAMES.labels("request").inc()
         self.quiet.log_event(logging.WARNING, "bad_request", code, {"code": code, "detail": detail[:200]})
         return messages.encode(Error(ts=now, code=code, text=detail[:500]))
+
+    def _forbidden(self, now: int, peer: str, why: str) -> bytes:
+        """The `error` FORBIDDEN answering a request its sender's key may not make (a strategy's
+        HALT, the API's order), counted and logged (rate-limited) like a bad frame."""
+        self.stats["forbidden"] += 1
+        BAD_FRAMES.labels("forbidden").inc()
+        self.quiet.log_event(logging.WARNING, "forbidden", peer, {"peer": peer, "detail": why})
+        return messages.encode(Error(ts=now, code="FORBIDDEN", text=why))
 
     def _answer(self, envelope: list[bytes], received_ns: int, decoded_ns: int, payload: bytes, spent_ns: int,
                 since_ns: int) -> None:
@@ -560,6 +576,8 @@ class RiskService:
                  "inflight": len(self.desk.inflight), **self.broker.stats,
                  **self.check_us.stats("check"), **self.serve_us.stats("serve"),
                  **self.desk.broker_us.stats("broker")}
+        if self.curve is not None:  # handshakes refused by its sockets' key lists (shared/curve.py)
+            stats["curve_refused"] = curve.refused_total()
         self.pub.publish("heartbeat.risk", self.heartbeat.make("ok", stats))
         self.liveness.touch()
 

@@ -48,7 +48,7 @@ from services.strategy import telemetry
 from services.strategy.core import OrderIntent
 from services.strategy.ofi import CancelIntent, OfiStrategy, Signal
 from services.strategy.signals import SignalWriter
-from shared import messages
+from shared import curve, messages
 from shared.bus import AsyncClient, Publisher, Subscriber
 from shared.config import Config
 from shared.enums import ControlAction, TradingState, Verdict
@@ -88,6 +88,7 @@ class OfiService:
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.curve = curve.load(cfg, "strategy")  # KeyFileError (one line, exit 2) before anything runs
         self.start_ns = time.time_ns()
         rules = risk_limits.from_config(cfg).rules
         # start time in the prefix keeps client_order_id unique across restarts; a lock-step
@@ -148,11 +149,11 @@ class OfiService:
     def _run_live(self) -> None:
         cfg = self.cfg
         ctx = self.ctx
-        md = Subscriber(cfg.bus.md_pub, ["book.", "trade."], cfg.bus.hwm, ctx=ctx)
-        broker = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx=ctx)
-        risk = Subscriber(cfg.bus.risk_pub, ["risk.state"], cfg.bus.hwm, ctx=ctx)
-        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, ctx)
-        client = AsyncClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=ctx)
+        md = Subscriber(cfg.bus.md_pub, ["book.", "trade."], cfg.bus.hwm, ctx=ctx, curve=self.curve)
+        broker = Subscriber(cfg.bus.broker_pub, ["fill.", "order."], cfg.bus.hwm, ctx=ctx, curve=self.curve)
+        risk = Subscriber(cfg.bus.risk_pub, ["risk.state"], cfg.bus.hwm, ctx=ctx, curve=self.curve)
+        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, ctx, self.curve)
+        client = AsyncClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=ctx, curve=self.curve)
         self.pub, self.client = pub, client
         self.writer = SignalWriter(cfg.common.db)
         self.writer.start()
@@ -473,11 +474,12 @@ class OfiService:
         positions, none in a replay's new database). No retry, no wall-clock tick: time is the
         conductor's."""
         cfg, ctx = self.cfg, self.ctx
-        md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock", STEP_TOPIC], cfg.bus.hwm, ctx=ctx)
-        broker = Subscriber(cfg.bus.broker_pub, ["fill.", "order.", "clock"], cfg.bus.hwm, ctx=ctx)
-        risk = Subscriber(cfg.bus.risk_pub, ["risk.state", "clock"], cfg.bus.hwm, ctx=ctx)
-        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, ctx)
-        client = AsyncClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=ctx)
+        md = Subscriber(cfg.bus.md_pub, ["book.", "trade.", "clock", STEP_TOPIC], cfg.bus.hwm, ctx=ctx,
+                        curve=self.curve)
+        broker = Subscriber(cfg.bus.broker_pub, ["fill.", "order.", "clock"], cfg.bus.hwm, ctx=ctx, curve=self.curve)
+        risk = Subscriber(cfg.bus.risk_pub, ["risk.state", "clock"], cfg.bus.hwm, ctx=ctx, curve=self.curve)
+        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, ctx, self.curve)
+        client = AsyncClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=ctx, curve=self.curve)
         reporter = self.reporter = Reporter(cfg.bus.lockstep, SERVICE, ctx, stepped=True)
         self.pub, self.client = pub, client
         self.writer = SignalWriter(cfg.common.db)

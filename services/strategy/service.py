@@ -10,8 +10,8 @@ import zmq
 
 from services.strategy import telemetry
 from services.strategy.core import ImbalanceStrategy, OrderIntent, Outcome
-from shared import messages
-from shared.bus import LazyPirateClient, NoReply, Publisher, Subscriber
+from shared import curve, messages
+from shared.bus import LazyPirateClient, NoReply, Publisher, Subscriber, connect
 from shared.config import Config
 from shared.enums import ControlAction, Verdict
 from shared.errors import DecodeError
@@ -52,6 +52,7 @@ class StrategyService:
     def __init__(self, cfg: Config, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.curve = curve.load(cfg, "strategy")  # KeyFileError (one line, exit 2) before anything runs
         self.start_ns = time.time_ns()
         # start time in the prefix keeps client_order_id unique across restarts; a lock-step
         # replay names its orders as `qf backtest` of the capture does (services/backtest/engine.py)
@@ -92,13 +93,14 @@ class StrategyService:
 
     def _run_live(self) -> None:
         cfg = self.cfg
-        sub = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx=self.ctx)
-        client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx)
+        sub = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx=self.ctx, curve=self.curve)
+        client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx,
+                                  curve=self.curve)
         liveness = Liveness(cfg.common.run_dir, SERVICE)
         ticker = Ticker(cfg.bus.heartbeat_ms)
         # heartbeat.strategy on QF_STRATEGY_PUB, as the OFI strategy's: /health and the status
         # line hear every service, whichever strategy runs
-        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, self.ctx)
+        pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, self.ctx, self.curve)
         beat = HeartbeatMaker(SERVICE)
         poller = zmq.Poller()
         poller.register(sub.sock, zmq.POLLIN)
@@ -256,7 +258,7 @@ class StrategyService:
         when the replay lets the broker, however long that takes on the wall clock; stop()
         ends the wait."""
         cfg = self.cfg
-        sub = Subscriber(cfg.bus.md_pub, ["book.", "clock"], cfg.bus.hwm, ctx=self.ctx)
+        sub = Subscriber(cfg.bus.md_pub, ["book.", "clock"], cfg.bus.hwm, ctx=self.ctx, curve=self.curve)
         reporter = Reporter(cfg.bus.lockstep, SERVICE, self.ctx)
         self.reporter = reporter
         reqs: dict[str, zmq.Socket] = {}  # symbol -> its REQ to risk
@@ -329,7 +331,7 @@ class StrategyService:
             if sock is None:
                 sock = reqs[intent.symbol] = (self.ctx or zmq.Context.instance()).socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(self.cfg.bus.risk_rep)
+                connect(sock, self.cfg.bus.risk_rep, self.curve)
                 poller.register(sock, zmq.POLLIN)
             if sock in asked:
                 raise RuntimeError(f"{intent.symbol}: an order while {asked[sock][0].client_order_id} waits")
