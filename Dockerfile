@@ -82,11 +82,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     QF_DB=/data/quantumflow.db \
     QF_API_BIND=0.0.0.0:8000
 
-# A fixed uid/gid so files on the /data volume keep one owner across rebuilds.
+# A fixed uid/gid so files on the /data volume keep one owner across rebuilds; /var/lib/quantumflow
+# is the notifier's outbox volume in compose (a named volume takes the mount point's owner).
 RUN groupadd --system --gid 10001 qf \
  && useradd --system --no-log-init --uid 10001 --gid qf --home-dir /home/qf --create-home qf \
- && mkdir -p /data \
- && chown qf:qf /data
+ && mkdir -p /data /var/lib/quantumflow \
+ && chown qf:qf /data /var/lib/quantumflow
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -36,13 +36,15 @@ up: $(STAMP)
 
 COMPOSE_V2 := build/compose-v2/docker-compose
 
-# The whole suite: everything but the container tests (budget: 10 minutes on 2 cores), the
-# container tests under Debian's docker-compose 1.29, then again under Compose v2, fetched from
-# Debian's archive (see tests/docker/fetch-compose-v2.sh); each part prints its own time.
-# `make test PYTEST_ARGS=...` runs a selection only.
+# The whole suite: everything but the container tests (budget: 10 minutes on 2 cores; two
+# pytest-xdist processes, a test file per process at a time: most tests wait on processes and
+# sockets, so two run in ~0.6 of the time), the container tests under Debian's docker-compose
+# 1.29, then again under Compose v2, fetched from Debian's archive (see
+# tests/docker/fetch-compose-v2.sh); each part prints its own time.
+# `make test PYTEST_ARGS=...` runs a selection only (in one process unless it says -n).
 test: $(STAMP) sysdeps
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(BIN)/python -m pytest -m "not docker"
+	$(BIN)/python -m pytest -m "not docker" -n 2 --dist loadfile
 	@echo "== container tests under $$(docker-compose version --short 2>/dev/null || echo docker-compose)"
 	$(BIN)/python -m pytest -m docker
 else

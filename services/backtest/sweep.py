@@ -8,12 +8,13 @@ single backtest, nothing else — in a worker process, over the base config (env
 `--config`, the command's options) with that combination's values on top, with the same seed
 for all (a sweep compares settings, not luck), each into its own database.
 
-Processes: a `ProcessPoolExecutor` on the forkserver context (spawn where there is none): the
-parent holds threads (the pool's manager, tqdm's monitor), which a forked child would inherit
-mid-lock. Workers ignore SIGINT — Ctrl-C reaches the whole process group, and only the parent
-decides: it sets the stop event (each worker's progress callback, every `cli.PROGRESS_EVERY`
-records, raises on it), cancels what has not started, waits `STOP_GRACE_S` for the workers to
-leave and terminates any that did not (as Python 3.14's `terminate_workers()` does).
+Processes: a `ProcessPoolExecutor` on the forkserver context (spawn where there is none, or where
+TMPDIR is too long for its unix socket): the parent holds threads (the pool's manager, tqdm's
+monitor), which a forked child would inherit mid-lock. Workers ignore SIGINT — Ctrl-C reaches the
+whole process group, and only the parent decides: it sets the stop event (each worker's progress
+callback, every `cli.PROGRESS_EVERY` records, raises on it), cancels what has not started, waits
+`STOP_GRACE_S` for the workers to leave and terminates any that did not (as Python 3.14's
+`terminate_workers()` does).
 
 Exit status (besides cli's 2 for bad input): 0 every run done; 3 some runs ended at a gap in
 update ids nothing repaired (and none failed otherwise); 4 some run failed (an exception in
@@ -225,9 +226,14 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+# The forkserver listens on a unix socket under the temporary directory (pymp-*/listener-*, ~40
+# bytes more); a socket path is at most 107 bytes on Linux, so a long TMPDIR cannot have one
+UNIX_PATH_MAX, FORKSERVER_SUFFIX = 107, 40
+
+
 def _context():
     methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
+    if "forkserver" in methods and len(os.fsencode(tempfile.gettempdir())) + FORKSERVER_SUFFIX <= UNIX_PATH_MAX:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__, "services.backtest.cli", "services.backtest.engine"])
         return ctx

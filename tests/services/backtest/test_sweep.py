@@ -226,3 +226,18 @@ def test_ctrl_c_stops_every_run_and_leaves_no_process_and_no_temporary_files(tmp
     assert stdout == "" and not (tmp_path / "s.csv").exists()
     no_process_left(sweep.pid)
     assert os.listdir(tmp) == []  # the runs' databases went with their temporary directory
+
+
+def test_a_temporary_directory_too_long_for_the_forkservers_socket_takes_spawn(tmp_path, monkeypatch):
+    """The forkserver listens on a unix socket under TMPDIR (at most 107 bytes on Linux): a
+    longer TMPDIR made every sweep fail with `AF_UNIX path too long`."""
+    import tempfile
+    from services.backtest import sweep
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert sweep._context().get_start_method() == "spawn"
+    with sweep._context().Pool(1) as pool:
+        assert pool.apply(len, ("abc",)) == 3  # a worker starts under the long TMPDIR
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert sweep._context().get_start_method() == "forkserver"  # where it fits, as before
