@@ -280,7 +280,14 @@ def run_all(tasks: list[Task], combos: list[dict], jobs: int, verbose: bool, pro
                                initargs=(stop, verbose))
     outcomes: dict[int, Outcome] = {}
     try:
-        pending = {pool.submit(run_one, task): task for task in tasks}
+        # Ctrl-C held while the workers are born: a spawned one (no forkserver) would otherwise
+        # take it while still importing, before _init_worker ignores it, and print a traceback.
+        # They inherit the held signal; the parent gets its own at the end of the block.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pending = {pool.submit(run_one, task): task for task in tasks}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:

@@ -126,7 +126,9 @@ def test_risk_and_broker_serve_their_own_metrics_with_the_order_they_handled(tmp
         reply = client.request(OrderRequest(ts=1, client_order_id="m1", strategy="test", symbol=SYM, side=Side.BUY,
                                             kind=OrderKind.MARKET, qty=Decimal("0.005")))
         assert isinstance(reply, Decision) and reply.verdict is Verdict.APPROVED, reply
-        r = scrape(risk_port)
+        # risk counts a decision after it has answered (off the reply's path): the scrape that shows it
+        r = wait_until(lambda: (s := scrape(risk_port)) and all(total(s, m) > total(before_r, m) for m in (
+            "qf_risk_check_seconds_count", "qf_risk_decisions_total")) and s, "risk to count the decision")
         b = wait_until(lambda: (s := scrape(broker_port)) and s[("qf_broker_journal_pending_records", ())] == 0 and s,
                        "the broker to store its journal")
 

@@ -74,6 +74,11 @@ def test_a_server_restarted_under_a_running_broker_loses_nothing_it_told(tmp_pat
         answered = len(flow.acks)
         wait_for(lambda: len(flow.acks) > answered + 20 or flow.error, 30, "orders answered after the last restart")
         assert flow.error is None, flow.error
+
+        def stored_again() -> bool:  # the last restart's outage over too, before the stop
+            text = log.read_text()
+            return text.count("event=store_recovered") == text.count("event=store_unavailable") >= 1
+        wait_for(stored_again, 30, "the broker to store again after the last restart")
         flow.stop.set()
         flow.join(10)
         assert stop_process(proc) == 0 and proc.poll() is not None
