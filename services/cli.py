@@ -33,7 +33,7 @@ def run_service(name: str) -> int:
     cfg = _load_config()
     log = qflog.setup(name, cfg.common.log_level)
     log.info("config", extra=cfg.effective())
-    from shared.runtime import on_stop_signals
+    from shared.runtime import EarlyStop
 
     if name == "api":
         from services.api.service import run_api
@@ -51,6 +51,7 @@ def run_service(name: str) -> int:
         from services.notifier.service import NotifierService as cls
     else:
         from services.broker.service import BrokerService as cls
+    stopper = EarlyStop()  # a SIGTERM during the start (risk's rebuild) ends it cleanly too
     try:
         service = cls(cfg)
     except ConfigError as exc:  # a setting only the service itself can judge, or a file it cannot use
@@ -61,7 +62,7 @@ def run_service(name: str) -> int:
         log.error("fatal", extra={"error": str(exc)})
         print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
         return 1
-    on_stop_signals(service.stop)
+    stopper.attach(service)
     try:
         service.run()
     except ConfigError as exc:  # what a service opens once it runs (marketdata's, strategy's run dir)
@@ -178,14 +179,15 @@ def _run_marketdata(overrides: dict[str, str], name: str, **service_args) -> int
     log = qflog.setup("marketdata", cfg.common.log_level)
     log.info("config", extra=cfg.effective())
     from services.marketdata.service import MarketDataService
-    from shared.runtime import on_stop_signals
+    from shared.runtime import EarlyStop
 
+    stopper = EarlyStop()
     try:
         service = MarketDataService(cfg, **service_args)
     except ConfigError as exc:  # e.g. a recording directory that cannot be written
         print(qfconfig.mask_secrets(f"qf {name}: {exc}"), file=sys.stderr)
         return 2
-    on_stop_signals(service.stop)
+    stopper.attach(service)
     try:
         service.run()
     except ConfigError as exc:

@@ -106,6 +106,28 @@ class HeartbeatMaker:
                          started_ts=self.started_ts, status=status, stats=stats)
 
 
+class EarlyStop:
+    """SIGTERM/SIGINT handled from before a service exists: a service's start can take seconds
+    (risk rebuilds from the database), and a stop asked meanwhile must end it cleanly, not by
+    the signal's default action. `attach(service)` passes a stop already asked, and every later
+    one, to `service.stop()`."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.service = None
+        on_stop_signals(self._stop)
+
+    def _stop(self) -> None:
+        self.asked = True
+        if self.service is not None:
+            self.service.stop()
+
+    def attach(self, service) -> None:
+        self.service = service
+        if self.asked:
+            service.stop()  # its run() then returns at once, closing what the start opened
+
+
 def on_stop_signals(stop: Callable[[], None]) -> None:
     """Call `stop()` on SIGTERM or SIGINT (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
