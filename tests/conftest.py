@@ -48,11 +48,14 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> int:
     return proc.wait(10)
 
 
-def journal_stored(db: str, timeout: float = 5.0) -> None:
+def journal_stored(db: str, timeout: float = 5.0, run_dir: str = "") -> None:
     """Wait until the broker has stored what its journal holds (it does within milliseconds of
-    its answers): only then does another process reading the database `db` see every fill told."""
+    its answers): only then does another process reading the database `db` see every fill told.
+    A server's (`db` a URL) journal is in the broker's QF_RUN_DIR: give `run_dir`."""
     from shared.journal import journal_path
-    path = journal_path(db, "")
+    if "://" in db and not run_dir:
+        raise ValueError("journal_stored: a database URL's journal is in the broker's run_dir: give it")
+    path = journal_path(db, run_dir)
     wait_for(lambda: not os.path.exists(path) or os.path.getsize(path) == 0, timeout,
              f"the broker to store its journal {path}", step=0.002)
 

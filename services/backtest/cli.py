@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
                    help="capture files (.jsonl or .jsonl.gz, as `qf record` writes them); files of one "
                         "market are played one after another in time order")
     p.add_argument("--symbols", help="comma-separated symbols to trade (default: QF_SYMBOLS)")
-    p.add_argument("--db", help=f"SQLite file to write (default: {DEFAULT_DB})")
+    p.add_argument("--db", help=f"SQLite file to write, or an empty PostgreSQL database's URL "
+                                f"(default: {DEFAULT_DB})")
     p.add_argument("--overwrite", action="store_true", help="replace --db (with --sweep: --sweep-csv and "
                                                            "--sweep-dir's run-N.db) if it exists")
     lat = p.add_mutually_exclusive_group()

@@ -18,12 +18,12 @@ from decimal import Decimal
 from urllib.parse import quote as urlquote
 
 import peewee as pw
-from playhouse.db_url import connect as connect_url
 
 from services.notifier import text
 from services.notifier.core import Outgoing
 from shared.config import mask_secrets
-from shared.db import EquitySnapshot, FillRow
+from shared.errors import ConfigError
+from shared.db import EquitySnapshot, FillRow, open_url
 from shared.money import MONEY
 
 NS = 1_000_000_000
@@ -178,7 +178,13 @@ def _open_read_only(target: str) -> pw.Database:
             raise ReportUnavailable(f"no database at {path} yet")
         # mode=ro: never creates the file or a table; WAL readers do not block the broker
         return pw.SqliteDatabase(f"file:{urlquote(path)}?mode=ro", uri=True, pragmas={"busy_timeout": 5000})
-    return connect_url(target)
+    # a server: the same opener as every service (percent-escaped passwords decoded, a connect
+    # timeout), in the API's read-only session
+    from services.control.dbreader import server_read_params
+    try:
+        return open_url(target, **server_read_params(target))
+    except ConfigError as exc:  # a URL that cannot be used: its text never holds the password
+        raise ReportUnavailable(str(exc)) from None
 
 
 def read_window(target: str, start_ns: int, end_ns: int) -> Window:
