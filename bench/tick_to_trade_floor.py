@@ -103,17 +103,18 @@ def strategy(md_pub: str, risk_rep: str, broker_pub: str, risk_pub: str, out: st
         f.write("\n".join(str(s) for s in samples[WARMUP:]))
 
 
-def risk(md_pub: str, risk_rep: str, broker_rep: str, risk_pub: str) -> None:
+def _serve(md_pub: str, rep: str, pub_at: str, answer, then=None) -> None:
+    """A ROUTER at `rep` answering each request with `answer(request map)`, then calling
+    `then(request, pub)`; a SUB of books (each decoded, nothing more) and a PUB at `pub_at`:
+    risk's and the broker's shape."""
     ctx = zmq.Context.instance()
     server = ctx.socket(zmq.ROUTER)
-    server.bind(risk_rep)
+    server.bind(rep)
     md = ctx.socket(zmq.SUB)
     md.setsockopt(zmq.SUBSCRIBE, b"book.")
     md.connect(md_pub)
     pub = ctx.socket(zmq.PUB)
-    pub.bind(risk_pub)
-    broker = ctx.socket(zmq.REQ)
-    broker.connect(broker_rep)
+    pub.bind(pub_at)
     poller = zmq.Poller()
     for s in (server, md):
         poller.register(s, zmq.POLLIN)
@@ -123,34 +124,27 @@ def risk(md_pub: str, risk_rep: str, broker_rep: str, risk_pub: str) -> None:
                 _unpack(md.recv_multipart()[1])
                 continue
             ident, empty, data = server.recv_multipart()
-            order = _unpack(data)
-            broker.send(_pack(order))
-            ack = _unpack(broker.recv())
-            server.send_multipart([ident, empty, _pack(ack)])
+            request = _unpack(data)
+            server.send_multipart([ident, empty, _pack(answer(request))])
+            if then is not None:
+                then(request, pub)
+
+
+def risk(md_pub: str, risk_rep: str, broker_rep: str, risk_pub: str) -> None:
+    """Forwards each order to the broker through a REQ and passes its answer back."""
+    broker = zmq.Context.instance().socket(zmq.REQ)
+    broker.connect(broker_rep)
+
+    def forward(order: dict) -> dict:
+        broker.send(_pack(order))
+        return _unpack(broker.recv())
+    _serve(md_pub, risk_rep, risk_pub, forward)
 
 
 def broker(md_pub: str, broker_rep: str, broker_pub: str) -> None:
-    ctx = zmq.Context.instance()
-    server = ctx.socket(zmq.ROUTER)
-    server.bind(broker_rep)
-    md = ctx.socket(zmq.SUB)
-    md.setsockopt(zmq.SUBSCRIBE, b"book.")
-    md.connect(md_pub)
-    pub = ctx.socket(zmq.PUB)
-    pub.bind(broker_pub)
-    poller = zmq.Poller()
-    for s in (server, md):
-        poller.register(s, zmq.POLLIN)
-    while True:
-        for sock, _ in poller.poll():
-            if sock is md:
-                _unpack(md.recv_multipart()[1])
-                continue
-            ident, empty, data = server.recv_multipart()
-            order = _unpack(data)
-            ack = _map("ack", order["n"], order["ts"])
-            server.send_multipart([ident, empty, _pack(ack)])
-            pub.send_multipart([b"fill.BTCUSDT", _pack(_map("fill", order["n"], order["ts"]))])
+    """Answers each order with an ack, then publishes its fill."""
+    _serve(md_pub, broker_rep, broker_pub, lambda order: _map("ack", order["n"], order["ts"]),
+           lambda order, pub: pub.send_multipart([b"fill.BTCUSDT", _pack(_map("fill", order["n"], order["ts"]))]))
 
 
 def run() -> dict[str, float]:

@@ -95,6 +95,17 @@ def db(api_config):
     close_db()
 
 
+@pytest.fixture
+def client(api_config, db):
+    """A test client of the app over the test's database file (its connection closed after)."""
+    from services.api.app import create_app
+    app = create_app(api_config)
+    yield app.test_client()
+    handle = app.extensions["qf_db"]
+    if handle.db is not None:
+        handle.db.close()
+
+
 def rebuild_aggregates(db) -> None:
     """What the broker keeps beside its fills (positions, pnl_days), made on the test's own
     writable connection (an app in this process may have bound the models to its read-only one)."""

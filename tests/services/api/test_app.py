@@ -17,15 +17,6 @@ from shared.config import load
 from tests.services.api.conftest import all_beating
 
 
-@pytest.fixture
-def client(api_config, db):
-    app = create_app(api_config)
-    yield app.test_client()
-    handle = app.extensions["qf_db"]
-    if handle.db is not None:
-        handle.db.close()
-
-
 def db_state(client) -> str:
     """/health's database part ("ok" or "error"; the rest of the stack is not running here)."""
     return client.get("/health").get_json()["db"]

@@ -3,19 +3,7 @@ another connection (the broker's) or a different query string reads afresh, and 
 are kept (a replaced file: test_app.py's replacement tests read through the same cache)."""
 from __future__ import annotations
 
-import pytest
-
-from services.api.app import create_app
 from services.api.pagecache import Page, PageCache
-
-
-@pytest.fixture
-def client(api_config, db):
-    app = create_app(api_config)
-    yield app.test_client()
-    handle = app.extensions["qf_db"]
-    if handle.db is not None:
-        handle.db.close()
 
 
 def test_the_same_page_again_is_served_from_memory(client, add_fill):
