@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from typing import Callable
@@ -17,11 +16,7 @@ SPOT_CAPTURE = os.path.join(DATA, "binance-spot-btcusdt-20240808.jsonl.gz")
 USDM_CAPTURE = os.path.join(DATA, "binance-usdm-btcusdt-20240718.jsonl.gz")
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (chosen at run time)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import free_port  # noqa: E402,F401 - one chooser for tests and benchmarks
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):

@@ -12,15 +12,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.common import free_port
+
 REPO = Path(__file__).resolve().parents[3]
 START_S = 30.0  # bound on gunicorn's start (two forked workers importing Flask)
 STOP_S = 10.0  # bound on a SIGTERM stop (graceful timeout is 5 s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str, str]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import random
-import socket
 import sqlite3
 from decimal import Decimal as D
 
 import msgpack
 import pytest
+
+from bench.common import free_port
 import zmq
 from prometheus_client import REGISTRY
 
@@ -31,12 +32,6 @@ HOSTILE_DECIMALS = ["-1", "0", "-0", "NaN", "nan", "sNaN", "Infinity", "-Infinit
 HOSTILE_STRINGS = ["", "BTCUSDT\x00", "btcusdt", "DOGEUSDT", "ÉTHUSDT", "x" * 10_000, "🚀", "BUY ", "SELL\n"]
 HOSTILE_VALUES = [None, True, 1.5, float("nan"), float("inf"), -1, 2**63, -(2**63), b"bytes", [], {}, [1, [2]],
                   {"a": {"b": {}}}, "0.001", 0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def valid_order(rng: random.Random, n: int) -> dict:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from decimal import Decimal as D
 
 import msgpack
 import pytest
+
+from bench.common import free_port
 import zmq
 
 from services.broker.service import BrokerService
@@ -20,12 +21,6 @@ from shared.messages import Ack, Control, ControlReply, Decision, Error, Fill, O
 
 ASKS = [[100.5, 0.004], [101.0, 0.5]]
 BIDS = [[100.0, 0.3], [99.0, 2.0]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def order(coid: str, qty: str = "0.005", side=Side.BUY, symbol="BTCUSDT", **kw) -> OrderRequest:
