@@ -147,8 +147,8 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(f"api unhealthy: {exc}", file=sys.stderr)
             return 1
     else:
-        from shared.runtime import is_alive
-        ok = is_alive(cfg.common.run_dir, args.service)
+        from shared.runtime import identity, is_alive
+        ok = is_alive(cfg.common.run_dir, identity(args.service, cfg.common.instance))
     print(f"{args.service}: {'healthy' if ok else 'unhealthy'}")
     return 0 if ok else 1
 

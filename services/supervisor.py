@@ -26,8 +26,9 @@ import zmq
 
 from shared import curve
 from shared.bus import Subscriber
-from shared.config import Config, mask_secrets
+from shared.config import Config, endpoints, load, mask_secrets, symbol_groups
 from shared.errors import ConfigError, DecodeError
+from shared.runtime import kind_of
 from shared.shabbat import place
 
 # Binding sides first; marketdata last so subscribers are connected when data flows.
@@ -60,13 +61,100 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
+SPLIT = ("marketdata", "strategy")  # the services QF_SYMBOLS groups run once per group
+PORT_STEP = 10  # group i's derived tcp ports and metrics ports: the first group's + 10·i
+
+
+def _shifted(endpoint: str, i: int) -> str:
+    """Group `i`'s endpoint derived from the first group's: a tcp port + PORT_STEP·i, an ipc
+    path with `-{i+1}` before its extension."""
+    if i == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint.rpartition(":")
+        return f"{host}:{int(port) + PORT_STEP * i}"
+    if endpoint.startswith("ipc://"):
+        root, ext = os.path.splitext(endpoint)
+        return f"{root}-{i + 1}{ext}"
+    raise ConfigError(f"{endpoint}: symbol groups run in separate processes, which reach each other over "
+                      f"tcp:// or ipc:// only")
+
+
+def _group_endpoints(setting: str, value: str, n: int) -> list[str]:
+    given = endpoints(value)
+    if len(given) == n:
+        return list(given)
+    if len(given) == 1:
+        return [_shifted(given[0], i) for i in range(n)]
+    raise ConfigError(f"{setting} lists {len(given)} endpoints for {n} QF_SYMBOLS groups: give one (the "
+                      f"others are derived from it) or one per group")
+
+
+def _metrics_bind(bind: str, i: int) -> str:
+    host, _, port = bind.rpartition(":")
+    return bind if not bind or i == 0 or port == "0" else f"{host}:{int(port) + PORT_STEP * i}"
+
+
+def _group_buses(cfg: Config, env: Mapping[str, str]) -> tuple[tuple, list[str], list[str]]:
+    """(QF_SYMBOLS groups, marketdata PUB endpoint of each, strategy PUB endpoint of each)."""
+    groups = symbol_groups(env.get("QF_SYMBOLS", "btcusdt"))
+    if len(groups) == 1:
+        return groups, list(endpoints(cfg.bus.md_pub)), list(endpoints(cfg.bus.strategy_pub))
+    if cfg.bus.lockstep:
+        raise ConfigError("QF_SYMBOLS: a lock-step replay runs one marketdata process; its symbols cannot "
+                          "be split into ';' groups")
+    return (groups, _group_endpoints("QF_MD_PUB", cfg.bus.md_pub, len(groups)),
+            _group_endpoints("QF_STRATEGY_PUB", cfg.bus.strategy_pub, len(groups)))
+
+
+def listener_env(cfg: Config, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` as the processes that hear every group get it (risk, the broker, the API, the
+    notifier, `qf up`'s status line): QF_MD_PUB and QF_STRATEGY_PUB list every group's."""
+    _, md, st = _group_buses(cfg, env)
+    return {**env, "QF_MD_PUB": ",".join(md), "QF_STRATEGY_PUB": ",".join(st)}
+
+
+def processes(cfg: Config, env: Mapping[str, str], services: tuple[str, ...] = SERVICES
+              ) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, service, environment) of each process `qf up` runs for `services` under `env`
+    (whose config is `cfg`). QF_SYMBOLS groups (`a,b;c`) give marketdata and the strategy one
+    process per group (`marketdata.1`, `strategy.1`, ...: QF_INSTANCE), each with its group's
+    symbols and its own PUB endpoint (listed in QF_MD_PUB / QF_STRATEGY_PUB, or derived from
+    the one given: a tcp port + 10 per group, an ipc path with `-2`, `-3`); a strategy hears its
+    group's marketdata only, and risk, the broker, the API and the notifier hear them all.
+    Raises ConfigError for a grouping these settings cannot serve."""
+    groups, md, st = _group_buses(cfg, env)
+    if len(groups) == 1:
+        return [(s, s, dict(env)) for s in services]
+    common = listener_env(cfg, env)
+    out = []
+    for service in services:
+        if service not in SPLIT:
+            out.append((service, service, common))
+            continue
+        for i, group in enumerate(groups):
+            own = {**common, "QF_SYMBOLS": ",".join(s.lower() for s in group), "QF_INSTANCE": str(i + 1),
+                   "QF_MD_PUB": md[i], "QF_STRATEGY_PUB": st[i],
+                   "QF_MD_METRICS_BIND": _metrics_bind(cfg.md.metrics_bind, i),
+                   "QF_STRATEGY_METRICS_BIND": _metrics_bind(cfg.strategy.metrics_bind, i)}
+            if cfg.md.record:
+                root, ext = cfg.md.record.split(".jsonl", 1)
+                own["QF_MD_RECORD"] = f"{root}-{i + 1}.jsonl{ext}"
+            out.append((f"{service}.{i + 1}", service, own))
+    return out
+
+
 class Stack:
-    """Starts, watches, restarts and stops the service processes."""
+    """Starts, watches, restarts and stops the service processes (`processes`)."""
 
     def __init__(self, env: Mapping[str, str], services: tuple[str, ...] = SERVICES,
                  on_line: Callable[[str, str], None] | None = None,
                  on_event: Callable[[str], None] | None = None, restart: bool = True) -> None:
-        self.children = [Child(n, [sys.executable, "-m", "services.cli", n], dict(env)) for n in services]
+        # ConfigError: the grouping cannot be served (a bad setting reaches the services first)
+        plan = processes(load(env), env, services) if ";" in env.get("QF_SYMBOLS", "") else \
+            [(s, s, env) for s in services]
+        self.children = [Child(name, [sys.executable, "-m", "services.cli", service], dict(own))
+                         for name, service, own in plan]
         self.on_line = on_line or (lambda name, line: None)
         self.on_event = on_event or (lambda text: None)
         self.restart = restart
@@ -237,7 +325,8 @@ class StatusMonitor:
                     continue
                 self.stats[msg.service] = msg.stats or {}
                 self.status[msg.service] = msg.status
-        events = self.stats.get("marketdata", {}).get("book_events")
+        counts = [s.get("book_events") for name, s in self.stats.items() if kind_of(name) == "marketdata"]
+        events = sum(counts) if counts and all(isinstance(n, int) for n in counts) else None
         if isinstance(events, int):
             now = time.monotonic()
             if self._rate_ref and now - self._rate_ref[0] >= 1.0:
@@ -248,18 +337,22 @@ class StatusMonitor:
 
     def line(self, up: int, total: int) -> str:
         broker, risk = self.stats.get("broker", {}), self.stats.get("risk", {})
-        md = self.status.get("marketdata", "no heartbeat yet")
+        feeds = {name: st for name, st in sorted(self.status.items()) if kind_of(name) == "marketdata"}
+        md = ("no heartbeat yet" if not feeds else next(iter(feeds.values())) if len(feeds) == 1
+              else ", ".join(f"{name.partition('.')[2] or name} {st}" for name, st in feeds.items()))
         equity = risk.get("equity", broker.get("equity"))
         try:
             equity = f"{Decimal(str(equity)).quantize(Decimal('0.01')):,}"
         except (InvalidOperation, ValueError):
             equity = "-"
         # a service that is up but not well (the broker on a full disk, say) says so here, not only in its log
-        trouble = [f"{name} {st}" for name, st in sorted(self.status.items()) if name != "marketdata" and st != "ok"]
+        trouble = [f"{name} {st}" for name, st in sorted(self.status.items())
+                   if kind_of(name) != "marketdata" and st != "ok"]
         services = f"services {up}/{total} up" + (f" ({', '.join(trouble)})" if trouble else "")
         feed = f"lock-step replay {md}" if self.lockstep else md
-        strategy = self.stats.get("strategy")  # the OFI strategy counts its signals; the imbalance one has none
-        signals = f" | signals {strategy['signals']}" if strategy and "signals" in strategy else ""
+        # the OFI strategy counts its signals; the imbalance one has none
+        counted = [s["signals"] for name, s in self.stats.items() if kind_of(name) == "strategy" and "signals" in s]
+        signals = f" | signals {sum(counted)}" if counted and all(isinstance(n, int) for n in counted) else ""
         return (f"{services} | feed {feed} | book {self.book_rate:.1f}/s | "
                 f"orders {broker.get('orders', '-')} | fills {broker.get('fills', '-')}{signals} | "
                 f"equity {equity} | {risk_text(risk, self.clock(), self.zone)}")
@@ -286,8 +379,6 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
                 out.write(text + "\n")
             out.flush()
 
-    stack = Stack(env, on_line=lambda n, l: emit(f"{n:<10} | {l}"),
-                  on_event=lambda t: emit(f"{'qf up':<10} | {t}"))
     # The handler only appends to a list. A threading.Event would be wrong here: Event.set()
     # takes the lock that the main thread holds for a moment inside Event.wait(), and a second
     # signal landing then (a second Ctrl-C, one forwarded by `timeout`) deadlocked `qf up`
@@ -297,12 +388,17 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     mode = f"lock-step replay of {cfg.md.feed.path}: each event once the services are done with the last" \
         if cfg.bus.lockstep else f"feed {cfg.md.feed}"
-    emit(f"{'qf up':<10} | starting {', '.join(SERVICES)} ({mode}); Ctrl-C stops everything")
+    width = [10]  # the name column: as wide as the longest process name (`marketdata.2`)
     try:
+        stack = Stack(env, on_line=lambda n, l: emit(f"{n:<{width[0]}} | {l}"),
+                      on_event=lambda t: emit(f"{'qf up':<{width[0]}} | {t}"))
+        width[0] = max(10, *(len(c.name) for c in stack.children))
+        emit(f"{'qf up':<10} | starting {', '.join(c.name for c in stack.children)} ({mode}); "
+             f"Ctrl-C stops everything")
         if cfg.bus.curve_keys:  # every party runs here: a missing key is told once, before anything starts
             for party in curve.PARTIES:
                 curve.load(cfg, party)
-        monitor = StatusMonitor(cfg)
+        monitor = StatusMonitor(load(listener_env(cfg, env)))
     except ConfigError as exc:
         emit(f"{'qf up':<10} | {exc}")
         return CANNOT_START

@@ -17,7 +17,7 @@ import zmq
 
 from shared import messages
 from shared.curve import Curve
-from shared.errors import DecodeError, TransientError
+from shared.errors import ConfigError, DecodeError, TransientError
 
 log = logging.getLogger("qf.bus")
 
@@ -107,6 +107,10 @@ class Publisher:
     bursts are dropped silently (PERF-BASELINES.md)."""
 
     def __init__(self, endpoint: str, hwm: int, ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
+        if "," in endpoint:
+            raise ConfigError(f"{endpoint} lists several endpoints; a publishing process binds one: give each "
+                              f"process of the service its own (QF_MD_PUB / QF_STRATEGY_PUB), and list them "
+                              f"all only to the subscribers")
         self.endpoint = endpoint
         self.sock = (ctx or context()).socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
@@ -133,7 +137,9 @@ class Publisher:
 
 
 class Subscriber:
-    """SUB socket connected to one publisher; counts sequence gaps per topic (`missed`)."""
+    """SUB socket connected to one publisher, or to each of a comma-separated list (symbols split
+    over several marketdata processes); counts sequence gaps per topic (`missed`): each topic has
+    one publisher, as each process of a service names its own heartbeats (`runtime.identity`)."""
 
     def __init__(self, endpoint: str, topics: Iterable[str], hwm: int,
                  ctx: zmq.Context | None = None, curve: Curve | None = None) -> None:
@@ -143,7 +149,8 @@ class Subscriber:
         self.sock.setsockopt(zmq.LINGER, 0)
         for topic in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        connect(self.sock, endpoint, curve)
+        for one in endpoint.split(","):
+            connect(self.sock, one, curve)
         self.last_seq: dict[bytes, int] = {}
         self.missed = 0
         self.decode_errors = 0

@@ -100,6 +100,30 @@ def _endpoint(raw: str) -> str:
     return value
 
 
+def _endpoints(raw: str) -> str:
+    """One endpoint, or several separated by commas (normalised to `a,b`): the publishers of one
+    kind a subscriber connects to, when symbols are split over several processes."""
+    items = [_endpoint(item) for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError("needs at least one ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+    if len(set(items)) != len(items):
+        raise ValueError("lists an endpoint twice")
+    return ",".join(items)
+
+
+def endpoints(value: str) -> tuple[str, ...]:
+    """The endpoints of a bus setting (QF_MD_PUB and QF_STRATEGY_PUB may list several)."""
+    return tuple(value.split(","))
+
+
+def _instance(raw: str) -> str:
+    value = raw.strip().lower()
+    if value and not (len(value) <= 32 and value.replace("-", "").isalnum() and value.isascii()):
+        raise ValueError("must be empty (one process of its service) or a short name of letters, digits "
+                         "and '-', e.g. 2")
+    return value
+
+
 def _optional_endpoint(raw: str) -> str:
     return _endpoint(raw) if raw.strip() else ""
 
@@ -160,9 +184,10 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 def _market_symbols(raw: str) -> tuple[str, ...]:
-    """`btcusdt,usdm:btcusdt` → ("BTCUSDT", "USDM:BTCUSDT"); `usdm:` selects USD-M futures."""
+    """`btcusdt,usdm:btcusdt` → ("BTCUSDT", "USDM:BTCUSDT"); `usdm:` selects USD-M futures. Groups
+    separated by `;` (`symbol_groups`) count as one list here: every symbol of them."""
     keys: list[str] = []
-    for item in (i.strip() for i in raw.split(",")):
+    for item in (i.strip() for i in raw.replace(";", ",").split(",")):
         if not item:
             continue
         market, sep, name = item.partition(":")
@@ -175,6 +200,26 @@ def _market_symbols(raw: str) -> tuple[str, ...]:
     if not keys:
         raise ValueError("needs at least one symbol, e.g. btcusdt")
     return tuple(keys)
+
+
+def symbol_groups(raw: str) -> tuple[tuple[str, ...], ...]:
+    """QF_SYMBOLS's groups: `btcusdt,ethusdt;solusdt` → (("BTCUSDT", "ETHUSDT"), ("SOLUSDT",)), one
+    marketdata and one strategy process each under `qf up`. Raises ValueError for an empty group
+    or a symbol in two."""
+    if ";" not in raw:
+        return (_market_symbols(raw),)
+    groups = tuple(_market_symbols(g) if g.strip(" ,") else () for g in raw.split(";"))
+    if any(not g for g in groups):
+        raise ValueError("a ';'-separated group is empty")
+    seen = [s for g in groups for s in g]
+    if len(set(seen)) != len(seen):
+        raise ValueError("a symbol is in two groups")
+    return groups
+
+
+def _grouped_symbols(raw: str) -> tuple[str, ...]:
+    """QF_SYMBOLS: every symbol of its groups, the groups checked (`symbol_groups`)."""
+    return tuple(s for g in symbol_groups(raw) for s in g)
 
 
 def _feeds(raw: str) -> Feed:
@@ -276,13 +321,16 @@ def setting(env: str, default: str, parse: Callable[[str], Any], help: str, secr
 
 @dataclass(frozen=True, slots=True)
 class BusConfig:
-    md_pub: str = setting("QF_MD_PUB", "tcp://127.0.0.1:5555", _endpoint, "marketdata PUB (book.*, trade.*)")
+    md_pub: str = setting("QF_MD_PUB", "tcp://127.0.0.1:5555", _endpoints,
+                          "marketdata PUB (book.*, trade.*); subscribers may list several, comma-separated "
+                          "(symbols split over marketdata processes); a marketdata process binds one")
     risk_rep: str = setting("QF_RISK_REP", "tcp://127.0.0.1:5556", _endpoint, "risk ROUTER for orders and control")
     broker_rep: str = setting("QF_BROKER_REP", "tcp://127.0.0.1:5557", _endpoint, "broker ROUTER, reached by risk only")
     broker_pub: str = setting("QF_BROKER_PUB", "tcp://127.0.0.1:5558", _endpoint, "broker PUB (fill.*, order.*)")
     risk_pub: str = setting("QF_RISK_PUB", "tcp://127.0.0.1:5559", _endpoint, "risk PUB (risk.state)")
-    strategy_pub: str = setting("QF_STRATEGY_PUB", "tcp://127.0.0.1:5560", _endpoint,
-                                "strategy PUB (signal.*, heartbeat.strategy)")
+    strategy_pub: str = setting("QF_STRATEGY_PUB", "tcp://127.0.0.1:5560", _endpoints,
+                                "strategy PUB (signal.*, heartbeat.strategy); listeners may list several, "
+                                "comma-separated; a strategy process binds one")
     hwm: int = setting("QF_ZMQ_HWM", "100000", _int(1000, 10_000_000),
                        "PUB/SUB high-water mark (the ZeroMQ default of 1000 drops bursts)")
     heartbeat_ms: int = setting("QF_HEARTBEAT_MS", "1000", _int(50, 60_000), "heartbeat period of every service")
@@ -299,13 +347,18 @@ class CommonConfig:
     db: str = setting("QF_DB", "./data/quantumflow.db", _str, "SQLite file (or a peewee database URL)")
     log_level: str = setting("QF_LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR")
     run_dir: str = setting("QF_RUN_DIR", "/tmp/quantumflow", _str, "where services touch their liveness files")
+    instance: str = setting("QF_INSTANCE", "", _instance,
+                            "this process's name among several of its service (symbols split over marketdata "
+                            "and strategy processes): its heartbeat, alerts and liveness file are "
+                            "<service>.<instance>; empty: the only one")
 
 
 @dataclass(frozen=True, slots=True)
 class MarketDataConfig:
-    symbols: tuple = setting("QF_SYMBOLS", "btcusdt", _market_symbols,
+    symbols: tuple = setting("QF_SYMBOLS", "btcusdt", _grouped_symbols,
                              "comma-separated Binance symbols; usdm:btcusdt = USD-M futures, "
-                             "published as USDM:BTCUSDT")
+                             "published as USDM:BTCUSDT; groups separated by ';' (a,b;c) get a marketdata "
+                             "and a strategy process each under `qf up`")
     feed: Feed = setting("QF_FEED", "live", _feeds,
                          "'live' or 'replay:<capture.jsonl.gz>'; replay:a.gz,usdm:b.gz plays captures side by "
                          "side, a.gz+b.gz one after the other")

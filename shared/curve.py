@@ -321,5 +321,5 @@ def _load(directory: str, party: str, bus) -> Curve:
     for other in needs(party):
         if other != party:
             peers[other] = read_key_file(public_path(directory, other), secret=False)[0]
-    endpoints = {getattr(bus, name): name for name in SERVERS}
+    endpoints = {one: name for name in SERVERS for one in getattr(bus, name).split(",")}
     return Curve(party, public, secret, peers, endpoints)

@@ -33,6 +33,18 @@ def quiet_gc() -> bool:
     return True
 
 
+def identity(service: str, instance: str = "") -> str:
+    """A process's name on the bus and in its run dir: `service`, or `service.instance` for one of
+    several processes of a service (QF_INSTANCE), whose heartbeats and alerts then have topics of
+    their own (`heartbeat.marketdata.2`), so a subscriber counts each one's sequence apart."""
+    return f"{service}.{instance}" if instance else service
+
+
+def kind_of(name: str) -> str:
+    """The service a process's name (`identity`) belongs to: `marketdata.2` -> `marketdata`."""
+    return name.partition(".")[0]
+
+
 def liveness_path(run_dir: str, service: str) -> Path:
     return Path(run_dir) / f"{service}.alive"
 
@@ -98,6 +110,7 @@ class HeartbeatMaker:
 
     def __init__(self, service: str) -> None:
         self.service = service
+        self.topic = f"heartbeat.{service}"
         self.pid = os.getpid()
         self.started_ts = time.time_ns()
 

@@ -214,3 +214,14 @@ def _stop_api_watchers():
     watch = sys.modules.get("services.control.watch")
     if watch is not None:
         watch.BusWatch.close_all()
+
+
+def renamed_capture(src: str, dst, symbol: str) -> str:
+    """The real spot BTCUSDT capture `src` written to `dst` with its symbol renamed to `symbol`
+    (stream names, events, the snapshot): a second market for tests of several symbols, whose
+    prices are BTC's. Returns `dst` as a string."""
+    import gzip
+    with gzip.open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=1) as fout:
+        for line in fin:
+            fout.write(line.replace(b"btcusdt", symbol.lower().encode()).replace(b"BTCUSDT", symbol.upper().encode()))
+    return str(dst)

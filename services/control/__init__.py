@@ -39,8 +39,7 @@ class Control:
         waits, bounded, for every service's first heartbeat). Needs a watch."""
         snap = self.watch.snapshot(wait=wait)
         services = services_view(snap, self.watch.expected, self.watch.stale_s)
-        md_fresh = services.get("marketdata", {}).get("fresh", False)
-        return snap, services, feeds_view(snap, tuple(self.cfg.md.symbols), md_fresh)
+        return snap, services, feeds_view(snap, tuple(self.cfg.md.symbols), self.watch.stale_s)
 
     # -- queries (the database, read-only) --------------------------------------------------
 

@@ -15,6 +15,8 @@ import sys
 from datetime import datetime, timezone
 from decimal import Decimal
 
+from shared.runtime import kind_of
+
 EXIT_UNAVAILABLE, EXIT_BAD_INPUT = 1, 2
 
 
@@ -116,10 +118,12 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 def _beat(name: str, s: dict) -> str:
     """One service's heartbeat for the status text: `risk 0.4s`, `broker 7.2s STALE`, `strategy SILENT`."""
+    if "instances" in s:  # one service as several processes (QF_SYMBOLS groups): each of them
+        return ", ".join(_beat(n, v) for n, v in s["instances"].items())
     if s["age_s"] is None:
         return f"{name} not heard"
     return f"{name} {s['age_s']:.1f}s" + ("" if s["fresh"] else " STALE") + \
-        ("" if s["status"] in ("ok", "no heartbeat") or name == "marketdata" else f" ({s['status']})")
+        ("" if s["status"] in ("ok", "no heartbeat") or kind_of(name) == "marketdata" else f" ({s['status']})")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

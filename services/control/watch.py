@@ -7,6 +7,10 @@ the four publishers (and `status.*` from marketdata): a few messages a second, f
 publishers (no books reach the API). One thread per process (gunicorn forks its workers before
 the app exists: the thread and its sockets are the worker's own).
 
+Symbols split over several marketdata and strategy processes (QF_INSTANCE, `qf up` with QF_SYMBOLS
+groups) beat as `marketdata.1`, `strategy.2`, ...: a service is fresh while every process of it
+heard is, and a symbol's feed is synced while the process that reported it is fresh.
+
 A fresh watcher has heard nothing: for one heartbeat period and a margin after it starts,
 `snapshot(wait=True)` waits (bounded) for the first heartbeat of each expected service instead
 of calling them stale."""
@@ -26,6 +30,7 @@ from shared.bus import Subscriber, context
 from shared.config import Config
 from shared.errors import DecodeError
 from shared.messages import Heartbeat, MdStatus, RiskState
+from shared.runtime import kind_of
 
 log = logging.getLogger("qf.api")
 
@@ -54,6 +59,7 @@ class Snapshot:
     beats: dict[str, Seen] = field(default_factory=dict)
     feeds: dict[str, tuple[str, str]] = field(default_factory=dict)  # symbol -> (state, detail)
     risk: RiskState | None = None
+    feed_from: dict[str, str] = field(default_factory=dict)  # symbol -> the marketdata process that reported it
 
 
 class BusWatch:
@@ -74,6 +80,7 @@ class BusWatch:
         self._heard = threading.Condition(self._lock)
         self._beats: dict[str, Seen] = {}
         self._feeds: dict[str, tuple[str, str]] = {}
+        self._feed_from: dict[str, str] = {}
         self._risk: RiskState | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -142,12 +149,13 @@ class BusWatch:
         with self._heard:
             if isinstance(msg, Heartbeat):
                 self._beats[msg.service] = Seen(now, msg)
-                symbols = (msg.stats or {}).get("symbols") if msg.service == "marketdata" else None
+                symbols = (msg.stats or {}).get("symbols") if kind_of(msg.service) == "marketdata" else None
                 if isinstance(symbols, dict):
                     for symbol, state in symbols.items():
                         if isinstance(symbol, str) and isinstance(state, str):
                             old = self._feeds.get(symbol, ("", ""))
                             self._feeds[symbol] = (state, "" if state == SYNCED else old[1])
+                            self._feed_from[symbol] = msg.service
                 self._heard.notify_all()
             elif isinstance(msg, MdStatus):
                 self._feeds[msg.symbol] = (msg.state, msg.detail)
@@ -161,34 +169,53 @@ class BusWatch:
         with self._heard:
             if wait:
                 deadline = self._started + self.grace_s
-                while not all(s in self._beats for s in self.expected):
+                while not set(self.expected) <= {kind_of(name) for name in self._beats}:
                     left = deadline - self.clock()
                     if left <= 0:
                         break
                     self._heard.wait(left)
-            return Snapshot(self.clock(), self._started, dict(self._beats), dict(self._feeds), self._risk)
+            return Snapshot(self.clock(), self._started, dict(self._beats), dict(self._feeds), self._risk,
+                            dict(self._feed_from))
+
+
+def _process_view(snap: Snapshot, name: str, stale_s: float) -> dict:
+    seen = snap.beats.get(name)
+    if seen is None:
+        return {"status": "no heartbeat", "age_s": None, "pid": None, "started_ts": None, "fresh": False}
+    age = max(0.0, snap.now - seen.at)
+    return {"status": str(seen.beat.status)[:80], "age_s": round(age, 3), "pid": seen.beat.pid,
+            "started_ts": seen.beat.started_ts, "fresh": age <= stale_s}
 
 
 def services_view(snap: Snapshot, expected: tuple[str, ...], stale_s: float) -> dict[str, dict]:
     """Each expected service (and any other heard) as {"status", "age_s", "pid", "started_ts",
-    "fresh"}: age_s None and status "no heartbeat" when none was heard."""
+    "fresh"}: age_s None and status "no heartbeat" when none was heard. A service heard as several
+    processes (`marketdata.1`, `marketdata.2`) is fresh while all of them are; its status is "ok"
+    while all say so, else what the others say; `instances` has each one's view."""
+    names: dict[str, list[str]] = {kind: [] for kind in expected}
+    for name in sorted(snap.beats):
+        names.setdefault(kind_of(name), []).append(name)
     out = {}
-    for name in (*expected, *sorted(set(snap.beats) - set(expected))):
-        seen = snap.beats.get(name)
-        if seen is None:
-            out[name] = {"status": "no heartbeat", "age_s": None, "pid": None, "started_ts": None, "fresh": False}
+    for kind, procs in names.items():
+        if procs == [kind] or not procs:
+            out[kind] = _process_view(snap, kind, stale_s)
             continue
-        age = max(0.0, snap.now - seen.at)
-        out[name] = {"status": str(seen.beat.status)[:80], "age_s": round(age, 3), "pid": seen.beat.pid,
-                     "started_ts": seen.beat.started_ts, "fresh": age <= stale_s}
+        views = {name: _process_view(snap, name, stale_s) for name in procs}
+        troubled = [f"{name} {v['status']}" for name, v in views.items() if v["status"] != "ok"]
+        out[kind] = {"status": "; ".join(troubled)[:200] if troubled else "ok",
+                     "age_s": max(v["age_s"] for v in views.values()), "pid": None,
+                     "started_ts": min(v["started_ts"] for v in views.values()),
+                     "fresh": all(v["fresh"] for v in views.values()), "instances": views}
     return out
 
 
-def feeds_view(snap: Snapshot, symbols: tuple[str, ...], md_fresh: bool) -> dict[str, dict]:
+def feeds_view(snap: Snapshot, symbols: tuple[str, ...], stale_s: float) -> dict[str, dict]:
     """Each configured symbol's feed as {"state", "detail", "synced"}: "UNKNOWN" before marketdata
-    said anything about it; never synced while marketdata's heartbeat is stale."""
+    said anything about it; never synced while the heartbeat of the marketdata process that
+    reported it is stale."""
     out = {}
     for symbol in (*symbols, *sorted(set(snap.feeds) - set(symbols))):
         state, detail = snap.feeds.get(symbol, ("UNKNOWN", "marketdata has not reported this symbol"))
-        out[symbol] = {"state": state, "detail": detail[:200], "synced": md_fresh and state == SYNCED}
+        fresh = _process_view(snap, snap.feed_from.get(symbol, "marketdata"), stale_s)["fresh"]
+        out[symbol] = {"state": state, "detail": detail[:200], "synced": fresh and state == SYNCED}
     return out

@@ -16,7 +16,7 @@ from shared.config import Config
 from shared.errors import ConfigError
 from shared.lockstep import LockstepClock
 from shared.messages import MdStatus
-from shared.runtime import HeartbeatMaker, Liveness, Ticker, liveness_path, quiet_gc
+from shared.runtime import HeartbeatMaker, Liveness, Ticker, identity, liveness_path, quiet_gc
 
 log = logging.getLogger("qf.marketdata")
 
@@ -84,12 +84,13 @@ class MarketDataService:
         pub_cls = CountingPublisher if self.lockstep else Publisher
         pub = router.pub = pub_cls(cfg.bus.md_pub, cfg.bus.hwm, curve=self.curve) if self.publish_enabled \
             else _NoPublisher()
-        live = Liveness(cfg.common.run_dir, "marketdata")
-        beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker("marketdata")
+        name = identity("marketdata", cfg.common.instance)
+        live = Liveness(cfg.common.run_dir, name)
+        beat, hb = Ticker(cfg.bus.heartbeat_ms), HeartbeatMaker(name)
         server = None
         try:
             if cfg.md.metrics_bind:  # MetricsBindError (a FatalError) when it cannot be bound
-                server = serve(cfg.md.metrics_bind, router.m, liveness_path(cfg.common.run_dir, "marketdata"))
+                server = serve(cfg.md.metrics_bind, router.m, liveness_path(cfg.common.run_dir, name))
                 self.metrics_port = server.port
                 log.info("metrics listening", extra={"bind": cfg.md.metrics_bind, "port": self.metrics_port})
             quiet_gc()  # shared/runtime.py: the cycle collector off the per-event path
@@ -122,7 +123,7 @@ class MarketDataService:
         live_feed = router.live_feed = cfg.md.feed.kind != "replay"
         if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
             router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
-            router.alerter = Alerter("marketdata", pub.publish)
+            router.alerter = Alerter(name, pub.publish)
         check = Ticker(CHECK_BOOKS_MS) if router.guard is not None else None
         log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
                                               "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
@@ -195,5 +196,5 @@ class MarketDataService:
         extra = {"recorded": self.recorder.lines} if self.recorder is not None else {}
         # each symbol's state by name: the API's /health and /status say which feed is not synced
         extra["symbols"] = dict(router.state)
-        router.pub.publish("heartbeat.marketdata", hb.make(status, {**stats, **extra, "state": status}))
+        router.pub.publish(hb.topic, hb.make(status, {**stats, **extra, "state": status}))
         live.touch()

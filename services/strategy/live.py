@@ -58,7 +58,7 @@ from shared.messages import (Ack, Book, Cancel, Clock, Control, ControlReply, De
                              OrderRequest, RiskState, SignalEvent, Trade)
 from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
-from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker, quiet_gc
+from shared.runtime import HeartbeatMaker, Liveness, MicrosHistogram, Ticker, identity, quiet_gc
 
 log = logging.getLogger("qf.strategy")
 
@@ -157,9 +157,9 @@ class OfiService:
         self.pub, self.client = pub, client
         self.writer = SignalWriter(cfg.common.db)
         self.writer.start()
-        heartbeat = HeartbeatMaker(SERVICE)
+        heartbeat = HeartbeatMaker(identity(SERVICE, cfg.common.instance))
         try:
-            liveness = Liveness(cfg.common.run_dir, SERVICE)
+            liveness = Liveness(cfg.common.run_dir, heartbeat.service)
             ticker = Ticker(cfg.bus.heartbeat_ms)
             log.info("started", extra={"kind": "ofi", "md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep,
                                        "broker_pub": cfg.bus.broker_pub, "strategy_pub": cfg.bus.strategy_pub,
@@ -174,7 +174,7 @@ class OfiService:
                         liveness.touch()
                         if not self.reachable and not client.in_flight(STATE_KEY):
                             self._ask_state()
-                        pub.publish("heartbeat.strategy", heartbeat.make(self.status, self._beat_stats()))
+                        pub.publish(heartbeat.topic, heartbeat.make(self.status, self._beat_stats()))
                     timeout = POLL_MS
                     deadline = client.next_deadline()
                     if deadline is not None:
@@ -484,10 +484,10 @@ class OfiService:
         self.pub, self.client = pub, client
         self.writer = SignalWriter(cfg.common.db)
         self.writer.start()
-        heartbeat = HeartbeatMaker(SERVICE)
+        heartbeat = HeartbeatMaker(identity(SERVICE, cfg.common.instance))
         links = self._links = {"md": False, "broker": False, "risk": False}  # handshake ticks heard
         try:
-            liveness = Liveness(cfg.common.run_dir, SERVICE)
+            liveness = Liveness(cfg.common.run_dir, heartbeat.service)
             ticker = Ticker(cfg.bus.heartbeat_ms)
             log.info("started", extra={"kind": "ofi", "lockstep": True, "md_pub": cfg.bus.md_pub,
                                        "risk_rep": cfg.bus.risk_rep, "broker_pub": cfg.bus.broker_pub,
@@ -496,7 +496,7 @@ class OfiService:
                 while not self._stop.is_set():
                     if ticker.due():
                         liveness.touch()
-                        pub.publish("heartbeat.strategy", heartbeat.make(self.status, self._beat_stats()))
+                        pub.publish(heartbeat.topic, heartbeat.make(self.status, self._beat_stats()))
                     if STATE_KEY not in self.asked and not self.synced and client.sock.poll(0, zmq.POLLOUT):
                         self._ask_state()  # once the DEALER is connected (IMMEDIATE: not queued before)
                     ready = self._poll(client, md, broker, risk, POLL_MS)

@@ -19,7 +19,7 @@ from shared.lockstep import Reporter
 from shared.messages import Book, Clock, Control, ControlReply, Decision, OrderRequest
 from shared.metrics_http import MetricsServer
 from shared.money import to_decimal
-from shared.runtime import HeartbeatMaker, Liveness, Ticker, quiet_gc
+from shared.runtime import HeartbeatMaker, Liveness, Ticker, identity, quiet_gc
 
 log = logging.getLogger("qf.strategy")
 
@@ -96,12 +96,12 @@ class StrategyService:
         sub = Subscriber(cfg.bus.md_pub, ["book."], cfg.bus.hwm, ctx=self.ctx, curve=self.curve)
         client = LazyPirateClient(cfg.bus.risk_rep, cfg.strategy.timeout_ms, cfg.strategy.retries, ctx=self.ctx,
                                   curve=self.curve)
-        liveness = Liveness(cfg.common.run_dir, SERVICE)
+        beat = HeartbeatMaker(identity(SERVICE, cfg.common.instance))
+        liveness = Liveness(cfg.common.run_dir, beat.service)
         ticker = Ticker(cfg.bus.heartbeat_ms)
         # heartbeat.strategy on QF_STRATEGY_PUB, as the OFI strategy's: /health and the status
         # line hear every service, whichever strategy runs
         pub = Publisher(cfg.bus.strategy_pub, cfg.bus.hwm, self.ctx, self.curve)
-        beat = HeartbeatMaker(SERVICE)
         poller = zmq.Poller()
         poller.register(sub.sock, zmq.POLLIN)
         log.info("started", extra={"md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep,
@@ -113,7 +113,7 @@ class StrategyService:
             while not self._stop.is_set():
                 if ticker.due():
                     liveness.touch()
-                    pub.publish("heartbeat.strategy", beat.make("ok", {k: self.stats[k] for k in (
+                    pub.publish(beat.topic, beat.make("ok", {k: self.stats[k] for k in (
                         "books", "orders", "approved", "rejected", "no_reply", "errors")}))
                 if not pending and not poller.poll(POLL_MS):
                     continue
@@ -267,7 +267,7 @@ class StrategyService:
         poller = zmq.Poller()
         poller.register(sub.sock, zmq.POLLIN)
         try:
-            liveness = Liveness(cfg.common.run_dir, SERVICE)
+            liveness = Liveness(cfg.common.run_dir, identity(SERVICE, cfg.common.instance))
             ticker = Ticker(cfg.bus.heartbeat_ms)
             log.info("started", extra={"md_pub": cfg.bus.md_pub, "risk_rep": cfg.bus.risk_rep, "lockstep": True,
                                        "symbols": ",".join(cfg.md.symbols), "prefix": self.core.id_prefix})

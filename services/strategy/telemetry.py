@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from shared import metrics_http
 from shared.config import Config
-from shared.runtime import MicrosHistogram, liveness_path
+from shared.runtime import MicrosHistogram, identity, liveness_path
 
 log = logging.getLogger("qf.strategy")
 
@@ -130,6 +130,6 @@ def serve(cfg: Config, collector: StrategyCollector) -> metrics_http.MetricsServ
     if not bind:
         return None
     server = metrics_http.serve(bind, "QF_STRATEGY_METRICS_BIND", [collector],
-                                liveness_path(cfg.common.run_dir, "strategy"))
+                                liveness_path(cfg.common.run_dir, identity("strategy", cfg.common.instance)))
     log.info("metrics listening", extra={"bind": bind, "port": server.port})
     return server
