@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from bench import api, backtest, broker, compose, marketdata, md_rss, report, risk, strategy, tick_to_trade
+from bench import api, backtest, broker, compose, marketdata, md_many, md_rss, report, risk, strategy, tick_to_trade
 from bench import uvloop as uvloop_bench  # aliased: a bare `uvloop` would read as the package
 
 BENCHMARKS = {
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "marketdata": marketdata.run,
     "compose": compose.run,
     "md_rss": md_rss.run,
+    "md_many": md_many.run,
     "risk": risk.run,
     "backtest": backtest.run,
     "strategy": strategy.run,

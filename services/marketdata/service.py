@@ -123,7 +123,7 @@ class MarketDataService:
         live_feed = router.live_feed = cfg.md.feed.kind != "replay"
         if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
             router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
-            router.alerter = Alerter(name, pub.publish)
+            router.alerter = Alerter(hb.service, pub.publish)
         check = Ticker(CHECK_BOOKS_MS) if router.guard is not None else None
         log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
                                               "pub": cfg.bus.md_pub if self.publish_enabled else "off"})
