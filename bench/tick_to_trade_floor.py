@@ -96,11 +96,13 @@ def strategy(md_pub: str, risk_rep: str, broker_pub: str, risk_pub: str, out: st
             books += 1
             if books % ORDER_EVERY:
                 continue
+            sent = time.time_ns()
             req.send(_pack(_map("order", books, msg["ts"])))
             _unpack(req.recv())
-            samples.append(time.time_ns() - msg["ts"])
+            done = time.time_ns()
+            samples.append((done - msg["ts"], done - sent))
     with open(out, "w") as f:
-        f.write("\n".join(str(s) for s in samples[WARMUP:]))
+        f.write("\n".join(f"{total} {rtt}" for total, rtt in samples[WARMUP:]))
 
 
 def _serve(md_pub: str, rep: str, pub_at: str, answer, then=None) -> None:
@@ -170,7 +172,8 @@ def run() -> dict[str, float]:
             p.wait(10)
     try:
         with open(out) as f:
-            samples = [int(line) / 1000 for line in f.read().split()]
+            pairs = [tuple(int(x) / 1000 for x in line.split()) for line in f.read().splitlines() if line]
+            samples, rtts = [total for total, _ in pairs], [rtt for _, rtt in pairs]
     except FileNotFoundError:
         raise RuntimeError("the floor's strategy wrote no samples") from None
     finally:
@@ -179,7 +182,11 @@ def run() -> dict[str, float]:
         raise RuntimeError(f"the floor measured only {len(samples)} orders")
     return {"tick_to_trade_floor_us_p50": round(percentile(samples, 50), 1),
             "tick_to_trade_floor_us_p99": round(percentile(samples, 99), 1),
-            "tick_to_trade_floor_samples": len(samples)}
+            "tick_to_trade_floor_samples": len(samples),
+            # the order's round trip alone (strategy → risk → broker → risk → strategy), and the rest
+            "tick_to_trade_floor_rtt_us_p50": round(percentile(rtts, 50), 1),
+            "tick_to_trade_floor_book_to_order_us_p50": round(percentile(
+                [t - r for t, r in zip(samples, rtts)], 50), 1)}
 
 
 def main(argv: list[str]) -> None:
