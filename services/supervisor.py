@@ -338,8 +338,12 @@ class StatusMonitor:
     def line(self, up: int, total: int) -> str:
         broker, risk = self.stats.get("broker", {}), self.stats.get("risk", {})
         feeds = {name: st for name, st in sorted(self.status.items()) if kind_of(name) == "marketdata"}
-        md = ("no heartbeat yet" if not feeds else next(iter(feeds.values())) if len(feeds) == 1
-              else ", ".join(f"{name.partition('.')[2] or name} {st}" for name, st in feeds.items()))
+        if not feeds:
+            md = "no heartbeat yet"
+        elif len(set(feeds.values())) == 1:  # one process, or all of them saying the same
+            md = next(iter(feeds.values())) + (f" ({len(feeds)} processes)" if len(feeds) > 1 else "")
+        else:
+            md = ", ".join(f"{name} {st}" for name, st in feeds.items())
         equity = risk.get("equity", broker.get("equity"))
         try:
             equity = f"{Decimal(str(equity)).quantize(Decimal('0.01')):,}"

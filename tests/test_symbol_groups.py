@@ -112,9 +112,12 @@ def test_the_status_line_names_each_marketdata_process_and_sums_their_books(tmp_
                               "strategy.1": {"signals": 3}, "strategy.2": {"signals": 4}})
         monitor.drain()
         line = monitor.line(8, 8)
-        assert line.startswith("services 8/8 up (strategy.2 risk_silent) | feed 1 ok, 2 resyncing | ")
+        assert line.startswith("services 8/8 up (strategy.2 risk_silent) | feed marketdata.1 ok, marketdata.2 "
+                               "resyncing | ")
         assert " | signals 7 | " in line
         assert monitor._rate_ref[1] == 15
+        monitor.status["marketdata.2"] = "ok"
+        assert " | feed ok (2 processes) | " in monitor.line(8, 8)
     finally:
         monitor.close()
 
