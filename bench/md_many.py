@@ -24,8 +24,8 @@
 # against 47.8 with one. Real Binance sends these 20 streams at ~810 events/s: ~38x headroom.
 # An event costs ~31 µs of the one GIL, ~12 of them in Conn's reader thread (an instrumented
 # run: ~18k events/s done while it reads, ~52k/s once it has read everything): it reads ahead of
-# the loop and LiveFeed's queue between them is unbounded, so a burst this size is held in
-# memory (peak RSS 314-325 MB), not pushed back onto TCP.
+# the loop until LiveFeed's inbox holds 2,048 frames, then waits (binance.Inbox), and the rest of
+# the burst waits on TCP (peak RSS 54-57 MB; 293-325 MB when the inbox was unbounded).
 from __future__ import annotations
 
 import gc
@@ -376,7 +376,8 @@ def run() -> dict[str, float]:
       at the configured QF_ZMQ_HWM, every topic) over the live runs; must be 0.
     - md_{n}sym_rss_mb: the process's resident memory with every book synced (median of the
       runs); md_{n}sym_rss_peak_mb: its peak while taking the stream at once (the largest of
-      the runs): LiveFeed's reader thread queues frames faster than the loop handles them.
+      the runs): LiveFeed's reader thread queues frames faster than the loop handles them, up
+      to its inbox's bound.
     Raises RuntimeError if a book did not sync, a message was lost or marketdata counted a gap."""
     tmp = tempfile.mkdtemp(prefix="qf-md-many-")
     out: dict[str, float] = {}

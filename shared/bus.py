@@ -7,6 +7,7 @@ process owns, accepting only the keys shared/curve.py lists for it. Sockets made
 these helpers go through `connect`/`bind` for the same."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ import zmq
 
 from shared import messages
 from shared.curve import Curve
-from shared.errors import ConfigError, DecodeError, TransientError
+from shared.errors import BindError, ConfigError, DecodeError, TransientError
 
 log = logging.getLogger("qf.bus")
 
@@ -80,19 +81,56 @@ def bind(sock: zmq.Socket, endpoint: str, curve: Curve | None = None) -> None:
     accepting only the listed client keys when `curve` is given. ZeroMQ binds addresses, not
     DNS names: a Fly private-network name (`tcp://broker.process.APP.internal:5557`, the name
     the other machines connect to, so one setting serves both ends in fly.multi.toml) binds
-    every IPv6 address of this machine, `tcp://[::]:5557`."""
+    every IPv6 address of this machine, `tcp://[::]:5557`.
+
+    Raises BindError (a FatalError: exit 1, `qf up` restarts the service with a backoff) when
+    another process holds the address, and ConfigError (exit 2, not restarted) when the
+    endpoint can never be bound here: malformed, a host that is not this machine's, an ipc
+    path that cannot be made. Either names the endpoint (and its QF_ setting) in one line."""
     _ipv6(sock, endpoint)
     if curve is not None:
         curve.server(sock, endpoint)
-    if endpoint.startswith("ipc://"):
-        parent = os.path.dirname(endpoint[6:])
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-    elif endpoint.startswith("tcp://"):
-        host, _, port = endpoint[6:].rpartition(":")
-        if host.endswith(".internal"):
-            endpoint = f"tcp://[::]:{port}"
-    sock.bind(endpoint)
+    target = endpoint
+    try:
+        if endpoint.startswith("ipc://"):
+            parent = os.path.dirname(endpoint[6:])
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+        elif endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            if host.endswith(".internal"):
+                target = f"tcp://[::]:{port}"
+        sock.bind(target)
+    except (zmq.ZMQError, OSError) as exc:
+        raise _bind_error(endpoint, exc.errno or 0, exc) from None
+
+
+_IPC_PATH_ERRORS = (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.ENAMETOOLONG)
+
+
+def _bind_error(endpoint: str, code: int, exc: BaseException) -> Exception:
+    """Why `endpoint` could not be bound, in one line naming it and its QF_ setting: a BindError
+    when a restart may help (the address held by another process, or out of descriptors), else
+    a ConfigError."""
+    from shared.config import all_settings  # the error path only: which setting gave `endpoint`
+
+    named = [env for env, default, _ in all_settings() if endpoint in os.environ.get(env, default).split(",")]
+    what = f"cannot bind {endpoint}" + (f" ({', '.join(named)})" if named else "")
+    if code == errno.EADDRINUSE and not endpoint.startswith("inproc://"):
+        return BindError(f"{what}: address in use: another process holds it (a restart may find it free)")
+    if endpoint.startswith("ipc://") and code in _IPC_PATH_ERRORS:
+        why = f"the ipc path cannot be made: {os.strerror(code)}"
+    elif code in (errno.EADDRNOTAVAIL, errno.ENODEV):
+        why = "its host is not an address or interface of this machine (ZeroMQ binds addresses, not DNS " \
+              "names; tcp://0.0.0.0:PORT binds every IPv4 address)"
+    elif code in (errno.EINVAL, errno.EPROTONOSUPPORT):
+        why = "not an endpoint ZeroMQ can bind: tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = f"{os.strerror(code)} (a port below 1024 needs privileges)"
+    else:  # e.g. out of file descriptors: perhaps not for long
+        return BindError(f"{what}: {os.strerror(code) if code else exc}")
+    return ConfigError(f"{what}: {why}")
 
 
 MAX_GAP = 1 << 32  # sequence jumps a Subscriber counts as missed messages

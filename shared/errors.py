@@ -20,6 +20,16 @@ class ConfigError(FatalError):
     in one line and exits with status 2."""
 
 
+class BindError(FatalError):
+    """An endpoint this process must bind (a QF_* bus setting) cannot be bound now: most often
+    another process holds the address (the service's previous run still closing, or a second
+    copy of it). Raised at start by `shared.bus.bind`, naming the endpoint and its setting;
+    handled like any FatalError at the top of `__main__`: one line, exit status 1, and `qf up`
+    restarts the service with a backoff, by when the address is usually free. An endpoint that
+    can never be bound (malformed, a host that is not this machine's, an ipc path that cannot
+    be made) is a ConfigError instead."""
+
+
 class StorageError(ConfigError):
     """A file or directory a service must write cannot be used at start: a read-only or
     missing directory, a path that is a directory, a file that is not a database, a damaged

@@ -200,6 +200,64 @@ def _retry_after(headers) -> float:
         return DEFAULT_RETRY_AFTER_S
 
 
+# The inbox's bound, in frames. Conn's reader costs ~12 µs of the one GIL a frame and the loop
+# ~19 more, so under a burst the reader runs ahead: unbounded, a 528k-event burst (bench
+# md_many) was held in memory, 316 MB RSS. Past INBOX_FRAMES the reader stops reading; so does
+# websockets' own thread past its 16 frames (its max_queue), and the kernel's TCP window
+# throttles the exchange: the backlog waits on the wire, nothing is dropped. In frames rather
+# than bytes: the loop's cost, hence the staleness of the last frame queued, goes by frames
+# (2,048 × ~30 µs ≈ 60 ms of work), and qsize() is free where a byte count would cost both
+# threads on every frame. Memory: ~1 MB at the capture's mean frame (520 B), ~70 MB at most
+# were every frame the largest depth diff seen (35 KB). The reader resumes once the loop has
+# taken it down to INBOX_ROOM_FRAMES: one wake-up per ~1,000 frames, and still a deep queue
+# for the loop while the reader refills it.
+INBOX_FRAMES = 2048
+INBOX_ROOM_FRAMES = INBOX_FRAMES // 2
+INBOX_WAIT_SLICE_S = 0.1  # a waiting reader looks at its connection's close flag this often
+
+
+class Inbox(queue.SimpleQueue):
+    """The queue from the connection and REST threads to LiveFeed's loop: a SimpleQueue (its C
+    put/get/qsize, nothing added to the per-frame cost but a size check) bounded for frames.
+
+    `put` never blocks: connection events and snapshots, a few per connection. A connection's
+    reader calls `wait_for_room` before putting a frame once `qsize() >= high`; the loop calls
+    `made_room()` after each get while `waiting` is set. `waits` / `waited_s` count the readers'
+    waits (written under the inbox's lock; read by the metrics)."""
+
+    def __init__(self, high: int = INBOX_FRAMES, low: int = INBOX_ROOM_FRAMES) -> None:
+        super().__init__()
+        self.high, self.low = high, low
+        self.waiting = False  # a reader waits for room: read by the loop on every get
+        self.waits = 0
+        self.waited_s = 0.0
+        self._cond = threading.Condition(threading.Lock())
+
+    def wait_for_room(self, closing: threading.Event) -> None:
+        """Block the calling reader until the loop has taken the inbox down to `low` items, or
+        `closing` is set (`wake()` makes that prompt; the waits are bounded besides)."""
+        t0 = time.monotonic()
+        with self._cond:
+            while self.qsize() > self.low and not closing.is_set():
+                # set under the lock the loop takes to notify: it cannot notify between this
+                # thread's size check and its wait, and miss it
+                self.waiting = True
+                self._cond.wait(INBOX_WAIT_SLICE_S)
+            self.waits += 1
+            self.waited_s += time.monotonic() - t0
+
+    def made_room(self) -> None:
+        """Wake the waiting readers if the inbox is down to `low`: the loop, after a get."""
+        if self.qsize() <= self.low:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the waiting readers to look again (room, or their connection closing)."""
+        with self._cond:
+            self.waiting = False
+            self._cond.notify_all()
+
+
 class ConnEvent(NamedTuple):
     """A connection opened (`opened`), or closed or failed to open (`why`): posted by Conn to
     the inbox for LiveFeed, never handed to the router."""
@@ -213,9 +271,10 @@ class Conn:
     """One combined-stream WebSocket, opened and read by its own thread. It posts
     ConnEvent(conn, opened=True), a RawFrame(recv_ns, frame, route) per message, then
     ConnEvent(conn, False, why) (closed, or never opened) to `inbox`. Pings are answered by
-    the websockets library's own reader while this thread keeps draining frames."""
+    the websockets library's own reader while this thread keeps draining frames. While the
+    inbox is full (Inbox) it reads nothing: every frame received is posted, in order."""
 
-    def __init__(self, url: str, route: Route, inbox: queue.SimpleQueue,
+    def __init__(self, url: str, route: Route, inbox: Inbox,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.route, self.inbox, self.clock = url, route, inbox, clock
         self.started = clock()
@@ -237,6 +296,7 @@ class Conn:
         if not self._closing.is_set():
             self.close_reason = reason
             self._closing.set()
+            self.inbox.wake()  # the reader may be waiting for room
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
@@ -254,7 +314,8 @@ class Conn:
         with ws:  # closes the connection however the loop ends
             self.opened_at = self.last_rx = self.clock()
             self.inbox.put(ConnEvent(self, True))
-            put, clock, route, closing = self.inbox.put, self.clock, self.route, self._closing
+            inbox, clock, route, closing = self.inbox, self.clock, self.route, self._closing
+            put, qsize, full = inbox.put, inbox.qsize, inbox.high
             try:
                 while not closing.is_set():
                     try:
@@ -262,7 +323,11 @@ class Conn:
                     except TimeoutError:
                         continue
                     self.last_rx = clock()
-                    put(RawFrame(time.time_ns(), frame, route))
+                    rec = RawFrame(time.time_ns(), frame, route)
+                    if qsize() >= full:
+                        inbox.wait_for_room(closing)
+                        self.last_rx = clock()  # the exchange was not silent: we were not reading
+                    put(rec)  # closing or not: a frame received is never dropped here
                 why = self.close_reason
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else None

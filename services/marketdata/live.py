@@ -6,7 +6,7 @@ import queue
 import time
 from typing import Callable, Iterator
 
-from services.marketdata.binance import Conn, ConnEvent, SnapshotFetcher
+from services.marketdata.binance import Conn, ConnEvent, Inbox, SnapshotFetcher
 from services.marketdata.feeds import Backoff
 from services.marketdata.metrics import MdMetrics
 from services.marketdata.records import Disconnected, Idle, Record, RouteOpened
@@ -24,7 +24,7 @@ class Link:
     """The connections of one market: the live one, a standby while replacing it, and when
     to try again. Decisions only; Conn does the I/O."""
 
-    def __init__(self, market: Market, md: MarketDataConfig, keys: tuple[str, ...], inbox: queue.SimpleQueue,
+    def __init__(self, market: Market, md: MarketDataConfig, keys: tuple[str, ...], inbox: Inbox,
                  metrics: MdMetrics, new_gen: Callable[[], int]) -> None:
         self.market, self.keys, self.inbox, self.m, self.new_gen = market, keys, inbox, metrics, new_gen
         names = [split_key(k)[1] for k in keys if split_key(k)[0] is market]
@@ -144,11 +144,12 @@ class Link:
 class LiveFeed:
     """Binance combined streams (one connection per market for all symbols), REST snapshots on
     request. Never substitutes other data: when Binance cannot be reached it says so and
-    retries with backoff until stopped."""
+    retries with backoff until stopped. The connections' frames reach the loop through a
+    bounded Inbox: a reader ahead of the loop waits (TCP throttles the exchange), drops nothing."""
 
     def __init__(self, md: MarketDataConfig, keys: tuple[str, ...], metrics: MdMetrics,
                  should_stop: Callable[[], bool]) -> None:
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = metrics.inbox = Inbox()  # bounded for frames: a burst waits on TCP, not in memory
         self.should_stop = should_stop
         self._gen = 0
         self.links: dict[Market, Link] = {}
@@ -190,7 +191,8 @@ class LiveFeed:
         CHECK_EVERY_S; until should_stop()."""
         for f in self.fetchers.values():
             f.start()
-        get, Empty, links = self.inbox.get, queue.Empty, list(self.links.values())
+        inbox, links = self.inbox, list(self.links.values())
+        get, Empty = inbox.get, queue.Empty
         next_check = 0.0
         while not self.should_stop():
             now = time.monotonic()
@@ -203,6 +205,8 @@ class LiveFeed:
             except Empty:
                 yield Idle(time.time_ns())
                 continue
+            if inbox.waiting:
+                inbox.made_room()
             if type(item) is not ConnEvent:  # RawFrame, SnapshotRecord
                 yield item
             elif item.opened:

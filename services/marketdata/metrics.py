@@ -71,6 +71,7 @@ class MdMetrics:
         self.unsynced_total = dict.fromkeys(self.keys, 0.0)  # seconds without a book, periods ended
         self.event_time = Hist(EVENT_BUCKETS_S)
         self.lag = {k: Hist(LAG_BUCKETS_S) for k in self.keys}
+        self.inbox = None  # the live feed's binance.Inbox (its depth and waits, read when scraped)
 
     def bad(self, reason: str) -> None:
         self.decode_errors[reason] = self.decode_errors.get(reason, 0) + 1
@@ -146,6 +147,18 @@ class MdCollector:
                                      "Processing time of one depth event: parse, apply, metrics, encode, publish")
         proc.add_metric([], m.event_time.buckets(), m.event_time.sum)
         yield proc
+        yield from _inbox(m.inbox)
+
+
+def _inbox(inbox) -> Iterable:
+    """The live feed's inbox (zeros without one: a replay)."""
+    depth, waits, waited = (inbox.qsize(), inbox.waits, inbox.waited_s) if inbox is not None else (0, 0, 0.0)
+    yield GaugeMetricFamily("qf_md_inbox_frames", "Records queued from the connection threads to the loop",
+                            value=depth)
+    yield CounterMetricFamily("qf_md_inbox_waits", "Times a connection's reader waited for room in the full "
+                              "inbox (the loop behind the feed: the exchange throttled by TCP)", value=waits)
+    yield CounterMetricFamily("qf_md_inbox_wait_seconds", "Time connections' readers waited for room in the inbox",
+                              value=waited)
 
 
 def _counter(name: str, doc: str, label: str, values: dict) -> CounterMetricFamily:

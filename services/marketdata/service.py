@@ -191,6 +191,7 @@ class MarketDataService:
                                                             detail=router.status_detail(key, now_ns)))
         stats, m = router.stats, router.m
         stats["reconnects"] = sum(m.reconnects.values())
+        stats["inbox_waits"] = m.inbox.waits if m.inbox is not None else 0  # the loop behind the feed
         since = [t for t in m.unsynced_since.values() if t]
         stats["unsynced_s"] = round((now_ns - min(since)) / 1e9, 1) if since else 0.0
         extra = {"recorded": self.recorder.lines} if self.recorder is not None else {}
