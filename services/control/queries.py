@@ -476,12 +476,12 @@ class AllTimeEquity:
                 (self.last_id, self.last[1])).fetchone():
             self._reset()
         lts, lid = (self.last[1], self.last[0]) if self.last is not None else (-2**63, -1)
-        cursor = database.execute_sql(  # in (ts, id) order over the ts index, from after the last
+        batches = _batches(  # in (ts, id) order over the ts index, from after the last
             f'{_ROWS.format(real=_real())} WHERE "ts" >= {p} AND NOT ("ts" = {p} AND "id" <= {p}) ORDER BY "ts", "id"',
             (lts, lts, lid))
         closes, peak, dd, ratio = self.closes, self.peak, self.dd, self.dd_ratio
         row = None
-        while batch := cursor.fetchmany(10_000):  # streamed: a month of rows is ~200 MB as tuples
+        for batch in batches:  # streamed: a month of rows is ~200 MB as tuples
             for row in batch:
                 rid, ts, text, eq = row
                 hour = _hour(ts)
@@ -510,6 +510,29 @@ class AllTimeEquity:
 
 
 _ALL_TIME = AllTimeEquity()
+STREAM_BATCH = 10_000
+
+
+def _batches(sql: str, params: tuple, size: int = STREAM_BATCH) -> Iterable[list[tuple]]:
+    """`sql`'s rows in lists of at most `size`, streamed. SQLite steps through its result as it is
+    read; psycopg2's ordinary cursor would first hold the whole result in memory (every equity
+    row of a year, for the first all-time /stats), so on PostgreSQL the rows come through a
+    server-side cursor, WITH HOLD: peewee's connections autocommit, and psycopg2 opens a plain
+    named cursor only inside a transaction of its own."""
+    db = database.obj
+    if not isinstance(db, pw.PostgresqlDatabase):
+        cursor = database.execute_sql(sql, params)
+        while batch := cursor.fetchmany(size):
+            yield batch
+        return
+    cursor = db.connection().cursor(name="qf_stream", withhold=True)
+    try:
+        cursor.itersize = size
+        cursor.execute(sql, params)
+        while batch := cursor.fetchmany(size):
+            yield batch
+    finally:
+        cursor.close()
 
 
 def render_decimal(value: Decimal) -> str:

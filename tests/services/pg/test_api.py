@@ -203,3 +203,25 @@ def test_risk_rebuilds_the_same_state_from_postgresql_as_from_sqlite(twins, pg_s
     keys = ("fills", "working", "state", "checkpoint", "positions", "balances", "peak_equity", "day_start_equity")
     assert {k: server.get(k) for k in keys} == {k: lite.get(k) for k in keys}
     assert server["fills"] == "35" and server["checkpoint"] == "True" and "BTCUSDT" in server["positions"]
+
+
+def test_the_all_time_equity_scan_streams_through_a_server_side_cursor(pg_url):
+    """The first all-time /stats reads every equity row: on PostgreSQL through a named cursor, in
+    batches, never the whole result in the client's memory at once."""
+    from services.control import queries
+    from services.control.dbreader import ReadOnlyDatabase
+    from shared import db as sdb
+    writer = sdb.open_url(pg_url)
+    sdb.database.initialize(writer)
+    sdb._create_server_schema(writer)
+    writer.execute_sql("INSERT INTO equity (ts, equity, cash, note) "
+                       "SELECT g::bigint * 1000000000, '100.5', '100', 'periodic' FROM generate_series(1, 2500) g")
+    writer.close()
+    ReadOnlyDatabase(pg_url).ensure()
+    seen = []
+    for batch in queries._batches('SELECT "id", "ts" FROM "equity" ORDER BY "ts"', (), size=1000):
+        seen.append(len(batch))
+        open_cursors = sdb.database.execute_sql("SELECT name FROM pg_cursors").fetchall()
+        assert open_cursors == [("qf_stream",)]  # the rows come from the server as they are read
+    assert seen == [1000, 1000, 500]
+    assert sdb.database.execute_sql("SELECT count(*) FROM pg_cursors").fetchone() == (0,)
