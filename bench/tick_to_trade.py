@@ -21,8 +21,8 @@ _T2T = re.compile(r"\bverdict=(\w+).*\brisk_rtt_us=(\d+).*\btick_to_trade_us=(\d
 _RISK_STOP = re.compile(r"\b(check|broker)_us_p50=(\d+)")
 
 
-def run() -> dict[str, float]:
-    tmp = tempfile.mkdtemp(prefix="qf-bench-")
+def bench_env(tmp: str) -> dict[str, str]:
+    """The stack's environment for the measurement (its database and run dir under `tmp`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
     env.update({
         "QF_MD_PUB": f"tcp://127.0.0.1:{free_port()}", "QF_RISK_REP": f"tcp://127.0.0.1:{free_port()}",
@@ -37,6 +37,11 @@ def run() -> dict[str, float]:
         # our pipeline's own cost: the broker's simulated exchange latency (10 ms by default) is off
         "QF_BROKER_LATENCY_MODE": "constant", "QF_BROKER_LATENCY_MS": "0",
     })
+    return env
+
+
+def run() -> dict[str, float]:
+    env = bench_env(tempfile.mkdtemp(prefix="qf-bench-"))
     samples: list[float] = []
     rtts: list[float] = []
     risk_parts: dict[str, float] = {}

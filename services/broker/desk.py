@@ -24,6 +24,7 @@ from shared.aggregates import Aggregates
 from shared.config import Config
 from shared.enums import TERMINAL_STATUSES, OrderStatus
 from shared.errors import StoreUnavailable
+from shared.log import Deferred
 from shared.journal import Journal
 from shared.messages import Ack, Error, OrderRequest
 from shared.money import quote_asset
@@ -122,6 +123,7 @@ class BrokerDesk:
         self.cancel_waiters: dict[int, Waiter] = {}
         self._tokens = 0
         self._order_ids = ids if ids is not None else OrderIds()
+        self.later = Deferred(log)  # the per-order lines, written when the loop is idle (shared/log.py)
 
     def restore(self, model: FillModel, account: Account, aggregates: Aggregates, known: KnownIds) -> None:
         """The state rebuilt from the database (`rebuild`) after a freeze, keeping the books (the
@@ -325,10 +327,10 @@ class BrokerDesk:
         events.extend((f"fill.{order.symbol}", f, w) for f, w in zip(fills, wires))
         events.append((f"order.{order.symbol}", core.order_event(order, order.updated_ts), None))
         if log.isEnabledFor(logging.INFO):  # the fields (avg_price divides) cost more than the line at WARNING
-            log.info("order", extra={"step": u.event, "order_id": order.order_id,
-                                     "client_order_id": order.client_order_id, "status": order.status.value,
-                                     "filled_qty": order.filled_qty, "avg_price": order.avg_price,
-                                     "fills": len(fills), "reason": order.reason})
+            self.later.info("order", {"step": u.event, "order_id": order.order_id,
+                                      "client_order_id": order.client_order_id, "status": order.status.value,
+                                      "filled_qty": order.filled_qty, "avg_price": order.avg_price,
+                                      "fills": len(fills), "reason": order.reason})
 
     def _answer_cancel(self, u: Update, ack: Ack | None) -> None:
         waiter = self.cancel_waiters.pop(u.cancel_token, None)

@@ -35,6 +35,7 @@ __all__ = ["BrokerService", "OrderIds", "StoreUnavailable", "STORE_UNAVAILABLE",
 log = logging.getLogger("qf.broker")
 
 POLL_MS = 100  # longest loop turn; bounds how long stop() takes
+IDLE_MS = 1  # a turn this long without a message is idle: the deferred log lines are written then
 DRAIN_MAX = 1000  # messages per socket per turn, so one busy socket cannot starve the other
 # Risk's start-up recovery holds the journal for milliseconds; a broker started beside it (as `qf up`
 # and compose do) waits that long before it concludes another broker runs (exit 2, not restarted).
@@ -194,6 +195,7 @@ class BrokerService:
             ready = dict(poll(self._timeout_ms()))
             if not ready:
                 self._guarded(lambda: keeper.store(idle=True))
+                desk.later.flush()
             if self.md.sock in ready:
                 self._drain_md()
             if self.server.sock in ready:
@@ -213,9 +215,11 @@ class BrokerService:
             self._guarded(lambda: keeper.snapshot(self.clock(), self.desk.account, self.desk.model.marks()))
         if self.ticker.due():
             self._beat()
+        if self.desk.later.due():  # a loop never idle still writes its lines, at most MAX_AGE_S late
+            self.desk.later.flush()
 
     def _timeout_ms(self) -> int:
-        wait = self.keeper.wait_ms(POLL_MS)
+        wait = min(self.keeper.wait_ms(POLL_MS), IDLE_MS if self.desk.later.pending else POLL_MS)
         due = self.desk.model.next_due()
         if due is None:
             return wait
@@ -296,6 +300,7 @@ class BrokerService:
             if self.server.sock in ready:
                 self._drain_requests_lockstep()
             self._chores()
+            self.desk.later.flush()  # the replay's pace is the conductor's: nothing to wait for
             due = self.desk.model.next_due()
             counters["next_due"] = -1 if due is None else due
             reporter.report()
@@ -427,6 +432,7 @@ class BrokerService:
         if self.metrics is not None:
             self.metrics.close()
         self._guarded(lambda: self.keeper.store(force=True))  # what is left stays in the journal
+        self.desk.later.flush()
         self.checkpointer.stop()
         for sock in (self.server, self.md, self.pub):
             sock.close()
