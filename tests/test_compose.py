@@ -58,6 +58,11 @@ except OSError as exc:
 """
 
 
+# every container of the default compose file: the notifier too (a root-owned outbox volume once
+# restart-looped it while the others were healthy)
+SERVICES = (*APP_SERVICES, "notifier")
+
+
 @pytest.fixture(scope="module")
 def stack():
     reason = docker_unavailable()
@@ -68,7 +73,7 @@ def stack():
     st = ComposeStack(images, api_port=free_port(), prometheus_port=free_port())
     try:
         st.up()
-        st.wait_healthy(APP_SERVICES, 120)
+        st.wait_healthy(SERVICES, 120)
         yield st
     finally:
         st.destroy()
@@ -131,7 +136,7 @@ def test_stack_comes_up_healthy_and_trades(stack):
         assert status == 200 and "BTCUSDT" in json.dumps(positions)
         stored = {row[0] for row in stack.sql("select fill_id from fills")}
         assert {t["fill_id"] for t in body["trades"]} <= stored
-        for service in APP_SERVICES:
+        for service in SERVICES:
             assert stack.health(service) == "healthy", service
             assert stack.restarts(service) == 0, service
 
