@@ -139,3 +139,39 @@ def test_a_second_process_of_a_service_beats_under_its_own_name(tmp_path):
                           capture_output=True, timeout=60).returncode == 1
     with pytest.raises(ConfigError, match="QF_INSTANCE"):
         qfconfig.load({"QF_INSTANCE": "a b"})
+
+
+def test_a_young_watcher_waits_its_grace_for_every_process_of_a_split_service(tmp_path):
+    """`qf status` and /health ask a fresh watcher: with one service in several processes it must
+    not answer before each has beaten (it once listed strategy.2 alone)."""
+    import threading
+    import time
+
+    from services.control.watch import BusWatch
+    env = tcp_env(tmp_path, QF_SYMBOLS="btcusdt;ethusdt")
+    cfg = qfconfig.load(listener_env(qfconfig.load(env), env))
+    md1, md2 = (Publisher(ep, 1000) for ep in cfg.bus.md_pub.split(","))
+    others = {name: Publisher(getattr(cfg.bus, f"{name}_pub"), 1000) for name in ("broker", "risk")}
+    strategy = Publisher(cfg.bus.strategy_pub.split(",")[0], 1000)
+    done = threading.Event()
+
+    def beats():
+        start = time.monotonic()
+        while not done.wait(0.01):
+            for pub, name in ((md1, "marketdata.1"), (others["broker"], "broker"), (others["risk"], "risk"),
+                              (strategy, "strategy.1")):
+                pub.publish(f"heartbeat.{name}", beat(name))
+            if time.monotonic() - start > 0.1:  # the second marketdata process beats late
+                md2.publish("heartbeat.marketdata.2", beat("marketdata.2"))
+    thread = threading.Thread(target=beats, daemon=True)
+    watch = BusWatch(cfg).start()
+    thread.start()
+    try:
+        snap = watch.snapshot(wait=True)
+        assert {"marketdata.1", "marketdata.2", "strategy.1", "risk", "broker"} <= set(snap.beats)
+    finally:
+        done.set()
+        thread.join(5)
+        watch.close()
+        for pub in (md1, md2, strategy, *others.values()):
+            pub.close()

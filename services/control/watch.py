@@ -164,12 +164,16 @@ class BusWatch:
 
     def snapshot(self, wait: bool = False) -> Snapshot:
         """What is known now. `wait`: while the watcher is younger than its grace period, first
-        wait (at most until the grace period ends) for every expected service's first heartbeat."""
+        wait (at most until the grace period ends) for every expected service's first heartbeat
+        (for a service heard as several processes, until the grace period ends)."""
         self.start()
         with self._heard:
             if wait:
                 deadline = self._started + self.grace_s
-                while not set(self.expected) <= {kind_of(name) for name in self._beats}:
+                # one process of a split service heard (`marketdata.2`): how many there are is
+                # known only once each has beaten, so the whole grace period is waited for
+                while not set(self.expected) <= {kind_of(name) for name in self._beats} or \
+                        any(name != kind_of(name) for name in self._beats):
                     left = deadline - self.clock()
                     if left <= 0:
                         break
