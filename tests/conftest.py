@@ -1,10 +1,11 @@
 """Fixtures shared by the whole suite: free ports, explicit configs, bounded waits."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -225,3 +226,29 @@ def renamed_capture(src: str, dst, symbol: str) -> str:
         for line in fin:
             fout.write(line.replace(b"btcusdt", symbol.lower().encode()).replace(b"BTCUSDT", symbol.upper().encode()))
     return str(dst)
+
+
+@contextlib.contextmanager
+def running(stack, *closing) -> Iterator[dict]:
+    """Start `stack` (services.supervisor.Stack); on a failure print each process's last lines;
+    on the way out stop it (SIGTERM, at most 15 s) and close `closing`. Yields the dict its exit
+    codes go into, for the caller to check after."""
+    codes: dict = {}
+    try:
+        stack.start()
+        yield codes
+    except BaseException:
+        for c in stack.children:
+            print(f"--- {c.name} (last lines)\n" + "\n".join(list(c.tail)[-30:]))
+        raise
+    finally:
+        codes.update(stack.stop(timeout=15))
+        for thing in closing:
+            thing.close()
+
+
+def all_up(stack, but: tuple[str, ...] = ()) -> None:
+    """Every process of `stack` (but those named) still runs and was never restarted."""
+    kept = [c for c in stack.children if c.name not in but]
+    assert all(c.running for c in kept), {c.name: list(c.tail)[-5:] for c in kept}
+    assert not any(c.restarts for c in kept)

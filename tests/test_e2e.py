@@ -10,7 +10,7 @@ import pytest
 
 from services.supervisor import Stack, StatusMonitor
 from shared import config as qfconfig
-from tests.conftest import SPOT_CAPTURE, clean_environ, ipc_env, tcp_env, wait_for
+from tests.conftest import SPOT_CAPTURE, all_up, clean_environ, ipc_env, running, tcp_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +49,7 @@ def replay_through_every_service(tmp_path, transport: str, **extra: str) -> None
     cfg = qfconfig.load(settings)
     stack = Stack(env)
     monitor = StatusMonitor(cfg)
-    try:
-        stack.start()
+    with running(stack, monitor) as codes:
         bind = cfg.api.bind
         wait_for(lambda: _get(bind, "/health")[0] == 200, 30, "api /health = 200")
         fills = wait_for(lambda: _db_rows(cfg.common.db, "select fill_id, qty, price, fee from fills"), 60,
@@ -83,15 +82,7 @@ def replay_through_every_service(tmp_path, transport: str, **extra: str) -> None
         assert status == 200 and "BTCUSDT" in json.dumps(positions)
         status, metrics = _get(bind, "/metrics")
         assert status == 200 and "qf_fills_total" in metrics
-        assert all(c.running for c in stack.children), {c.name: list(c.tail)[-5:] for c in stack.children}
-        assert not any(c.restarts for c in stack.children)
-    except BaseException:
-        for c in stack.children:
-            print(f"--- {c.name} (last lines)\n" + "\n".join(list(c.tail)[-30:]))
-        raise
-    finally:
-        codes = stack.stop(timeout=15)
-        monitor.close()
+        all_up(stack)
     assert all(code is not None for code in codes.values())
     assert codes == {name: 0 for name in codes}, codes  # every service stopped cleanly on SIGTERM
 

@@ -11,7 +11,7 @@ import pytest
 from bench.common import free_port
 from services.supervisor import Stack, StatusMonitor, listener_env
 from shared import config as qfconfig
-from tests.conftest import SPOT_CAPTURE, clean_environ, ipc_env, renamed_capture, tcp_env, wait_for
+from tests.conftest import SPOT_CAPTURE, all_up, clean_environ, ipc_env, renamed_capture, running, tcp_env, wait_for
 from tests.test_e2e import _db_rows, _get
 
 pytestmark = pytest.mark.e2e
@@ -51,8 +51,7 @@ def test_two_marketdata_and_two_strategies_trade_through_one_risk(tmp_path, tran
                      "marketdata.2"]
     assert [stack.child(f"marketdata.{i}").env["QF_SYMBOLS"] for i in (1, 2)] == ["btcusdt", "ethusdt"]
     monitor = StatusMonitor(qfconfig.load(listener_env(cfg, settings)))
-    try:
-        stack.start()
+    with running(stack, monitor) as codes:
         bind = cfg.api.bind
         wait_for(lambda: _health(bind)[0] == 200, 40, "api /health = 200")
 
@@ -90,13 +89,6 @@ def test_two_marketdata_and_two_strategies_trade_through_one_risk(tmp_path, tran
         assert body["services"]["marketdata"]["instances"]["marketdata.1"]["fresh"]
         assert body["feeds"]["BTCUSDT"]["synced"] and not body["feeds"]["ETHUSDT"]["synced"]
         assert any(p.startswith("marketdata: last heartbeat") for p in body["problems"]), body["problems"]
-        assert all(c.running for c in stack.children if c.name != "marketdata.2")
-    except BaseException:
-        for c in stack.children:
-            print(f"--- {c.name} (last lines)\n" + "\n".join(list(c.tail)[-30:]))
-        raise
-    finally:
-        codes = stack.stop(timeout=15)
-        monitor.close()
+        all_up(stack, but=("marketdata.2",))
     codes.pop("marketdata.2")
     assert codes == {name: 0 for name in codes}, codes

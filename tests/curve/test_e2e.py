@@ -13,7 +13,7 @@ from shared import config as qfconfig
 from shared import curve
 from shared.bus import Subscriber
 from shared.enums import ControlAction
-from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, tcp_env, wait_for
+from tests.conftest import ROOT, SPOT_CAPTURE, all_up, clean_environ, running, tcp_env, wait_for
 from tests.test_e2e import _db_rows, _get
 
 pytestmark = pytest.mark.e2e
@@ -29,8 +29,7 @@ def test_replay_trades_end_to_end_with_curve_on(tmp_path):
     stack = Stack({**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"})
     monitor = StatusMonitor(cfg)  # as `qf up` runs it: the API's key
     outsider = Subscriber(cfg.bus.md_pub, ["book."], 1000)  # no key: it must hear nothing
-    try:
-        stack.start()
+    with running(stack, monitor, outsider) as codes:
         bind = cfg.api.bind
         wait_for(lambda: _get(bind, "/health")[0] == 200, 30, "api /health = 200 (every heartbeat heard over CURVE)")
         fills = wait_for(lambda: _db_rows(cfg.common.db, "select fill_id, qty from fills"), 60, "fills in the database")
@@ -48,16 +47,7 @@ def test_replay_trades_end_to_end_with_curve_on(tmp_path):
         # control through the API's key (the CLI's control layer: services/control/risk.py)
         assert ask_risk(cfg, ControlAction.STATE, "test", "curve e2e")["state"] == "ACTIVE"
         assert outsider.sock.poll(0) == 0 and not outsider.sock.poll(500)  # books flow, but not to it
-        assert all(c.running for c in stack.children), {c.name: list(c.tail)[-5:] for c in stack.children}
-        assert not any(c.restarts for c in stack.children)
-    except BaseException:
-        for c in stack.children:
-            print(f"--- {c.name} (last lines)\n" + "\n".join(list(c.tail)[-30:]))
-        raise
-    finally:
-        codes = stack.stop(timeout=15)
-        monitor.close()
-        outsider.close()
+        all_up(stack)
     assert codes == {name: 0 for name in codes}, codes
 
 
