@@ -187,6 +187,10 @@ PG_CONNECT_TIMEOUT_S = 10  # libpq waits for the OS's TCP timeout (minutes) on a
 # services starting together (broker and risk) would otherwise race on CREATE TABLE IF NOT EXISTS,
 # which PostgreSQL does not serialise (a duplicate-key error on its catalog)
 PG_SCHEMA_LOCK = 0x51460001
+# every transaction that stores journal records into PostgreSQL takes this one first (shared/journal.py):
+# a broker killed with its store's message sent leaves a transaction the server still runs, and the
+# next process's recovery must not decide what is unstored until that one has committed or failed
+PG_JOURNAL_LOCK = 0x51460002
 
 
 class ServerDatabase(pw.PostgresqlDatabase):

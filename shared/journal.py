@@ -31,7 +31,7 @@ from typing import Iterable
 import msgpack
 import peewee as pw
 
-from shared.db import JOURNAL_SQL, JournalApplied, database, journal_sql
+from shared.db import JOURNAL_SQL, PG_JOURNAL_LOCK, JournalApplied, database, journal_sql
 from shared import storage
 from shared.errors import JournalBusy, StorageError  # JournalBusy: importable from here too
 
@@ -166,11 +166,23 @@ class Journal:
 
     def catch_up(self) -> int:
         """Store into the bound database what an earlier holder left unstored (records it stored
-        but did not forget are skipped); returns how many records that was. Raises like `store`."""
-        self.skip_applied(applied_seq())
-        left = len(self.pending)
+        but did not forget are skipped); returns how many records that was. Raises like `store`.
+        On PostgreSQL the newest stored seq is read and the rest stored in one transaction holding
+        the journal's lock (PG_JOURNAL_LOCK), so a store a killed broker had sent, which the server
+        may still be running, is either waited for or fails behind this one, never applied twice."""
+        if not isinstance(database.obj, pw.PostgresqlDatabase):
+            self.skip_applied(applied_seq())
+            left = len(self.pending)
+            if left:
+                self.applied(store(self.pending))
+            return left
+        with database.atomic():
+            database.execute_sql(_JOURNAL_LOCK.decode())
+            self.skip_applied(applied_seq())
+            left = len(self.pending)
+            seq = store(self.pending)  # inside the transaction: statement by statement
         if left:
-            self.applied(store(self.pending))
+            self.applied(seq)
         return left
 
     def _reset(self) -> None:
@@ -238,19 +250,22 @@ def write(statements: list, seq: int | None = None) -> None:
         # as ONE message, which PostgreSQL runs as one implicit transaction (all or nothing) — one
         # round trip and one commit per record batch instead of one round trip per statement
         with _DRIVER_ERRORS:  # the driver's errors as peewee's, like every other statement's
-            parts = [cur.mogrify(sql[kind], params) for kind, params in statements]
+            parts = [_JOURNAL_LOCK] + [cur.mogrify(sql[kind], params) for kind, params in statements]
             if seq is not None:
                 parts.append(cur.mogrify(sql[_MARK_KIND], (seq,)))
-            if parts:
+            if len(parts) > 1:
                 cur.execute(b";\n".join(parts))
         return
     with database.atomic():
+        if isinstance(database.obj, pw.PostgresqlDatabase):
+            database.execute_sql(_JOURNAL_LOCK.decode())
         for kind, params in statements:
             database.execute_sql(sql[kind], list(params))
         if seq is not None:
             database.execute_sql(sql[_MARK_KIND], [seq])
 
 
+_JOURNAL_LOCK = f"SELECT pg_advisory_xact_lock({PG_JOURNAL_LOCK})".encode()  # see shared/db.py
 _DRIVER_ERRORS = getattr(pw, "__exception_wrapper__")  # peewee's driver-error translator (a module global)
 _MARK_KIND = -1  # the journal_applied upsert, beside the statement kinds in `_server_sql`
 _SERVER_SQL: dict[str, dict[int, str]] = {}
