@@ -112,6 +112,16 @@ def _ipv6_loopback() -> bool:
         return False
 
 
+def _heard(pub: Publisher, sub: Subscriber, what: str) -> None:
+    """Publish a heartbeat until `sub` has one waiting (a SUB misses what precedes its joining); bounded."""
+    beat = Heartbeat(ts=1, service="x", pid=1, started_ts=1, status="ok")
+
+    def heard():
+        pub.publish("heartbeat.x", beat)
+        return sub.sock.poll(20)
+    wait_for(heard, 10, what)
+
+
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
 def test_an_ipv6_endpoint_turns_the_sockets_ipv6_option_on(ctx):
     """Fly's private network is IPv6 only: `tcp://[::]:PORT` binds there (fly.multi.toml)."""
@@ -120,12 +130,7 @@ def test_an_ipv6_endpoint_turns_the_sockets_ipv6_option_on(ctx):
     sub = Subscriber(f"tcp://[::1]:{port}", [""], 1000, ctx)
     try:
         assert pub.sock.getsockopt(zmq.IPV6) == 1 and sub.sock.getsockopt(zmq.IPV6) == 1
-        beat = Heartbeat(ts=1, service="x", pid=1, started_ts=1, status="ok")
-
-        def heard():
-            pub.publish("heartbeat.x", beat)
-            return sub.sock.poll(20)
-        wait_for(heard, 10, "a subscriber over IPv6")
+        _heard(pub, sub, "a subscriber over IPv6")
     finally:
         pub.close()
         sub.close()
@@ -143,12 +148,7 @@ def test_a_fly_private_name_is_bound_as_every_ipv6_address(ctx):
     sub = Subscriber(f"tcp://[::1]:{port}", [""], 1000, ctx)
     try:
         assert pub.sock.getsockopt(zmq.LAST_ENDPOINT).decode() == f"tcp://[::]:{port}"
-        beat = Heartbeat(ts=1, service="x", pid=1, started_ts=1, status="ok")
-
-        def heard():
-            pub.publish("heartbeat.x", beat)
-            return sub.sock.poll(20)
-        wait_for(heard, 10, "a subscriber of the name-bound PUB")
+        _heard(pub, sub, "a subscriber of the name-bound PUB")
     finally:
         pub.close()
         sub.close()
