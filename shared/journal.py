@@ -19,6 +19,7 @@ the broker's loop between answers (bench/broker.py `broker_durable_fills_per_s_p
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -170,17 +171,10 @@ class Journal:
         On PostgreSQL the newest stored seq is read and the rest stored in one transaction holding
         the journal's lock (PG_JOURNAL_LOCK), so a store a killed broker had sent, which the server
         may still be running, is either waited for or fails behind this one, never applied twice."""
-        if not isinstance(database.obj, pw.PostgresqlDatabase):
+        with _under_journal_lock():
             self.skip_applied(applied_seq())
             left = len(self.pending)
-            if left:
-                self.applied(store(self.pending))
-            return left
-        with database.atomic():
-            database.execute_sql(_JOURNAL_LOCK.decode())
-            self.skip_applied(applied_seq())
-            left = len(self.pending)
-            seq = store(self.pending)  # inside the transaction: statement by statement
+            seq = store(self.pending)  # on PostgreSQL inside the transaction: statement by statement
         if left:
             self.applied(seq)
         return left
@@ -256,9 +250,7 @@ def write(statements: list, seq: int | None = None) -> None:
             if len(parts) > 1:
                 cur.execute(b";\n".join(parts))
         return
-    with database.atomic():
-        if isinstance(database.obj, pw.PostgresqlDatabase):
-            database.execute_sql(_JOURNAL_LOCK.decode())
+    with database.atomic(), _under_journal_lock():
         for kind, params in statements:
             database.execute_sql(sql[kind], list(params))
         if seq is not None:
@@ -266,6 +258,19 @@ def write(statements: list, seq: int | None = None) -> None:
 
 
 _JOURNAL_LOCK = f"SELECT pg_advisory_xact_lock({PG_JOURNAL_LOCK})".encode()  # see shared/db.py
+
+
+@contextlib.contextmanager
+def _under_journal_lock():
+    """On PostgreSQL, a transaction holding PG_JOURNAL_LOCK (joining one already open); elsewhere
+    nothing: SQLite's writers are serialised by BEGIN IMMEDIATE, and a dead process has no
+    transaction still running."""
+    if not isinstance(database.obj, pw.PostgresqlDatabase):
+        yield
+        return
+    with database.atomic():
+        database.execute_sql(_JOURNAL_LOCK.decode())
+        yield
 _DRIVER_ERRORS = getattr(pw, "__exception_wrapper__")  # peewee's driver-error translator (a module global)
 _MARK_KIND = -1  # the journal_applied upsert, beside the statement kinds in `_server_sql`
 _SERVER_SQL: dict[str, dict[int, str]] = {}
