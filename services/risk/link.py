@@ -101,8 +101,12 @@ class BrokerLink:
                 callback(frames[2])
 
     def expire(self) -> int:
-        """Time out requests past their deadline (callbacks get None); returns how many."""
+        """Time out requests past their deadline (callbacks get None); returns how many. What
+        the broker has already sent is read first: a risk held up (a slow disk, a busy machine)
+        must not call an answer that waits in its socket a silence."""
         now = time.perf_counter_ns()
+        if self.pending and next(iter(self.pending.values())).deadline_ns <= now and readable(self.sock):
+            self.receive()
         expired = []
         while self.pending:
             first = next(iter(self.pending.values()))

@@ -41,6 +41,7 @@ class Send:
     frames: list = field(compare=False, default_factory=list)
     delay_s: float = field(compare=False, default=0.0)
     pub: bool = field(compare=False, default=False)
+    sent_at: float | None = field(init=False, compare=False, default=None)  # time.monotonic() once sent
 
 
 # (frames as received: [identity, request id, "", payload], the payload unpacked or None) -> what to send
@@ -361,6 +362,7 @@ class HostileBroker:
                             pub.send_multipart(send.frames)
                     else:
                         router.send_multipart(send.frames)
+                    send.sent_at = time.monotonic()
         except BaseException as exc:  # reported by stop(): a broken fake must fail its test
             self._error = exc
         finally:

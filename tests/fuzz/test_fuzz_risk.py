@@ -150,6 +150,7 @@ class FuzzBroker:
     def __init__(self) -> None:
         self.honest = False
         self.cases: dict[str, tuple[str, object, dict, bool]] = {}  # coid -> (case, sent, honest ack, events)
+        self.answers: dict[str, Send] = {}  # coid -> the reply to its own request (when it went out: sent_at)
         self.other_acks: list[dict] = []  # honest acks of orders outside the storm (FLATTEN's closing orders)
         self.broker: HostileBroker | None = None
         self.n = 0
@@ -210,6 +211,9 @@ class FuzzBroker:
         else:  # wrong_request_id: the answer goes to a request risk never sent
             sent, out = honest_raw, [Send(frames=[frames[0], rng.randbytes(8), b"", honest_raw])]
         self.cases[coid] = (case, sent, ack, events)
+        answer = next((s for s in out if s.frames[:-1] == frames[:-1]), None)
+        if answer is not None:
+            self.answers[coid] = answer
         return out
 
 
@@ -464,13 +468,23 @@ def ack_storm(cfg, rng: random.Random, script: FuzzBroker, expected: Expected, c
             assert isinstance(decision, Decision), f"seed {SEED}: {decision}"
             t0, o = pending.pop(decision.client_order_id)
             assert time.monotonic() - t0 <= BOUND_S, f"seed {SEED}: {o.client_order_id} answered late"
-            judge_ack(o, decision, frames[1], script, expected, counts)
+            judge_ack(o, decision, frames[1], script, expected, counts, t0)
     finally:
         dealer.close(linger=0)
 
 
+def late_by_load(script: FuzzBroker, coid: str, t0: float) -> bool:
+    """Whether the broker's answer to `coid` left it too late for risk to have it in time: not
+    yet sent, or sent more than 90% of risk's timeout after the test sent the order (risk's
+    deadline runs from its own forward, later still). On a busy machine the test's broker thread
+    can be held up that long; an answer sent in time and still called a silence is risk's fault."""
+    answer = script.answers.get(coid)
+    sent_at = None if answer is None else answer.sent_at
+    return sent_at is None or sent_at - t0 >= 0.9 * BROKER_TIMEOUT_MS / 1000
+
+
 def judge_ack(o: OrderRequest, decision: Decision, raw: bytes, script: FuzzBroker, expected: Expected,
-              counts: dict) -> None:
+              counts: dict, t0: float) -> None:
     case, sent, honest, events = script.cases[o.client_order_id]
     code = decision.reason["code"] if decision.reason else ""
     counts["acks"][case] += 1
@@ -486,7 +500,10 @@ def judge_ack(o: OrderRequest, decision: Decision, raw: bytes, script: FuzzBroke
             expected.add(f)
         return
     assert decision.verdict is Verdict.REJECTED and decision.order is None, where
-    if case in ("lie", "garbage", "generic"):
+    if code == "BROKER_UNAVAILABLE" and case not in ("late", "silent", "wrong_request_id"):
+        assert late_by_load(script, o.client_order_id, t0), f"{where}: the broker answered in time"
+        counts["acks"]["answered_too_late_by_a_busy_machine"] += 1
+    elif case in ("lie", "garbage", "generic"):
         assert code == "BROKER_ERROR", where
     else:
         assert case in ("late", "silent", "wrong_request_id") and code == "BROKER_UNAVAILABLE", where
