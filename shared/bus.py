@@ -423,10 +423,16 @@ class AsyncClient:
 
     def expired(self, now_ns: int | None = None) -> list[str]:
         """Resend what timed out with attempts left; return (and forget) the keys of the requests
-        whose last attempt timed out. When one is given up, the socket is replaced first."""
+        whose last attempt timed out. When one is given up, the socket is replaced first.
+        While an answer waits unread (the loop was held up past a deadline: a burst, a busy
+        machine) nothing is called silent: the caller's next poll returns at once and reads it.
+        That grace ends one timeout past the deadline, so a peer that never stops sending
+        cannot hold a request in flight forever."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         late = [k for k, e in self._pending.items() if e[2] <= now_ns]
         if not late:
+            return []
+        if readable(self.sock) and min(self._pending[k][2] for k in late) > now_ns - self.timeout_ns:
             return []
         dead = [k for k in late if self._pending[k][1] >= self.retries]
         for key in dead:

@@ -99,3 +99,43 @@ def test_one_request_per_key():
             raise AssertionError("a second request under one key was accepted")
     finally:
         client.close()
+
+
+def test_an_answer_waiting_unread_past_its_deadline_is_read_not_given_up():
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    server = bus.Server(ep)
+    client = bus.AsyncClient(ep, timeout_ms=50, retries=1)
+    try:
+        wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+        t0 = 1_000 * MS
+        client.send("x", b"order-x", now_ns=t0)
+        client.send("y", b"order-y", now_ns=t0)
+        wait_for(lambda: server.sock.poll(0), 5.0, "the request")
+        assert _serve_one(server) == b"order-x"  # y stays unanswered
+        assert client.sock.poll(5000), "the answer did not arrive"
+        # the loop comes back late (60 ms > 50): an answer waits, so nobody is called silent yet
+        assert client.expired(t0 + 60 * MS) == [] and client.stats["expired"] == 0
+        assert client.recv() == ("x", b"re:order-x")
+        assert client.expired(t0 + 60 * MS) == ["y"]  # the socket empty: y's silence is real
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_peer_that_never_stops_sending_cannot_hold_a_request_forever():
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    server = bus.Server(ep)
+    client = bus.AsyncClient(ep, timeout_ms=50, retries=1)
+    try:
+        wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+        t0 = 1_000 * MS
+        client.send("x", b"order-x", now_ns=t0)
+        wait_for(lambda: server.sock.poll(0), 5.0, "the request")
+        env, _ = server.recv()
+        server.reply([env[0], b"\x00" * 8, b""], b"not an answer to x")  # always something unread
+        assert client.sock.poll(5000), "the stray frame did not arrive"
+        assert client.expired(t0 + 60 * MS) == []  # within the grace: it could be x's answer
+        assert client.expired(t0 + 101 * MS) == ["x"]  # one timeout past the deadline: given up
+    finally:
+        client.close()
+        server.close()
