@@ -1,4 +1,6 @@
 """AsyncClient: a DEALER with many requests in flight against a real ROUTER (shared.bus.Server)."""
+import contextlib
+
 import zmq
 
 from shared import bus
@@ -19,12 +21,22 @@ def _reply(client: bus.AsyncClient, what: str = "an answer"):
     return got[-1]
 
 
-def test_answers_are_matched_to_their_request_whatever_the_order():
+@contextlib.contextmanager
+def connected(timeout_ms: int, retries: int):
+    """A Server on a free port and an AsyncClient connected to it; both closed after."""
     ep = f"tcp://127.0.0.1:{free_port()}"
     server = bus.Server(ep)
-    client = bus.AsyncClient(ep, timeout_ms=5000, retries=2)
+    client = bus.AsyncClient(ep, timeout_ms=timeout_ms, retries=retries)
     try:
         wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
+def test_answers_are_matched_to_their_request_whatever_the_order():
+    with connected(timeout_ms=5000, retries=2) as (server, client):
         client.send("a", b"1")
         client.send("b", b"2")
         assert client.in_flight("a") and len(client) == 2
@@ -37,17 +49,10 @@ def test_answers_are_matched_to_their_request_whatever_the_order():
         got = {_reply(client), _reply(client)}
         assert got == {("a", b"re:1"), ("b", b"re:2")}
         assert len(client) == 0 and client.next_deadline() is None
-    finally:
-        client.close()
-        server.close()
 
 
 def test_silence_resends_the_same_payload_then_gives_up_and_a_late_answer_is_dropped():
-    ep = f"tcp://127.0.0.1:{free_port()}"
-    server = bus.Server(ep)
-    client = bus.AsyncClient(ep, timeout_ms=50, retries=2)
-    try:
-        wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+    with connected(timeout_ms=50, retries=2) as (server, client):
         t0 = 1_000 * MS
         client.send("x", b"order-x", now_ns=t0)
         wait_for(lambda: server.sock.poll(0), 5.0, "the first attempt")
@@ -62,9 +67,6 @@ def test_silence_resends_the_same_payload_then_gives_up_and_a_late_answer_is_dro
         assert not client.in_flight("x") and client.stats["expired"] == 1 and client.stats["resets"] == 1
         server.reply(first_env, b"late")  # to the old socket: it is gone, nothing can arrive
         assert client.recv() is None
-    finally:
-        client.close()
-        server.close()
 
 
 def test_a_send_while_no_server_listens_is_not_queued_for_later():
@@ -102,11 +104,7 @@ def test_one_request_per_key():
 
 
 def test_an_answer_waiting_unread_past_its_deadline_is_read_not_given_up():
-    ep = f"tcp://127.0.0.1:{free_port()}"
-    server = bus.Server(ep)
-    client = bus.AsyncClient(ep, timeout_ms=50, retries=1)
-    try:
-        wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+    with connected(timeout_ms=50, retries=1) as (server, client):
         t0 = 1_000 * MS
         client.send("x", b"order-x", now_ns=t0)
         client.send("y", b"order-y", now_ns=t0)
@@ -117,17 +115,10 @@ def test_an_answer_waiting_unread_past_its_deadline_is_read_not_given_up():
         assert client.expired(t0 + 60 * MS) == [] and client.stats["expired"] == 0
         assert client.recv() == ("x", b"re:order-x")
         assert client.expired(t0 + 60 * MS) == ["y"]  # the socket empty: y's silence is real
-    finally:
-        client.close()
-        server.close()
 
 
 def test_a_peer_that_never_stops_sending_cannot_hold_a_request_forever():
-    ep = f"tcp://127.0.0.1:{free_port()}"
-    server = bus.Server(ep)
-    client = bus.AsyncClient(ep, timeout_ms=50, retries=1)
-    try:
-        wait_for(lambda: client.sock.poll(0, zmq.POLLOUT), 5.0, "the connection")
+    with connected(timeout_ms=50, retries=1) as (server, client):
         t0 = 1_000 * MS
         client.send("x", b"order-x", now_ns=t0)
         wait_for(lambda: server.sock.poll(0), 5.0, "the request")
@@ -136,6 +127,3 @@ def test_a_peer_that_never_stops_sending_cannot_hold_a_request_forever():
         assert client.sock.poll(5000), "the stray frame did not arrive"
         assert client.expired(t0 + 60 * MS) == []  # within the grace: it could be x's answer
         assert client.expired(t0 + 101 * MS) == ["x"]  # one timeout past the deadline: given up
-    finally:
-        client.close()
-        server.close()

@@ -24,38 +24,39 @@ def router():
         sock.close(0)
 
 
-def sent(link: BrokerLink, payload: bytes, got: list) -> None:
-    """Send once the link is connected (IMMEDIATE refuses a send before)."""
-    wait_for(lambda: link.send(payload, got.append), WAIT_S, "the link to connect")
-
-
-def test_an_answer_waiting_at_the_deadline_is_delivered_not_timed_out(router):
-    # timeout 0: every request is past its deadline by the time expire() looks at it
+@pytest.fixture
+def link(router):
+    """A BrokerLink to `router` with timeout 0 (every request is past its deadline by the time
+    expire() looks at it), connected (IMMEDIATE refuses a send before)."""
     link = BrokerLink(router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=0)
-    got: list = []
     try:
-        sent(link, b"order", got)
-        assert router.poll(int(WAIT_S * 1000)), "the request did not reach the router"
-        ident, reqid, empty, payload = recv_frames(router)
-        assert payload == b"order"
-        send_frames(router, (ident, reqid, empty, b"ack"))
-        assert link.sock.poll(int(WAIT_S * 1000)), "the answer did not reach the link"
-        assert link.expire() == 0
-        assert got == [b"ack"]
-        assert link.stats["timeouts"] == 0 and not link.pending
+        yield link
     finally:
         link.sock.close(0)
 
 
-def test_a_request_nobody_answers_times_out_once(router):
-    link = BrokerLink(router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=0)
+def requested(link: BrokerLink, router: zmq.Socket, got: list) -> list:
+    """Send one order through `link`; the frames the router read of it."""
+    wait_for(lambda: link.send(b"order", got.append), WAIT_S, "the link to connect")
+    assert router.poll(int(WAIT_S * 1000)), "the request did not reach the router"
+    frames = recv_frames(router)
+    assert frames[-1] == b"order"
+    return frames
+
+
+def test_an_answer_waiting_at_the_deadline_is_delivered_not_timed_out(link, router):
     got: list = []
-    try:
-        sent(link, b"order", got)
-        assert router.poll(int(WAIT_S * 1000)), "the request did not reach the router"
-        ident, reqid, empty, _ = recv_frames(router)
-        assert link.expire() == 1
-        assert got == [None] and link.stats["timeouts"] == 1
-        assert link.expire() == 0 and got == [None]
-    finally:
-        link.sock.close(0)
+    ident, reqid, empty, _ = requested(link, router, got)
+    send_frames(router, (ident, reqid, empty, b"ack"))
+    assert link.sock.poll(int(WAIT_S * 1000)), "the answer did not reach the link"
+    assert link.expire() == 0
+    assert got == [b"ack"]
+    assert link.stats["timeouts"] == 0 and not link.pending
+
+
+def test_a_request_nobody_answers_times_out_once(link, router):
+    got: list = []
+    requested(link, router, got)
+    assert link.expire() == 1
+    assert got == [None] and link.stats["timeouts"] == 1
+    assert link.expire() == 0 and got == [None]
