@@ -150,6 +150,8 @@ class BookRouter:
         if not route.live:
             self.standby[route.market] = route
             return
+        if self.standby.get(route.market) is route:  # a replacement promoted when its predecessor dropped
+            self._take_over(route)
         self._make_live(route)
         for name, key in route.keys.items():
             sync = route.syncs[name]
@@ -157,6 +159,20 @@ class BookRouter:
                 self._publish_book(key, sync, self.last_E[key], now_ns, now_ns, now)
             else:
                 self._set_state(key, "SYNCING", f"{route.label}: waiting for events", now_ns, now)
+
+    def _take_over(self, route: Route) -> None:
+        """Standby `route` replaces the live connection: the recording goes on from where its
+        predecessor left it, with the depth events only the new connection received, and
+        none it holds already (a replacement behind the old one re-sends those: written
+        again, the recording's update ids would go back, and it would not replay)."""
+        route.took_over = True
+        if self.recorder is None:
+            return
+        for name, key in route.keys.items():
+            for u, recv_ns, raw in route.recent[name]:
+                if u > self.rec_last_u[key]:
+                    self.recorder.ws(recv_ns, raw, route.market)
+                    self.rec_last_u[key] = u
 
     def _try_switch(self, route: Route, now_ns: int, now: float) -> None:
         """Switch to standby `route` once each of its books is synced and equal to (or, for a
@@ -178,17 +194,13 @@ class BookRouter:
         old = self.live_route.get(route.market)
         if old is not None and old is not route:
             old.live, old.retired = False, True
+        self._take_over(route)
         self._make_live(route)
         if self.feed is not None:
             self.feed.switched(route)
         log.info("switched to a new connection", extra={"route": route.label, "equal": equal,
                                                         "old": old.label if old is not None else ""})
         for name, key in route.keys.items():
-            if self.recorder is not None:
-                for u, recv_ns, raw in route.recent[name]:
-                    if u > self.rec_last_u[key]:  # so far received only on the new connection
-                        self.recorder.ws(recv_ns, raw, route.market)
-                        self.rec_last_u[key] = u
             self._publish_book(key, route.syncs[name], self.last_E[key], now_ns, now_ns, now)
 
     def on_disconnected(self, why: str, route: Route | None, now_ns: int, now: float) -> None:
@@ -307,7 +319,8 @@ class BookRouter:
         label, name, key, counter, kind = hit
         counter[0] += 1
         counter[1] += nbytes
-        if self.recorder is not None and route.live:
+        if self.recorder is not None and route.live and not (
+                route.took_over and label == "depth" and type(u := data.get("u")) is int and u <= self.rec_last_u[key]):
             self.recorder.ws(recv_ns, raw if raw is not None else msg, route.market)
         try:
             if label == "depth":

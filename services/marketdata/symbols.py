@@ -58,7 +58,7 @@ class Route:
     """
 
     __slots__ = ("market", "gen", "keys", "syncs", "live", "retired", "label", "recent", "awaiting", "tickers",
-                 "ready_since", "streams")
+                 "ready_since", "streams", "took_over")
 
     def __init__(self, market: Market, keys: Iterable[str], gen: int = 0, live: bool = True,
                  label: str = "") -> None:
@@ -88,6 +88,9 @@ class Route:
         self.awaiting = set()
         self.tickers = {n: {} for n in self.keys}
         self.ready_since = 0.0  # when a standby's books first got ahead of the live ones
+        # it replaced a live connection (BookRouter._take_over): its depth events the recording
+        # holds already, from its predecessor, are not written again
+        self.took_over = False
 
     def names(self) -> list[str]:
         """Exchange symbols (upper case) this route carries."""

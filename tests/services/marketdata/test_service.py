@@ -8,6 +8,8 @@ from decimal import Decimal
 import pytest
 
 from services.marketdata.book import units_to_str
+from services.marketdata.capture import build_book, iter_capture
+from services.marketdata.record import Recorder
 from services.marketdata.records import Disconnected, Idle, RawFrame, RouteOpened, SnapshotRecord
 from services.marketdata.router import BookRouter
 from services.marketdata.symbols import Route
@@ -453,3 +455,50 @@ def test_replay_done_ends_the_time_without_a_book(bus):
     msgs = bus.drain()
     assert [(m.state, m.ts, m.detail) for _, m in msgs] == [("REPLAY_DONE", 4_000_000_000, "capture finished")]
     assert router.m.unsynced_since["BTCUSDT"] == 0 and router.m.unsynced_total["BTCUSDT"] == 3.0
+
+
+@pytest.mark.parametrize("how", ["switch", "promoted"])
+def test_a_recording_goes_on_across_a_new_connection_without_repeating_an_event(bus, spot, tmp_path, how):
+    """The recording holds each depth event once, in order, across a change of connection: a
+    planned switch (the new one synced and level), or a standby made live, still behind the old
+    one, when the old one dropped (its repeats of events already recorded are not written again;
+    written, the recording's ids would go back and it would not rebuild)."""
+    snap, events = spot
+    recorder = Recorder(str(tmp_path / "rec.jsonl"), flush_s=0)
+    router = BookRouter(("BTCUSDT",), 10, recorder=recorder)
+    router.pub = bus.pub
+    ns = time.time_ns()
+    live = router.live_route[Market.SPOT]
+    router.dispatch(SnapshotRecord(ns, "BTCUSDT", snap, live), ns)
+    for ev in events[:40]:
+        put(router, RawFrame(ns, frame("btcusdt@depth@100ms", ev), live))
+    standby = Route(Market.SPOT, router.keys, gen=2, live=False)
+    put(router, RouteOpened(ns, standby))
+    for ev in events[26:29]:  # the new connection joins behind the live one
+        put(router, RawFrame(ns, frame("btcusdt@depth@100ms", ev), standby))
+    put(router, SnapshotRecord(ns, "BTCUSDT", snapshot_at(events, snap, events[27]["u"]), standby))
+    if how == "switch":
+        for ev in events[40:50]:
+            put(router, RawFrame(ns, frame("btcusdt@depth@100ms", ev), live))
+        for ev in events[29:50]:  # catches up: level with the live book at events[49]
+            put(router, RawFrame(ns, frame("btcusdt@depth@100ms", ev), standby))
+        put(router, RawFrame(ns, frame("btcusdt@depth@100ms", events[50]), live))
+        put(router, RawFrame(ns, frame("btcusdt@depth@100ms", events[50]), standby))
+        assert router.live_route[Market.SPOT] is standby and live.retired
+        after = events[51:80]
+    else:  # the old connection drops (Disconnected, as the feed says it) and the standby is made live
+        live.retired = True
+        put(router, Disconnected(ns, "connection lost", live))
+        standby.live = True
+        put(router, RouteOpened(ns, standby))
+        assert router.live_route[Market.SPOT] is standby
+        after = events[29:80]  # from where it was: events the old one had, then new ones
+    for ev in after:
+        put(router, RawFrame(ns, frame("btcusdt@depth@100ms", ev), standby))
+    recorder.close()
+    path = recorder.segments[0]
+    recorded = [r["m"]["data"]["u"] for r in iter_capture(path) if r["k"] == "ws"]
+    assert recorded == sorted(set(recorded)), "the recording's update ids go back or repeat"
+    assert recorded[-1] == events[79]["u"]
+    got = build_book(path, "BTCUSDT", depth=10)
+    assert got["update_id"] == events[79]["u"] and got["gaps"] == 0 and got["resyncs"] == 0
