@@ -5,6 +5,7 @@ even be installed): what matters is that nothing they print on the way, config l
 lines of the failed attempts, tracebacks, restart notices and the API's answers, holds it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,17 +64,58 @@ def _assert_clean(text: str, secrets: tuple[str, ...], where: str) -> None:
             line for line in text.splitlines() if secret in line)[:3000]
 
 
+@contextlib.contextmanager
+def qf_up(env: dict[str, str], *args: str):
+    """`qf up *args` with `env`, its stdout and stderr collected: yields (process, stdout, stderr).
+    A process still running at the end (the test failed before stopping it) is killed with its
+    session; the readers have read everything when the block is left."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = _Reader(proc.stdout), _Reader(proc.stderr)
+    try:
+        yield proc, out, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        out.thread.join(10)
+        err.thread.join(10)
+
+
+@contextlib.contextmanager
+def services(names: tuple[str, ...], env: dict[str, str]):
+    """Each service of `names` on its own (`qf NAME`), as a container runtime starts them, with
+    their raw stdout and stderr collected: yields ({name: process}, {name: (stdout, stderr)}).
+    At the end each one still running is stopped (SIGTERM, then SIGKILL after 20 s), and the
+    readers have read everything."""
+    procs = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in names}
+    readers = {name: (_Reader(p.stdout), _Reader(p.stderr)) for name, p in procs.items()}
+    try:
+        yield procs, readers
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for o, e in readers.values():
+            o.thread.join(10)
+            e.thread.join(10)
+
+
 def test_qf_up_never_prints_the_database_password(tmp_path):
     password, query_secret = _secrets()
     settings = tcp_env(tmp_path, QF_DB=_postgres_url(password, query_secret), QF_REPLAY_LOOP="true",
                        QF_API_TOKEN="tok-" + uuid.uuid4().hex)
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{SPOT_CAPTURE}",
-                             "--speed", "20"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out, err = _Reader(proc.stdout), _Reader(proc.stderr)
     answers = []
-    try:
+    with qf_up(env, "--feed", f"replay:{SPOT_CAPTURE}", "--speed", "20") as (proc, out, err):
         # broker and risk fail on the database: restarted with backoff (a failure `qf up` judges
         # beyond a restart, exit status 2, stops it instead: both are fine here)
         wait_for(lambda: proc.poll() is not None or ("restarting broker (restart #2)" in out.text
@@ -92,12 +134,6 @@ def test_qf_up_never_prints_the_database_password(tmp_path):
             wait_for(lambda: "| status services" in out.text, 30, "a status line")
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, 2)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        out.thread.join(10)
-        err.thread.join(10)
     text = out.text + err.text
     _assert_clean(text, (password, query_secret, settings["QF_API_TOKEN"]), "qf up")
     _assert_clean(json.dumps(answers), (password, query_secret), "the api")
@@ -120,12 +156,8 @@ def test_each_service_on_its_own_never_prints_the_password(tmp_path, kind):
     settings = tcp_env(tmp_path, QF_DB=url, QF_FEED=f"replay:{SPOT_CAPTURE}", QF_REPLAY_LOOP="true",
                        QF_REPLAY_SPEED="20")
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in SERVICES}
-    readers = {name: (_Reader(p.stdout), _Reader(p.stderr)) for name, p in procs.items()}
     answers = []
-    try:
+    with services(SERVICES, env) as (procs, readers):
         # broker and risk stop by themselves on a database they cannot open
         for name in ("broker", "risk"):
             procs[name].wait(60)
@@ -134,19 +166,6 @@ def test_each_service_on_its_own_never_prints_the_password(tmp_path, kind):
                                 "the api to answer"))
         answers.append(_api_answer(settings["QF_API_BIND"], "/api/v1/status"))
         wait_for(lambda: all("event=config" in readers[n][0].text for n in SERVICES), 30, "every config line")
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        for o, e in readers.values():
-            o.thread.join(10)
-            e.thread.join(10)
     for name, (o, e) in readers.items():
         _assert_clean(o.text, (password, query_secret), f"{name}'s stdout")
         _assert_clean(e.text, (password, query_secret), f"{name}'s stderr")

@@ -5,7 +5,6 @@ services get past the connection (or are refused by it) and print what they prin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from tests import pg
 from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, tcp_env, wait_for
-from tests.test_secrets import _api_answer, _assert_clean, _Reader
+from tests.test_secrets import _api_answer, _assert_clean, qf_up, services
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +27,8 @@ def _forms(password: str) -> tuple[str, ...]:
 def test_qf_up_on_a_real_server_never_prints_the_password(tmp_path, pg_server, pg_url):
     settings = tcp_env(tmp_path, QF_DB=pg_url, QF_REPLAY_LOOP="true", QF_API_TOKEN="tok-pg-secret-token")
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--feed", f"replay:{SPOT_CAPTURE}",
-                             "--speed", "20"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    out, err = _Reader(proc.stdout), _Reader(proc.stderr)
     answers = []
-    try:
+    with qf_up(env, "--feed", f"replay:{SPOT_CAPTURE}", "--speed", "20") as (proc, out, err):
         # the stack runs on the server: fills stored, the API answers from them
         wait_for(lambda: proc.poll() is not None or pg.rows(pg_url, 'SELECT 1 FROM "fills" LIMIT 1'), 60,
                  "fills stored on the server")
@@ -43,12 +38,6 @@ def test_qf_up_on_a_real_server_never_prints_the_password(tmp_path, pg_server, p
                                     f"the api to answer {path}"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        out.thread.join(10)
-        err.thread.join(10)
     text = out.text + err.text
     _assert_clean(text, (*_forms(pg_server.password), settings["QF_API_TOKEN"]), "qf up")
     _assert_clean(json.dumps(answers), _forms(pg_server.password), "the api")
@@ -74,28 +63,11 @@ def test_a_wrong_password_is_one_line_naming_host_and_database_not_the_password(
     assert url != pg_url
     settings = tcp_env(tmp_path, QF_DB=url)
     env = {**clean_environ(), **settings, "PYTHONUNBUFFERED": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in ("broker", "risk", "api")}
-    readers = {name: (_Reader(p.stdout), _Reader(p.stderr)) for name, p in procs.items()}
-    try:
+    with services(("broker", "risk", "api"), env) as (procs, readers):
         for name in ("broker", "risk"):
             assert procs[name].wait(60) == 2, readers[name][0].text + readers[name][1].text
         answer = wait_for(lambda: (a := _api_answer(settings["QF_API_BIND"], "/api/v1/status"))[0] and a, 30,
                           "the api to answer")
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        for o, e in readers.values():
-            o.thread.join(10)
-            e.thread.join(10)
     name = pg_url.rsplit("/", 1)[1]
     where = f"postgresql://qf@127.0.0.1:{pg_server.port}/{name}"
     for service in ("broker", "risk"):
