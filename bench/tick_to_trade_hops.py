@@ -14,9 +14,10 @@ one clock for every process on the machine) and prints them when the process end
     K  the strategy had its answer
 
 Each order's stamps are matched by time (the strategy has one order out at a time), and the
-median and 90th percentile of each step printed: the steps that are a process's own work (B-A,
+median, 90th and 99th percentile of each step printed: the steps that are a process's own work (B-A,
 D-C, F-E, H-G, J-I) and the hops between processes (the rest), to set against the floor's
-(bench/tick_to_trade_floor.py: the same hops, no work)."""
+(bench/tick_to_trade_floor.py: the same hops, no work). Then the tail: for the slowest 2% of
+the orders, which step was furthest above its own median (where a p99 goes)."""
 from __future__ import annotations
 
 import bisect
@@ -132,10 +133,8 @@ def _orders(points: dict[str, list[list[int]]]) -> list[dict[str, int]]:
     return orders
 
 
-def measure(seconds: float, settings: dict[str, str] | None = None) -> list[tuple[str, float, float]]:
-    """(step, p50 µs, p90 µs) of each step over the orders of a `seconds` run (`settings`: QF_
-    variables over the bench's)."""
-    from bench.stats import percentile
+def trace(seconds: float, settings: dict[str, str] | None = None) -> list[dict[str, int]]:
+    """The stamps of each order of a `seconds` run (`settings`: QF_ variables over the bench's)."""
     from bench.tick_to_trade import bench_env
     from services.supervisor import Stack
     env = {**bench_env(tempfile.mkdtemp(prefix="qf-hops-")), **(settings or {})}
@@ -152,8 +151,31 @@ def measure(seconds: float, settings: dict[str, str] | None = None) -> list[tupl
     orders = _orders(_points(lines))[3:]  # the first pay for connection set-up
     if len(orders) < 10:
         raise RuntimeError(f"only {len(orders)} orders traced in {seconds:g} s")
-    return [(name, percentile([(o[b] - o[a]) / 1000 for o in orders], 50),
-             percentile([(o[b] - o[a]) / 1000 for o in orders], 90)) for name, a, b in STEPS]
+    return orders
+
+
+def steps(orders: list[dict[str, int]]) -> list[tuple[str, float, float, float]]:
+    """(step, p50, p90, p99 µs) of each step over `orders`."""
+    from bench.stats import percentile
+    out = []
+    for name, a, b in STEPS:
+        took = [(o[b] - o[a]) / 1000 for o in orders]
+        out.append((name, percentile(took, 50), percentile(took, 90), percentile(took, 99)))
+    return out
+
+
+def tail(orders: list[dict[str, int]], share: float = 0.02) -> list[tuple[str, int, float]]:
+    """Where the slowest `share` of the orders lost their time: for each step, in how many of
+    them it was the step furthest above its own median, and by how much on average (µs)."""
+    import statistics
+    parts = STEPS[:-1]
+    medians = {name: statistics.median(o[b] - o[a] for o in orders) for name, a, b in parts}
+    slowest = sorted(orders, key=lambda o: o["K"] - o["A"])[-max(1, round(len(orders) * share)):]
+    blamed: dict[str, list[float]] = collections.defaultdict(list)
+    for o in slowest:
+        name, excess = max(((name, o[b] - o[a] - medians[name]) for name, a, b in parts), key=lambda x: x[1])
+        blamed[name].append(excess / 1000)
+    return sorted(((name, len(v), sum(v) / len(v)) for name, v in blamed.items()), key=lambda x: (-x[1], -x[2]))
 
 
 def main(argv: list[str]) -> int:
@@ -165,8 +187,12 @@ def main(argv: list[str]) -> int:
         return qf(argv[1:2])
     seconds = float(argv[0]) if argv else 60.0
     settings = dict(a.split("=", 1) for a in argv[1:])  # e.g. QF_RISK_SPIN_US=0
-    for name, p50, p90 in measure(seconds, settings):
-        print(f"{name:<18} p50 {p50:8.0f} µs   p90 {p90:8.0f} µs")
+    orders = trace(seconds, settings)
+    for name, p50, p90, p99 in steps(orders):
+        print(f"{name:<18} p50 {p50:8.0f} µs   p90 {p90:8.0f} µs   p99 {p99:8.0f} µs")
+    print(f"the slowest 2% of {len(orders)} orders, by the step most above its median:")
+    for name, n, excess in tail(orders):
+        print(f"  {name:<18} {n:3d} orders, +{excess:6.0f} µs on average")
     return 0
 
 
