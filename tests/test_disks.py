@@ -148,6 +148,7 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
         return monitor.line(stack.up, len(stack.children))
     broker_ep, risk_ep = cfg.bus.broker_rep, cfg.bus.risk_rep
     told: dict[str, dict] = {}  # every fill an ack told of, by fill_id
+    untold: set[str] = set()  # orders sent to be filled whose answer said no fill (or came after ANSWER_S)
     refused: list[str] = []
     try:
         stack.start()
@@ -161,8 +162,9 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
             elif isinstance(reply, Ack):
                 status, fills = reply.status.value, reply.fills
             else:
-                return None
+                status = None
             if status != "FILLED":
+                untold.add(coid)
                 return None
             told.update((f.fill_id, f.to_wire()) for f in fills)
             return reply
@@ -244,13 +246,16 @@ def test_a_full_disk_keeps_broker_and_risk_up_refusing_new_orders_until_space_re
         md.join(5)
         listener.join(5)
     assert codes == {"broker": 0, "risk": 0}, (codes, list(stack.child("broker").tail)[-20:])
-    # every fill an ack told of is stored exactly once, as told; nothing of a refused order is
+    # every fill an ack told of is stored exactly once, as told; nothing of a refused order is. A
+    # fill no ack told of may be stored only for an order whose answer the test did not see fill
+    # (an answer later than ANSWER_S on a busy machine, given up by the test, not by the broker)
     assert os.path.getsize(journal_path(cfg.common.db, cfg.common.run_dir)) == 0
     con = sqlite3.connect(cfg.common.db)
     try:
         rows = con.execute("SELECT fill_id, client_order_id, price, qty FROM fills").fetchall()
-        assert len(rows) == len({r[0] for r in rows}) == len(told)
-        assert {r[0]: (r[2], r[3]) for r in rows} == {k: (f["price"], f["qty"]) for k, f in told.items()}
+        assert len(rows) == len({r[0] for r in rows})
+        assert {r[0]: (r[2], r[3]) for r in rows if r[0] in told} == {k: (f["price"], f["qty"]) for k, f in told.items()}
+        assert all(r[1] in untold for r in rows if r[0] not in told), [r for r in rows if r[0] not in told]
         marks = ",".join("?" * len(refused))
         assert con.execute(f"SELECT COUNT(*) FROM orders WHERE client_order_id IN ({marks})", refused).fetchone() \
             == (0,)
