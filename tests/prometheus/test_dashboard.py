@@ -169,7 +169,8 @@ def test_every_dashboard_query_runs_on_the_services_metrics(tmp_path):
             assert float(got["value"][1]) == pytest.approx(value), (key, got)
         (state,) = wait_for(lambda: answer(queries[("Trading state", "A")]), DATA_S, "the trading state", step=0.2)
         assert state["value"][1] == "1", state  # ACTIVE, by the panel's value mappings
-        assert {r["metric"]["symbol"]: r["value"][1] for r in answer(queries[("Book synced", "A")])} == {"BTCUSDT": "1"}
+        synced = wait_for(lambda: answer(queries[("Book synced", "A")]), DATA_S, "the book synced", step=0.2)
+        assert {r["metric"]["symbol"]: r["value"][1] for r in synced} == {"BTCUSDT": "1"}
     finally:
         if prom is not None:
             prom.stop()
