@@ -20,15 +20,18 @@ USDM_CAPTURE = os.path.join(DATA, "binance-usdm-btcusdt-20240718.jsonl.gz")
 from bench.common import free_port  # noqa: E402,F401 - one chooser for tests and benchmarks
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02,
+             explain: Callable[[], str] | None = None):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` s (with what
+    `explain()` says about the state it was left in, when given)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            state = f": {explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{state}")
         time.sleep(step)  # polling interval of a bounded wait, not synchronisation
 
 

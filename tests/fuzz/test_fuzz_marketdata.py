@@ -40,9 +40,10 @@ SYNC_TIMEOUT_S = 3.0
 BOUND_S = 2 * SYNC_TIMEOUT_S + 4.0  # re-snapshot at the timeout, reconnect at twice it, + a loaded machine
 CALM_BOOKS = 10  # exact books in a row that end a recovery
 HOLE_S = 1.0  # books of a symbol further apart than this (~100 a second here) are not "back"
-SPEED = 10.0  # × the recorded pace: ~100 depth and ~300 trade frames a second per spot symbol;
-# the USD-M capture then lasts 48 s, the spot one 65 s: enough for the rounds (a larger
-# QF_FUZZ_SCALE plays them slower still)
+SPEED = 6.0  # × the recorded pace: ~60 depth and ~180 trade frames a second per spot symbol;
+# the USD-M capture then lasts 80 s, the spot one 108 s: the rounds take 25-30 s alone and
+# ~50 s beside the rest of the suite on a slow 2-core VM, where 10× (48 s) once ran out in
+# the last round (a larger QF_FUZZ_SCALE plays them slower still)
 MUTE_ROUND = 1  # in this round the live spot connection also stops sending one symbol's depth
 KEYS = ("BTCUSDT", "ETHUSDT", "USDM:BTCUSDT")
 
@@ -240,6 +241,25 @@ def recovered(tap, fakes, since_ns: int) -> dict[str, float] | None:
     return out
 
 
+def ran_out(fakes) -> list[str]:
+    """The markets whose capture has been played to its end (their books stop: not marketdata's fault)."""
+    return [market.value for market, fake in fakes.items() if fake.finished.is_set()]
+
+
+def books_since(tap, fakes, since_ns: int) -> str:
+    """Per key, what marketdata published since `since_ns`: for a failed wait's message."""
+    books, now = [m for _, m in tap.snapshot() if m.TYPE == "book" and m.ts > since_ns], time.time_ns()
+    out = []
+    for key in KEYS:
+        mine = [b for b in books if b.symbol == key]
+        if not mine:
+            out.append(f"{key}: no book")
+            continue
+        bad = len(exact_books(fake_of(fakes, key), mine))
+        out.append(f"{key}: {len(mine)} books, {bad} inexact, the last {(now - mine[-1].ts) / 1e9:.1f} s ago")
+    return "; ".join(out)
+
+
 def longest_hole(tap, key: str, after_ns: int) -> float:
     """The longest time (s) between two books of `key` published after `after_ns`."""
     ts = [m.ts for _, m in tap.snapshot() if m.TYPE == "book" and m.symbol == key and m.ts > after_ns]
@@ -300,8 +320,10 @@ def test_fuzz_marketdata(tmp_path):
                      10, run.why("the damaged events to go out"))
             t_end = time.time_ns()
             bursts.append((t_end - t_burst) / 1e9)
-            got = wait_for(lambda: proc.poll() is not None or recovered(tap, fakes, t_end), BOUND_S + 10,
-                           run.why(f"round {r}: exact books after the burst"))
+            got = wait_for(lambda: proc.poll() is not None or ran_out(fakes) or recovered(tap, fakes, t_end),
+                           BOUND_S + 10, run.why(f"round {r}: exact books after the burst"),
+                           explain=lambda: books_since(tap, fakes, t_end))
+            assert not ran_out(fakes), run.why(f"round {r}: {ran_out(fakes)} ran out before the books were back")
             assert proc.poll() is None, run.why(f"round {r}: marketdata exited with {proc.returncode}")
             recoveries.append(got)
             assert max(got.values()) <= BOUND_S, run.why(f"round {r}: exact books back only after {got}")
