@@ -62,18 +62,39 @@ def mid_of(b: Book) -> float:
     return (b.bids[0][0] + b.asks[0][0]) * 0.5
 
 
-def reference(history: list, p: FeatureParams) -> dict:
-    """The features after the last of `history` [(now_ns, Book | Trade)], from scratch."""
+def book_depth(b: Book, n: int) -> Fraction:
+    """The mean quantity over the first n levels of both sides (a missing level: 0), exact."""
+    return sum((Fraction(b.bids[m][1]) if m < len(b.bids) else 0) + (Fraction(b.asks[m][1]) if m < len(b.asks) else 0)
+               for m in range(n)) / (2 * n)
+
+
+def reference(history: list, p: FeatureParams, memo: dict | None = None) -> dict:
+    """The features after the last of `history` [(now_ns, Book | Trade)], from scratch.
+    `memo` (one dict per history, which keeps its books alive) holds each book pair's e and
+    each book's depth once computed: pure functions of those books, so the result is the same,
+    only not recomputed over the whole history at every check."""
+    memo = {} if memo is None else memo
     now = max(t for t, _ in history)
     books = [(t, e) for t, e in history if isinstance(e, Book)]
     trades = [(t, e) for t, e in history if isinstance(e, Trade)]
     n = p.levels
     out: dict = {}
     # OFI: e per book (the first book: 0), window sums
-    es = [[Fraction(0)] * n] + [[ofi_level(books[i - 1][1], books[i][1], m) for m in range(n)]
-                                for i in range(1, len(books))]
-    depth = [sum((Fraction(b.bids[m][1]) if m < len(b.bids) else 0) + (Fraction(b.asks[m][1]) if m < len(b.asks) else 0)
-                 for m in range(n)) / (2 * n) for _, b in books]
+
+    def e_of(prev: Book, cur: Book) -> list:
+        key = ("e", id(prev), id(cur), n)
+        if key not in memo:
+            memo[key] = [ofi_level(prev, cur, m) for m in range(n)]
+        return memo[key]
+
+    def depth_of(b: Book) -> Fraction:
+        key = ("depth", id(b), n)
+        if key not in memo:
+            memo[key] = book_depth(b, n)
+        return memo[key]
+
+    es = [[Fraction(0)] * n] + [e_of(books[i - 1][1], books[i][1]) for i in range(1, len(books))]
+    depth = [depth_of(b) for _, b in books]
     ofi_l1, ofi_multi = [], []
     for w in p.windows_ms:
         inside = [i for i, (t, _) in enumerate(books) if now - w * 1_000_000 < t <= now]
@@ -154,7 +175,7 @@ def test_every_feature_matches_the_slow_reference_over_the_real_capture(events):
     sums) at every 7th event and at every one of the first 200."""
     p = FeatureParams()
     core = SymbolFeatures(p)
-    history = []
+    history, memo = [], {}
     checked = ready_seen = 0
     for k, ev in enumerate(events[:3000]):
         now = ev.ts
@@ -162,7 +183,7 @@ def test_every_feature_matches_the_slow_reference_over_the_real_capture(events):
         history.append((now, ev))
         if k < 200 or k % 7 == 0 or k == 2999:
             v = core.vector()
-            compare(v, reference(history, p), f"event {k}")
+            compare(v, reference(history, p, memo), f"event {k}")
             checked += 1
             ready_seen += v.ready
     assert checked > 500 and ready_seen > 100  # the 60 s horizon and the EWMAs were reached
@@ -177,14 +198,14 @@ def test_other_params_and_missing_levels_match_the_reference(events):
     p = FeatureParams(levels=12, windows_ms=(250, 2000, 7000), horizons_s=(0.5, 3.0), vol_tau_s=2.0,
                       spread_tau_s=5.0)
     core = SymbolFeatures(p)
-    history = []
+    history, memo = [], {}
     for k, ev in enumerate(events[:800]):
         if isinstance(ev, Book) and k % 4 == 1:
             ev = dataclasses.replace(ev, bids=ev.bids[:1 + k % 7], asks=ev.asks[:1 + (k // 4) % 9])
         (core.on_book if isinstance(ev, Book) else core.on_trade)(ev, ev.ts)
         history.append((ev.ts, ev))
         if k % 5 == 0:
-            compare(core.vector(), reference(history, p), f"event {k}")
+            compare(core.vector(), reference(history, p, memo), f"event {k}")
     assert core.vector().ready
 
 
