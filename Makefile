@@ -44,7 +44,7 @@ COMPOSE_V2 := build/compose-v2/docker-compose
 # `make test PYTEST_ARGS=...` runs a selection only (in one process unless it says -n).
 test: $(STAMP) sysdeps
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(BIN)/python -m pytest -m "not docker" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "not docker" -n 2 --dist loadfile --durations=15
 	@echo "== container tests under $$(docker-compose version --short 2>/dev/null || echo docker-compose)"
 	$(BIN)/python -m pytest -m docker
 else
