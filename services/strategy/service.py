@@ -80,16 +80,9 @@ class StrategyService:
         loop while it runs when QF_STRATEGY_METRICS_BIND is set (MetricsBindError when it cannot be bound)."""
         keys = [s.upper() for s in self.cfg.md.symbols]
         core = self.core
-        self.metrics = telemetry.serve(self.cfg, telemetry.StrategyCollector(
-            self.stats, positions=lambda: {k: core.position(k) for k in keys}))
-        try:
-            if self.cfg.bus.lockstep:
-                self._run_lockstep()
-            else:
-                self._run_live()
-        finally:
-            if self.metrics is not None:
-                self.metrics.close()
+        collector = telemetry.StrategyCollector(
+            self.stats, positions=lambda: {k: core.position(k) for k in keys})
+        telemetry.serve_while(self, collector, self._run_lockstep if self.cfg.bus.lockstep else self._run_live)
 
     def _run_live(self) -> None:
         cfg = self.cfg

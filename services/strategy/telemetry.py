@@ -133,3 +133,14 @@ def serve(cfg: Config, collector: StrategyCollector) -> metrics_http.MetricsServ
                                 liveness_path(cfg.common.run_dir, identity("strategy", cfg.common.instance)))
     log.info("metrics listening", extra={"bind": bind, "port": server.port})
     return server
+
+
+def serve_while(owner, collector: StrategyCollector, loop: Callable[[], None]) -> None:
+    """Run `loop` with the strategy's /metrics beside it (`owner.metrics` while it runs, when
+    QF_STRATEGY_METRICS_BIND is set), closed when the loop ends however it ends."""
+    owner.metrics = serve(owner.cfg, collector)
+    try:
+        loop()
+    finally:
+        if owner.metrics is not None:
+            owner.metrics.close()
