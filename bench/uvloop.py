@@ -114,7 +114,8 @@ def _handshake(conn: socket.socket) -> None:
 def serve(path: str, prefix: int, blast: int, paced: int, rate: float) -> None:
     """The fake exchange: prints `ports WS REST`, then for each connection sends the first
     `prefix` frames, on `blast` (a stdin line) the next `blast` at once, on `paced` the next
-    `paced` at `rate` a second and prints `paced` + their send times (monotonic ns, JSON),
+    `paced` at `rate` a second and prints `paced` + their send times (monotonic ns as each send
+    began, JSON),
     answers the client's close and prints `closed`. Runs until killed."""
     frames, snap = load(path)
     if prefix + blast + paced > len(frames):
@@ -151,8 +152,8 @@ def serve(path: str, prefix: int, blast: int, paced: int, rate: float) -> None:
                 wait = start + i * interval - mono()
                 if wait > 0:
                     time.sleep(wait / 1e9)
-                conn.sendall(frame)
-                sent.append(mono())
+                sent.append(mono())  # as the send begins: stamped after it, a descheduled exchange
+                conn.sendall(frame)  # could stamp a frame the client had already handled (negative)
             print("paced " + orjson.dumps(sent).decode(), flush=True)
             conn.settimeout(5)
             try:
