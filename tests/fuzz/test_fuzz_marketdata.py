@@ -39,7 +39,7 @@ REPLACED_PER_ROUND = 2  # real depth events damaged on the way, per symbol and r
 SYNC_TIMEOUT_S = 3.0
 BOUND_S = 2 * SYNC_TIMEOUT_S + 4.0  # re-snapshot at the timeout, reconnect at twice it, + a loaded machine
 CALM_BOOKS = 10  # exact books in a row that end a recovery
-HOLE_S = 1.0  # books of a symbol further apart than this (~100 a second here) are not "back"
+HOLE_S = 1.0  # books of a symbol further apart than this (~60 a second here) are not "back"
 SPEED = 6.0  # × the recorded pace: ~60 depth and ~180 trade frames a second per spot symbol;
 # the USD-M capture then lasts 80 s, the spot one 108 s: the rounds take 25-30 s alone and
 # ~50 s beside the rest of the suite on a slow 2-core VM, where 10× (48 s) once ran out in
