@@ -412,6 +412,8 @@ def run_up(cfg: Config, env: Mapping[str, str], out=None) -> int:
     try:
         while not stopping:
             time.sleep(0.2)  # a signal's handler runs at once; the loop notices within 0.2 s
+            if stopping:  # Ctrl-C at a terminal stops the services too: their exits are no crash
+                break
             stack.poll()
             if stack.failed:  # restarting would fail the same way, and the stack is no use without it
                 emit(f"{'qf up':<10} | {', '.join(stack.failed)} cannot start; fix the line above and run qf up again")

@@ -109,11 +109,13 @@ def test_supervisor_restarts_a_killed_service(tmp_path):
         stack.stop()
 
 
-@pytest.mark.parametrize("stop_with", ["one SIGTERM", "a storm of signals"])
+@pytest.mark.parametrize("stop_with", ["one SIGTERM", "a storm of signals", "Ctrl-C at a terminal"])
 def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with):
     """The newcomer's command itself: `qf up --feed replay:…` as a real process, stopped by one
-    SIGTERM, or by an impatient operator (Ctrl-C pressed again and again, a signal forwarded
-    twice): a second signal while `qf up` handled the first once deadlocked it for good."""
+    SIGTERM, by an impatient operator (Ctrl-C pressed again and again, a signal forwarded
+    twice): a second signal while `qf up` handled the first once deadlocked it for good; or by
+    Ctrl-C at a terminal, which sends SIGINT to the whole process group: the services stop on
+    their own at once, and `qf up` must not take that for a crash ("restarting in …")."""
     import os
     import signal
     import subprocess
@@ -134,6 +136,8 @@ def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with)
                              for l in lines), 40, "a status line with fills")
         if stop_with == "one SIGTERM":
             proc.send_signal(signal.SIGTERM)
+        elif stop_with == "Ctrl-C at a terminal":
+            os.killpg(proc.pid, signal.SIGINT)
         else:  # every 0.2 ms for a second, so that some land while it is inside its own stop
             storm_until = time.monotonic() + 1.0
             while time.monotonic() < storm_until and proc.poll() is None:
@@ -148,6 +152,7 @@ def test_qf_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path, stop_with)
     text = "".join(lines)
     assert "starting broker, risk, api, strategy, notifier, marketdata" in text
     assert "stopped: broker=0, risk=0, api=0, strategy=0, notifier=0, marketdata=0" in text, text[-3000:]
+    assert "exited with code" not in text and "restarting" not in text, text[-3000:]
     # nothing of the process group is left behind
     try:
         os.killpg(proc.pid, 0)
