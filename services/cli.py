@@ -196,6 +196,10 @@ def _run_marketdata(overrides: dict[str, str], name: str, **service_args) -> int
     except (FatalError, OSError) as exc:
         log.error("fatal", extra={"error": str(exc)})
         return 1
+    error = service.replay_error() if name == "replay" else ""
+    if error:  # a capture that could not be read through is not a finished replay
+        print(qfconfig.mask_secrets(f"qf {name}: capture unreadable: {error}"[:1000]), file=sys.stderr)
+        return 1
     return 0
 
 

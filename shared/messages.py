@@ -253,7 +253,7 @@ class MdStatus(Message):
     """`status.{SYMBOL}`: the feed's state while no trustworthy book can be published."""
     TYPE = "md_status"
     symbol: str
-    state: str  # CONNECTING / SYNCING / SYNCED / DISCONNECTED / REPLAY_DONE
+    state: str  # CONNECTING / SYNCING / SYNCED / DISCONNECTED / REPLAY_DONE / REPLAY_FAILED
     detail: str = ""
 
 

@@ -118,12 +118,14 @@ class BookRouter:
             self.stats["bad_messages"] += 1
             log.exception("record failed", extra={"kind": t.__name__})
 
-    def replay_done(self, now_ns: int, now: float | None = None, detail: str = "capture finished") -> None:
-        """The replayed captures are over: every key goes to REPLAY_DONE (its time without a
-        book, if any, ends at `now_ns`)."""
+    def replay_done(self, now_ns: int, now: float | None = None, detail: str = "capture finished",
+                    state: str = "REPLAY_DONE") -> None:
+        """The replayed captures are over: every key goes to `state` (REPLAY_DONE, or REPLAY_FAILED
+        when a capture could not be read to its end; its time without a book, if any, ends at
+        `now_ns`)."""
         now = now_ns * 1e-9 if now is None else now
         for k in self.keys:
-            self._set_state(k, "REPLAY_DONE", detail, now_ns, now)
+            self._set_state(k, state, detail, now_ns, now)
 
     def snapshots_for_new_segment(self) -> None:
         """A new recording segment starts: ask the feed for a snapshot of every symbol of the

@@ -140,8 +140,19 @@ class MarketDataService:
             if self._stop:
                 break
         if cfg.md.feed.kind == "replay" and not self._stop:
-            router.replay_done(time.time_ns(), time.monotonic())
-            log.info("replay finished", extra=dict(router.stats))
+            error = self.replay_error()
+            if error:  # not "finished": the status, /health and the notifier say the capture failed
+                router.replay_done(time.time_ns(), time.monotonic(), f"capture unreadable: {error}"[:300],
+                                   "REPLAY_FAILED")
+                log.error("replay failed", extra={"error": error[:300], **router.stats})
+            else:
+                router.replay_done(time.time_ns(), time.monotonic())
+                log.info("replay finished", extra=dict(router.stats))
+
+    def replay_error(self) -> str:
+        """Why a replayed capture ended before its end ("" when every one was read through)."""
+        captures = getattr(self.feed, "captures", ())
+        return "; ".join(c.error or f"{'+'.join(c.spec.paths)}: unreadable" for c in captures if c.failed)
 
     def _run_lockstep(self, pub: CountingPublisher, beat: Ticker, hb: HeartbeatMaker, live: Liveness) -> None:
         """A lock-step replay (conductor.py): the handshake, then the capture once, record by

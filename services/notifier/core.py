@@ -35,6 +35,7 @@ MAX_BATCH = 500  # a burst this big goes out at once, without waiting for its wi
 SEEN_FILLS = 4096  # fill ids remembered, so a fill heard twice is told once
 MAX_SERVICES = 64  # services (heartbeat names) kept track of: names come from the bus
 STACK_START_NS = 60 * NS  # services started this close to the notifier started with it
+REPLAY_ENDS = ("REPLAY_DONE", "REPLAY_FAILED")  # a replay that ended: told once, never "not synced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,16 +214,17 @@ class NotifierCore:
 
     def _on_feed(self, msg: MdStatus, now: int) -> None:
         f = self._feeds.get(msg.symbol)
-        done = f is not None and f.state == "REPLAY_DONE"
+        done = f is not None and f.state in REPLAY_ENDS
         if msg.state == "SYNCED":
             if f is not None:
                 del self._feeds[msg.symbol]
                 if f.told and not done:
                     self._emit("feed", text.feed_back_text(msg.symbol, (now - f.since) / NS))
-        elif msg.state == "REPLAY_DONE":  # repeated with every heartbeat: told once
+        elif msg.state in REPLAY_ENDS:  # repeated with every heartbeat: told once
             if not done:
-                self._feeds[msg.symbol] = _Feed("REPLAY_DONE", "", now, told=True)
-                self._emit("replay", text.replay_done_text(msg.symbol))
+                self._feeds[msg.symbol] = _Feed(msg.state, "", now, told=True)
+                self._emit("replay", text.replay_done_text(msg.symbol) if msg.state == "REPLAY_DONE"
+                           else text.replay_failed_text(msg.symbol, msg.detail))
         elif f is None or done:
             if len(self._feeds) < MAX_SERVICES * 4 or f is not None:
                 self._feeds[msg.symbol] = _Feed(msg.state, msg.detail, now)

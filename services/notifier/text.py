@@ -221,6 +221,10 @@ def replay_done_text(symbol: str) -> str:
     return f"{ICON['replay']} Replay finished for {symbol}: no more market data from the capture"
 
 
+def replay_failed_text(symbol: str, detail: str) -> str:
+    return f"{ICON['error']} Replay stopped for {symbol}: {detail[:300]}"
+
+
 def hello_text(report_at: str) -> str:
     report = f", and a daily report at {report_at} UTC" if report_at else ""
     return (f"{ICON['hello']} QuantumFlow notifier is on.\n"

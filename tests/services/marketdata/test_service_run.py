@@ -111,6 +111,35 @@ def test_qf_replay_publishes_a_capture_and_exits(tmp_path):
     assert not os.path.exists(os.path.join(settings["QF_RUN_DIR"], "marketdata.alive"))
 
 
+def test_qf_replay_of_a_cut_capture_says_so_and_fails(tmp_path):
+    """A capture cut mid-record (a recorder killed while writing): what it holds is replayed,
+    then REPLAY_FAILED naming the file, not REPLAY_DONE; `qf replay` exits 1 and says why."""
+    import gzip
+    recs = [r for _, r in zip(range(700), iter_capture(SPOT_CAPTURE))]
+    whole = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) * 2 // 3])
+    settings = tcp_env(tmp_path)
+    cfg = qfconfig.load(settings)
+    tap = Tap(cfg.bus.md_pub, ("book.", "status."))
+    try:
+        # paced (~1.5 s): the tap, which connects before the replay binds, joins while it plays
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "replay", "--capture", str(cut),
+                               "--speed", "2"], env={**clean_environ(), **settings}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"qf replay: capture unreadable: {cut}" in proc.stderr, proc.stderr
+        assert "replay failed" in proc.stdout and "replay finished" not in proc.stdout
+        final = wait_for(lambda: [m for m in tap.of("BTCUSDT", ("md_status",)) if m.state.startswith("REPLAY")],
+                         10, "the replay's end on the bus",
+                         explain=lambda: f"states {tap.states('BTCUSDT')}, {len(tap.books('BTCUSDT'))} books")
+        assert [m.state for m in final] == ["REPLAY_FAILED"], final
+        assert final[0].detail.startswith(f"capture unreadable: {cut}"), final[0].detail
+        assert tap.books("BTCUSDT"), "what the capture held before the cut was replayed"
+    finally:
+        tap.close()
+
+
 def test_a_metrics_port_in_use_is_a_fatal_error_not_a_traceback(tmp_path):
     import socket
 

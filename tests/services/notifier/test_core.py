@@ -227,6 +227,16 @@ def test_a_short_reconnect_is_no_news_and_a_replay_end_is_told_once():
     assert texts(c) == ["🏁 Replay finished for BTCUSDT: no more market data from the capture"]
 
 
+def test_a_replay_that_could_not_read_its_capture_is_told_once_as_a_failure():
+    c = core()
+    detail = "capture unreadable: /data/cut.jsonl.gz: damaged or truncated after line 700"
+    for i in range(5):
+        c.on_event("status.BTCUSDT", MdStatus(ts=T0, symbol="BTCUSDT", state="REPLAY_FAILED", detail=detail),
+                   T0 + i * NS)
+    c.poll(T0 + 120 * NS)  # past the grace a book may be away: still told once, and not as "not in sync"
+    assert texts(c) == [f"🚨 Replay stopped for BTCUSDT: {detail}"]
+
+
 # -- text helpers ----------------------------------------------------------------------
 
 def test_numbers_durations_and_clipping():
