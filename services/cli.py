@@ -297,9 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `qf trades | head -3`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit
+        return 141  # as a shell reports a process SIGPIPE ended (128 + 13)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,24 @@ def add_missing_columns(db: pw.Database) -> list[str]:
     return [f"{t}.{f.column_name}" for t, f in todo]
 
 
+def schema_problem(db: pw.Database) -> str | None:
+    """What keeps the readers from querying `db` (a table or column of MODELS missing: a file
+    the broker has not set up yet, or another program's), in a few words; None when every
+    table and column is there. Checked before serving, not left to the queries: a column
+    named in double quotes that a table lacks is, to SQLite, a string literal, so another
+    program's `fills` table would read as rows of the column names."""
+    tables = set(db.get_tables())
+    for model in MODELS:
+        table = model._meta.table_name
+        if table not in tables:
+            return f"it has no {table} table"
+        have = {c.name for c in db.get_columns(table)}
+        lacking = [f.column_name for f in model._meta.sorted_fields if f.column_name not in have]
+        if lacking:
+            return f"its {table} table has no {', '.join(lacking[:3])} column{'s' if len(lacking) > 1 else ''}"
+    return None
+
+
 def close_db() -> None:
     if database.obj is not None and not database.is_closed():
         database.close()

@@ -40,6 +40,12 @@ def problem(exc: BaseException, path: str | None = None) -> str:
     return text.splitlines()[0][:200]
 
 
+def busy(exc: BaseException) -> bool:
+    """Whether a SQLite error says another connection holds the file (`database is locked`,
+    `database table is locked`, SQLITE_BUSY): unavailable now, not a bad file."""
+    return isinstance(exc, (sqlite3.OperationalError, pw.OperationalError)) and "locked" in str(exc).lower()
+
+
 def read_only(path: str) -> bool:
     """Whether the file system holding `path` (or its nearest existing parent) is mounted read-only."""
     probe = os.path.abspath(path)

@@ -27,7 +27,7 @@ from services.api.pause import Clock, PauseCollector
 from services.control import queries
 from services.control import risk as control_risk
 from services.control.dbreader import DatabaseUnavailable, ReadOnlyDatabase
-from services.control import Control
+from services.control import Control, check_by, check_reason
 from services.control.risk import RiskRefused, RiskUnreachable
 from services.control.watch import BusWatch
 from shared.config import Config
@@ -77,14 +77,6 @@ def _names(names) -> str:
     return ", ".join(repr(n[:40]) for n in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
 
 
-def _valid_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")  # a lone surrogate (`"\ud800"` in JSON) cannot be sent on to risk
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _control_body() -> tuple[ControlAction, str, str]:
     body = read_object(request, CONTROL_MAX_BYTES)
     unknown = set(body) - {"action", "reason", "by"}
@@ -93,12 +85,11 @@ def _control_body() -> tuple[ControlAction, str, str]:
     action = body.get("action")
     if action not in ("HALT", "RESUME", "FLATTEN"):
         raise bad_param(f"action must be HALT, RESUME or FLATTEN, got {str(action)[:40]!r}")
-    reason, by = body.get("reason"), body.get("by", "")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500 or not _valid_text(reason):
-        raise bad_param("reason must be a non-empty string of at most 500 characters")
-    if not isinstance(by, str) or len(by) > 80 or not _valid_text(by):
-        raise bad_param("by must be a string of at most 80 characters")
-    return ControlAction(action), f"api:{by}" if by else "api", reason.strip()
+    try:  # the control layer's rules, the same for `qf halt` and Telegram
+        reason, by = check_reason(body.get("reason")), check_by(body.get("by", ""))
+    except ValueError as exc:
+        raise bad_param(str(exc)) from None
+    return ControlAction(action), f"api:{by}" if by else "api", reason
 
 
 

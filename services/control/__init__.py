@@ -22,6 +22,34 @@ from shared.enums import ControlAction
 __all__ = ["Control", "RiskRefused", "RiskUnreachable"]
 
 ACTIONS = {"halt": ControlAction.HALT, "resume": ControlAction.RESUME, "flatten": ControlAction.FLATTEN}
+REASON_MAX, BY_MAX = 500, 80  # characters: what risk stores of each, whole (services/risk/store.py)
+
+
+def _sendable(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # a lone surrogate (`"\ud800"` in JSON) cannot be sent on to risk
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_reason(reason: object) -> str:
+    """`reason` stripped, as every front end sends it (REST, `qf halt`, Telegram); ValueError
+    for one that is empty, over REASON_MAX characters or not text UTF-8 can carry."""
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > REASON_MAX:
+        raise ValueError(f"reason must be a non-empty string of at most {REASON_MAX} characters")
+    if not _sendable(reason):
+        raise ValueError("reason holds a character UTF-8 cannot carry (a lone surrogate)")
+    return reason.strip()
+
+
+def check_by(by: object) -> str:
+    """`by` (who acts) as given; ValueError past BY_MAX characters or not UTF-8-sendable."""
+    if not isinstance(by, str) or len(by) > BY_MAX:
+        raise ValueError(f"by must be a string of at most {BY_MAX} characters")
+    if not _sendable(by):
+        raise ValueError("by holds a character UTF-8 cannot carry (a lone surrogate)")
+    return by
 
 
 class Control:
@@ -139,4 +167,4 @@ class Control:
             what = ACTIONS[action.lower()]
         except KeyError:
             raise ValueError(f"action must be one of {', '.join(sorted(ACTIONS))}, not {action!r}") from None
-        return ask_risk(self.cfg, what, by, reason)
+        return ask_risk(self.cfg, what, check_by(by), check_reason(reason))

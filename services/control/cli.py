@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -18,6 +19,14 @@ from decimal import Decimal
 from shared.runtime import kind_of
 
 EXIT_UNAVAILABLE, EXIT_BAD_INPUT = 1, 2
+_SYMBOL = re.compile(r"[A-Za-z0-9]{1,20}")  # the REST API's rule (services/api/schemas.py Symbol)
+
+
+def _symbol(value: str) -> str:
+    """`--symbol`: 1 to 20 letters or digits, any case (argparse: exit 2 with the reason)."""
+    if not _SYMBOL.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a symbol: 1 to 20 letters or digits, e.g. btcusdt")
+    return value.upper()
 
 
 def add_parser(sub) -> None:
@@ -29,12 +38,12 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_status)
     p = sub.add_parser("positions", help="average-cost positions from the fills",
                        description="Every symbol's position from its fills (the ledger risk keeps), read-only.")
-    p.add_argument("--symbol", help="one symbol, e.g. btcusdt")
+    p.add_argument("--symbol", type=_symbol, help="one symbol, e.g. btcusdt")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_positions)
     t = sub.add_parser("trades", help="the latest fills, newest first",
                        description="Fills from the database, newest first, read-only.")
-    t.add_argument("--symbol", help="one symbol, e.g. btcusdt")
+    t.add_argument("--symbol", type=_symbol, help="one symbol, e.g. btcusdt")
     t.add_argument("--limit", type=int, default=20, help="how many (1..1000, default 20)")
     t.add_argument("--json", action="store_true", help="print the API's JSON")
     t.set_defaults(func=cmd_trades)
@@ -78,8 +87,13 @@ def _fail(text: str, code: int) -> int:
 def _run(fn):
     """Run `fn()`; the errors a person can act on become one line and an exit status."""
     from services.control import RiskRefused, RiskUnreachable
+    import sqlite3
+
+    import peewee as pw
+
     from services.control.dbreader import DatabaseUnavailable
     from shared.errors import ConfigError
+    from shared.storage import problem
     try:
         return fn()
     except ConfigError as exc:
@@ -88,6 +102,8 @@ def _run(fn):
         return _fail(str(exc), EXIT_BAD_INPUT)
     except DatabaseUnavailable as exc:
         return _fail(f"the database cannot be read: {exc.message}", EXIT_UNAVAILABLE)
+    except (pw.DatabaseError, sqlite3.Error) as exc:  # a query failed: a lock held too long, a damaged page
+        return _fail(f"the database cannot be queried: {problem(exc)}", EXIT_UNAVAILABLE)
     except RiskUnreachable as exc:
         return _fail(f"risk is not answering: {exc} (is the stack running? QF_RISK_REP)", EXIT_UNAVAILABLE)
     except RiskRefused as exc:
@@ -174,7 +190,7 @@ def cmd_positions(args: argparse.Namespace) -> int:
             _dump({"positions": found})
             return 0
         if not found:
-            print("no fills yet: no positions")
+            print(f"no fills of {args.symbol}: no position" if args.symbol else "no fills yet: no positions")
             return 0
         _table(["symbol", "qty", "avg entry", "realized", "net realized", "last price", "fills"],
                [[p.symbol, _num(p.qty), _num(p.avg_price), _num(p.realized), _num(p.net_realized),
@@ -194,7 +210,7 @@ def cmd_trades(args: argparse.Namespace) -> int:
             _dump({"trades": rows, "count": len(rows), "next_cursor": cursor})
             return 0
         if not rows:
-            print("no fills yet")
+            print(f"no fills of {args.symbol}" if args.symbol else "no fills yet")
             return 0
         _table(["time (UTC)", "symbol", "side", "qty", "price", "fee", "liquidity", "order"],
                [[_when(r["ts"]), r["symbol"], r["side"], _num(r["qty"]), _num(r["price"]),

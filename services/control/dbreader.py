@@ -23,8 +23,9 @@ from urllib.parse import quote
 import peewee as pw
 from playhouse.db_url import parse as parse_url
 
-from shared.db import PG_SCHEMES, database, open_url
+from shared.db import PG_SCHEMES, database, open_url, schema_problem
 from shared.errors import TransientError
+from shared.storage import busy
 
 log = logging.getLogger("qf.api")
 
@@ -88,6 +89,7 @@ class ReadOnlyDatabase:
         self.stamp: tuple[int, int] | None = None  # its (st_mtime_ns, st_size) when opened
         self.missing = False  # logged once per outage, not once per request
         self.generation = 0  # counts the connections opened: part of `version()`
+        self.schema: tuple | None = None  # (file identity, schema_version) last found complete
 
     def ensure(self) -> pw.Database:
         """Bind the models to a connection on the database as it is now and return it.
@@ -155,17 +157,27 @@ class ReadOnlyDatabase:
         try:
             db.connect()
             db.execute_sql("SELECT count(*) FROM sqlite_master").fetchall()  # reads the header now
+            # the tables and columns (~0.2 ms), checked again only when the schema may have changed:
+            # another file, or this one's schema_version moved (every CREATE, ALTER or DROP moves it)
+            schema = (_identity(st), db.execute_sql("PRAGMA schema_version").fetchone()[0])
+            lacking = None if schema == self.schema else schema_problem(db)
             now = os.stat(path)
         except FileNotFoundError:
             db.close()
             self._gone("db_missing", "the database file does not exist (the broker creates it)")
         except Exception as exc:  # sqlite3, peewee and OS errors alike: this file cannot be read
             db.close()
+            if busy(exc):  # another connection holds it (an exclusive lock, a long write): not a bad file
+                self._gone("db_unavailable", f"the database is locked by another connection ({str(exc)[:80]})")
             self._gone("db_unreadable", f"the database file cannot be read as SQLite ({str(exc)[:80]})")
+        if lacking:
+            db.close()
+            self._gone("db_unavailable", "it is not a QuantumFlow database, or the broker has not set it "
+                       f"up yet ({lacking})")
         if _identity(now) != _identity(st):  # swapped while opening: the next request opens the new one
             db.close()
             raise DatabaseUnavailable("db_unavailable", "the database file was replaced while being opened")
-        self.db, self.identity, self.stamp = db, _identity(st), _stamp(now)
+        self.db, self.identity, self.stamp, self.schema = db, _identity(st), _stamp(now), schema
         self.generation += 1
         if self.missing:
             log.warning("db_back", extra={"path": path})
@@ -181,11 +193,19 @@ class ReadOnlyDatabase:
         try:
             db = open_url(self.target, **server_read_params(self.target))
             db.connect(reuse_if_open=True)
+            lacking = schema_problem(db)
         except Exception as exc:  # no driver, no server, refused login: all "unavailable now"
             if not self.missing:  # once per outage; log lines mask the URL's password
                 log.warning("db_open_failed", extra={"target": self.target, "detail": str(exc)})
             self.missing = True
             raise DatabaseUnavailable("db_unavailable", "the database cannot be reached") from None
+        if lacking:
+            db.close()
+            if not self.missing:
+                log.warning("db_open_failed", extra={"target": self.target, "detail": lacking})
+            self.missing = True
+            raise DatabaseUnavailable("db_unavailable", "it is not a QuantumFlow database, or the "
+                                      f"broker has not set it up yet ({lacking})")
         self.db = db
         if self.missing:
             log.warning("db_back", extra={"target": self.target})

@@ -29,6 +29,7 @@ import numpy as np
 
 from services.report.core import NO_END, EquitySeries, StateChange
 from services.report.trips import SEP, BadFill, FillBatch, make_batch
+from shared.storage import busy
 
 BATCH_ROWS = 200_000  # fills per batch read from a database: bounds the memory of one batch's columns
 API_PAGE = 1000  # the API's largest page
@@ -83,6 +84,9 @@ def load_db(path: str, start: int | None, end: int | None) -> Loaded:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
         con.close()
+        if busy(exc):  # a writer holds it (an exclusive lock, a long write): worth a retry
+            raise SourceError(f"{path}: the database is locked by another connection; try again ({exc})",
+                              status=1) from None
         raise SourceError(f"{path} is not a SQLite database ({exc})") from None
     if "fills" not in tables:
         con.close()
@@ -96,7 +100,7 @@ def load_db(path: str, start: int | None, end: int | None) -> Loaded:
         last = con.execute("SELECT max(rowid) FROM fills").fetchone()[0] or 0
     except sqlite3.Error as exc:
         con.close()
-        raise SourceError(f"{path}: cannot be read ({exc})") from None
+        raise SourceError(f"{path}: cannot be read ({exc})", status=1 if busy(exc) else 2) from None
     return Loaded(f"database {os.path.basename(path)}", _db_fills(con, path, hi, last), equity, changes,
                   has_states="risk_events" in tables)
 

@@ -137,7 +137,7 @@ class Outbox:
         if not self.events:
             self.oldest_ns = change.ts
         self.events.append(dict(ts=change.ts, kind="STATE", code=change.code,
-                                text=f"{change.reason[:400]} [by {change.by[:80]}]", client_order_id="",
+                                text=f"{change.reason[:500]} [by {change.by[:80]}]", client_order_id="",
                                 symbol="", state=change.state.value))
 
     def flush(self, engine: RiskEngine, now_ns: int) -> int:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
+from contextlib import closing
 from decimal import Decimal
 from fractions import Fraction
 
@@ -10,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.control import queries
+from services.control import dbreader, queries
 from shared import aggregates
 from services.api.app import create_app
 from shared.config import load
@@ -273,6 +276,53 @@ def test_the_api_never_writes_the_database(tmp_path):
     assert db_state(client) == "error"
     app.extensions["qf_db"].close()
     assert target.read_bytes() == b""  # no tables made behind the broker's back
+
+
+def test_another_programs_database_is_503_not_rows_made_of_its_column_names(tmp_path):
+    # SQLite reads a double-quoted column a table lacks as a string literal: without a schema check
+    # another program's `fills(x)` was served as a 200 fill whose price was "price".
+    target = tmp_path / "other.db"
+    with closing(sqlite3.connect(target, isolation_level=None)) as con:
+        con.execute("CREATE TABLE fills (x)")
+        con.execute("INSERT INTO fills VALUES (1)")
+    cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+    app = create_app(cfg)
+    client = app.test_client()
+    for path in ("/api/v1/trades", "/api/v1/trades?format=csv", "/api/v1/orders", "/api/v1/status", "/health"):
+        body = error_of(client.get(path), 503)
+        assert body["code"] == "db_unavailable" and "not a QuantumFlow database" in body["message"], path
+    _remove_db(target)
+    _fresh_db(tmp_path / "ours.db", [("f1", "BTCUSDT", "0.001", "100")])
+    with closing(sqlite3.connect(tmp_path / "ours.db", isolation_level=None)) as con:
+        con.execute('ALTER TABLE fills DROP COLUMN "fee"')  # one of ours, a column short
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    os.replace(tmp_path / "ours.db", target)
+    body = error_of(client.get("/api/v1/trades"), 503)
+    assert body["code"] == "db_unavailable" and "fills table has no fee column" in body["message"]
+    _fresh_db(tmp_path / "whole.db", [("f1", "BTCUSDT", "0.001", "100")])
+    os.replace(tmp_path / "whole.db", target)
+    assert _fill_ids(client) == ["f1"]
+    app.extensions["qf_db"].close()
+
+
+def test_a_database_locked_by_another_connection_is_unavailable_not_unreadable(tmp_path, monkeypatch):
+    _fresh_db(tmp_path / "made.db", [("f1", "BTCUSDT", "0.001", "100")])
+    target = tmp_path / "qf.db"
+    shutil.copy(tmp_path / "made.db", target)  # checkpointed: the file alone holds it all
+    holder = sqlite3.connect(target, isolation_level=None)
+    holder.execute("PRAGMA journal_mode = DELETE")  # WAL readers never wait: a rollback journal's do
+    holder.execute("BEGIN EXCLUSIVE")
+    monkeypatch.setitem(dbreader.READ_PRAGMAS, "busy_timeout", 50)  # not a real reader's 5 s wait
+    try:
+        cfg = load({"QF_DB": str(target), "QF_RUN_DIR": str(tmp_path / "run")})
+        app = create_app(cfg)
+        body = error_of(app.test_client().get("/api/v1/trades"), 503)
+        assert body["code"] == "db_unavailable" and "locked by another connection" in body["message"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _fill_ids(app.test_client()) == ["f1"]
+    app.extensions["qf_db"].close()
 
 
 def test_a_database_deleted_while_running_is_503_at_once_and_200_when_restored(tmp_path):

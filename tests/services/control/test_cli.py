@@ -53,6 +53,15 @@ def test_status_positions_and_trades_read_like_a_person_would_want(backtest_db):
     assert rows[1].split()[3:5] == ["BTCUSDT", "SELL"]
 
 
+def test_a_reader_that_stops_early_ends_it_quietly_and_an_unknown_symbol_is_named(backtest_db):
+    env = {**clean_environ(), **EMPTY_ENV, "QF_DB": backtest_db}
+    done = subprocess.run(f"{sys.executable} -m services.cli trades --limit 1000 | head -1", shell=True, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("time (UTC)") and done.stderr == "", done.stderr  # no BrokenPipeError
+    none = qf("trades", "--symbol", "ethusdt", env={**EMPTY_ENV, "QF_DB": backtest_db})
+    assert (none.returncode, none.stdout) == (0, "no fills of ETHUSDT\n")
+
+
 def test_the_json_is_the_rest_apis_answer(backtest_db):
     env = {**EMPTY_ENV, "QF_DB": backtest_db}
     api = create_app(load(env)).test_client()
@@ -124,7 +133,31 @@ def test_a_silent_risk_a_missing_database_and_bad_input_are_one_line_each(tmp_pa
     bad = qf("status", env={**env, "QF_NOPE": "1"})
     assert bad.returncode == 2 and "unknown setting QF_NOPE" in bad.stderr and bad.stderr.count("\n") == 1
     assert qf("halt", env=env).returncode == 2  # --reason is required
+    for reason in ("", "   ", "r" * 501):  # the REST API's rule: risk is not asked
+        blank = qf("resume", "--reason", reason, env=env)
+        assert (blank.returncode, blank.stdout) == (2, "")
+        assert blank.stderr == "qf: reason must be a non-empty string of at most 500 characters\n"
+    for symbol in ("", "btc/usdt", "../../etc", "é", "x" * 21):
+        odd = qf("trades", "--symbol", symbol, env=env)
+        assert odd.returncode == 2 and "is not a symbol: 1 to 20 letters or digits" in odd.stderr, odd.stderr
     assert not os.path.exists(tmp_path / "none.db")  # a reader never creates the database
+
+
+def test_an_empty_file_or_another_programs_database_is_one_line_not_a_traceback(tmp_path):
+    empty, other = tmp_path / "empty.db", tmp_path / "other.db"
+    empty.write_bytes(b"")  # the broker made the file and not yet its tables
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE fills (x)")  # not ours: its columns must not be read as values
+    con.execute("INSERT INTO fills VALUES (1)")
+    con.commit()
+    con.close()
+    for db in (empty, other):
+        for command in ("status", "positions", "trades"):
+            done = qf(command, env={**EMPTY_ENV, "QF_DB": str(db), "QF_HEARTBEAT_MS": "100"})
+            assert done.returncode == 1 and done.stdout == "", (db, command, done.stdout)
+            assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+            assert done.stderr.startswith("qf: the database cannot be read: it is not a QuantumFlow database, "
+                                          "or the broker has not set it up yet (it has no "), done.stderr
 
 
 def test_status_names_each_services_heartbeat_and_each_feed(backtest_db):

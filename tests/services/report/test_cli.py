@@ -148,6 +148,25 @@ def test_a_live_database_is_read_while_the_broker_holds_a_write(history, tmp_pat
     assert figures((tmp_path / "out" / "summary.md").read_text())["Trades"] == "223 round trips (from 600 fills)"
 
 
+def test_a_database_locked_by_another_connection_is_unavailable_now_status_1(history, tmp_path):
+    """A rollback-journal file a writer holds exclusively: worth a retry (1), not bad input (2)."""
+    import sqlite3
+
+    locked = tmp_path / "locked.db"
+    shutil.copyfile(history, locked)
+    holder = sqlite3.connect(locked, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode = DELETE")
+        holder.execute("BEGIN EXCLUSIVE")
+        status, stdout, stderr = qf("report", "--db", str(locked), "--out", str(tmp_path / "out"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert (status, stdout) == (1, "") and stderr.count("\n") == 1, stderr
+    assert "the database is locked by another connection; try again" in stderr
+    assert "not a SQLite database" not in stderr
+
+
 def test_a_range_reports_only_its_part(history, tmp_path):
     status, _, _ = qf("report", "--db", history, "--out", str(tmp_path), "--from", "2024-07-05",
                       "--to", "2024-07-05T12:00:00Z")
