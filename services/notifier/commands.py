@@ -115,6 +115,8 @@ def handle(update: dict, control: Control, now_ns: int, pending: dict[int, int],
         return [f"Risk refused: {exc.message[:200]}. Nothing was done."]
     except DatabaseUnavailable:
         return ["The database cannot be read right now; try again in a moment."]
+    except ValueError as exc:  # a reason the control layer refuses (services/control check_reason)
+        return [f"{str(exc)[:200]}. Nothing was done."]
     return [f"Unknown command /{cmd}. /help lists them."]
 
 
