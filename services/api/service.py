@@ -1,4 +1,4 @@
-"""Runs the API app under gunicorn (sync workers, key=value logs, quick graceful stop)."""
+"""Runs the API app under gunicorn (sync workers that take whole requests, key=value logs, quick graceful stop)."""
 from __future__ import annotations
 
 import json
@@ -51,8 +51,9 @@ def gunicorn_options(cfg: Config) -> dict[str, Any]:
         "bind": cfg.api.bind,
         "workers": cfg.api.workers,
         # sync: measured against gthread (4 and 16 threads, keep-alive) under 200 connections on
-        # 2 cores: no more requests a second, and more spread (the GIL, not the sockets, binds)
-        "worker_class": "sync",
+        # 2 cores: no more requests a second, and more spread (the GIL, not the sockets, binds);
+        # handed only connections whose request has arrived (services/api/worker.py)
+        "worker_class": "services.api.worker.ApiWorker",
         "graceful_timeout": GRACEFUL_TIMEOUT_S,
         "timeout": WORKER_TIMEOUT_S,
         "accesslog": None,  # request counts belong in metrics, not in one log line per request

@@ -265,3 +265,62 @@ def test_chunked_control_bodies_under_gunicorn(tmp_path):
         assert (status, body["error"]["code"]) == (503, "risk_unavailable"), body
     finally:
         _stop_api(proc)
+
+
+# -- clients that connect and send nothing, or half a request -----------------------------------
+
+def test_idle_and_half_sent_connections_hold_no_worker(tmp_path):
+    """Two sync workers used to block on the first two connections that sent nothing or half a
+    request (a browser's pre-connects do), until gunicorn's 30 s worker timeout killed them:
+    /health/live went unanswered meanwhile. Now such connections wait outside the workers."""
+    from services.api import worker
+
+    db = tmp_path / "qf.db"
+    _make_db(db, ["a1"])
+    proc, base, log_path = _start_api(tmp_path, db, workers=2)
+    port = int(base.rsplit(":", 1)[1])
+    held: list[socket.socket] = []
+    try:
+        def connect(data: bytes) -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", port), timeout=worker.REQUEST_S + 10)
+            s.sendall(data)
+            held.append(s)
+            return s
+        idle = [connect(b"") for _ in range(4)]
+        half = [connect(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n") for _ in range(4)]
+        short = [connect(b"POST /api/v1/control HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"a") for _ in range(4)]
+        # every worker is free for a whole request meanwhile (urlopen's own timeout is 5 s)
+        for _ in range(10):
+            assert _request(base, "/health/live")[0] == 200
+        status, _, body = _request(base, "/api/v1/trades")
+        assert status == 200 and [t["fill_id"] for t in json.loads(body)["trades"]] == ["a1"]
+        # a request completed late is served as any other
+        late = half[0]
+        late.sendall(b"\r\n")
+        assert late.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # the incomplete ones get a 408 in JSON once REQUEST_S has passed since their first byte
+        for s in half[1:] + short:
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert all(s.fileno() >= 0 for s in idle)  # still open: idle ones wait up to IDLE_S, quietly
+        assert _request(base, "/health/live")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+        _stop_api(proc)
+    log = log_path.read_text()
+    assert "WORKER TIMEOUT" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_request_is_whole_once_its_head_and_its_content_length_are_in():
+    from services.api.worker import PEEK_BYTES, request_complete
+
+    assert not request_complete(b"")
+    assert not request_complete(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    assert request_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    post = b"POST /c HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\n"
+    assert not request_complete(post + b"abcd") and request_complete(post + b"abcde")
+    assert request_complete(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab")
+    assert request_complete(b"G" * PEEK_BYTES)  # gunicorn's own limits answer that one
