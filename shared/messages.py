@@ -222,6 +222,25 @@ class Book(Message):
                          self.spread, self.spread_bps, self.imbalance, self.microprice, self.recv_ts, seq)
 
 
+def book_problem(book: "Book") -> str | None:
+    """Why a book's mid cannot be trusted as a price, in a few words, or None: a crossed or locked
+    top of book, or a mid that is not between the best bid and the best ask. Marketdata never
+    sends such a book; a peer on the bus that does must not move what risk marks positions at
+    (one crossed book with mid 1.0 tripped the daily-loss breaker). O(1): the top only."""
+    bids, asks = book.bids, book.asks
+    if not bids or not asks:
+        return None  # one-sided: no mid to use (shared/money.from_book_float refuses it)
+    try:
+        bid, ask, mid = float(bids[0][0]), float(asks[0][0]), float(book.mid)
+    except (TypeError, ValueError, IndexError):
+        return "a top level that is not a [price, qty] pair"
+    if not bid < ask:  # NaN included
+        return f"crossed or locked: bid {bid!r} >= ask {ask!r}"
+    if not bid <= mid <= ask:
+        return f"mid {mid!r} outside bid {bid!r} / ask {ask!r}"
+    return None
+
+
 def book_wire(ts: int, symbol: str, exch_ts: int, update_id: int, bids: list, asks: list, mid: float,
               spread: float, spread_bps: float, imbalance: float, microprice: float, recv_ts: int,
               seq: int | None = None) -> dict:

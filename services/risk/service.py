@@ -78,7 +78,7 @@ class RiskService:
         self.engine = RiskEngine.from_config(self.limits, cfg)  # QF_START_CASH/_BALANCES, the broker's fees
         forwarded = store.Forwarded()
         self.stats = {"approved": 0, "adjusted": 0, "rejected": 0, "broker_rejected": 0, "decode_errors": 0,
-                      "books": 0, "fills": 0, "events_lost": 0, "store_failures": 0, "forbidden": 0}
+                      "books": 0, "bad_books": 0, "fills": 0, "events_lost": 0, "store_failures": 0, "forbidden": 0}
         self.outbox = store.Outbox(OUTBOX_MAX, self.stats)  # bounded, backs off, alerts while writes fail
         self.check_us, self.serve_us = MicrosHistogram(), MicrosHistogram()
         self.quiet = LogLimiter(log)
@@ -239,6 +239,12 @@ class RiskService:
     def on_event(self, msg: messages.Message, now: int) -> None:
         """A book, a fill or an order event from the bus."""
         if isinstance(msg, Book):
+            why = messages.book_problem(msg)
+            if why is not None:  # neither a mark nor a fresh book: counted and logged (rate-limited)
+                self.stats["bad_books"] += 1
+                BAD_FRAMES.labels("book").inc()
+                self.quiet.log_event(logging.WARNING, "book_refused", why, {"symbol": msg.symbol, "detail": why})
+                return
             self.stats["books"] += 1
             self.engine.on_book(msg.symbol, msg.mid, now)
         elif isinstance(msg, Fill):

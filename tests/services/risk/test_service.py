@@ -365,6 +365,28 @@ def test_a_daily_loss_halts_by_itself_publishes_and_persists(rcfg, risk_env, run
         sub.close()
 
 
+def test_a_book_whose_mid_lies_is_refused_not_marked(rcfg, risk_env, runner, md, make_book, feed, client,
+                                                   wait_until):
+    """A peer on the market-data bus sent a crossed book with mid 1.0, and a book whose mid was
+    half its levels': risk marked its position at them and the daily-loss breaker latched HALTED."""
+    import dataclasses
+    cfg = load({**risk_env, "QF_START_CASH": "10", "QF_RISK_DAILY_LOSS": "0.02", "QF_RISK_DAILY_LOSS_SOFT": "0",
+                "QF_RISK_MAX_DRAWDOWN": "0", "QF_RISK_DRAWDOWN_SOFT": "0"})
+    broker = runner.start(BrokerService(cfg))
+    risk = runner.start(RiskService(cfg))
+    feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in
+         risk.engine.book_ns)
+    assert client.request(order("buy", "0.004")).order.status is OrderStatus.FILLED
+    marked = risk.engine._mids["BTCUSDT"]
+    crossed = dataclasses.replace(make_book(bids=[[1.5, 1.0]], asks=[[0.5, 1.0]]), mid=1.0)
+    halved = dataclasses.replace(make_book(bids=BIDS, asks=ASKS), mid=(BIDS[0][0] + ASKS[0][0]) / 4)
+    for bad in (crossed, halved):
+        seen = risk.stats["bad_books"]
+        feed(md, bad, lambda: risk.stats["bad_books"] > seen)
+    assert risk.engine._mids["BTCUSDT"] == marked and risk.engine.state is TradingState.ACTIVE
+    assert client.request(order("more", "0.001")).verdict is Verdict.APPROVED
+
+
 def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, risk_env, rcfg, runner,
                                                                   clients, md, make_book, feed):
     broker, risk = stack
