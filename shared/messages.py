@@ -83,9 +83,10 @@ def check_decimal(name: str, x: Any) -> Decimal:
 
 
 def _check_name(name, x):
-    if type(x) is str and 0 < len(x) <= MAX_NAME:
+    # printable: an id with a newline or an escape sequence forged log lines and terminal output
+    if type(x) is str and 0 < len(x) <= MAX_NAME and x.isprintable():
         return x
-    raise _bad(name, f"str of 1 to {MAX_NAME} characters", x)
+    raise _bad(name, f"str of 1 to {MAX_NAME} printable characters", x)
 
 
 def _check_levels(name, x):

@@ -50,6 +50,9 @@ def to_decimal(value: object, name: str) -> Decimal:
     if kind is Decimal:
         d = value
     elif kind is str or kind is int:
+        # Decimal() also reads '1_000', ' 0.001 ' and other scripts' digits ('١٢'): not a wire decimal
+        if kind is str and (not value.isascii() or "_" in value or value[:1].isspace() or value[-1:].isspace()):
+            raise BadAmount(f"{name}: {value[:40]!r} is not a decimal (ASCII digits, no spaces or '_')")
         try:
             d = Decimal(value)
         except ArithmeticError:

@@ -255,7 +255,9 @@ def test_a_decision_s_ack_is_checked_once_at_decode_naming_the_field(change, whe
 # -- bounds on what a request brings in (issue #11) ------------------------------------------------
 
 @pytest.mark.parametrize("text", ["9e999999", "1e-999999", "0E-999999", "1e30", "-1e30", "1E+30",
-                                  "1" * 31, "0." + "0" * 30 + "1", "9" * 65, "Infinity", "sNaN", "-nan"])
+                                  "1" * 31, "0." + "0" * 30 + "1", "9" * 65, "Infinity", "sNaN", "-nan",
+                                  # what Decimal() reads and no wire writes: '1_000' bought 1000 BTC
+                                  " 0.001", "0.001 ", "0.001\n", "1_000", "\u0661\u0662", "\uff11"])
 def test_wire_decimals_beyond_the_bounds_are_bad_fields(text):
     # "9e999999" reached the broker and overflowed its arithmetic (`internal`); "1e-999999" is a
     # million digits once written out
@@ -268,6 +270,17 @@ def test_wire_decimals_beyond_the_bounds_are_bad_fields(text):
                                   "123456789012345678901234567890.123456789012345678901234567891"[:64]])
 def test_wire_decimals_within_the_bounds_decode_exactly(text):
     assert m.decode(msgpack.packb({**ORDER.to_wire(), "qty": text}), m.REQUESTS).qty == Decimal(text)
+
+
+@pytest.mark.parametrize("field", ["client_order_id", "strategy", "symbol"])
+@pytest.mark.parametrize("value", ["a\nlevel=error event=FORGED", "ids\x00\x07\x1b[31mred", "\x00", "tab\there",
+                                   "line\u2028sep", "del\x7f"])
+def test_request_names_are_printable(field, value):
+    # an id with a newline or an escape sequence wrote forged lines into the logs and `qf trades`
+    with pytest.raises(DecodeError) as err:
+        m.decode(msgpack.packb({**ORDER.to_wire(), field: value}), m.REQUESTS)
+    assert err.value.reason == "bad_field" and "printable" in err.value.detail
+    assert m.decode(msgpack.packb({**ORDER.to_wire(), field: "ok-é 1"}), m.REQUESTS)
 
 
 @pytest.mark.parametrize("field,value", [("client_order_id", ""), ("client_order_id", "x" * 129),
