@@ -317,6 +317,11 @@ def _load(directory: str, party: str, bus) -> Curve:
     if party not in PARTIES:
         raise ValueError(f"unknown party {party!r}")
     public, secret = read_key_file(secret_path(directory, party), secret=True)
+    listed = public_path(directory, party)
+    if listed.exists() and read_key_file(listed, secret=False)[0] != public:
+        # another party's key pair copied in: its peers would refuse every handshake, silently
+        raise KeyFileError(f"QF_CURVE_KEYS: {secret_path(directory, party)} does not match {listed}: it is "
+                           f"another key pair than the one {party}'s peers are given (run `qf keys` again)")
     peers = {party: public}
     for other in needs(party):
         if other != party:

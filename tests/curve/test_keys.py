@@ -103,6 +103,20 @@ def test_bad_key_files_are_named_and_never_quoted(keys):
     assert "no valid public-key line" in problem(secret)
 
 
+def test_another_partys_key_pair_in_a_secret_file_stops_the_service(keys, tmp_path):
+    # risk started with the broker's pair copied over its own and said nothing; its peers, given
+    # risk's public key, refused every handshake
+    import shutil
+    shutil.copyfile(curve.secret_path(keys, "broker"), curve.secret_path(keys, "risk"))
+    cfg = qfconfig.load({**tcp_env(tmp_path), "QF_CURVE_KEYS": str(keys)})
+    curve._load.cache_clear()
+    with pytest.raises(curve.KeyFileError) as err:
+        curve.load(cfg, "risk")
+    assert f"{curve.secret_path(keys, 'risk')} does not match {curve.public_path(keys, 'risk')}" in str(err.value)
+    curve._load.cache_clear()
+    assert curve.load(cfg, "broker").party == "broker"  # the broker's own pair is still whole
+
+
 def test_a_world_readable_secret_is_used_but_warned_about(keys, caplog):
     secret = curve.secret_path(keys, "api")
     os.chmod(secret, 0o644)
