@@ -16,6 +16,9 @@ import peewee as pw
 from shared.errors import StorageError
 
 SPACE_CHECK_BYTES = 1 << 20  # what `has_room` writes: room for a burst of journal records and WAL pages
+# ... but never more than this share of the file system: on a small one (a 1 MiB tmpfs holding the
+# database) 1 MiB can never be free again, and a probe asking for it would keep an outage forever
+SPACE_CHECK_SHARE = 16
 
 
 _STORAGE_ERRORS = (OSError, sqlite3.Error, pw.PeeweeException)
@@ -87,10 +90,24 @@ def ensure_writable_dir(path: str) -> None:
         raise cannot("write", os.path.abspath(path), exc) from None
 
 
-def has_room(directory: str, nbytes: int = SPACE_CHECK_BYTES) -> OSError | None:
-    """Write `nbytes` to a scratch file in `directory` and remove it: None when that worked,
-    else the OSError (ENOSPC, EROFS, EIO...). A free-space figure would not do: root may
-    write into blocks reserved from others, and a file system can be full of inodes."""
+def check_bytes(directory: str, nbytes: int = SPACE_CHECK_BYTES) -> int:
+    """What `has_room` writes in `directory`: `nbytes`, at most 1/SPACE_CHECK_SHARE of its file
+    system's size (at least one 4 KiB page)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return nbytes
+    total = st.f_blocks * st.f_frsize
+    return nbytes if total <= 0 else max(4096, min(nbytes, total // SPACE_CHECK_SHARE))
+
+
+def has_room(directory: str, nbytes: int | None = None) -> OSError | None:
+    """Write `nbytes` (default `check_bytes(directory)`: 1 MiB, less on a small file system) to
+    a scratch file in `directory` and remove it: None when that worked, else the OSError
+    (ENOSPC, EROFS, EIO...). A free-space figure would not do: root may write into blocks
+    reserved from others, and a file system can be full of inodes."""
+    if nbytes is None:
+        nbytes = check_bytes(directory)
     try:
         with tempfile.TemporaryFile(dir=directory, prefix=".qf-space-check-") as f:
             block = bytes(min(nbytes, 1 << 16))

@@ -114,7 +114,9 @@ class BrokerService:
             self.reporter = Reporter(cfg.bus.lockstep, "broker", ctx)
             self.counters = self.reporter.counters
         self.alerts = Alerter("broker", self.pub.publish)
-        self.keeper = StoreKeeper(self.journal, cfg.common.db, self.alerts, self.stats)
+        self.checkpointer = store.Checkpointer(cfg.common.db)
+        self.keeper = StoreKeeper(self.journal, cfg.common.db, self.alerts, self.stats,
+                                  reopened=self._reopened)
         self.health = self.keeper.health
         if self.lockstep is None:
             self.desk = BrokerDesk(model, account, known, self.keeper, self.stats, clock, self._reply, self._publish,
@@ -125,7 +127,6 @@ class BrokerService:
         self.heartbeat = HeartbeatMaker("broker")
         self.ticker = Ticker(cfg.bus.heartbeat_ms)
         self.equity_ticker = Ticker(int(cfg.broker.equity_s * 1000))
-        self.checkpointer = store.Checkpointer(cfg.common.db)
         self.metrics: MetricsServer | None = None  # /metrics on QF_BROKER_METRICS_BIND while run() runs
 
     @property
@@ -143,6 +144,12 @@ class BrokerService:
         state rebuilt. Raises like `rebuild` (the frozen model stays; the next probe tries again)."""
         model, account, aggregates, known, self.stats["fills"] = rebuild(self.cfg, self.journal)
         self.desk.restore(model, account, aggregates, known)
+
+    def _reopened(self) -> None:
+        """The loop's connection is on a database file the keeper put back: no automatic
+        checkpoint on it either, and the checkpointer's connection onto it too."""
+        database.execute_sql("PRAGMA wal_autocheckpoint=0")
+        self.checkpointer.reopen()
 
     def request(self, envelope: list, payload: bytes) -> None:
         """One request: answered now (an error, a repeat, a bad order) or when the
@@ -180,6 +187,7 @@ class BrokerService:
                                              (*METRICS, JournalCollector(self.journal)), self.liveness.path)
                 log.info("metrics listening", extra={"bind": bind, "port": self.metrics.port})
             database.connect(reuse_if_open=True)
+            self.keeper.opened()  # the file it writes, watched for deletion or replacement
             self.checkpointer.start()
             if self.lockstep is None:
                 self._loop(poller.poll)
@@ -207,9 +215,11 @@ class BrokerService:
         """The end of a loop turn: store what the journal holds, probe a storage outage, the
         equity snapshot and the heartbeat when due (wall-time tickers, both loops)."""
         health, keeper = self.health, self.keeper
+        now = time.monotonic()
+        keeper.check_file(now)  # the file at QF_DB still the one written? one os.stat per FILE_CHECK_S
         if self.journal.pending:
             self._guarded(keeper.store)
-        if health.down and health.probe_due(time.monotonic()):
+        if health.down and health.probe_due(now):
             self._guarded(lambda: keeper.probe(self._reload))
         if self.equity_ticker.due() and not health.down:
             self._guarded(lambda: keeper.snapshot(self.clock(), self.desk.account, self.desk.model.marks()))

@@ -318,6 +318,15 @@ def load_open() -> list[tuple[Order, OrderRow]]:
     return out
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, None when there is none (or it cannot be told)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Checkpointer:
     """WAL checkpoints on a thread and connection of their own. SQLite's automatic
     checkpoint runs inside the commit that crosses its threshold and stalls it 4–12 ms;
@@ -331,6 +340,9 @@ class Checkpointer:
     def __init__(self, path: str) -> None:
         self.path = path
         self._stop = threading.Event()
+        self._fresh: sqlite3.Connection | None = None  # a connection `reopen` made, for the thread to take
+        self._fresh_id: tuple[int, int] | None = None
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
         self.restarts = 0  # TRUNCATE checkpoints that reset the WAL
@@ -347,9 +359,17 @@ class Checkpointer:
 
     def _run(self) -> None:
         con = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, check_same_thread=False)
+        mine = _file_id(self.path)
         wal = self.path + "-wal"
         try:
             while not self._stop.wait(CHECKPOINT_S):
+                with self._lock:
+                    fresh, fresh_id, self._fresh = self._fresh, self._fresh_id, None
+                if fresh is not None:  # the broker put a lost database file back (keeper.py)
+                    con.close()
+                    con, mine = fresh, fresh_id
+                if _file_id(self.path) != mine:  # deleted or replaced: the broker puts its own back, then reopen()
+                    continue
                 try:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.checkpoints += 1
@@ -369,6 +389,23 @@ class Checkpointer:
                         log.exception("checkpoint_failed")
         finally:
             con.close()
+            with self._lock:
+                if self._fresh is not None:
+                    self._fresh.close()
+                    self._fresh = None
+
+    def reopen(self) -> None:
+        """Checkpoint the file at `path` from now on (StoreKeeper._put_back just put it there).
+        Opened here, at once, with a read that opens its WAL too, and handed to the thread: opened
+        by the thread at its next turn, it could be some other file put there meanwhile."""
+        if self._thread is None:
+            return
+        con = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, check_same_thread=False)
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+        with self._lock:
+            old, self._fresh, self._fresh_id = self._fresh, con, _file_id(self.path)
+        if old is not None:
+            old.close()
 
     def stop(self) -> None:
         self._stop.set()

@@ -16,13 +16,16 @@ BAD_MD = Counter("qf_broker_bad_market_data_total", "Books and trades refused as
 FAILURES = Counter("qf_broker_request_failures_total", "Messages or commits that failed inside the broker")
 STORE_AVAILABLE = Gauge("qf_broker_store_available", "1 while the broker's journal and database take writes, "
                         "0 during a storage outage (see docs/fill-model.md)")
+DB_FILE_LOST = Counter("qf_broker_database_file_lost_total", "Times the file at QF_DB was found deleted or replaced "
+                       "under the running broker (it then puts its own database back: services/broker/keeper.py)")
 STORE_REFUSED = Counter("qf_broker_store_refusals_total", "Requests answered with error STORE_UNAVAILABLE")
 ACK_SECONDS = Histogram("qf_broker_request_seconds", "Request received to reply sent, simulated latency included",
                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5))
 
 # What the broker's own /metrics serves (QF_BROKER_METRICS_BIND), with a JournalCollector and the
 # base of shared/metrics_http.py.
-METRICS = (ORDERS, FILLS, DUPLICATES, BAD_FRAMES, BAD_MD, FAILURES, STORE_AVAILABLE, STORE_REFUSED, ACK_SECONDS)
+METRICS = (ORDERS, FILLS, DUPLICATES, BAD_FRAMES, BAD_MD, FAILURES, STORE_AVAILABLE, STORE_REFUSED, DB_FILE_LOST,
+           ACK_SECONDS)
 
 MD_LOG_S = 1.0  # at most one log line a second about refused market data (a bad feed repeats itself)
 
