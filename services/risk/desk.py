@@ -13,6 +13,7 @@ import msgpack
 
 from services.risk.checks import Reason
 from services.risk.core import Denial, RiskEngine
+from services.risk.guards import SECOND_NS, TokenBucket
 from services.risk.link import BrokerLink
 from services.risk.store import Forwarded, Outbox
 from services.risk.telemetry import BAD_ACKS, BAD_FRAMES, DECISIONS, FAILURES, LogLimiter
@@ -27,6 +28,7 @@ from shared.messages import Ack, Cancel, Decision, Error, OrderEvent, OrderReque
 
 log = logging.getLogger("qf.risk")
 
+STRAY_CANCELS_PER_S = 100  # cancels of orders risk holds no working order for (see submit_cancel)
 DECISION_CACHE_MAX = 4096  # answers kept so a retried client_order_id gets the same one
 BAD_ANSWER_QUIET_NS = 60 * 1_000_000_000  # the BROKER_ERROR alert resolves after this long without a refused answer
 # The encoded decision, the ns risk spent on the order before it went to the broker (0 if it
@@ -118,6 +120,7 @@ class OrderDesk:
         # Bound once: a bound method made per answer is an allocation on the answer path.
         self._booked_for = engine.booked_for
         self._bad_fill = self.bad_fill
+        self._stray = TokenBucket(STRAY_CANCELS_PER_S, SECOND_NS, clock())  # see submit_cancel
 
     def submit_order(self, req: OrderRequest, payload: bytes | None, now: int, notify: Notify,
                      decoded_ns: int) -> None:
@@ -334,7 +337,22 @@ class OrderDesk:
 
     def submit_cancel(self, client_order_id: str, now: int, notify: Callable[[bytes], None]) -> None:
         """Pass a cancel to the broker (always allowed, even HALTED); `notify` gets its reply
-        bytes, or an Error BROKER_UNAVAILABLE."""
+        bytes, or an Error BROKER_UNAVAILABLE. A cancel of an order risk holds no working order
+        for (ended, or never sent) takes a token of STRAY_CANCELS_PER_S first, else is answered
+        RATE_LIMIT here: 20,000 cancels of made-up ids kept the broker link so busy that a
+        well-formed order waited out its timeout (BROKER_UNAVAILABLE)."""
+        stray = client_order_id not in self.inflight and self.engine.working_order(client_order_id) is None
+        if stray and not self._stray.available(now):
+            self.stats["cancels_limited"] = self.stats.get("cancels_limited", 0) + 1
+            self.quiet.log_event(logging.WARNING, "cancel_limited", "stray_cancel",
+                                 {"client_order_id": client_order_id[:40], "per_s": STRAY_CANCELS_PER_S})
+            notify(messages.encode(Error(ts=self.clock(), code=Reason.RATE_LIMIT,
+                                         text=f"cancels of orders risk holds no working order for: at most "
+                                              f"{STRAY_CANCELS_PER_S} a second")))
+            return
+        if stray:
+            self._stray.take(now)
+
         def answered(raw: bytes | None) -> None:
             if raw is None:
                 raw = messages.encode(Error(ts=self.clock(), code=Reason.BROKER_UNAVAILABLE,

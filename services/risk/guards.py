@@ -38,22 +38,38 @@ class TokenBucket:
         self.level -= self.period
 
 
+TOTAL_FACTOR = 4  # all strategies together: this many strategies' worth of orders a second and a minute
+
+
 class RateLimiter:
-    """Per strategy: `per_s` orders a second and `per_min` a minute, each a token bucket."""
+    """Per strategy: `per_s` orders a second and `per_min` a minute, each a token bucket; and all
+    strategies together TOTAL_FACTOR times that. The strategy is a name its client sends: a client
+    that made up a new one for every order passed the limit 299 times in 0.2 s, and a flood of
+    names evicted a real strategy's buckets (STRATEGIES_MAX) and so refilled them."""
 
     def __init__(self, per_s: int, per_min: int) -> None:
         self.per_s, self.per_min = per_s, per_min
         self.buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
+        self.total: tuple[TokenBucket, TokenBucket] | None = None  # made at the first order (its time)
+
+    def _total(self, now_ns: int) -> bool:
+        """Whether the shared buckets have a token each (refilled to `now_ns`, nothing taken)."""
+        if self.total is None:
+            self.total = (TokenBucket(self.per_s * TOTAL_FACTOR, SECOND_NS, now_ns),
+                          TokenBucket(self.per_min * TOTAL_FACTOR, 60 * SECOND_NS, now_ns))
+        return self.total[0].available(now_ns) and self.total[1].available(now_ns)
 
     def allows(self, strategy: str, now_ns: int) -> bool:
         """Whether `strategy` may send one more order at `now_ns` (nothing is taken)."""
         pair = self.buckets.get(strategy)
-        return pair is None or (pair[0].available(now_ns) and pair[1].available(now_ns))
+        return self._total(now_ns) and (pair is None or (pair[0].available(now_ns) and pair[1].available(now_ns)))
 
     def acquire(self, strategy: str, now_ns: int) -> bool:
         """Take a token of both buckets of `strategy` when both have one; returns whether it did.
         The same as `allows` then `take`, refilled and taken here in one call: it is on every
         approved order's path, where each call costs."""
+        if not self._total(now_ns):
+            return False
         pair = self.buckets.get(strategy)
         if pair is None:
             self.take(strategy, now_ns)
@@ -68,6 +84,8 @@ class RateLimiter:
         sec.level -= sec.period
         mnt.level -= mnt.period
         self.buckets.move_to_end(strategy)
+        self.total[0].take(now_ns)
+        self.total[1].take(now_ns)
         return True
 
     def take(self, strategy: str, now_ns: int) -> None:
@@ -82,6 +100,9 @@ class RateLimiter:
             self.buckets.move_to_end(strategy)
         pair[0].take(now_ns)
         pair[1].take(now_ns)
+        self._total(now_ns)
+        self.total[0].take(now_ns)
+        self.total[1].take(now_ns)
 
 
 class LossStreak:

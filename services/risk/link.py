@@ -10,6 +10,7 @@ from typing import Callable
 
 import zmq
 
+from services.risk.telemetry import LogLimiter
 from shared import messages
 from shared.bus import NOBLOCK, connect, readable, recv_frames, send_frames
 from shared.curve import Curve
@@ -52,6 +53,7 @@ class BrokerLink:
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # in deadline order: one timeout for all
         self.ids = itertools.count(1)
         self.stats = {"timeouts": 0, "late": 0, "bad_replies": 0, "send_failed": 0}
+        self.quiet = LogLimiter(log)
         self.sock = self._open()
         self.on_reopen: Callable[[zmq.Socket, zmq.Socket], None] | None = None
 
@@ -115,7 +117,8 @@ class BrokerLink:
             expired.append(self.pending.popitem(last=False)[1])
         if expired:
             self.stats["timeouts"] += len(expired)
-            log.warning("broker_timeout", extra={"endpoint": self.endpoint, "requests": len(expired)})
+            self.quiet.log_event(logging.WARNING, "broker_timeout", "broker_timeout",
+                                 {"endpoint": self.endpoint, "requests": len(expired)})  # ≤ 10 lines a second
             if not self.pending:
                 self._reopen()
             for pending in expired:

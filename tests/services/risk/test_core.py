@@ -250,6 +250,16 @@ def test_token_bucket_is_exact_and_ignores_a_clock_stepping_back():
     assert not r.allows("s", T0 + S) and r.allows("s", T0 + 30 * S)
 
 
+def test_made_up_strategy_names_share_one_ceiling():
+    # the strategy is a name the client sends: one per order passed a 10/s limit 299 times in 0.2 s
+    from services.risk.guards import TOTAL_FACTOR
+    r = RateLimiter(per_s=10, per_min=300)
+    assert sum(r.acquire(f"s{n}", T0) for n in range(1000)) == 10 * TOTAL_FACTOR
+    assert not r.acquire("late", T0) and r.acquire("late", T0 + S // (10 * TOTAL_FACTOR))
+    one = RateLimiter(per_s=10, per_min=300)
+    assert sum(one.acquire("s", T0) for _ in range(100)) == 10  # one name: its own limit, as before
+
+
 @given(steps=st.lists(st.tuples(st.sampled_from("abc"), st.integers(-S, S)), max_size=60),
        per_s=st.integers(1, 4), per_min=st.integers(1, 12))
 def test_acquire_is_allows_then_take(steps, per_s, per_min):

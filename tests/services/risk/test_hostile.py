@@ -83,7 +83,7 @@ def check_reply(raw: bytes) -> str:
     except DecodeError as exc:
         pytest.fail(f"risk answered with an unreadable frame: {exc}")
     if isinstance(reply, Error):
-        assert reply.code in DECODE_CODES | {"UNKNOWN_ORDER", Reason.BROKER_UNAVAILABLE}, reply
+        assert reply.code in DECODE_CODES | {"UNKNOWN_ORDER", Reason.BROKER_UNAVAILABLE, Reason.RATE_LIMIT}, reply
         return "error"
     if isinstance(reply, Decision):
         assert reply.verdict is not Verdict.REJECTED or reply.reason["code"] in DENIAL_CODES, reply

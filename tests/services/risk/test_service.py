@@ -387,6 +387,26 @@ def test_a_book_whose_mid_lies_is_refused_not_marked(rcfg, risk_env, runner, md,
     assert client.request(order("more", "0.001")).verdict is Verdict.APPROVED
 
 
+def test_cancels_of_orders_risk_holds_none_for_are_limited_and_a_working_orders_cancel_is_not(
+        rcfg, runner, md, make_book, feed, client):
+    """20,000 cancels of made-up ids kept the broker link so busy that a good order timed out."""
+    import time as _time
+    from services.risk.desk import STRAY_CANCELS_PER_S
+    frozen = _time.time_ns()  # risk's clock stands still: its cancel bucket never refills here
+    broker = runner.start(BrokerService(rcfg))
+    risk = runner.start(RiskService(rcfg, clock=lambda: frozen))
+    feed(md, make_book(bids=BIDS, asks=ASKS), lambda: "BTCUSDT" in broker.books and "BTCUSDT" in
+         risk.engine.book_ns)
+    rest = client.request(order("gtc", "0.008", kind=OrderKind.LIMIT, price=D("100.5")))
+    assert rest.order.status is OrderStatus.PARTIALLY_FILLED
+    client.request(messages.Control(ts=1, action="STATE", by="test"))  # booked: risk holds it as working
+    codes = [client.request(messages.Cancel(ts=2, client_order_id=f"made-up-{n}")).code
+             for n in range(STRAY_CANCELS_PER_S + 20)]
+    assert codes == ["UNKNOWN_ORDER"] * STRAY_CANCELS_PER_S + ["RATE_LIMIT"] * 20  # the broker asked 100 times
+    assert risk.stats["cancels_limited"] == 20
+    assert client.request(messages.Cancel(ts=3, client_order_id="gtc")).status is OrderStatus.CANCELLED
+
+
 def test_restart_rebuilds_positions_and_halt_and_honours_retries(stack, client, risk_env, rcfg, runner,
                                                                   clients, md, make_book, feed):
     broker, risk = stack
