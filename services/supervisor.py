@@ -26,7 +26,7 @@ import zmq
 
 from shared import curve
 from shared.bus import Subscriber
-from shared.config import Config, endpoints, load, mask_secrets, symbol_groups
+from shared.config import SECTIONS, Config, bind_conflict, bind_endpoints, endpoints, load, mask_secrets, symbol_groups
 from shared.errors import ConfigError, DecodeError
 from shared.runtime import kind_of
 from shared.shabbat import place
@@ -126,6 +126,7 @@ def processes(cfg: Config, env: Mapping[str, str], services: tuple[str, ...] = S
     groups, md, st = _group_buses(cfg, env)
     if len(groups) == 1:
         return [(s, s, dict(env)) for s in services]
+    _check_group_binds(cfg, md, st)
     common = listener_env(cfg, env)
     out = []
     for service in services:
@@ -142,6 +143,23 @@ def processes(cfg: Config, env: Mapping[str, str], services: tuple[str, ...] = S
                 own["QF_MD_RECORD"] = f"{root}-{i + 1}.jsonl{ext}"
             out.append((f"{service}.{i + 1}", service, own))
     return out
+
+
+def _check_group_binds(cfg: Config, md: list[str], st: list[str]) -> None:
+    """Raises ConfigError when an address derived for a group (its PUB endpoints, its metrics
+    ports: PORT_STEP apart) is one another process binds too (shared.config.bind_conflict)."""
+    split = ("QF_MD_PUB", "QF_STRATEGY_PUB", "QF_MD_METRICS_BIND", "QF_STRATEGY_METRICS_BIND")
+    binds = [(var, e) for var, e in bind_endpoints({name: getattr(cfg, name) for name in SECTIONS})
+             if var not in split]
+    for i in range(len(md)):
+        group = f" (group {i + 1})"
+        binds += [("QF_MD_PUB" + group, md[i]), ("QF_STRATEGY_PUB" + group, st[i])]
+        binds += [(var + group, _metrics_bind(bind, i)) for var, bind in
+                  (("QF_MD_METRICS_BIND", cfg.md.metrics_bind), ("QF_STRATEGY_METRICS_BIND", cfg.strategy.metrics_bind))
+                  if bind]
+    problem = bind_conflict(binds)
+    if problem:
+        raise ConfigError(f"QF_SYMBOLS groups: {problem}")
 
 
 class Stack:

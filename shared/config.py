@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
 
@@ -44,19 +45,48 @@ def _str(raw: str) -> str:
     return raw
 
 
+def _nonempty(what: str) -> Callable[[str], str]:
+    """Any text but empty (or blanks): `what` says what it must be."""
+    def parse(raw: str) -> str:
+        if not raw.strip():
+            raise ValueError(f"must not be empty: {what}")
+        return raw
+    return parse
+
+
+# numbers are written in ASCII: int(), float() and Decimal() would also take other scripts' digits
+# (`١٢`, `１０`) and `_` separators (`1_000`)
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _ascii_int(raw: str) -> int:
+    text = raw.strip()
+    if not _ASCII_INT.fullmatch(text):
+        raise ValueError("not a whole number (ASCII digits, e.g. 10)")
+    return int(text)
+
+
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw.strip())
+        value = _ascii_int(raw)
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return value
     return parse
 
 
+def _ascii_float(raw: str) -> float:
+    text = raw.strip()
+    if not _ASCII_NUMBER.fullmatch(text):
+        raise ValueError("not a number (ASCII digits, e.g. 0.5)")
+    return float(text)
+
+
 def _float(lo: float, hi: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        value = float(raw.strip())
-        if not lo <= value <= hi:  # also rejects nan
+        value = _ascii_float(raw)
+        if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return value
     return parse
@@ -64,6 +94,8 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
 
 def _decimal(lo: Decimal, hi: Decimal) -> Callable[[str], Decimal]:
     def parse(raw: str) -> Decimal:
+        if not _ASCII_NUMBER.fullmatch(raw.strip()):
+            raise ValueError("not a decimal number (ASCII digits, e.g. 0.001)")
         try:
             value = Decimal(raw.strip())
         except InvalidOperation:
@@ -88,15 +120,33 @@ def _symbols(raw: str) -> tuple[str, ...]:
     if not syms:
         raise ValueError("needs at least one symbol, e.g. btcusdt")
     for s in syms:
-        if not s.isalnum():
-            raise ValueError(f"{s!r} is not a symbol like btcusdt")
+        if not (s.isascii() and s.isalnum()):
+            raise ValueError(f"{s!r} is not a symbol like btcusdt (ASCII letters and digits)")
     return syms
 
 
+def _port(text: str, lo: int = 1) -> int | None:
+    """`text` as a port number in lo..65535 (ASCII digits), else None."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    port = int(text)
+    return port if lo <= port <= 65535 else None
+
+
 def _endpoint(raw: str) -> str:
+    """A ZeroMQ endpoint one process binds and the others connect to: tcp://HOST:PORT (HOST `*`
+    binds every IPv4 address), ipc://PATH or inproc://NAME. A wildcard port (`tcp://host:*`) is
+    not one: the connecting side could not know it."""
     value = raw.strip()
     if not value.startswith(("tcp://", "ipc://", "inproc://")):
         raise ValueError("must be a ZeroMQ endpoint: tcp://host:port, ipc://path or inproc://name")
+    scheme, _, rest = value.partition("://")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or _port(port) is None:
+            raise ValueError("must be tcp://host:port with a port between 1 and 65535, e.g. tcp://127.0.0.1:5555")
+    elif not rest:
+        raise ValueError(f"must be {scheme}://{'path' if scheme == 'ipc' else 'name'}, not empty")
     return value
 
 
@@ -241,9 +291,51 @@ def _feeds(raw: str) -> Feed:
 def _bind(raw: str) -> str:
     value = raw.strip()
     host, sep, port = value.rpartition(":")
-    if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
+    if value and (not sep or not host or _port(port, 0) is None):
         raise ValueError("must be empty (off) or host:port, e.g. 127.0.0.1:9101 (port 0: any free port)")
     return value
+
+
+def _listen(raw: str) -> str:
+    """host:port an HTTP server listens on (the port 1..65535: the others must find it)."""
+    value = raw.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or _port(port) is None:
+        raise ValueError("must be host:port with a port between 1 and 65535, e.g. 127.0.0.1:8000")
+    return value
+
+
+DB_SCHEMES = ("postgresql", "postgres", "sqlite")  # what shared/db.py opens with the drivers installed
+
+
+def check_db(target: str) -> None:
+    """Raises ValueError (a sentence that never quotes the URL: it may hold a password) when
+    `target`, a QF_DB value or `qf backtest --db`, cannot name a database: empty, a URL of a
+    scheme other than DB_SCHEMES, a URL whose host or port cannot be read, a PostgreSQL URL
+    without a database name. A SQLite path is checked when it is opened."""
+    if not target.strip():
+        raise ValueError("must not be empty: a SQLite file, or a PostgreSQL URL (postgresql://…@HOST:PORT/NAME)")
+    if "://" not in target:
+        return
+    scheme = target.split("://", 1)[0].lower()
+    if scheme not in DB_SCHEMES:
+        raise ValueError(f"{scheme[:20]}:// is not a supported database: a SQLite file, or a PostgreSQL URL "
+                         "(postgresql://…@HOST:PORT/NAME)")
+    try:
+        parts = urlsplit(target.strip())
+        port = parts.port
+    except ValueError as exc:
+        why = "Invalid IPv6 URL" if "IPv6" in str(exc) else "its port is not a number between 1 and 65535"
+        raise ValueError(f"not a database URL that can be read ({why})") from None
+    if port == 0:
+        raise ValueError("not a database URL that can be read (its port is not a number between 1 and 65535)")
+    if scheme != "sqlite" and not parts.path.strip("/"):
+        raise ValueError("names no database (postgresql://…@HOST:PORT/NAME)")
+
+
+def _db(raw: str) -> str:
+    check_db(raw)
+    return raw
 
 
 def _capture_out(raw: str) -> str:
@@ -263,7 +355,7 @@ def _symbol_limits(raw: str) -> str:
             continue
         name, *pairs = entry.split()
         market, sep, sym = name.partition(":")
-        if (sep and market.lower() != "usdm") or not (sym if sep else market).isalnum():
+        if (sep and market.lower() != "usdm") or not name.isascii() or not (sym if sep else market).isalnum():
             raise ValueError(f"{name!r} is not a symbol like btcusdt or usdm:btcusdt")
         parts = [name.upper()]
         for pair in pairs:
@@ -344,9 +436,10 @@ class BusConfig:
 
 @dataclass(frozen=True, slots=True)
 class CommonConfig:
-    db: str = setting("QF_DB", "./data/quantumflow.db", _str, "SQLite file (or a peewee database URL)")
+    db: str = setting("QF_DB", "./data/quantumflow.db", _db, "SQLite file (or a peewee database URL)")
     log_level: str = setting("QF_LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR")
-    run_dir: str = setting("QF_RUN_DIR", "/tmp/quantumflow", _str, "where services touch their liveness files")
+    run_dir: str = setting("QF_RUN_DIR", "/tmp/quantumflow", _nonempty("a directory"),
+                           "where services touch their liveness files")
     instance: str = setting("QF_INSTANCE", "", _instance,
                             "this process's name among several of its service (symbols split over marketdata "
                             "and strategy processes): its heartbeat, alerts and liveness file are "
@@ -404,7 +497,7 @@ def _numbers(kind: type, lo: float, hi: float) -> Callable[[str], str]:
         items = [i.strip() for i in raw.split(",") if i.strip()]
         if not items:
             raise ValueError("needs at least one number, e.g. 1000,5000")
-        values = tuple(kind(i) for i in items)
+        values = tuple((_ascii_int if kind is int else _ascii_float)(i) for i in items)
         if not all(lo <= v <= hi for v in values):  # also rejects nan
             raise ValueError(f"each must be between {lo} and {hi}")
         return ",".join(f"{v:g}" if kind is float else str(v) for v in values)
@@ -594,7 +687,7 @@ class BrokerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
-    bind: str = setting("QF_API_BIND", "127.0.0.1:8000", _str, "host:port gunicorn listens on")
+    bind: str = setting("QF_API_BIND", "127.0.0.1:8000", _listen, "host:port gunicorn listens on")
     workers: int = setting("QF_API_WORKERS", "2", _int(1, 64), "gunicorn workers")
     token: str = setting("QF_API_TOKEN", "", _str, "bearer token for control endpoints (empty: disabled)",
                          secret=True)
@@ -673,7 +766,7 @@ def _chat_ids(raw: str) -> tuple[str, ...]:
         if not item:
             continue
         try:
-            value = int(item)
+            value = _ascii_int(item)
         except ValueError:
             raise ValueError(f"{item[:40]!r} is not a chat id: whole numbers, e.g. 123456789,-1001234567890") from None
         if value == 0 or abs(value) >= 10**16:
@@ -689,7 +782,8 @@ def _hhmm_utc(raw: str) -> str:
     if not value:
         return ""
     hh, sep, mm = value.partition(":")
-    if not (sep and hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24 and int(mm) < 60):
+    if not (sep and hh.isascii() and hh.isdigit() and mm.isascii() and mm.isdigit() and len(mm) == 2
+            and int(hh) < 24 and int(mm) < 60):
         raise ValueError("must be empty (off) or HH:MM in UTC, e.g. 21:00")
     return f"{int(hh):02d}:{mm}"
 
@@ -779,6 +873,8 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
                 problems.append(f"{var}={shown!r}: {mask_secrets(str(exc))}")
         if len(values) == len(fields(cls)):
             sections[name] = cls(**values)
+    if not problems:
+        problems += _cross_checks(sections)
     if not problems and sections["broker"].start_balances:
         problem = _start_account(sections, "QF_START_CASH" in env)
         if isinstance(problem, str):
@@ -818,3 +914,99 @@ def _start_account(sections: dict, cash_given: bool) -> "BrokerConfig | str":
         return (f"QF_START_BALANCES gives {quote}={amount} but QF_START_CASH is {broker.start_cash}: "
                 "set one of them (or both the same)")
     return replace(broker, start_cash=amount)
+
+
+# -- settings that are each valid but cannot go together -------------------------------------
+
+def _cross_checks(sections: dict) -> list[str]:
+    """The problems of pairs of settings that contradict each other (every value valid on its own):
+    no order could pass, a filter nothing passes, a limit that cannot apply, two sockets on one
+    address. Each names both settings, as risk's soft-above-hard breaker check does."""
+    problems = []
+    st, risk = sections["strategy"], sections["risk"]
+    if st.kind == "ofi":  # services/strategy/scoring.py: the score divides by the weights' sum
+        if st.w_ofi + st.w_ofi_l1 + st.w_flow + st.w_depth + st.w_micro <= 0:
+            problems.append("QF_STRATEGY_W_OFI, _W_OFI_L1, _W_FLOW, _W_DEPTH, _W_MICRO: at least one score "
+                            "weight must be positive (all are 0)")
+        if st.vol_min_bps > st.vol_max_bps:  # the regime is open while min <= vol <= max: never
+            problems.append(f"QF_STRATEGY_VOL_MIN_BPS / _VOL_MAX_BPS: the minimum {st.vol_min_bps:g} is above "
+                            f"the maximum {st.vol_max_bps:g} (no volatility lets a signal through)")
+        if st.cancel_score > st.entry_score:  # an entry (score >= entry) is cancelled at score <= cancel
+            problems.append(f"QF_STRATEGY_CANCEL_SCORE / _ENTRY_SCORE: the cancel score {st.cancel_score:g} is "
+                            f"above the entry score {st.entry_score:g} (an entry would be cancelled as it rests)")
+    # risk's checks: notional < min_notional or > max_order_notional is denied (0 is no "off" for either)
+    overrides = {}
+    for entry in (e.strip() for e in risk.symbol_limits.split(";") if e.strip()):
+        name, *pairs = entry.split()
+        overrides[name] = {k: Decimal(v) for k, _, v in (p.partition("=") for p in pairs)}
+    # the global pair, when some traded symbol takes both from it (QF_RISK_SYMBOL_LIMITS overrides are
+    # not judged here: tests/services/strategy/test_ofi.py's property test feeds any pair through them)
+    keys = {"min_notional", "max_order_notional"}
+    if risk.min_notional > risk.max_order_notional and any(
+            not keys & set(overrides.get(sym, {})) for sym in sections["md"].symbols):
+        problems.append(f"QF_RISK_MIN_NOTIONAL / _MAX_ORDER_NOTIONAL: the minimum notional {risk.min_notional:f} "
+                        f"is above the maximum order notional {risk.max_order_notional:f} (no order could pass)")
+    if risk.orders_per_s > risk.orders_per_min:  # two token buckets: a minute holds fewer than one second
+        problems.append(f"QF_RISK_ORDERS_PER_S / _ORDERS_PER_MIN: {risk.orders_per_s} orders a second is above "
+                        f"{risk.orders_per_min} a minute (the per-second limit could never apply)")
+    problem = bind_conflict(bind_endpoints(sections))
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def bind_endpoints(sections: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(setting, address) of every address some process of the configuration binds: the bus
+    endpoints (each of a list), the lock-step conductor's, the HTTP listeners' (metrics, the API)."""
+    bus = sections["bus"]
+    out = [("QF_MD_PUB", e) for e in endpoints(bus.md_pub)]
+    out += [("QF_RISK_REP", bus.risk_rep), ("QF_BROKER_REP", bus.broker_rep), ("QF_BROKER_PUB", bus.broker_pub),
+            ("QF_RISK_PUB", bus.risk_pub)]
+    out += [("QF_STRATEGY_PUB", e) for e in endpoints(bus.strategy_pub)]
+    if bus.lockstep:
+        out.append(("QF_LOCKSTEP", bus.lockstep))
+    for var, section in (("QF_MD_METRICS_BIND", "md"), ("QF_STRATEGY_METRICS_BIND", "strategy"),
+                         ("QF_RISK_METRICS_BIND", "risk"), ("QF_BROKER_METRICS_BIND", "broker")):
+        if sections[section].metrics_bind:
+            out.append((var, sections[section].metrics_bind))
+    out.append(("QF_API_BIND", sections["api"].bind))
+    return out
+
+
+_ANY_V4 = ("*", "0.0.0.0")
+_LOCAL_V4 = ("*", "0.0.0.0", "127.0.0.1", "localhost")
+
+
+def _address(endpoint: str) -> tuple[str, str, str] | None:
+    """(transport, host, port-or-path) an address is bound as; None for what cannot clash with
+    another process (inproc: in-process; port 0: any free port)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:  # host:port, an HTTP listener
+        scheme, rest = "tcp", endpoint
+    if scheme == "inproc":
+        return None
+    if scheme == "ipc":
+        return ("ipc", "", os.path.normpath(rest))
+    host, _, port = rest.rpartition(":")
+    return None if port == "0" else ("tcp", host.lower(), port)
+
+
+def bind_conflict(binds: list[tuple[str, str]]) -> str | None:
+    """The problem when two of (setting, address) would bind one address — the same ipc path, or
+    the same tcp port on the same host (or on this machine's every-address `*` / 0.0.0.0 and one of
+    its IPv4 addresses): the second socket could never bind while the first lives. None if none."""
+    seen: list[tuple[str, str, tuple[str, str, str]]] = []
+    for var, endpoint in binds:
+        addr = _address(endpoint)
+        if addr is None:
+            continue
+        for var0, endpoint0, addr0 in seen:
+            same = addr0 == addr or (
+                addr[0] == addr0[0] == "tcp" and addr[2] == addr0[2]
+                and (addr[1] in _ANY_V4 or addr0[1] in _ANY_V4) and {addr[1], addr0[1]} <= set(_LOCAL_V4))
+            if same:
+                return (f"{var0} and {var} both bind {mask_secrets(endpoint0)}"
+                        + (f" / {mask_secrets(endpoint)}" if endpoint != endpoint0 else "")
+                        + ": give each its own address")
+        seen.append((var, endpoint, addr))
+    return None

@@ -1,7 +1,8 @@
 """`qf backtest`: the shell around services/backtest/engine.py — arguments, inputs, the database, progress, the summary.
 
-Exit status: 0 done; 2 bad input (a missing or unreadable file, not a capture, a symbol the
-capture never gives a book for, a bad setting, an existing --db without --overwrite); 3 the
+Exit status: 0 done; 1 the --db server cannot be reached now; 2 bad input (a missing or unreadable
+file, not a capture, a symbol the capture never gives a book for, a bad setting, an existing --db
+without --overwrite, a --db URL that names no usable database); 3 the
 run finished but a gap in a symbol's update ids was never repaired by a later snapshot (its
 trading ended at the gap; the summary names it). With `--sweep` (services/backtest/sweep.py):
 3 when some runs ended so, 4 when some run failed, 130 on Ctrl-C.
@@ -17,7 +18,7 @@ import time
 from shared import config as qfconfig
 from shared.errors import ConfigError
 
-EXIT_BAD_INPUT, EXIT_UNREPAIRED_GAP = 2, 3
+EXIT_UNAVAILABLE, EXIT_BAD_INPUT, EXIT_UNREPAIRED_GAP = 1, 2, 3
 PROGRESS_EVERY = 5_000  # records between progress updates
 PLAIN_PROGRESS_S = 5.0  # without a terminal: one line this often
 DEFAULT_DB = "backtest.db"
@@ -25,7 +26,23 @@ TOLERANCE_MS = 1000.0  # qf parity's default window for pairing (exch_ts, then a
 
 
 class BadInput(Exception):
-    """A one-line reason the backtest cannot run, naming the file or setting at fault."""
+    """A one-line reason the backtest cannot run, naming the file or setting at fault. Its text is
+    masked (shared.config.mask_secrets) where it is printed: it may quote a database URL."""
+
+    exit_status = EXIT_BAD_INPUT
+
+
+class Unavailable(BadInput):
+    """The database server of --db does not answer now (a later run may find it up): exit status 1."""
+
+    exit_status = EXIT_UNAVAILABLE
+
+
+def report(command: str, exc: BadInput) -> int:
+    """Print `exc` as `qf COMMAND: …` in one line on stderr, credentials masked; returns the exit status."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(qfconfig.mask_secrets(f"qf {command}: {text}"), file=sys.stderr)
+    return exc.exit_status
 
 
 def add_parser(sub) -> None:
@@ -118,6 +135,8 @@ def read_config_file(path: str) -> dict[str, str]:
                 out[name.strip()] = value
     except OSError as exc:
         raise BadInput(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"cannot read config {path}: not UTF-8 text (a byte {exc.object[exc.start]:#04x})") from None
     return out
 
 
@@ -172,7 +191,25 @@ def check_captures(paths: list[str]):
 
 
 def open_db(path: str, overwrite: bool):
-    from shared.db import init_db
+    """Create the run's database `path` (a SQLite file, replaced when `overwrite`; or an empty
+    PostgreSQL database's URL). Raises BadInput, or Unavailable for a server that does not answer."""
+    import peewee
+
+    from shared.db import init_db, where
+    if "://" in path:
+        try:
+            qfconfig.check_db(path)
+        except ValueError as exc:
+            raise BadInput(f"--db: {exc}: {path}") from None  # the URL last: masking eats up to a delimiter
+        try:
+            return init_db(path)
+        except ConfigError as exc:
+            raise BadInput(str(exc)) from None
+        except peewee.ImproperlyConfigured as exc:  # a driver not installed
+            raise BadInput(f"--db {where(path)}: {exc}") from None
+        except peewee.DatabaseError as exc:  # refused logins are StorageErrors (ConfigError) above
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise Unavailable(f"cannot reach the database {where(path)}: {first[:200]}") from None
     if os.path.exists(path):
         if not overwrite:
             raise BadInput(f"{path} exists: remove it, pass --overwrite, or choose another --db")
@@ -337,8 +374,7 @@ def main(args: argparse.Namespace) -> int:
     except BadInput as exc:
         if progress is not None:
             progress.close()
-        print(f"qf backtest: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report("backtest", exc)
     finally:
         from shared.db import close_db
         close_db()

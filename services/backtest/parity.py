@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 import sqlite3
-import sys
 import tempfile
 import urllib.parse
 from contextlib import closing
 
-from services.backtest.cli import BadInput, EXIT_BAD_INPUT, check_captures, open_db, read_config_file
+from services.backtest.cli import BadInput, check_captures, open_db, read_config_file
+from services.backtest.cli import report as report_error
 from shared import config as qfconfig
 from shared.errors import ConfigError
 from services.backtest.pairing import FillView, Item, Run, _clock, _dec, compare
@@ -32,7 +32,9 @@ def open_paper(path: str) -> sqlite3.Connection:
     """PAPER.db opened read-only. Raises BadInput (one line naming the file) for a missing file, a
     file that is not SQLite, or a database without the `orders` table."""
     if "://" in path:
-        raise BadInput(f"{path}: qf parity reads a SQLite file (copy the session's tables to one)")
+        # the URL last, masked (shared.config.mask_secrets): its password never reaches the terminal
+        raise BadInput("--db names a database server; qf parity reads a SQLite file (copy the session's tables "
+                       f"to one): {qfconfig.mask_secrets(path)}")
     if not os.path.exists(path):
         raise BadInput(f"{path}: no such file")
     if not os.path.isfile(path):
@@ -261,6 +263,8 @@ def main(args: argparse.Namespace) -> int:
             raise BadInput(qfconfig.mask_secrets(str(exc))) from None
         specs = check_captures(args.capture)
         if args.out:
+            if "://" in args.out:
+                raise BadInput(f"--out {qfconfig.mask_secrets(args.out)}: qf parity writes a SQLite file")
             if _same_file(args.out, args.db):
                 raise BadInput(f"{args.out} is the paper database: choose another --out")
             if os.path.exists(args.out) and not args.overwrite:
@@ -279,8 +283,7 @@ def main(args: argparse.Namespace) -> int:
             backtest = read_run(bt, (summary.get("first_ts"), summary.get("last_ts")))
         backtest.gaps = [g.as_dict() for g in unrepaired]
     except BadInput as exc:
-        print(f"qf parity: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_error("parity", exc)
     finally:
         if progress is not None:
             progress.close()

@@ -455,8 +455,7 @@ def main(args: argparse.Namespace) -> int:
                       for s in cli.check_captures(args.capture))
         csv_path, keep = _check_outputs(args, len(combos))
     except cli.BadInput as exc:
-        print(f"qf backtest: {exc}", file=sys.stderr)
-        return cli.EXIT_BAD_INPUT
+        return cli.report("backtest", exc)
     jobs = min(args.jobs or cpu_count(), len(combos))
     where = keep or tempfile.mkdtemp(prefix="qf-sweep-")
     tasks = [Task(n, {**base, **combo}, specs, os.path.join(where, f"run-{n}.db")) for n, combo in enumerate(combos, 1)]

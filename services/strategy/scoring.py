@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from services.strategy._cfeatures import Scorer as _CScorer, bind_score
 from services.strategy.features import FeatureParams, FeatureVector
 from shared.config import StrategyConfig, numbers
+from shared.errors import ConfigError
 from shared.enums import Side
 
 NOT_READY, FILTERED = "not_ready", "filtered"  # why a score gives no side besides its size
@@ -51,7 +52,8 @@ class Signal:
 
 class Scorer:
     """The module docstring's score, regime, side and confidence, for one book's features.
-    Raises ValueError at construction when no weight is positive. `score(features)` is the same
+    Raises ConfigError at construction when no weight is positive (shared.config.load refuses that
+    configuration first). `score(features)` is the same
     answer computed in C straight from a SymbolFeatures (no head tuple: the per-book path);
     `__call__(head)` is its Python reference (tests/services/strategy/test_cfeatures.py: equal
     bit for bit)."""
@@ -63,7 +65,8 @@ class Scorer:
             cfg.w_ofi, cfg.w_ofi_l1, cfg.w_flow, cfg.w_depth, cfg.w_micro)
         self.wsum = cfg.w_ofi + cfg.w_ofi_l1 + cfg.w_flow + cfg.w_depth + cfg.w_micro
         if self.wsum <= 0:
-            raise ValueError("QF_STRATEGY_W_*: at least one score weight must be positive")
+            raise ConfigError("QF_STRATEGY_W_OFI, _W_OFI_L1, _W_FLOW, _W_DEPTH, _W_MICRO: at least one score "
+                              "weight must be positive (all are 0)")
         self.ofi_scale, self.l1_scale = cfg.ofi_scale, cfg.ofi_l1_scale
         self.entry, self.max_spread_ratio = cfg.entry_score, cfg.max_spread_ratio
         self.vol_min, self.vol_max = cfg.vol_min_bps, cfg.vol_max_bps
