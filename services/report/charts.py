@@ -58,6 +58,17 @@ def when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def duration(ns: int) -> str:
+    """`3 d 4 h`, `5 h 12 min`, `42 s` (the summary's wording, and the charts')."""
+    s = max(ns, 0) // 1_000_000_000
+    d, h, m = s // 86_400, s % 86_400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d} d {h} h"
+    if h:
+        return f"{h} h {m} min"
+    return f"{m} min {s % 60} s" if m else f"{s} s"
+
+
 def _unit(r: Report) -> str:
     return r.quote or "quote asset"
 
@@ -82,25 +93,68 @@ def thin(ts: np.ndarray, value: np.ndarray, columns: int = COLUMNS) -> tuple[np.
     return ts[keep], value[keep]
 
 
+# Time ticks by what they mostly fall on (years, months, days, hours, minutes, seconds): a date
+# reads `Jul 05`, a time of day always `HH:MM`, with `:SS` when it falls inside a minute; the
+# offset under the axis carries what the ticks leave out.
+TIME_FORMATS = ["%Y", "%b", "%b %d", "%H:%M", "%H:%M", "%H:%M:%S"]
+TIME_ZERO_FORMATS = ["", "%Y", "%b %d", "%b %d", "%H:%M", "%H:%M"]
+TIME_OFFSET_FORMATS = ["", "%Y", "%Y", "%Y-%b-%d", "%Y-%b-%d", "%Y-%b-%d"]
+LEAST_SPAN_NS = 10 * 10**9  # a narrower time axis is widened to this (ticks a second or more apart)
+
+
 def _time_axis(ax, lo: int, hi: int) -> None:
     from matplotlib import dates as mdates
 
     if hi <= lo:
         hi = lo + 60 * 10**9
+    hi = max(hi, lo + LEAST_SPAN_NS)
     ax.set_xlim(np.datetime64(lo, "ns"), np.datetime64(hi, "ns"))
     locator = mdates.AutoDateLocator(tz=timezone.utc, minticks=5, maxticks=9)
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc, show_offset=True))
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(
+        locator, tz=timezone.utc, formats=TIME_FORMATS, zero_formats=TIME_ZERO_FORMATS,
+        offset_formats=TIME_OFFSET_FORMATS, show_offset=True))
     ax.set_xlabel("time (UTC)")
 
 
+def _decimals(step: float) -> int:
+    """Decimals that show a tick spacing of `step` whole: 0.025 → 3, 0.5 → 1, 10 → 0 (at most 8)."""
+    if not step > 0 or not math.isfinite(step):
+        return 0
+    for d in range(9):
+        if abs(round(step, d) - step) <= step * 1e-6:
+            return d
+    return 8
+
+
 def _number_axis(axis, span: float, suffix: str = "") -> None:
-    """Tick labels with thousands separators and as many decimals as the ticks' spacing needs."""
+    """Tick labels with thousands separators and as many decimals as the drawn ticks' spacing needs
+    (`span / 6` until they are known), never `-0`."""
     from matplotlib import ticker
 
-    step = span / 6 if span > 0 else 1.0
-    decimals = max(0, min(8, -math.floor(math.log10(step))))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.{decimals}f}{suffix}"))
+    class Amounts(ticker.Formatter):
+        decimals = _decimals(10 ** math.floor(math.log10(span / 6))) if span > 0 else 0
+
+        def set_locs(self, locs):
+            super().set_locs(locs)
+            steps = np.diff(np.sort(np.asarray(locs, dtype=np.float64)))
+            steps = steps[steps > 0]
+            if len(steps):
+                self.decimals = _decimals(float(steps.min()))
+
+        def __call__(self, v, pos=None):
+            v = round(float(v), self.decimals) + 0.0  # -0.0 + 0.0 is 0.0
+            return f"{v:,.{self.decimals}f}{suffix}"
+
+    axis.set_major_formatter(Amounts())
+
+
+def _count_axis(axis) -> None:
+    """Whole-number ticks for a count: 0, 1, 2 (never 0.5), with thousands separators."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{round(v):,d}"))
 
 
 def money(value: float, unit: str, signed: bool = False) -> str:
@@ -108,6 +162,13 @@ def money(value: float, unit: str, signed: bool = False) -> str:
     digits = 2 if abs(value) >= 1 or value == 0 else max(2, -math.floor(math.log10(abs(value))) + 2)
     text = f"{value:+,.{digits}f}" if signed else f"{value:,.{digits}f}"
     return f"{text} {unit}"
+
+
+def percent(fraction: float, signed: bool = False) -> str:
+    """`-0.46%`; a change under 0.01% with two significant digits (`-0.0023%`), never `-0.00%`."""
+    size = abs(fraction) * 100
+    digits = 2 if size == 0 or size >= 0.01 else min(8, 1 - math.floor(math.log10(size)))
+    return f"{fraction * 100:+.{digits}f}%" if signed else f"{fraction * 100:.{digits}f}%"
 
 
 def placeholder(title: str, message: str, detail: str = "") -> bytes:
@@ -167,7 +228,7 @@ def equity_png(r: Report) -> bytes:
         ax.set_ylabel(f"{'net P&L' if derived_pnl else 'equity'} ({unit})")
         end = float(c.value[-1])
         change = end - base
-        pct = f" ({change / base:+.2%})" if base > 0 else ""
+        pct = f" ({percent(change / base, signed=True)})" if base > 0 else ""
         ax.set_title(f"{title}: {money(end, unit)}, {money(change, unit, signed=True)}{pct} from the start"
                      if not derived_pnl else f"{title}: {money(end, unit, signed=True)}", pad=24)
         ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=4, frameon=False, borderaxespad=0.2,
@@ -175,7 +236,7 @@ def equity_png(r: Report) -> bytes:
         if r.states_from is not None:
             ax.text(1.0, -0.2, f"risk states known from {when(r.states_from)}", transform=ax.transAxes,
                     ha="right", va="top", fontsize=8, color=GREY)
-        fig.subplots_adjust(left=0.13, right=0.97, top=0.84, bottom=0.17)
+        fig.subplots_adjust(left=0.13, right=0.95, top=0.84, bottom=0.17)  # room for a last `HH:MM:SS`
         return _png(fig)
 
 
@@ -201,16 +262,14 @@ def drawdown_png(r: Report) -> bytes:
         _number_axis(ax.yaxis, -low, " %" if pct else "")
         ax.set_ylabel("below the running peak (%)" if pct else f"below the running peak ({unit})")
         if dd.amount:
-            depth_text = f"{dd.fraction:.2%}" if dd.fraction is not None else money(float(dd.amount), unit)
-            days = dd.duration_ns / 86_400e9
-            how_long = f"{days:.1f} days" if days >= 1 else f"{dd.duration_ns / 3600e9:.1f} hours"
-            ax.set_title(f"Drawdown: at most {depth_text}, "
-                         f"{'recovered after' if dd.recovered_ts is not None else 'not recovered in'} {how_long}")
+            depth_text = percent(dd.fraction) if dd.fraction is not None else money(float(dd.amount), unit)
+            ended = "recovered after" if dd.recovered_ts is not None else "not recovered in"
+            ax.set_title(f"Drawdown: at most {depth_text}, {ended} {duration(dd.duration_ns)}")
             trough = np.datetime64(dd.trough_ts, "ns")
             ax.plot([trough], [low], marker="v", color=RED, markersize=7, zorder=4)
         else:
             ax.set_title("Drawdown: none, the curve never fell below a peak")
-        fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.17)
+        fig.subplots_adjust(left=0.13, right=0.95, top=0.9, bottom=0.17)
         return _png(fig)
 
 
@@ -241,20 +300,21 @@ def histogram_png(r: Report) -> bytes:
         ax.axvline(median, color=PURPLE, linewidth=1.5, linestyle="--",
                    label=f"median {money(median, unit, signed=True)}", zorder=3)
         ax.axvline(0, color=GREY, linewidth=0.8, zorder=1)
-        ax.set_xlim(min(lo, mean, median) - (hi - lo) * 0.02, max(hi, mean, median) + (hi - lo) * 0.02)
+        left, right = min(edges[0], mean, median), max(edges[-1], mean, median)  # the edge bars whole
+        ax.set_xlim(left - (right - left) * 0.02, right + (right - left) * 0.02)
         _number_axis(ax.xaxis, hi - lo)
         ax.set_xlabel(f"net P&L per round trip, after fees ({unit})")
         ax.set_ylabel("round trips")
-        _number_axis(ax.yaxis, 100.0)
+        _count_axis(ax.yaxis)
         ax.grid(axis="x", visible=False)
-        ax.set_title(f"{title}: {r.trips:,} trips, {r.wins / r.trips:.1%} won")
-        # the legend on the side away from the middle of the trips
-        ax.legend(loc="upper left" if median > (lo + hi) / 2 else "upper right", frameon=True, framealpha=0.9,
-                  edgecolor="#d0d7de")
+        ax.set_title(f"{title}: {r.trips:,} trip{'s' if r.trips != 1 else ''}, {r.wins / r.trips:.1%} won", pad=24)
+        # the legend above the plot, as the equity chart's: bars of any shape leave it clear
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False, borderaxespad=0.2,
+                  handlelength=1.6, columnspacing=1.2)
         if clipped:
             ax.text(1.0, -0.17, f"{clipped:,} trips beyond the 1st/99th percentile are counted in the edge bars",
                     transform=ax.transAxes, ha="right", va="top", fontsize=8, color=GREY)
-        fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.2)
+        fig.subplots_adjust(left=0.1, right=0.97, top=0.84, bottom=0.2)
         return _png(fig)
 
 
@@ -283,11 +343,29 @@ def heatmap_png(r: Report) -> bytes:
         bar = fig.colorbar(image, ax=ax, fraction=0.035, pad=0.02)
         bar.set_label(f"net P&L ({unit})")
         _number_axis(bar.ax.yaxis, 2 * top)
-        best = np.unravel_index(int(np.argmax(np.where(r.heat_trips > 0, r.heat, -np.inf))), r.heat.shape)
-        worst = np.unravel_index(int(np.argmin(np.where(r.heat_trips > 0, r.heat, np.inf))), r.heat.shape)
-        ax.set_title(f"{title}: best {WEEKDAYS[best[0]]} {best[1]:02d}h, worst {WEEKDAYS[worst[0]]} {worst[1]:02d}h")
+        headline = _best_and_worst(r)
+        ax.set_title(f"{title}: {headline}" if headline else title)
         fig.subplots_adjust(left=0.07, right=0.9, top=0.89, bottom=0.15)
         return _png(fig)
+
+
+def _best_and_worst(r: Report) -> str:
+    """The heatmap's headline: `only Fri 00h, -1.07 USDT` for a single cell; else the best hour
+    if it gained and the worst if it lost (`best Fri 19h, worst Fri 07h`); "" when neither."""
+    cells = r.heat_trips > 0
+
+    def name(cell) -> str:
+        return f"{WEEKDAYS[cell[0]]} {cell[1]:02d}h"
+
+    if int(cells.sum()) == 1:
+        cell = np.unravel_index(int(np.argmax(cells)), cells.shape)
+        return f"only {name(cell)}, {money(float(r.heat[cell]), _unit(r), signed=True)}"
+    best = np.unravel_index(int(np.argmax(np.where(cells, r.heat, -np.inf))), r.heat.shape)
+    worst = np.unravel_index(int(np.argmin(np.where(cells, r.heat, np.inf))), r.heat.shape)
+    said = [f"best {name(best)}"] if r.heat[best] > 0 else []
+    if r.heat[worst] < 0:
+        said.append(f"worst {name(worst)}")
+    return ", ".join(said)
 
 
 CHARTS = (("equity.png", "Equity curve", equity_png), ("drawdown.png", "Drawdown", drawdown_png),

@@ -104,7 +104,6 @@ def _fail(text: str, status: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from services.report import charts, markdown, sources
-    from services.report.core import Tally
 
     start, end = parse_time(args.start, "--from"), parse_time(args.end, "--to")
     if start is not None and end is not None and end <= start:
@@ -129,11 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         loaded = sources.load_csv(args.csv, start, end)
     else:
         loaded = sources.load_api(args.api, args.token or os.environ.get("QF_API_TOKEN") or None, start, end)
-    derive = loaded.equity is None or not len(loaded.equity.ts)
-    tally = Tally(start, end, derive_curve=derive)
-    for batch in loaded.fills:
-        tally.add(batch)
-    report = tally.report(None if derive else loaded.equity, loaded.changes, loaded.states_from, start_cash)
+    report = make_report(loaded, start, end, start_cash)
     images = charts.draw_all(report)
     out = args.out
     try:
@@ -152,6 +147,17 @@ def _run(args: argparse.Namespace) -> int:
         line += f"; {args.readme} {'updated' if changed else 'unchanged'}"
     print(line)
     return 0
+
+
+def make_report(loaded, start: int | None, end: int | None, start_cash: Decimal | None = None):
+    """The Report of what a source loaded (sources.Loaded), for the range asked."""
+    from services.report.core import Tally
+
+    derive = loaded.equity is None or not len(loaded.equity.ts)
+    tally = Tally(start, end, derive_curve=derive)
+    for batch in loaded.fills:
+        tally.add(batch)
+    return tally.report(None if derive else loaded.equity, loaded.changes, loaded.states_from, start_cash)
 
 
 def _read(path: str) -> str:

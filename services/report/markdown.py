@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from services.report.charts import CHARTS, period, when
+from services.report.charts import CHARTS, duration, percent, period, when
 from services.report.core import Report
 from shared.money import text as money_text
 
@@ -24,17 +24,6 @@ def money(amounts: dict[str, Decimal], signed: bool = False) -> str:
     parts = [f"{'+' if signed and v > 0 else ''}{money_text(v)} {asset or '(quote)'}"
              for asset, v in amounts.items() if v or len(amounts) == 1]
     return " + ".join(parts) if parts else "0"
-
-
-def duration(ns: int) -> str:
-    """`3 d 4 h`, `5 h 12 min`, `42 s`."""
-    s = max(ns, 0) // 1_000_000_000
-    d, h, m = s // 86_400, s % 86_400 // 3600, s % 3600 // 60
-    if d:
-        return f"{d} d {h} h"
-    if h:
-        return f"{h} h {m} min"
-    return f"{m} min {s % 60} s" if m else f"{s} s"
 
 
 def _ratio(value: float | None, digits: int = 2, missing: str = "n/a") -> str:
@@ -71,7 +60,7 @@ def rows(r: Report, has_states: bool = True) -> list[tuple[str, str]]:
         out.append(("Max drawdown", "none"))
     else:
         amount = money({r.quote: dd.amount.copy_negate()})
-        out.append(("Max drawdown", f"{-dd.fraction:.2%} ({amount})" if dd.fraction is not None else amount))
+        out.append(("Max drawdown", f"{percent(-dd.fraction)} ({amount})" if dd.fraction is not None else amount))
         end = f"recovered {when(dd.recovered_ts)}" if dd.recovered_ts is not None else "not recovered"
         out.append(("Max drawdown duration", f"{duration(dd.duration_ns)} (peak {when(dd.peak_ts)}, "
                                              f"trough {when(dd.trough_ts)}, {end})"))
