@@ -26,6 +26,7 @@ import os
 import re
 import select
 import socket
+import sys
 import time
 from collections import OrderedDict
 
@@ -66,6 +67,7 @@ class ApiWorker(SyncWorker):
     request wakes the worker again only when more arrives, never in a busy loop."""
 
     def run(self) -> None:
+        self.log = _QuietTimeouts(self.log)
         self.waiting: OrderedDict[int, list] = OrderedDict()  # fd -> [sock, listener, addr, since, first byte at]
         self.epoll = select.epoll()
         listeners = {}
@@ -171,3 +173,22 @@ class ApiWorker(SyncWorker):
 _BODY = json.dumps(error_body("request_timeout", f"the request did not arrive whole within {REQUEST_S:.0f} s")).encode()
 _TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
                    b"Content-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
+
+
+class _QuietTimeouts:
+    """gunicorn's logger, but a socket that timed out under HANDLE_TIMEOUT_S (a client that stopped
+    reading its answer, or sending its chunked body) is one warning line, not the traceback
+    gunicorn's `handle` logs for any OSError it does not know."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def exception(self, msg, *args, **kwargs) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            self._inner.warning("client timed out after %.0f s; connection closed", HANDLE_TIMEOUT_S)
+            return
+        self._inner.exception(msg, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)

@@ -277,7 +277,7 @@ def test_idle_and_half_sent_connections_hold_no_worker(tmp_path):
 
     db = tmp_path / "qf.db"
     _make_db(db, ["a1"])
-    proc, base, log_path = _start_api(tmp_path, db, workers=2)
+    proc, base, log_path = _start_api(tmp_path, db, workers=2, QF_API_TOKEN="tok-3f9")  # control reads its body
     port = int(base.rsplit(":", 1)[1])
     held: list[socket.socket] = []
     try:
@@ -305,6 +305,13 @@ def test_idle_and_half_sent_connections_hold_no_worker(tmp_path):
             assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
             assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         assert all(s.fileno() >= 0 for s in idle)  # still open: idle ones wait up to IDLE_S, quietly
+        # a chunked body is handed over with its head and read under the worker's socket timeout:
+        # it holds one worker at most HANDLE_TIMEOUT_S, and says so in one line
+        chunked = connect(b"POST /api/v1/control HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-3f9\r\n"
+                          b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a")
+        chunked.settimeout(worker.HANDLE_TIMEOUT_S + 10)
+        answer = chunked.recv(65536)  # the API's body reader timed out: a JSON 400, the worker free again
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"application/json" in answer, answer[:300]
         assert _request(base, "/health/live")[0] == 200
     finally:
         for s in held:
