@@ -200,7 +200,12 @@ def _run_marketdata(overrides: dict[str, str], name: str, **service_args) -> int
     if error:  # a capture that could not be read through is not a finished replay
         print(qfconfig.mask_secrets(f"qf {name}: capture unreadable: {error}"[:1000]), file=sys.stderr)
         return 1
-    return 0
+    issues = service.replay_issues if name == "replay" else []
+    for _, text in issues:  # a damaged capture's replay must not pass for a clean one
+        print(qfconfig.mask_secrets(f"qf {name}: {text}"[:1000]), file=sys.stderr)
+    if any(kind == "no_book" for kind, _ in issues):
+        return 2  # as `qf backtest`: nothing of what was asked for is in the capture
+    return 3 if issues else 0  # replayed to its end, but not as recorded clean (bad messages, time going back)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -212,7 +217,31 @@ def cmd_record(args: argparse.Namespace) -> int:
     return _run_marketdata(overrides, "record", publish=False)
 
 
+def check_replay_captures(items: list[str]) -> str:
+    """Why the --capture items of `qf replay` cannot be replayed (one line naming the file: missing,
+    a directory, empty, not a capture, receive times going backwards), or "" when they can."""
+    from services.marketdata.capture import CaptureError, check_capture
+    from services.marketdata.feeds import parse_replay
+
+    for item in items:
+        try:
+            specs = parse_replay(item)
+        except ValueError as exc:
+            return f"--capture {item}: {exc}"
+        for spec in specs:
+            for path in spec.paths:
+                try:
+                    check_capture(path)
+                except CaptureError as exc:
+                    return str(exc)
+    return ""
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    problem = check_replay_captures(args.capture)
+    if problem:
+        print(f"qf replay: {problem}", file=sys.stderr)
+        return 2
     overrides = {"QF_FEED": "replay:" + ",".join(args.capture), "QF_REPLAY_SPEED": str(args.speed)}
     if args.loop:
         overrides["QF_REPLAY_LOOP"] = "true"
@@ -268,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_record)
     rp = sub.add_parser("replay", help="publish captures on QF_MD_PUB as if live",
                         description="Run marketdata on recorded captures: book.*/trade.*/status.* on QF_MD_PUB. "
-                                    "Several --capture play side by side; a+b plays b after a.")
+                                    "Several --capture play side by side; a+b plays b after a. Exit status: 0 "
+                                    "replayed clean; 1 a capture could not be read to its end; 2 no capture "
+                                    "(missing, a directory, empty, receive times going backwards), a bad setting, "
+                                    "or a symbol never had a book; 3 replayed to its end but with bad messages "
+                                    "(each logged with FILE:LINE), receive times going back or a gap nothing "
+                                    "repaired.")
     rp.add_argument("--capture", required=True, action="append",
                     help="[spot:|usdm:]FILE[+FILE...] (market detected when not given); repeatable")
     rp.add_argument("--speed", type=float, default=1.0, help="1 = as recorded (default), 0 = as fast as possible")

@@ -2,9 +2,11 @@
 
 Exit status: 0 done; 1 the --db server cannot be reached now; 2 bad input (a missing or unreadable
 file, not a capture, a symbol the capture never gives a book for, a bad setting, an existing --db
-without --overwrite, a --db URL that names no usable database); 3 the
-run finished but a gap in a symbol's update ids was never repaired by a later snapshot (its
-trading ended at the gap; the summary names it). With `--sweep` (services/backtest/sweep.py):
+without --overwrite, a --db URL that names no usable database, receive times that go backwards
+from the start); 3 the run finished but not over the capture as recorded: a gap in a symbol's
+update ids was never repaired by a later snapshot (its trading ended at the gap), or the capture
+held bad messages (a NaN, negative or oversized level, a bad trade: each named FILE:LINE, with
+what a lost book skipped), or receive times that go backwards (the summary names each). With `--sweep` (services/backtest/sweep.py):
 3 when some runs ended so, 4 when some run failed, 130 on Ctrl-C.
 """
 from __future__ import annotations
@@ -166,23 +168,21 @@ def load_config(args: argparse.Namespace) -> qfconfig.Config:
 
 
 def check_captures(paths: list[str]):
-    """Each file exists, is readable and starts with a capture record; returns the replay specs
-    (files grouped by market, each group in the order of its first record's time). Raises BadInput."""
-    from services.marketdata.capture import CaptureError, iter_capture
+    """Each file exists, is readable, starts with a capture record and its receive times go
+    forwards (services.marketdata.capture.check_capture); returns the replay specs (files grouped
+    by market, each group in the order of its first record's time). Raises BadInput."""
+    from services.marketdata.capture import CaptureError, check_capture, iter_capture
     from services.marketdata.feeds import CaptureSpec, detect_market
 
     firsts: dict = {}
     for path in paths:
-        if not os.path.isfile(path):
-            raise BadInput(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
         try:
-            first = next(iter(iter_capture(path)), None)
+            check_capture(path)
+            first = next(iter(iter_capture(path)))
         except CaptureError as exc:
-            raise BadInput(f"{exc} — not a capture") from None
+            raise BadInput(str(exc)) from None
         except OSError as exc:
             raise BadInput(f"{path}: {exc.strerror or exc}") from None
-        if first is None or type(first.get("t")) is not int:
-            raise BadInput(f"{path}: not a capture (no record with an integer receive time \"t\")")
         firsts[path] = (detect_market(path), first["t"])
     groups: dict = {}
     for path, (market, t) in firsts.items():
@@ -278,6 +278,7 @@ def run(cfg: qfconfig.Config, specs, db_path: str | None, seed: int, progress=No
 
     router = BookRouter(symbols, cfg.md.book_depth)
     feed = ReplayFeed(specs, symbols, 0, stamp="recorded")
+    router.where = feed.where  # a bad message is named by the file and line it was read from
     try:
         bt = Backtest(cfg, symbols, seed, sink, router)
     except ConfigError as exc:  # a setting only a service can judge (risk's limits, a symbol's assets)
@@ -297,7 +298,36 @@ def run(cfg: qfconfig.Config, specs, db_path: str | None, seed: int, progress=No
         files = ", ".join(p for spec in specs for p in spec.paths)
         raise BadInput(f"{files}: no book for {', '.join(never)} (no snapshot or no depth events of it in the "
                        f"capture)")
-    return bt.summary(seconds), bt.unrepaired()
+    summary = bt.summary(seconds)
+    summary["time_backwards"], summary["time_backwards_first"] = feed.backwards, feed.first_backwards
+    return summary, bt.unrepaired()
+
+
+def damage(summary: dict) -> list[str]:
+    """One line for each way the capture was not clean (bad messages, receive times going back):
+    the run's figures are not those of the capture as recorded. Empty for a clean capture."""
+    out = []
+    n = summary.get("bad_events", 0)
+    if n:
+        listed = summary["bad_event_list"]
+        lost = [b for b in listed if b["book_lost"]]
+        text = f"{n:,} bad message{'s' * (n != 1)} in the capture (first: {_bad_line(listed[0])})" if listed \
+            else f"{n:,} bad messages in the capture"
+        if lost:
+            text += "; " + "; ".join(
+                f"{b['symbol']} had no book for {b['skipped_messages']:,} messages ({b['skipped_s']:,.1f} s) after "
+                f"{b['where'] or 'it'}, " + (f"resynced at update id {b['repaired_at_update_id']}" if b["repaired"]
+                                             else "never resynced") for b in lost)
+        out.append(text)
+    back = summary.get("time_backwards", 0)
+    if back:
+        out.append(f"receive times go backwards {back:,} time{'s' * (back != 1)} "
+                   f"(first: {summary['time_backwards_first']})")
+    return out
+
+
+def _bad_line(b: dict) -> str:
+    return f"{b['where'] + ': ' if b['where'] else ''}{b['detail']}"
 
 
 def render(summary: dict) -> str:
@@ -339,6 +369,22 @@ def render(summary: dict) -> str:
                 else "NEVER repaired: trading in it ended here")
         lines.append(f"gap          {g['symbol']}: after update id {g['after_update_id']} came "
                      f"{g['next_first_update_id']}; {fate}")
+    n = summary.get("bad_events", 0)
+    listed = summary.get("bad_event_list", [])
+    lines.append(f"bad messages {n:,}" + (f", {summary['skipped_messages']:,} messages came while a bad one had "
+                                          f"cost a book" if summary.get("skipped_messages") else "") if n
+                 else "bad messages none")
+    for b in listed[:10]:
+        fate = ("" if not b["book_lost"] else
+                f"; {b['symbol']} book lost: {b['skipped_messages']:,} messages ({b['skipped_s']:,.1f} s) skipped, "
+                + (f"resynced at update id {b['repaired_at_update_id']}" if b["repaired"] else "NEVER resynced"))
+        lines.append(f"bad message  {_bad_line(b)}{fate}")
+    if n > len(listed[:10]):
+        lines.append(f"bad message  … {n - len(listed[:10]):,} more" + (" (--json lists the first 100)"
+                                                                         if n > 10 else ""))
+    back = summary.get("time_backwards", 0)
+    lines.append(f"time         receive times go backwards {back:,} time{'s' * (back != 1)} (first: "
+                 f"{summary['time_backwards_first']})" if back else "time         receive times in order")
     return "\n".join(lines)
 
 
@@ -381,9 +427,11 @@ def main(args: argparse.Namespace) -> int:
     progress.close()
     summary["db"] = args.db
     print(json.dumps(summary) if args.json else render(summary) + f"\ndatabase     {args.db}")
+    problems = damage(summary)
+    for text in problems:
+        print(f"qf backtest: {text}", file=sys.stderr)
     if unrepaired:
         print(f"qf backtest: {len(unrepaired)} gap(s) never repaired: "
               + "; ".join(f"{g.symbol} after update id {g.after}" for g in unrepaired), file=sys.stderr)
-        return EXIT_UNREPAIRED_GAP
-    return 0
+    return EXIT_UNREPAIRED_GAP if unrepaired or problems else 0
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 from services.broker import core, store
 from services.broker.core import Account, Order
 from services.broker.desk import SeededIds
-from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
+from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update, lot_sizes
 from services.broker.latency import LatencyModel
 from services.broker.queue import make_queue_model
 from services.risk import limits as risk_limits
@@ -49,7 +49,7 @@ from services.risk.store import Forwarded, Outbox
 from services.risk.telemetry import LogLimiter
 from services.strategy.core import ImbalanceStrategy, OrderIntent
 from services.strategy.ofi import CancelIntent, OfiStrategy, signal_params
-from services.backtest.summary import Figures, Gap
+from services.backtest.summary import BadEvent, Figures, Gap
 from shared import messages
 from shared.aggregates import Aggregates
 from shared.config import Config
@@ -64,6 +64,7 @@ log = logging.getLogger("qf.backtest")
 MESSAGES = (WsMessage, SnapshotRecord)  # the capture's messages (not the feed's route records)
 Sink = Callable[[list], None]  # journal statements (shared/db.py JOURNAL_SQL kinds) to store
 TICK_NS = 50_000_000  # the OFI strategy's `tick` period (its live shell's): time stops, stale entries
+BAD_LISTED = 100  # bad capture messages listed in the summary (all are counted)
 
 
 @dataclass(slots=True)
@@ -89,7 +90,7 @@ class PaperExchange:
         b = cfg.broker
         self.latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, seed)
         self.model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
-                               self.latency, b.fee_asset, symbols)
+                               self.latency, b.fee_asset, symbols, lot_sizes(cfg))
         self.account = Account(b.start_cash)
         self.aggregates = Aggregates()  # the run's database starts empty (services/backtest/cli.py)
         self.timeout_ns = cfg.risk.broker_timeout_ms * 1_000_000
@@ -257,6 +258,11 @@ class Backtest:
         self._open_gap: dict[str, Gap] = {}
         self._gap_counts = {k: 0 for k in symbols}
         self._gaps_seen = 0
+        self.bad: list[BadEvent] = []  # the first BAD_LISTED bad messages of the capture
+        self.bad_count = 0  # all of them
+        self.skipped = 0  # capture messages that came while a bad message had cost a symbol its book
+        self._open_bad: dict[str, BadEvent] = {}  # symbol -> the bad message its book is lost since
+        self._bad_seen = 0
         self._later: list = []  # what risk's shell runs at the end of its turn (RiskService.later)
         self._flattening: FlattenJob | None = None  # a pause's flatten in progress
         self._flatten_retry_ns = 0
@@ -298,6 +304,10 @@ class Backtest:
             dispatch(rec, t)
             if type(rec) in MESSAGES:
                 self.records += 1
+                if self._open_bad:
+                    self._skipping()
+            if stats["bad_messages"] != self._bad_seen:
+                self._note_bad(t)
             if stats["gaps"] != self._gaps_seen:
                 self._note_gaps(t)
             if inbox:
@@ -516,6 +526,37 @@ class Backtest:
         gap = self._open_gap.pop(book.symbol, None) if self._open_gap else None
         if gap is not None:
             gap.repaired_at = book.update_id
+        bad = self._open_bad.pop(book.symbol, None) if self._open_bad else None
+        if bad is not None:
+            bad.repaired_at, bad.repaired_ts = book.update_id, book.ts
+
+    # -- bad messages ---------------------------------------------------------------------------
+
+    def _note_bad(self, t: int) -> None:
+        """The router refused a capture message (router.last_bad: where it was read, why): counted,
+        listed, and when it cost its symbol the book, kept open (the messages that follow counted
+        as skipped) until a book of the symbol is published again."""
+        router = self.router
+        count = router.stats["bad_messages"]
+        self.bad_count += count - self._bad_seen
+        self._bad_seen = count
+        last = router.last_bad
+        if last is None:
+            return
+        key = last.key
+        sync = router.syncs.get(key) if key else None
+        lost = (sync is not None and not sync.synced and router.m.books.get(key, 0) > 0
+                and key not in self._open_bad and key not in self._open_gap)
+        bad = BadEvent(last.where, key, last.reason, last.detail, t, book_lost=lost)
+        if len(self.bad) < BAD_LISTED:
+            self.bad.append(bad)
+        if lost:
+            self._open_bad[key] = bad
+
+    def _skipping(self) -> None:
+        self.skipped += 1
+        for bad in self._open_bad.values():
+            bad.skipped += 1
 
     # -- results ------------------------------------------------------------------------------
 
@@ -529,7 +570,9 @@ class Backtest:
             open_orders=sum(1 for w in self.exchange.model.working.values() if w.order.is_open),
             risk_state=self.engine.state.value,
             positions={s: format(q, "f") for s, q in sorted(self.exchange.account.positions.items()) if q},
-            first_ts=self.first_ns, last_ts=self.clock.now, **self._pause_summary(), **self._strategy_summary())
+            first_ts=self.first_ns, last_ts=self.clock.now, bad_events=self.bad_count,
+            bad_event_list=[b.as_dict(self.clock.now) for b in self.bad], skipped_messages=self.skipped,
+            **self._pause_summary(), **self._strategy_summary())
 
     def _pause_summary(self) -> dict:
         """The Shabbat and Yom Tov pauses the capture's time crossed (nothing without a calendar)."""

@@ -19,7 +19,7 @@ import tempfile
 import urllib.parse
 from contextlib import closing
 
-from services.backtest.cli import BadInput, check_captures, open_db, read_config_file
+from services.backtest.cli import BadInput, check_captures, damage, open_db, read_config_file
 from services.backtest.cli import report as report_error
 from shared import config as qfconfig
 from shared.errors import ConfigError
@@ -301,6 +301,8 @@ def main(args: argparse.Namespace) -> int:
                      f"wall-clock time cover other stretches of capture time than in the backtest")
     if info["dropped"]:
         notes.append(f"settings this version does not know were left out: {', '.join(info['dropped'])}")
+    for text in damage(summary):
+        notes.append(f"the backtest's capture is damaged: {text}")
     for g in backtest.gaps:
         notes.append(f"the backtest's {g['symbol']} book broke at a gap never repaired after update id "
                      f"{g['after_update_id']} ({_clock(g['ts'])} UTC): its trading ended there")

@@ -55,6 +55,33 @@ class Gap:
 
 
 @dataclass(slots=True)
+class BadEvent:
+    """A capture message the book sync or the router could not use (a NaN or negative level, a
+    bad trade, a broken snapshot): where it was read (`where`, "FILE:LINE"), the symbol it was
+    about ("" when none), why (`reason`, the decode-error reason) and what was wrong (`detail`).
+    When it cost the symbol its book (`book_lost`), `skipped` counts the capture's messages that
+    came while the book was gone, until a later snapshot resynced it (`repaired_at`, its update
+    id, at `repaired_ts`) or the capture ended (`repaired_at` None)."""
+    where: str
+    symbol: str
+    reason: str
+    detail: str
+    ts: int
+    book_lost: bool = False
+    skipped: int = 0
+    repaired_at: int | None = None
+    repaired_ts: int | None = None
+
+    def as_dict(self, end_ns: int) -> dict:
+        lost_ns = ((self.repaired_ts if self.repaired_ts is not None else end_ns) - self.ts) if self.book_lost else 0
+        return {"where": self.where, "symbol": self.symbol, "reason": self.reason, "detail": self.detail,
+                "ts": self.ts, "book_lost": self.book_lost, "skipped_messages": self.skipped,
+                "skipped_s": round(max(lost_ns, 0) / 1e9, 3),
+                "repaired": self.book_lost and self.repaired_at is not None,
+                "repaired_at_update_id": self.repaired_at}
+
+
+@dataclass(slots=True)
 class Figures:
     """Collects what the summary is made of while the backtest runs (`on_fill`, `on_mark`,
     `sample`), then `summary()` computes the figures."""

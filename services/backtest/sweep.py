@@ -17,7 +17,8 @@ callback, every `cli.PROGRESS_EVERY` records, raises on it), cancels what has no
 `terminate_workers()` does).
 
 Exit status (besides cli's 2 for bad input): 0 every run done; 3 some runs ended at a gap in
-update ids nothing repaired (and none failed otherwise); 4 some run failed (an exception in
+update ids nothing repaired, or ran over a capture with bad messages or receive times going back
+(cli.damage; and none failed otherwise); 4 some run failed (an exception in
 the worker, bad input found only while running, a worker process lost); 130 Ctrl-C.
 """
 from __future__ import annotations
@@ -193,13 +194,14 @@ def run_one(task: Task) -> dict:
     from services.backtest import cli
     from shared.db import close_db
 
-    out = {"summary": None, "gaps": [], "error": None, "pid": os.getpid()}
+    out = {"summary": None, "gaps": [], "damage": [], "error": None, "pid": os.getpid()}
     try:
         cfg = qfconfig.load(task.env)
         cli.open_db(task.db, overwrite=True)
         summary, unrepaired = cli.run(cfg, task.specs, task.db, cfg.broker.seed, _check_stop)
         out["summary"] = summary
         out["gaps"] = [f"{g.symbol} after update id {g.after}" for g in unrepaired]
+        out["damage"] = cli.damage(summary)  # bad messages, receive times going back
     except Stopped:
         out["error"] = "stopped"
     except cli.BadInput as exc:
@@ -301,8 +303,10 @@ def run_all(tasks: list[Task], combos: list[dict], jobs: int, verbose: bool, pro
                     outcome.summary, outcome.pid = answer["summary"], answer["pid"]
                     if answer["error"] is not None:
                         outcome.error, outcome.failure = answer["error"], "error"
-                    elif answer["gaps"]:
-                        outcome.error = "gap never repaired: " + "; ".join(answer["gaps"])
+                    elif answer["gaps"] or answer.get("damage"):
+                        outcome.error = "; ".join(
+                            (["gap never repaired: " + "; ".join(answer["gaps"])] if answer["gaps"] else [])
+                            + answer.get("damage", []))
                         outcome.failure = "gap"
                 outcomes[task.run] = outcome
                 progress(outcome)

@@ -43,6 +43,57 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise CaptureError(f"{name}: damaged or truncated after line {lineno}: {e}") from None
 
 
+def iter_capture_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each record of a capture (see iter_capture): the line
+    lets a reader name where a record it cannot use is ("FILE:LINE")."""
+    return _iter_lines(path)
+
+
+CHECK_RECORDS = 1_000  # records check_capture reads to judge a capture's receive times
+
+
+def check_capture(path: str | os.PathLike) -> None:
+    """Refuse, before anything is replayed, a path that cannot be a capture: raises CaptureError
+    with one line naming it — missing, a directory, not a regular file, unreadable, empty or not
+    starting with a record with an integer receive time "t", or receive times that go backwards
+    in most steps of its first CHECK_RECORDS records (a capture is written in the order it was
+    received; later steps back are counted by the replay, not refused here)."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise CaptureError(f"{name}: no such file")
+    if os.path.isdir(name):
+        raise CaptureError(f"{name}: is a directory, not a capture file")
+    if not os.path.isfile(name):
+        raise CaptureError(f"{name}: not a regular file")
+    prev = prev_line = first_line = None
+    steps = back = 0
+    try:
+        for lineno, rec in _iter_lines(name):
+            t = rec["t"]
+            if prev is None:
+                if type(t) is not int:
+                    break
+                prev, first_line = t, lineno
+                continue
+            if type(t) is int:
+                steps += 1
+                back += t < prev
+                prev, prev_line = t, lineno
+            if steps >= CHECK_RECORDS:
+                break
+    except CaptureError as exc:
+        if prev is None:  # not even a first record: not a capture at all
+            raise CaptureError(f"{exc} — not a capture") from None
+    except OSError as exc:
+        raise CaptureError(f"{name}: {exc.strerror or exc}") from None
+    if prev is None:
+        raise CaptureError(f"{name}: not a capture (no record with an integer receive time \"t\")")
+    if back and back * 2 > steps:
+        raise CaptureError(f"{name}:{first_line}-{prev_line}: receive times (\"t\") go backwards in {back} of "
+                           f"{steps} steps: not a capture in our format (records are written in the order "
+                           f"they were received)")
+
+
 def iter_capture(path: str | os.PathLike) -> Iterator[dict]:
     """Yield each record of a .jsonl or .jsonl.gz capture as a dict ({"t","k","m"[,"s"]}).
 

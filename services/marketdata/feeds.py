@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import orjson
 
-from services.marketdata.capture import CaptureError, iter_capture
+from services.marketdata.capture import CaptureError, iter_capture, iter_capture_lines
 from services.marketdata.records import Disconnected, Record, RouteOpened, SnapshotRecord, WsMessage
 from services.marketdata.symbols import Route
 from services.marketdata.sync import Market
@@ -20,6 +20,7 @@ from services.marketdata.sync import Market
 log = logging.getLogger("qf.marketdata.feed")
 
 _DETECT_RECORDS = 20_000  # records read to tell a spot capture from a USD-M one
+BACKWARDS_LOGGED = 3  # steps back in receive time logged per capture (all are counted)
 # Builds a record from (recv_ns, *fields) as its NamedTuple constructor does, minus a Python
 # call with unpacked arguments (~600 ns against ~250 ns a record).
 _new_record = tuple.__new__
@@ -116,9 +117,14 @@ def detect_market(path: str) -> Market:
 
 class _Capture:
     """One capture being replayed: yields (relative ns, recorded ns, record type, its fields after
-    recv_ns), looping if asked. Relative ns count from the capture's first record; recorded ns
-    are the records' own "t" (the passes of a loop shifted to follow one another), and a record
-    without an integer "t" takes the time of the one before it."""
+    recv_ns, file, line), looping if asked. Relative ns count from the capture's first record;
+    recorded ns are the records' own "t" (the passes of a loop shifted to follow one another), and
+    a record without an integer "t" takes the time of the one before it.
+
+    A receive time below the one before it (the capture's records are written in the order they
+    were received: a step back is damage, or a clock stepped back) is counted (`backwards`), the
+    first one kept (`first_backwards`, "FILE:LINE: …") and the first few logged; the record is
+    replayed as recorded."""
 
     def __init__(self, spec: CaptureSpec, keys: tuple[str, ...], index: int, loop: bool) -> None:
         self.spec, self.keys, self.index, self.loop = spec, keys, index, loop
@@ -126,6 +132,8 @@ class _Capture:
         self.routes: dict[Market, Route] = {}
         self.failed = False
         self.error = ""  # why it failed: the CaptureError / OSError, naming the file
+        self.backwards = 0  # records whose "t" is below the one before them
+        self.first_backwards = ""  # "FILE:LINE: …" of the first
 
     def _route(self, market: Market) -> tuple[Route, bool]:
         route = self.routes.get(market)
@@ -138,15 +146,18 @@ class _Capture:
     def play(self) -> Iterator[tuple[int, int, type, tuple]]:
         offset, last, origin = 0, 0, None  # origin: the first "t" of the first pass
         while True:
-            first = None
+            first = prev = None
             try:
                 for path in self.spec.paths:
-                    for rec in iter_capture(path):
+                    for line, rec in iter_capture_lines(path):
                         t = rec["t"]
                         if type(t) is int:
                             if first is None:
                                 first = t
                                 origin = t if origin is None else origin
+                            elif t < prev:
+                                self._backwards(path, line, prev - t)
+                            prev = t
                             last = offset + t - first
                         at = last if origin is None else origin + last
                         kind = rec["k"]
@@ -154,11 +165,12 @@ class _Capture:
                         market = self.default if x is None else Market.USDM if x == "usdm" else Market.SPOT
                         route, new = self._route(market)
                         if new:
-                            yield last, at, RouteOpened, (route,)
+                            yield last, at, RouteOpened, (route,), path, line
                         if kind == "ws":
-                            yield last, at, WsMessage, (rec["m"], route)
+                            yield last, at, WsMessage, (rec["m"], route), path, line
                         elif kind == "snapshot":
-                            yield last, at, SnapshotRecord, (str(rec.get("s", "")).upper(), rec["m"], route)
+                            yield last, at, SnapshotRecord, (str(rec.get("s", "")).upper(), rec["m"], route), \
+                                path, line
             except (CaptureError, OSError) as exc:
                 # A damaged file (e.g. a recorder killed mid-write) ends this capture, not the service.
                 log.error("capture unreadable, its replay ends here", extra={"error": str(exc)[:300]})
@@ -169,7 +181,17 @@ class _Capture:
             offset = last + 1_000_000
             for route in self.routes.values():
                 # the capture starts over: its update ids go back, so its books must resync
-                yield offset, origin + offset, Disconnected, ("replay restarted", route)
+                yield offset, origin + offset, Disconnected, ("replay restarted", route), "", 0
+
+    def _backwards(self, path: str, line: int, by_ns: int) -> None:
+        self.backwards += 1
+        text = f"{path}:{line}: receive time \"t\" {by_ns / 1e6:,.3f} ms before the previous record's"
+        if self.backwards == 1:
+            self.first_backwards = text
+        if self.backwards <= BACKWARDS_LOGGED:
+            log.warning("capture receive time goes backwards", extra={
+                "at": f"{path}:{line}", "by_ms": round(by_ns / 1e6, 3), "count": self.backwards,
+                **({"more": "further ones are counted, not logged"} if self.backwards == BACKWARDS_LOGGED else {})})
 
 
 STAMPS = ("wall", "recorded")
@@ -199,6 +221,22 @@ class ReplayFeed:
         self.keys, self.speed, self.loop, self.should_stop = tuple(keys), speed, loop, should_stop
         self.recorded = stamp == "recorded"
         self.captures: list[_Capture] = []
+        self.path, self.line = "", 0  # where the record last handed out was read
+
+    def where(self) -> str:
+        """"FILE:LINE" of the record last handed out ("" before the first): what a reader of
+        the records names when one of them is bad."""
+        return f"{self.path}:{self.line}" if self.path else ""
+
+    @property
+    def backwards(self) -> int:
+        """Records whose receive time is below the one before them, over every capture."""
+        return sum(c.backwards for c in self.captures)
+
+    @property
+    def first_backwards(self) -> str:
+        """"FILE:LINE: …" of the first step back in receive time ("" when none)."""
+        return next((c.first_backwards for c in self.captures if c.backwards), "")
 
     def request_snapshot(self, route: Route, name: str) -> None:
         """Captures carry their snapshots: nothing to fetch."""
@@ -222,9 +260,11 @@ class ReplayFeed:
         plays = [c.play() for c in self.captures]
         stop, recorded = self.should_stop, self.recorded
         if len(plays) == 1 and self.speed <= 0:  # one capture as fast as possible: nothing to merge or pace
-            for _, t, cls, fields in plays[0]:
+            for _, t, cls, fields, path, line in plays[0]:
                 if stop():
                     return
+                if line:
+                    self.path, self.line = path, line
                 yield _new_record(cls, (t if recorded else time.time_ns(), *fields))
             return
         by = 1 if self.recorded else 0  # merge (and pace) by recorded or by relative time
@@ -237,7 +277,7 @@ class ReplayFeed:
         start, speed = time.monotonic(), self.speed
         t0 = heap[0][0] if heap else 0
         while heap:
-            at, i, (_, t, cls, fields) = heap[0]
+            at, i, (_, t, cls, fields, path, line) = heap[0]
             if stop():
                 return
             if speed > 0:
@@ -245,6 +285,8 @@ class ReplayFeed:
                 while wait > 0 and not stop():  # pacing, in short steps to stay stoppable
                     time.sleep(min(wait, 0.05))
                     wait = (at - t0) / 1e9 / speed - (time.monotonic() - start)
+            if line:
+                self.path, self.line = path, line
             yield _new_record(cls, (t if recorded else time.time_ns(), *fields))
             nxt = next(plays[i], None)
             if nxt is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 from decimal import Decimal, InvalidOperation
 
 import orjson
@@ -24,6 +25,7 @@ APPLIED, GAP, SUSPECT = SyncResult.APPLIED, SyncResult.GAP, SyncResult.SUSPECT
 SWITCH_UNEQUAL_AFTER_S = 1.0  # a standby ahead of the live books this long takes over anyway
 STALL_ALERT = "BOOK_STALLED"
 UNSYNCED_STATES = ("CONNECTING", "SYNCING", "DISCONNECTED")  # no book, and one is wanted
+BAD_KEPT = 100  # bad messages kept with where they were (all are counted)
 _perf_ns = time.perf_counter_ns  # measures processing cost only (a histogram): never in a message or decision
 
 
@@ -71,6 +73,10 @@ class BookRouter:
         for k in self.keys:
             self.m.unsynced_since[k] = now_ns  # CONNECTING: no book yet
         self._warned: set[str] = set()
+        # A replay names where each record was read ("FILE:LINE", ReplayFeed.where); live: None.
+        self.where = None
+        self.bad_events: list[BadMessage] = []  # the first BAD_KEPT bad messages (stats counts all)
+        self.last_bad: BadMessage | None = None
         self.live_route: dict[Market, Route] = {}
         self.standby: dict[Market, Route] = {}
         self.syncs: dict[str, BookSync] = {}  # key -> the published (live) book's sync
@@ -113,10 +119,11 @@ class BookRouter:
                 self.on_disconnected(rec.why, rec.route, now_ns, now)
             elif t is not Idle:
                 raise TypeError(f"not a feed record: {rec!r}"[:200])
-        except Exception:  # one bad record must not take the service (or a backtest) down
+        except Exception as exc:  # one bad record must not take the service (or a backtest) down
             self.m.bad("internal_error")
             self.stats["bad_messages"] += 1
-            log.exception("record failed", extra={"kind": t.__name__})
+            self._keep_bad("internal_error", f"{type(exc).__name__}: {exc}"[:240], "")
+            log.exception("record failed", extra={"kind": t.__name__, **self._at()})
 
     def replay_done(self, now_ns: int, now: float | None = None, detail: str = "capture finished",
                     state: str = "REPLAY_DONE") -> None:
@@ -335,10 +342,10 @@ class BookRouter:
             else:
                 self._bad("unknown_stream", stream)
         except BadEventError as exc:
-            self._bad("bad_event", str(exc)[:160])
+            self._bad("bad_event", str(exc)[:240], key)
             self._need_snapshot(route, name, key, "bad depth event", now_ns, now)
         except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
-            self._bad("bad_fields", f"{stream}: {type(exc).__name__} {exc}"[:160])
+            self._bad("bad_fields", f"{stream}: {type(exc).__name__} {exc}"[:240], key)
 
     def _classify(self, route: Route, stream: str) -> tuple | None:
         """(kind label, symbol name, key, its event counter, stream kind) of a stream name on
@@ -361,7 +368,7 @@ class BookRouter:
         result = sync.on_depth(data)  # U/u are checked ints from here on
         if result is SUSPECT:
             return self._bad("implausible_ids", f"{key}: U={data['U']} u={data['u']} jumps past "
-                             f"{sync.book.update_id if sync.synced else sync.buffered_range()}"[:160])
+                             f"{sync.book.update_id if sync.synced else sync.buffered_range()}"[:160], key)
         if route.live:
             if self.recorder is not None and data["u"] > self.rec_last_u[key]:
                 self.rec_last_u[key] = data["u"]
@@ -520,7 +527,7 @@ class BookRouter:
         try:
             result = sync.on_snapshot(snap)
         except BadEventError as exc:
-            self._bad("bad_snapshot", f"{key}: {exc}"[:160])
+            self._bad("bad_snapshot", f"{key}: {exc}"[:240], key)
             return self._need_snapshot(route, lname, key, "bad snapshot", now_ns, now)
         if result is SyncResult.SNAPSHOT_APPLIED:
             self._snapshots_applied[key] += 1
@@ -587,7 +594,7 @@ class BookRouter:
         try:
             ticker = ((parse_units(raw[0]), parse_units(raw[1])), (parse_units(raw[2]), parse_units(raw[3])))
         except (BadEventError, ValueError, TypeError, ArithmeticError) as exc:
-            return self._bad("bad_fields", f"bookTicker {key} u={book.update_id}: {exc}"[:160])
+            return self._bad("bad_fields", f"bookTicker {key} u={book.update_id}: {exc}"[:160], key)
         ok = book.best_bid() == ticker[0] and book.best_ask() == ticker[1]
         self.m.ticker_checks[(key, "match" if ok else "mismatch")] += 1
         if not ok:
@@ -621,7 +628,34 @@ class BookRouter:
             log.warning("capture symbol not in QF_SYMBOLS, ignored",
                         extra={"stream": stream, "market": route.market.value, "symbols": ",".join(self.keys)})
 
-    def _bad(self, reason: str, detail: str) -> None:
+    def _at(self) -> dict:
+        """{"at": "FILE:LINE"} of the record being handled in a replay, else {}."""
+        where = self.where() if self.where is not None else ""
+        return {"at": where} if where else {}
+
+    def _keep_bad(self, reason: str, detail: str, key: str) -> BadMessage:
+        bad = self.last_bad = BadMessage(self.where() if self.where is not None else "", reason, key, detail)
+        if len(self.bad_events) < BAD_KEPT:
+            self.bad_events.append(bad)
+        return bad
+
+    def _bad(self, reason: str, detail: str, key: str = "") -> None:
         self.m.bad(reason)
         self.stats["bad_messages"] += 1
-        log.warning("bad feed message", extra={"reason": reason, "detail": detail})
+        bad = self._keep_bad(reason, detail, key)
+        log.warning("bad feed message", extra={**({"at": bad.where} if bad.where else {}),
+                                               "reason": reason, "detail": detail})
+
+
+class BadMessage(NamedTuple):
+    """A message the router could not use: where it was read ("FILE:LINE" in a replay, "" live),
+    why (the decode-error reason), the key of the symbol it was about ("" when none) and what
+    was wrong with it."""
+
+    where: str
+    reason: str
+    key: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where + ': ' if self.where else ''}{self.detail}"

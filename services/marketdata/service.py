@@ -65,6 +65,7 @@ class MarketDataService:
         self.feed = None
         self.metrics_port: int | None = None
         self._stop = False
+        self.replay_issues: list[tuple[str, str]] = []  # a finished replay's replay_problems()
 
     def stop(self) -> None:
         self._stop = True
@@ -121,6 +122,8 @@ class MarketDataService:
         cfg, router = self.cfg, self.router
         self.feed = router.feed = self._make_feed()
         live_feed = router.live_feed = cfg.md.feed.kind != "replay"
+        if not live_feed:  # bad messages are named by the file and line they were read from
+            router.where = self.feed.where
         if live_feed:  # a capture brings its own snapshots: nothing to pace or recover
             router.guard = BookGuard(self.keys, cfg.md.sync_timeout_s)
             router.alerter = Alerter(hb.service, pub.publish)
@@ -146,13 +149,60 @@ class MarketDataService:
                                    "REPLAY_FAILED")
                 log.error("replay failed", extra={"error": error[:300], **router.stats})
             else:
-                router.replay_done(time.time_ns(), time.monotonic())
-                log.info("replay finished", extra=dict(router.stats))
+                self._replay_finished(time.time_ns(), time.monotonic())
+
+    def _replay_finished(self, now_ns: int, now: float | None = None) -> None:
+        """REPLAY_DONE, its detail and the final log line saying what was wrong with the capture
+        (bad messages, receive times going back, symbols without a book): a damaged capture's
+        replay must not read as a clean one."""
+        self.replay_issues = self.replay_problems()
+        problems = [text for _, text in self.replay_issues]
+        detail = "capture finished" + (f"; {'; '.join(problems)}" if problems else "")
+        self.router.replay_done(now_ns, now, detail[:300])
+        stats = {**self.router.stats, "time_backwards": getattr(self.feed, "backwards", 0)}
+        if problems:
+            log.warning("replay finished with problems", extra={**stats, "problems": "; ".join(problems)[:1000]})
+        else:
+            log.info("replay finished", extra=stats)
 
     def replay_error(self) -> str:
         """Why a replayed capture ended before its end ("" when every one was read through)."""
         captures = getattr(self.feed, "captures", ())
         return "; ".join(c.error or f"{'+'.join(c.spec.paths)}: unreadable" for c in captures if c.failed)
+
+    def replay_problems(self) -> list[tuple[str, str]]:
+        """What was wrong with captures replayed to their end, as (kind, one line): "no_book" (a
+        symbol of QF_SYMBOLS of which no book came: no event of it, or no snapshot), "bad" (bad
+        messages, the first named by FILE:LINE), "backwards" (receive times going back). Empty
+        for a clean replay."""
+        router, feed = self.router, self.feed
+        out = []
+        m = router.m
+        for key in self.keys:
+            if m.books[key]:
+                continue
+            seen = sum(m.events[(key, kind)][0] for kind in ("depth", "trade", "bookTicker") if (key, kind) in m.events)
+            out.append(("no_book", f"no book for {key}: " + (
+                "not one event of it in the capture" + (f" ({router.stats['ignored']:,} messages of other symbols "
+                                                        f"ignored)" if router.stats["ignored"] else "")
+                if not seen else f"{seen:,} events of it but no snapshot it could sync from")))
+        bad = router.stats["bad_messages"]
+        if bad:
+            first = router.bad_events[0] if router.bad_events else None
+            lost = sorted({b.key for b in router.bad_events if b.reason in ("bad_event", "bad_snapshot") and b.key
+                           and router.state.get(b.key) != "SYNCED"})
+            out.append(("bad", f"{bad:,} bad message{'s' * (bad != 1)} (first: {first})"
+                        + (f"; no book of {', '.join(lost)} since then" if lost else "")))
+        for key in self.keys:
+            sync = router.syncs.get(key)
+            if m.books[key] and sync is not None and not sync.synced and router.state.get(key) != "SYNCED" \
+                    and sync.last_gap is not None and not any(b.key == key for b in router.bad_events):
+                out.append(("gap", f"{key} ends without a book: {sync.last_gap}, never repaired by a later snapshot"))
+        back = getattr(feed, "backwards", 0)
+        if back:
+            out.append(("backwards", f"receive times go backwards {back:,} time{'s' * (back != 1)} "
+                                     f"(first: {feed.first_backwards})"))
+        return out
 
     def _run_lockstep(self, pub: CountingPublisher, beat: Ticker, hb: HeartbeatMaker, live: Liveness) -> None:
         """A lock-step replay (conductor.py): the handshake, then the capture once, record by
@@ -174,6 +224,7 @@ class MarketDataService:
         replay = LockstepReplay(conductor, router, pub, self.clock, self._stopping, idle)
         self.feed = router.feed = ReplayFeed(cfg.md.feed.path, self.keys, 0, should_stop=self._stopping,
                                              stamp="recorded")
+        router.where = self.feed.where
         log.info("marketdata started", extra={"feed": str(cfg.md.feed), "symbols": ",".join(self.keys),
                                               "pub": cfg.bus.md_pub, "lockstep": cfg.bus.lockstep})
         log.info("lock-step replay: waiting for strategy, risk and broker to say hello")
