@@ -13,7 +13,7 @@ import sqlite3
 
 from services.broker import core, store
 from services.broker.core import Account, Order
-from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update
+from services.broker.fill_model import ARRIVED, NOT_OPEN, FillModel, Update, lot_sizes
 from services.broker.keeper import STORE_UNAVAILABLE, StoreKeeper
 from services.broker.latency import LatencyModel
 from services.broker.queue import make_queue_model
@@ -83,7 +83,7 @@ def rebuild(cfg: Config, journal_: Journal) -> tuple[FillModel, Account, Aggrega
     b = cfg.broker
     latency = LatencyModel(b.latency_mode, b.latency_ms, b.latency_sigma, b.seed)
     model = FillModel(b.taker_fee, b.maker_fee, make_queue_model(b.queue_model, b.queue_power),
-                      latency, b.fee_asset, cfg.md.symbols)
+                      latency, b.fee_asset, cfg.md.symbols, lot_sizes(cfg))
     account, fills = store.load_account(b.start_cash)
     aggregates = store.load_aggregates()
     known = store.known_ids()

@@ -4,16 +4,20 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Iterable
+from fractions import Fraction
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from services.broker import core, market as mkt
 from services.broker.core import Order
 from services.broker.latency import LatencyModel
 from services.broker.market import Market, Refused, check_book, check_trade, to_dec, to_units
-from services.broker.queue import QueuePos, RiskAverseQueue
+from services.broker.queue import UNIT, QueuePos, RiskAverseQueue
 from shared.enums import Liquidity, OrderKind, Side, TimeInForce
 from shared import money
 from shared.messages import Book, Fill, Trade
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 NEW, CANCEL = 0, 1
 # Update.event
@@ -22,6 +26,23 @@ FILLED = "FILLED"  # a resting order filled (some or all)
 CANCELLED = "CANCELLED"  # a cancel took effect (answer the cancel)
 NOT_OPEN = "NOT_OPEN"  # a cancel arrived after the order had finished (answer the cancel)
 FEE_MODES = ("quote", "received")
+
+
+def lot_units(lot: Decimal) -> int:
+    """A symbol's quantity step (Binance's LOT_SIZE stepSize) -> the smallest positive number of
+    1e-8 units that is a multiple of it: 0.00001 -> 1000; a step off the 1e-8 grid (1.5e-8) -> the
+    least common multiple (3). Raises ValueError for a step that is not a positive finite number."""
+    if not isinstance(lot, Decimal) or not lot.is_finite() or lot <= 0:
+        raise ValueError(f"a lot size must be a positive decimal, got {lot!r}")
+    return (Fraction(lot) * UNIT).numerator
+
+
+def lot_sizes(cfg: "Config") -> dict[str, Decimal]:
+    """Each traded symbol's lot size as risk has it (services/risk/limits.py from_config): the
+    QF_RISK_SYMBOL_LIMITS override's `lot_size`, else QF_RISK_LOT_SIZE. For FillModel(lots=...)."""
+    from services.risk.limits import parse_symbol_limits
+    overrides = parse_symbol_limits(cfg.risk.symbol_limits)
+    return {sym: overrides.get(sym, {}).get("lot_size", cfg.risk.lot_size) for sym in cfg.md.symbols}
 
 
 @dataclass(slots=True)
@@ -33,6 +54,7 @@ class Working:
     arrival_ts: int | None = None  # on our clock: when the book as of its arrival is seen here
     arrival_mid: Decimal | None = None
     queue: QueuePos = field(default_factory=QueuePos)
+    lot: int = 1  # the symbol's quantity step in 1e-8 units: every maker fill but a completing one is a multiple
     buy: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,12 +86,18 @@ class FillModel:
     check_trade): one the broker cannot trust changes nothing but the symbol's
     trust (an order arriving meanwhile is REJECTED `BAD_BOOK`) and is counted by
     reason; `refusals()` hands the counts over. `symbols`: the only symbols whose
-    books are kept (None: any, up to market.MAX_MARKETS)."""
+    books are kept (None: any, up to market.MAX_MARKETS).
+
+    `lots`: each symbol's quantity step (risk's lot size: `lot_sizes(cfg)`); a resting order's
+    maker fills are multiples of it, rounded down, the rest resting (docs/fill-model.md, rule 4).
+    A symbol without one fills on the 1e-8 grid. Raises ValueError for a bad fee mode or lot."""
 
     def __init__(self, taker_fee: Decimal, maker_fee: Decimal, queue: RiskAverseQueue,
-                 latency: LatencyModel, fee_asset: str = "quote", symbols: Iterable[str] | None = None) -> None:
+                 latency: LatencyModel, fee_asset: str = "quote", symbols: Iterable[str] | None = None,
+                 lots: Mapping[str, Decimal] | None = None) -> None:
         if fee_asset not in FEE_MODES:
             raise ValueError(f"fee_asset must be one of {FEE_MODES}, got {fee_asset!r}")
+        self.lots: dict[str, int] = {sym: lot_units(lot) for sym, lot in (lots or {}).items()}
         self.taker_fee, self.maker_fee = taker_fee, maker_fee
         self.queue, self.latency, self.fee_asset = queue, latency, fee_asset
         self.symbols = None if symbols is None else frozenset(symbols)
@@ -105,7 +133,8 @@ class FillModel:
             raise ValueError(f"{order.client_order_id} is already held")
         market = self.markets.get(order.symbol)
         price_u = to_units(order.price) if order.kind is OrderKind.LIMIT else None
-        self.working[order.client_order_id] = Working(order, market.mid if market else None, price_u)
+        self.working[order.client_order_id] = Working(order, market.mid if market else None, price_u,
+                                                      lot=self.lots.get(order.symbol, 1))
         due = self._due(now)
         heapq.heappush(self._pending, (due, self._seq, NEW, order.client_order_id, None))
         return due
@@ -125,7 +154,7 @@ class FillModel:
         it joins the back of its level at the next book (conservative)."""
         price_u = to_units(order.price) if order.price is not None else None
         w = Working(order, decision_mid, price_u, arrival_ts if arrival_ts is not None else order.created_ts,
-                    arrival_mid)
+                    arrival_mid, lot=self.lots.get(order.symbol, 1))
         self.working[order.client_order_id] = w
         self.resting.setdefault(order.symbol, {})[order.client_order_id] = w
 
@@ -241,7 +270,7 @@ class FillModel:
                 out.append(self._filled(w, [self._fill(w, p, to_units(order.remaining), Liquidity.MAKER,
                                                        now, trade.exch_ts)]))
             elif price == p and seller_took == buy:
-                reach = min(self.queue.trade(w.queue, qty) - used, to_units(order.remaining))
+                reach = _on_lot(self.queue.trade(w.queue, qty) - used, to_units(order.remaining), w.lot)
                 if reach > 0:
                     used += reach
                     out.append(self._filled(w, [self._fill(w, p, reach, Liquidity.MAKER, now, trade.exch_ts)]))
@@ -289,18 +318,21 @@ class FillModel:
 
     def _cross(self, w: Working, market: Market, now: int, exch_ts: int) -> list[Fill]:
         """The opposite side shows liquidity at or through our price: it arrived after
-        us, so it trades with us at our price (maker), as far as it is not yet taken."""
+        us, so it trades with us at our price (maker), as far as it is not yet taken, on the lot."""
         order = w.order
         view = market.opposite(order.side)
-        left = to_units(order.remaining)
-        total = 0
-        for price, avail in market.crossing(order.side, w.price_u):
-            take = min(left - total, avail)
+        crossing = market.crossing(order.side, w.price_u)
+        total = _on_lot(sum(avail for _, avail in crossing), to_units(order.remaining), w.lot)
+        if total <= 0:
+            return []
+        rest = total
+        for price, avail in crossing:
+            take = min(rest, avail)
             market.take(view, price, take)
-            total += take
-            if total == left:
+            rest -= take
+            if not rest:
                 break
-        return [self._fill(w, w.price_u, total, Liquidity.MAKER, now, exch_ts)] if total else []
+        return [self._fill(w, w.price_u, total, Liquidity.MAKER, now, exch_ts)]
 
     def _cancel(self, coid: str, token: int | None, now: int) -> Update:
         w = self.working.get(coid)
@@ -339,6 +371,15 @@ class FillModel:
                     slippage_decision=_slip(sign, price, w.decision_mid),
                     slippage_arrival=_slip(sign, price, w.arrival_mid),
                     queue_wait_ns=now - w.arrival_ts if maker and w.arrival_ts is not None else 0)
+
+
+def _on_lot(reach: int, left: int, lot: int) -> int:
+    """What a resting order fills of `reach` units that reach it, with `left` units remaining and a
+    quantity step of `lot` units: all that remains when `reach` covers it, else `reach` rounded
+    down to the step (the rest keeps resting). 0 or less: no fill."""
+    if reach >= left:
+        return left
+    return reach - reach % lot if reach > 0 else reach
 
 
 def _slip(sign: int, price: Decimal, mid: Decimal | None) -> Decimal | None:

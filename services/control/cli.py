@@ -13,6 +13,7 @@ import getpass
 import json
 import re
 import sys
+import unicodedata
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -126,10 +127,83 @@ def _when(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+def _safe(text: str) -> str:
+    """`text` with control characters (a newline, an ESC that would drive the terminal) escaped:
+    `\\x1b`, never printed raw."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _width(text: str) -> int:
+    """Columns `text` takes on a terminal: 2 for a wide character (CJK, most emoji), 0 for a
+    combining mark, a zero-width joiner or a variation selector, else 1."""
+    if text.isascii():
+        return len(text)
+    n = 0
+    for ch in text:
+        if unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        n += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return n
+
+
+def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> None:
+    """Columns two spaces apart, as wide as their widest cell on a terminal (`_width`); the
+    columns numbered in `right` (numbers) right-aligned, header included, the rest left-aligned."""
+    header = [_safe(h) for h in header]
+    rows = [[_safe(c) for c in r] for r in rows]
+    widths = [max(_width(h), *(_width(r[i]) for r in rows)) if rows else _width(h) for i, h in enumerate(header)]
     for line in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        cells = []
+        for i, (cell, w) in enumerate(zip(line, widths)):
+            pad = " " * (w - _width(cell))
+            cells.append(pad + cell if i in right else cell + pad)
+        print("  ".join(cells).rstrip())
+
+
+def _places(value: Decimal) -> int:
+    """Decimals `value` needs to be shown exactly ('0.00305' 5, '61664.0' 0, '1E+2' 0); no context, no rounding."""
+    sign, digits, exp = value.as_tuple()
+    if not isinstance(exp, int):  # NaN, infinity: the stored text is shown as it is
+        return 0
+    zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -(exp + zeros)) if any(digits) else 0
+
+
+def _fixed(value: Decimal, places: int) -> str:
+    """`value` exactly, with `places` decimals (at least `_places(value)`: zeros are only ever appended)."""
+    if not value.is_finite():
+        return str(value)
+    text = format(value, "f")
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0")
+    if len(frac) > places:
+        raise ValueError(f"{text} needs more than {places} decimals")
+    return whole + ("." + frac.ljust(places, "0") if places else "")
+
+
+def _column(values: list, least: int = 0) -> list[str]:
+    """A column of amounts (Decimals or their text; None: "-") with one number of decimals: the most
+    any of them needs, at least `least`. Exact: no value is rounded."""
+    amounts = [None if v is None else v if isinstance(v, Decimal) else Decimal(str(v)) for v in values]
+    places = max([least, *(_places(a) for a in amounts if a is not None)])
+    return ["-" if a is None else _fixed(a, places) for a in amounts]
+
+
+# Decimals a fee shows at least, by asset (Binance shows stablecoin amounts to the cent); any other
+# asset 8 (a satoshi). A fee that needs more shows them all, and so does the rest of its column.
+FEE_PLACES = {"USDT": 2, "USDC": 2, "FDUSD": 2, "BUSD": 2, "TUSD": 2, "DAI": 2, "USD": 2, "EUR": 2, "TRY": 2,
+              "BRL": 2}
+
+
+def _fill_no(fill_id: str, order_id: str | None) -> str:
+    """The fill's number within its order (`#2`), from the broker's `<order_id>-<n>` fill ids;
+    any other id as its last 12 characters."""
+    head, sep, n = (fill_id or "").rpartition("-")
+    if sep and n.isdigit() and (order_id is None or head == order_id):
+        return f"#{n}"
+    return fill_id[-12:] if fill_id else "-"
 
 
 def _beat(name: str, s: dict) -> str:
@@ -212,9 +286,14 @@ def cmd_trades(args: argparse.Namespace) -> int:
         if not rows:
             print(f"no fills of {args.symbol}" if args.symbol else "no fills yet")
             return 0
-        _table(["time (UTC)", "symbol", "side", "qty", "price", "fee", "liquidity", "order"],
-               [[_when(r["ts"]), r["symbol"], r["side"], _num(r["qty"]), _num(r["price"]),
-                 f"{_num(r['fee'])} {r['fee_asset']}", r["liquidity"], r["client_order_id"]] for r in rows])
+        # numbers right-aligned, each column with the decimals the page needs (exact: zeros appended,
+        # never a digit dropped); `fill` tells partial fills of one order apart
+        qty, price = _column([r["qty"] for r in rows]), _column([r["price"] for r in rows])
+        fee = _column([r["fee"] for r in rows], max(FEE_PLACES.get(r["fee_asset"], 8) for r in rows))
+        _table(["time (UTC)", "symbol", "side", "qty", "price", "fee", "asset", "liquidity", "order", "fill"],
+               [[_when(r["ts"]), r["symbol"], r["side"], q, p, f, r["fee_asset"] or "-", r["liquidity"] or "-",
+                 r["client_order_id"], _fill_no(r["fill_id"], r["order_id"])]
+                for r, q, p, f in zip(rows, qty, price, fee)], right=frozenset((3, 4, 5, 9)))
         return 0
     return _run(run)
 

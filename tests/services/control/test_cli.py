@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import threading
+import unicodedata
 from decimal import Decimal
 
 import pytest
 
 from services.api.app import create_app
+from services.control.cli import FEE_PLACES
 from services.control import Control
 from services.risk.service import RiskService
 from shared.config import load
@@ -51,6 +54,123 @@ def test_status_positions_and_trades_read_like_a_person_would_want(backtest_db):
     rows = trades.stdout.splitlines()
     assert trades.returncode == 0 and rows[0].startswith("time (UTC)") and len(rows) == 4
     assert rows[1].split()[3:5] == ["BTCUSDT", "SELL"]
+
+
+def cells(line: str) -> list[tuple[int, int, str]]:
+    """(first column, end column, text) on a terminal of each cell of a table line: runs of text
+    two or more spaces apart; a wide character (east Asian width W/F: most emoji) takes two columns."""
+    def width(text: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return [(width(line[:m.start()]), width(line[:m.end()]), m.group()) for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+NUMERIC = ("qty", "price", "fee", "fill")
+
+
+def check_trades_table(stdout: str, db: str) -> list[dict]:
+    """The `qf trades` table read back: the header's columns, numbers right-aligned under their header
+    and the rest left-aligned, each amount column with one number of decimals (the most any of its
+    values needs; fees at least 2), every amount equal to the stored one exactly, and each fill's
+    number its fill id's. Returns the rows as {column: text}."""
+    header, *lines = stdout.splitlines()
+    head = cells(header)
+    names = [t for _, _, t in head]
+    assert names == ["time (UTC)", "symbol", "side", "qty", "price", "fee", "asset", "liquidity", "order", "fill"]
+    rows = []
+    for line in lines:
+        got = cells(line)
+        assert len(got) == len(head), line
+        for (hs, he, name), (s, e, _) in zip(head, got):
+            if name in NUMERIC:
+                assert e == he, f"{name} not right-aligned: {line!r}"
+            else:
+                assert s == hs, f"{name} not left-aligned: {line!r}"
+        rows.append({name: text for (_, _, name), (_, _, text) in zip(head, got)})
+    with sqlite3.connect(db) as con:
+        stored = con.execute("SELECT fill_id, qty, price, fee, fee_asset, symbol, client_order_id FROM fills "
+                             "ORDER BY ts DESC, fill_id DESC LIMIT ?", (len(rows),)).fetchall()
+    assert len(stored) == len(rows)
+    for row, (fill_id, qty, price, fee, asset, symbol, coid) in zip(rows, stored):
+        assert (Decimal(row["qty"]), Decimal(row["price"]), Decimal(row["fee"])) == (
+            Decimal(qty), Decimal(price), Decimal(fee)), row  # exact: nothing rounded
+        shown = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in symbol)
+        assert (row["asset"], row["symbol"], row["order"]) == (asset, shown, coid)
+        assert row["fill"] == "#" + fill_id.rsplit("-", 1)[1]
+    fee_least = max(FEE_PLACES.get(r["asset"], 8) for r in rows)  # USDT to the cent, BNB or BTC to 1e-8
+    for name, least in (("qty", 0), ("price", 0), ("fee", fee_least)):
+        places = {len(r[name].partition(".")[2]) for r in rows}
+        assert len(places) == 1, f"{name}: decimals vary {places}"
+        needed = max(max(0, -Decimal(r[name]).normalize().as_tuple().exponent) for r in rows)
+        assert places == {max(needed, least)}, name  # no more zeros than needed
+    return rows
+
+
+def test_the_trades_table_lines_up_and_every_number_is_the_stored_one(backtest_db):
+    done = qf("trades", "--limit", "1000", env={**EMPTY_ENV, "QF_DB": backtest_db})
+    assert done.returncode == 0, done.stderr
+    rows = check_trades_table(done.stdout, backtest_db)
+    assert len(rows) == 35 and {len(r["price"].partition(".")[2]) for r in rows} == {2}
+    assert any(r["price"].endswith(".00") for r in rows)  # 61626 shows as 61626.00, under 61626.01
+    two = [r for r in rows if r["order"] == "ofi-r0-65"]  # a market order that walked two levels
+    assert [r["fill"] for r in two] == ["#2", "#1"]
+
+
+def test_partial_fills_odd_fees_and_a_wide_symbol_still_read_well(backtest_db, tmp_path):
+    """What the tester saw: a fee with 13 decimals, prices 61664 / 61669.9 / 61689.91, three partial
+    fills of one order in one second, and an emoji in a symbol; a control character is escaped."""
+    db = str(tmp_path / "odd.db")
+    with sqlite3.connect(backtest_db) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    with sqlite3.connect(db) as con:
+        (last,) = con.execute("SELECT max(ts) FROM fills").fetchone()
+        cols = ("fill_id", "order_id", "client_order_id", "symbol", "side", "price", "qty", "fee", "fee_asset",
+                "liquidity", "exch_ts", "ts")
+        odd = [("feed-1", "feed", "ofi-r0-18", "BTCUSDT", "BUY", "61691.99", "0.00009", "0.0029327383214", "USDT",
+                "MAKER", 1, last + 1),
+               ("feed-2", "feed", "ofi-r0-18", "BTCUSDT", "BUY", "61691.99", "0.00009", "0.005552279", "USDT",
+                "MAKER", 1, last + 1),
+               ("feed-3", "feed", "ofi-r0-18", "BTCUSDT", "BUY", "61691.99", "0.00009", "0.01", "USDT", "MAKER", 1,
+                last + 1),
+               ("beef-1", "beef", "x-1", "BTC\U0001F680USDT", "SELL", "61664", "1.5", "0.00000001", "BNB", "TAKER",
+                1, last + 2),
+               ("cafe-1", "cafe", "x-2", "ETH\x1b[31mUSDT", "SELL", "61669.9", "0.00001", "0", "USDT", "TAKER", 1,
+                last + 3),
+               ("dead-1", "dead", "x-3", "BTCUSDT", "BUY", "61689.91", "12", "1", "USDT", "TAKER", 1, last + 4)]
+        con.executemany(f"INSERT INTO fills ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", odd)
+    done = qf("trades", "--limit", "8", env={**EMPTY_ENV, "QF_DB": db})
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "ETH\\x1b[31mUSDT" in done.stdout  # escaped, shown as text
+    header, *lines = done.stdout.splitlines()
+    rows = check_trades_table(done.stdout, db)
+    assert [r["price"] for r in rows[:6]] == ["61689.91", "61669.90", "61664.00", "61691.99", "61691.99", "61691.99"]
+    assert [r["fee"] for r in rows[:6]] == ["1.0000000000000", "0.0000000000000", "0.0000000100000",
+                                            "0.0100000000000", "0.0055522790000", "0.0029327383214"]
+    assert [r["qty"] for r in rows[:3]] == ["12.00000", "0.00001", "1.50000"]
+    partial = [(r["order"], r["qty"], r["fill"]) for r in rows[3:6]]
+    assert partial == [("ofi-r0-18", "0.00009", "#3"), ("ofi-r0-18", "0.00009", "#2"), ("ofi-r0-18", "0.00009", "#1")]
+    assert len(set(lines[3:6])) == 3  # no two lines alike
+    assert rows[2]["symbol"] == "BTC\U0001F680USDT"
+
+
+def test_amount_columns_are_exact_with_one_number_of_decimals():
+    from hypothesis import given, settings, strategies as st
+
+    from services.control.cli import _column
+
+    amounts = st.one_of(
+        st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**15, max_value=10**15)
+        .filter(lambda d: d.as_tuple().exponent >= -12),
+        *(st.decimals(min_value=0, max_value=10**6, places=p) for p in (0, 2, 5, 8, 12)))  # trailing zeros kept
+
+    @settings(max_examples=300, deadline=None)
+    @given(values=st.lists(amounts, min_size=1, max_size=20), least=st.integers(0, 8))
+    def check(values, least):
+        shown = _column(values, least)
+        assert [Decimal(s) for s in shown] == values  # equal: not a digit rounded away
+        places = {len(s.partition(".")[2]) for s in shown}
+        needed = max(max(0, -v.normalize().as_tuple().exponent) if v else 0 for v in values)
+        assert places == {max(needed, least)}
+    check()
 
 
 def test_a_reader_that_stops_early_ends_it_quietly_and_an_unknown_symbol_is_named(backtest_db):
