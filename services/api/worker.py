@@ -53,7 +53,8 @@ def request_complete(data: bytes) -> bool:
         return True
     end = data.find(b"\r\n\r\n")
     if end < 0:
-        return False
+        # a head ended by bare newlines: gunicorn's parser says what it makes of it, not this
+        return b"\n\n" in data or b"\n\r\n" in data
     head = data[:end + 2]
     if _CHUNKED.search(head):
         return True
@@ -79,13 +80,13 @@ class ApiWorker(SyncWorker):
         try:
             while self.alive:
                 self.notify()
-                for fd, _ in self.epoll.poll(self._wait_s()):
+                for fd, events in self.epoll.poll(self._wait_s()):
                     if fd == self.PIPE[0]:
                         os.read(self.PIPE[0], 1)
                     elif fd in listeners:
                         self._accept_all(listeners[fd])
                     elif fd in self.waiting:
-                        self._readable(fd)
+                        self._readable(fd, bool(events & (select.EPOLLRDHUP | select.EPOLLHUP)))
                     if not self.alive:
                         break
                 self._expire(time.monotonic())
@@ -123,7 +124,10 @@ class ApiWorker(SyncWorker):
             # edge-triggered: reported once now if bytes are already there, then once per arrival
             self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
 
-    def _readable(self, fd: int) -> None:
+    def _readable(self, fd: int, ended: bool = False) -> None:
+        """`fd` has bytes (or its peer closed): handed to gunicorn once its request is whole, or
+        once the peer has shut its sending side (`ended`: nothing more will come; gunicorn then
+        answers what it has, a short body with the API's 400)."""
         entry = self.waiting[fd]
         client, listener, addr = entry[0], entry[1], entry[2]
         try:
@@ -136,7 +140,7 @@ class ApiWorker(SyncWorker):
         if not data:  # closed before a request: nothing to answer
             self._drop(fd)
             return
-        if not request_complete(data):
+        if not ended and not request_complete(data):
             if entry[4] is None:
                 entry[4] = time.monotonic()  # REQUEST_S from its first byte
             return

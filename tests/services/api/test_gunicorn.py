@@ -331,3 +331,4 @@ def test_a_request_is_whole_once_its_head_and_its_content_length_are_in():
     assert not request_complete(post + b"abcd") and request_complete(post + b"abcde")
     assert request_complete(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab")
     assert request_complete(b"G" * PEEK_BYTES)  # gunicorn's own limits answer that one
+    assert request_complete(b"GET / HTTP/1.1\nHost: x\n\n")  # bare newlines: gunicorn's parser judges
