@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from services.api.body import read_object
+from services.api.body import json_kind, read_object
 from services.api.collector import TradingCollector
 from services.api.errors import bad_param, error_body, error_code
 from services.api.pagecache import Page, PageCache
@@ -84,7 +84,8 @@ def _control_body() -> tuple[ControlAction, str, str]:
         raise bad_param(f"unknown field(s): {_names(unknown)}; allowed: action, reason, by")
     action = body.get("action")
     if action not in ("HALT", "RESUME", "FLATTEN"):
-        raise bad_param(f"action must be HALT, RESUME or FLATTEN, got {str(action)[:40]!r}")
+        got = f"{action[:40]!r}" if isinstance(action, str) else ("none" if "action" not in body else json_kind(action))
+        raise bad_param(f"action must be HALT, RESUME or FLATTEN, got {got}")
     try:  # the control layer's rules, the same for `qf halt` and Telegram
         reason, by = check_reason(body.get("reason")), check_by(body.get("by", ""))
     except ValueError as exc:
@@ -109,6 +110,11 @@ def json_response(obj, status: int = 200, headers: dict | None = None, plain: bo
                     mimetype="application/json")
 
 
+# pydantic's bound refusals, in the API's words (the same whatever the number's size: see schemas._digits)
+_BOUNDS = {"less_than_equal": ("le", "over the maximum"), "greater_than_equal": ("ge", "under the minimum"),
+           "less_than": ("lt", "must be less than"), "greater_than": ("gt", "must be more than")}
+
+
 def _validation_error(exc: ValidationError) -> Response:
     """A query string pydantic refused: 400 bad_param naming the parameter and what it takes."""
     problems = exc.errors(include_url=False, include_input=False)
@@ -124,6 +130,9 @@ def _validation_error(exc: ValidationError) -> Response:
         # a union failed every way (an Instant: ns or ISO-8601): say what it takes, not each way's failure
         text = f"{name[:40]}: expected ns since the epoch or an ISO-8601 time with its UTC offset" \
             if name in ("from", "to") else f"{name[:40]}: {first.get('msg', 'invalid')}"
+    elif first.get("type") in _BOUNDS:
+        bound = (first.get("ctx") or {}).get(_BOUNDS[first["type"]][0])
+        text = f"{name[:40]}: {_BOUNDS[first['type']][1]} {bound}"
     else:
         text = f"{name[:40]}: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
     return json_response(error_body("bad_param", text[:300]), 400)
@@ -252,6 +261,12 @@ def create_app(cfg: Config, clock: Clock = time.time_ns, watch: BusWatch | None 
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             resp.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return resp
+
+    @app.errorhandler(queries.NotAnAmount)
+    def _not_an_amount(exc: queries.NotAnAmount):
+        # a damaged money value (NaN, 1e999, text) is never served as money: the whole answer is refused
+        log.warning("db_not_an_amount", extra={"path": request.path, "detail": str(exc)})
+        return json_response(error_body("db_unavailable", str(exc)), 503)
 
     @app.errorhandler(pw.DatabaseError)
     def _db_error(exc: pw.DatabaseError):

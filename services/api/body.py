@@ -58,6 +58,19 @@ def _constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words: null, true/false, a number, a string, an array."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float, Decimal)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def parse_object(data: bytes, max_depth: int = MAX_DEPTH) -> dict:
     """`data` as one strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity, numbers
     (as Decimal) of at most MAX_NUMBER_CHARS characters, nested at most `max_depth` deep.
@@ -79,7 +92,7 @@ def parse_object(data: bytes, max_depth: int = MAX_DEPTH) -> dict:
     except (ValueError, RecursionError) as exc:  # from the hooks above (RecursionError: belt and braces)
         raise bad_param(f"the body is not accepted JSON: {str(exc)[:100]}") from None
     if not isinstance(value, dict):
-        raise bad_param(f"the body must be a JSON object, not {type(value).__name__}")
+        raise bad_param(f"the body must be a JSON object, not {json_kind(value)}")
     return value
 
 

@@ -6,6 +6,7 @@ epoch (integers). Query models forbid unknown parameters: a typo (`symbl=`) is a
 silently unfiltered answer."""
 from __future__ import annotations
 
+import calendar
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
@@ -21,7 +22,7 @@ Money = Annotated[str, StringConstraints(pattern=r"^-?[0-9]+(\.[0-9]+)?$"),
                   Field(description="exact decimal string")]
 Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,20}$"),
                    Field(description="a symbol such as BTCUSDT (any case)")]
-_DIGITS = re.compile(r"[0-9]{1,19}")
+_DIGITS = re.compile(r"[0-9]+")
 _RFC3339 = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}):([0-9]{2})(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
@@ -30,26 +31,56 @@ def _instant_ns(value: str) -> int:
     0..MAX_NS (a range that starts before 1970 or ends after 2262 means all of that side).
     By hand, not pydantic's datetime: in lax mode it takes "0.5" for half a second after 1970."""
     if _DIGITS.fullmatch(value):
-        return min(int(value), MAX_NS)
+        digits = value.lstrip("0") or "0"
+        return MAX_NS if len(digits) > 19 else min(int(digits), MAX_NS)
     m = _RFC3339.fullmatch(value)
     if m is None:
         raise ValueError("expected ns since the epoch or an RFC 3339 time with its UTC offset")
     day, hm, sec, frac, offset = m.groups()
     offset = "+00:00" if offset in ("Z", "z") else offset
+    problem = _not_real(day, hm, sec, offset)
+    if problem:
+        raise ValueError(f"not a real time: {problem}")
     leap = sec == "60"  # RFC 3339's leap second: the last instant of its minute
-    try:
-        t = datetime.fromisoformat(f"{day}T{hm}:{'59' if leap else sec}{offset}")
-    except ValueError as exc:
-        raise ValueError(f"not a real time: {exc}") from None
+    t = datetime.fromisoformat(f"{day}T{hm}:{'59' if leap else sec}{offset}")
     micros = int(((frac or ".0")[1:] + "000000")[:6])
     ns = (int(t.timestamp()) + (1 if leap else 0)) * 1_000_000_000 + micros * 1000
     return max(0, min(ns, MAX_NS))
 
 
+def _not_real(day: str, hm: str, sec: str, offset: str) -> str | None:
+    """What makes an RFC 3339 time of the right shape not a real one, in the API's words (not
+    datetime's, which quote timedelta reprs), or None."""
+    y, mo, d = (int(x) for x in day.split("-"))
+    h, mi = (int(x) for x in hm.split(":"))
+    oh, om = int(offset[1:3]), int(offset[4:6])
+    if not 1 <= y:
+        return "year 0000 is before 0001"
+    if not 1 <= mo <= 12:
+        return f"month {mo:02d} is not between 01 and 12"
+    last = calendar.monthrange(y, mo)[1]
+    if not 1 <= d <= last:
+        return f"day {d:02d} is not between 01 and {last} in {y:04d}-{mo:02d}"
+    if h > 23:
+        return f"hour {h:02d} is not between 00 and 23"
+    if mi > 59:
+        return f"minute {mi:02d} is not between 00 and 59"
+    if int(sec) > 60:
+        return f"second {sec} is not between 00 and 60"
+    if oh > 23 or om > 59:
+        return f"offset {offset} is not between -23:59 and +23:59"
+    return None
+
+
 def _digits(value):
-    """A query string's integer as digits only: pydantic's lax int would take "5.0" and "1_000"."""
-    if isinstance(value, str) and not _DIGITS.fullmatch(value):
-        raise ValueError("expected an integer (digits only)")
+    """A query string's integer as digits only: pydantic's lax int would take "5.0" and "1_000".
+    Digits past 19 (over any maximum the API takes) are kept as 20 nines, so the bound check
+    says "over the maximum" whatever their number (and no 10^5-digit int() is parsed)."""
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise ValueError("expected an integer (digits only)")
+        digits = value.lstrip("0") or "0"
+        return "9" * 20 if len(digits) > 19 else digits
     return value
 
 
@@ -57,11 +88,27 @@ Digits = BeforeValidator(_digits)
 Instant = Annotated[str, AfterValidator(_instant_ns), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": "^[0-9]{1,19}$"}, {"type": "string", "format": "date-time"}],
     "description": "ns since the epoch, or an RFC 3339 time with its UTC offset (2026-12-07T10:00:00Z)"})]
-Cursor = Annotated[str, StringConstraints(pattern=r"^[0-7]?[0-9a-f]{1,15}\.[A-Za-z0-9_-]{1,100}$"),
-                   Field(description="the next_cursor of the previous page (the last row's time in hex, a "
-                                     "dot, its id): the page after it")]
-SignalCursor = Annotated[str, StringConstraints(pattern=r"^[0-7]?[0-9a-f]{1,15}\.[0-7]?[0-9a-f]{1,15}$"),
-                         Field(description="the next_cursor of the previous page")]
+CURSOR_REFUSED = "not one this endpoint gave (pass the next_cursor of its previous page)"
+_CURSOR_SHAPE = re.compile(r"[tos]\.-?[0-9a-f]{1,16}\.[A-Za-z0-9_-]{1,100}\.[0-9a-f]{10}")
+
+
+def _cursor_shape(value: str) -> str:
+    """A cursor's shape only (its endpoint and check are the query layer's: queries.decode_cursor),
+    refused in the same words as a cursor of the right shape that this endpoint did not give."""
+    if not _CURSOR_SHAPE.fullmatch(value):
+        raise ValueError(CURSOR_REFUSED)
+    return value
+
+
+_CURSOR_DOC = ("an opaque string: the next_cursor of this endpoint's previous page, for the page after it. "
+               "Cursors carry their endpoint and a check: one made up, edited or from another endpoint is "
+               "400 bad_param")
+Cursor = Annotated[str, AfterValidator(_cursor_shape), WithJsonSchema({
+    "type": "string", "pattern": "^[to]\\.[0-7]?[0-9a-f]{1,15}\\.[A-Za-z0-9_-]{1,100}\\.[0-9a-f]{10}$",
+    "description": _CURSOR_DOC})]
+SignalCursor = Annotated[str, AfterValidator(_cursor_shape), WithJsonSchema({
+    "type": "string", "pattern": "^s\\.[0-7]?[0-9a-f]{1,15}\\.[0-9a-f]{1,16}\\.[0-9a-f]{10}$",
+    "description": _CURSOR_DOC})]
 
 
 class Query(BaseModel):
@@ -127,8 +174,12 @@ class RiskQuery(Query):
 
 
 class StatsQuery(Query):
-    from_: Optional[Instant] = Field(None, alias="from", description="equity curve from (default: all)")
-    to: Optional[Instant] = Field(None, description="equity curve up to (default: now)")
+    from_: Optional[Instant] = Field(None, alias="from", description=(
+        "the window's start (inclusive; default: the first fill): the fill figures (fills, maker shares, "
+        "notional, fees, slippage) and the equity figures are over fills and snapshots in [from, to); the "
+        "round-trip figures are all time (the answer's `window` lists both)"))
+    to: Optional[Instant] = Field(None, description="the window's end (exclusive; default: no end); to ≤ from: "
+                                                    "an empty window")
 
 
 # -- responses (the document's; the views build plain dicts that match them) -----------------
@@ -300,6 +351,10 @@ class EquityPoint(BaseModel):
 class EquitySeries(BaseModel):
     interval_s: int = Field(description="the bucket used (coarser than asked when the range needs it)")
     requested_interval_s: Optional[int]
+    interval_widened_from: Optional[int] = Field(description=(
+        "the asked interval (s) when it was widened: an asked interval is used while it makes at most 10,000 "
+        "points over the range; past that the smallest that makes at most 500 is (as `auto`)"))
+    note: Optional[str] = Field(description="why the interval was widened, when it was")
     start: int = Field(alias="from")
     to: int
     points: list[EquityPoint]
@@ -324,6 +379,15 @@ class Risk(BaseModel):
     events: list[RiskEventOut]
 
 
+class StatsWindow(BaseModel):
+    start: Optional[int] = Field(alias="from", description="the window asked (ns), null: none")
+    to: Optional[int]
+    applies_to: list[str] = Field(description="the fields over the fills and snapshots in [from, to) (all of "
+                                              "them without a window)")
+    all_time: list[str] = Field(description="the fields over every fill whatever the window: round trips "
+                                            "(a trip's close and P&L depend on the position at `from`)")
+
+
 class Stats(BaseModel):
     fills: int
     round_trips: int
@@ -336,8 +400,10 @@ class Stats(BaseModel):
     maker_share: Optional[float]
     maker_notional_share: Optional[float]
     notional: Money
+    fees: dict[str, Money] = Field(description="fees by asset (the quote asset's under its name)")
     slippage: dict[str, Any]
     equity: dict[str, Any]
+    window: StatsWindow
 
 
 class Signal(BaseModel):

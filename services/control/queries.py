@@ -1,12 +1,16 @@
 """The one query layer over shared/db.py: trades, orders, positions, P&L, equity, risk, stats, signals.
 
-Every answer costs O(page) or O(symbols), never O(all fills): positions, P&L and the trip
-tallies come from the tables the broker keeps beside the fills (`positions`, `pnl_days`,
-`order_counts`; shared/aggregates.py), pages are keyset-paginated on an index (a cursor is the
-last row's key, so a page never skips or repeats a row while the broker writes). Reads go
-through the read-only WAL connection: they never block the broker's writes."""
+Every answer costs O(page) or O(symbols), never O(all fills) — but a windowed /stats, which
+reads the fills in its window over the ts index: positions, P&L and the trip tallies come from
+the tables the broker keeps beside the fills (`positions`, `pnl_days`, `order_counts`;
+shared/aggregates.py), pages are keyset-paginated on an index (a cursor is the last row's key
+with its endpoint and a check, so a page never skips or repeats a row while the broker writes).
+A money value that is not an amount is never served (NotAnAmount). Reads go through the
+read-only WAL connection: they never block the broker's writes."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -31,33 +35,92 @@ DAY_NS = 86_400 * 1_000_000_000
 
 __all__ = ["Position", "quote_asset", "positions_from", "position_dict", "ping", "positions",
            "latest_equity", "order_counts", "summary", "risk_state", "render_decimal", "jsonable",
-           "BadCursor", "trades_page", "orders_page", "signals_page", "pnl", "equity_series", "risk_events",
+           "BadCursor", "NotAnAmount", "trades_page", "orders_page", "signals_page", "pnl", "equity_series", "risk_events",
            "denials_by_reason", "stats", "money_text"]
 
 
 class BadCursor(ValueError):
-    """A pagination cursor this API did not make (a front end answers 400)."""
+    """A pagination cursor this endpoint did not make (a front end answers 400)."""
 
 
+class NotAnAmount(pw.DatabaseError):
+    """A money column holds text that is not a decimal amount (NaN, 1e999, abc: a damaged row).
+    The database is the broker's and trusted, but such a value is never served as money: the
+    front end answers 503 `db_unavailable` with this message (table.column and the row's key); a
+    DatabaseError, so whatever treats the database as unavailable (metrics, Telegram) does too."""
+
+    def __init__(self, table: str, column: str, key: object) -> None:
+        super().__init__(f"the database holds a value that is not an amount: {table}.{column} of the row "
+                         f"{str(key)[:60]}")
+
+
+# what the broker writes into a money column (DecimalText: format(d, "f")); anything else is damage
+_AMOUNT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+# a column's non-null texts joined by "\n": one C-level match for a page's thousand values
+# (possessive: no backtracking; ~40 µs for 1000 values, a per-value match or Decimal() ~120 µs)
+_AMOUNTS = re.compile(r"(?:-?[0-9]+(?:\.[0-9]+)?\n)*+-?[0-9]+(?:\.[0-9]+)?")
+
+
+def amount(text, table: str, column: str, key: object) -> Decimal:
+    """`text` from table.column (the row `key`) as a Decimal; NotAnAmount when it is not one."""
+    if type(text) is not str or not _AMOUNT.fullmatch(text):
+        if isinstance(text, (int, Decimal)) and not isinstance(text, bool) and Decimal(text).is_finite():
+            return Decimal(text)  # a server database may hand a NUMERIC back as a number
+        raise NotAnAmount(table, column, key)
+    return Decimal(text)
+
+
+def check_amounts(values: list, table: str, column: str, keys: list) -> None:
+    """Raise NotAnAmount for the first of `values` (texts or None; `keys` the rows' keys) that is
+    not an amount. One regex match over the column joined, not one per value (see _page)."""
+    texts = [v for v in values if v is not None]
+    if not texts:
+        return
+    try:
+        if _AMOUNTS.fullmatch("\n".join(texts)):
+            return
+    except TypeError:  # not all text: found below
+        pass
+    for v, k in zip(values, keys):
+        if v is not None:
+            amount(v, table, column, k)
+
+
+# Cursors: "<kind>.<ts hex>.<id>.<check>". The kind names the endpoint (t trades, o orders, s
+# signals); the check is a keyed BLAKE2b of the rest under a fixed key: not a secret (every
+# worker and every restart must take the cursors the others gave), only what makes a made-up,
+# edited or another endpoint's cursor fail (a 1 in 2^40 chance by luck).
+CURSOR_KINDS = {"trades": "t", "orders": "o", "signals": "s"}
+_CURSOR_KEY = b"quantumflow-cursor-v1"
+_CURSOR = re.compile(r"([tos])\.(-?[0-9a-f]{1,16})\.([A-Za-z0-9_-]{1,100})\.([0-9a-f]{10})")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
-_HEX = re.compile(r"[0-7]?[0-9a-f]{1,15}")
+_HEX_ID = re.compile(r"[0-9a-f]{1,16}")
+CURSOR_REFUSED = "cursor: not one this endpoint gave (pass the next_cursor of its previous page)"
 
 
-def encode_cursor(ts: int, row_id: str | int) -> str:
-    """A page's last row key as the next page's cursor: its time in hex, a dot, its id (an
-    integer id in hex). Every string of that shape is a valid cursor: a position in the order.
-    An id outside [A-Za-z0-9_-] (never made by this broker) gives a cursor of its time alone."""
-    if isinstance(row_id, int):
-        return f"{ts:x}.{row_id:x}"
-    return f"{ts:x}.{row_id}" if _ID.fullmatch(row_id) else f"{ts:x}.-"
+def _check(body: str) -> str:
+    return hashlib.blake2b(body.encode(), key=_CURSOR_KEY, digest_size=5).hexdigest()
 
 
-def decode_cursor(cursor: str, int_id: bool = False) -> tuple[int, str | int]:
-    """(ts, id) from `cursor`; BadCursor for anything that is not of encode_cursor's shape."""
-    ts, dot, row_id = cursor.partition(".")
-    if not dot or not _HEX.fullmatch(ts) or not (_HEX if int_id else _ID).fullmatch(row_id):
-        raise BadCursor("cursor is not one this API gave out (it is the next_cursor of a page)")
-    return int(ts, 16), int(row_id, 16) if int_id else row_id
+def encode_cursor(kind: str, ts: int, row_id: str | int) -> str:
+    """A page's last row key as the next page's cursor of endpoint `kind` (CURSOR_KINDS): the
+    endpoint's letter, the row's time in hex, its id (an integer id in hex), a check. An id outside
+    [A-Za-z0-9_-] (never made by this broker) gives "-": a cursor of the row's time alone."""
+    rid = f"{row_id:x}" if isinstance(row_id, int) else (row_id if _ID.fullmatch(row_id) else "-")
+    body = f"{CURSOR_KINDS[kind]}.{ts:x}.{rid}"
+    return f"{body}.{_check(body)}"
+
+
+def decode_cursor(kind: str, cursor: str, int_id: bool = False) -> tuple[int, str | int]:
+    """(ts, id) from a cursor endpoint `kind` gave; BadCursor for anything else: malformed, edited,
+    made up, or another endpoint's."""
+    m = _CURSOR.fullmatch(cursor)
+    if m is None or m[1] != CURSOR_KINDS[kind] or not hmac.compare_digest(m[4], _check(cursor[:m.start(4) - 1])):
+        raise BadCursor(CURSOR_REFUSED)
+    ts = int(m[2], 16)
+    if int_id and not _HEX_ID.fullmatch(m[3]) or not -2**63 <= ts < 2**63:
+        raise BadCursor(CURSOR_REFUSED)
+    return ts, int(m[3], 16) if int_id else m[3]
 
 
 def positions_from(fills: Iterable[tuple]) -> dict[str, Position]:
@@ -83,9 +146,19 @@ def ping() -> None:
 
 def _position(row: tuple) -> Position:
     symbol, qty, cost, realized, fees, other, fills, last_price = row
-    pos = Position(symbol, qty=Decimal(qty), cost=Decimal(cost), realized=Decimal(realized), fees=Decimal(fees),
-                   last_price=None if last_price is None else Decimal(last_price), fills=fills)
-    pos.other_fees = {k: Decimal(v) for k, v in json.loads(other or "{}").items()}
+
+    def money(text, column):
+        return amount(text, "positions", column, symbol)
+    pos = Position(symbol, qty=money(qty, "qty"), cost=money(cost, "cost"), realized=money(realized, "realized"),
+                   fees=money(fees, "fees"), last_price=None if last_price is None else money(last_price, "last_price"),
+                   fills=fills)
+    try:
+        other_fees = json.loads(other or "{}")
+    except ValueError:
+        other_fees = None
+    if not isinstance(other_fees, dict):
+        raise NotAnAmount("positions", "other_fees", symbol)
+    pos.other_fees = {k: money(v, "other_fees") for k, v in other_fees.items()}
     return pos
 
 
@@ -100,9 +173,18 @@ def positions(symbol: str | None = None) -> list[Position]:
 
 def latest_equity() -> dict | None:
     """The newest equity snapshot as {ts, equity, cash, note}, or None."""
-    row = database.execute_sql('SELECT "ts", "equity", "cash", "note" FROM "equity" '
+    row = database.execute_sql('SELECT "ts", "equity", "cash", "note", "id" FROM "equity" '
                                'ORDER BY "ts" DESC, "id" DESC LIMIT 1').fetchone()
-    return None if row is None else {"ts": row[0], "equity": Decimal(row[1]), "cash": Decimal(row[2]), "note": row[3]}
+    return _snapshot(row)
+
+
+def _snapshot(row: tuple | None) -> dict | None:
+    """An equity row (ts, equity, cash, note, id) as {ts, equity, cash, note}; NotAnAmount when damaged."""
+    if row is None:
+        return None
+    ts, eq, cash, note, rid = row
+    return {"ts": ts, "equity": amount(eq, "equity", "equity", rid), "cash": amount(cash, "equity", "cash", rid),
+            "note": note}
 
 
 def order_counts() -> dict[str, int]:
@@ -161,8 +243,9 @@ def money_text(text: str | None) -> str | None:
     return "0" if text in ("-0", "", "-") else text
 
 
-def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filters: list[tuple[str, object]],
-          start: int | None, end: int | None, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
+def _page(kind: str, table: str, columns: tuple[str, ...], ts_col: str, id_col: str,
+          filters: list[tuple[str, object]], start: int | None, end: int | None, cursor: str | None,
+          limit: int) -> tuple[list[dict], str | None]:
     """Rows of `table` newest first by (ts_col, id_col), keyset-paginated; `filters` are
     (column, value) equalities. Raw SQL over the ts index: peewee's builder and its Decimal
     conversions cost more than the query (the text is rendered as stored, see money_text)."""
@@ -180,7 +263,7 @@ def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filter
         where.append(f'"{ts_col}" < {p}')
         params.append(end)
     if cursor:
-        ts, row_id = decode_cursor(cursor)
+        ts, row_id = decode_cursor(kind, cursor)
         where.append(f'"{ts_col}" <= {p} AND ("{ts_col}" < {p} OR "{id_col}" < {p})')
         params += [ts, ts, row_id]
     sql = (f'SELECT {", ".join(chr(34) + c + chr(34) for c in columns)} FROM "{table}"'
@@ -191,12 +274,15 @@ def _page(table: str, columns: tuple[str, ...], ts_col: str, id_col: str, filter
     # column-wise: a comprehension per money column, with money_text's work only for text ending
     # in "0" (what format(d, "f") leaves behind); a loop over each cell measured 5× slower
     cells = list(zip(*fetched[:limit])) or [()] * len(columns)
+    keys = cells[columns.index(id_col)] if fetched else ()
     for i, c in enumerate(columns):
         if c in MONEY_COLUMNS:
+            # a damaged value (NaN, 1e999, abc) is never served as money: NotAnAmount (503)
+            check_amounts(cells[i], table, c, keys)
             cells[i] = [v if v is None or v[-1:] != "0" else money_text(v) for v in cells[i]]
     rows = [dict(zip(columns, r)) for r in zip(*cells)]
     more = len(fetched) > limit
-    return rows, encode_cursor(rows[-1][ts_col], rows[-1][id_col]) if more else None
+    return rows, encode_cursor(kind, rows[-1][ts_col], rows[-1][id_col]) if more else None
 
 
 def trades_page(symbol: str | None = None, side: str | None = None, start: int | None = None,
@@ -206,7 +292,7 @@ def trades_page(symbol: str | None = None, side: str | None = None, start: int |
     on (ts, fill_id) over the ts index: any page costs the same. Raises BadCursor, ValueError for
     a limit out of range."""
     filters = [(c, v) for c, v in (("symbol", symbol.upper() if symbol else None), ("side", side)) if v]
-    return _page("fills", TRADE_COLUMNS, "ts", "fill_id", filters, start, end, cursor, limit)
+    return _page("trades", "fills", TRADE_COLUMNS, "ts", "fill_id", filters, start, end, cursor, limit)
 
 
 def orders_page(symbol: str | None = None, side: str | None = None, status: str | None = None,
@@ -216,7 +302,7 @@ def orders_page(symbol: str | None = None, side: str | None = None, status: str 
     symbol, side, status, created_ts in [start, end). Raises BadCursor."""
     filters = [(c, v) for c, v in (("symbol", symbol.upper() if symbol else None), ("side", side),
                                    ("status", status)) if v]
-    return _page("orders", ORDER_COLUMNS, "created_ts", "order_id", filters, start, end, cursor, limit)
+    return _page("orders", "orders", ORDER_COLUMNS, "created_ts", "order_id", filters, start, end, cursor, limit)
 
 
 def signals_page(symbol: str | None = None, start: int | None = None, end: int | None = None,
@@ -233,12 +319,12 @@ def signals_page(symbol: str | None = None, start: int | None = None, end: int |
     if end is not None:
         query = query.where(SignalRow.ts < end)
     if cursor:
-        ts, row_id = decode_cursor(cursor, int_id=True)
+        ts, row_id = decode_cursor("signals", cursor, int_id=True)
         query = query.where((SignalRow.ts <= ts) & ((SignalRow.ts < ts) | (SignalRow.id < row_id)))
     rows = list(query.order_by(SignalRow.ts.desc(), SignalRow.id.desc()).limit(limit + 1).dicts())
     more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = encode_cursor(rows[-1]["ts"], rows[-1]["id"]) if more else None
+    next_cursor = encode_cursor("signals", rows[-1]["ts"], rows[-1]["id"]) if more else None
     for row in rows:
         row.pop("id")
         try:
@@ -254,9 +340,9 @@ def signals_page(symbol: str | None = None, start: int | None = None, end: int |
 
 def equity_at(ts: int) -> dict | None:
     """The newest equity snapshot taken before `ts`, or None."""
-    row = database.execute_sql(f'SELECT "ts", "equity", "cash", "note" FROM "equity" WHERE "ts" < {database.param} '
-                               'ORDER BY "ts" DESC, "id" DESC LIMIT 1', [ts]).fetchone()
-    return None if row is None else {"ts": row[0], "equity": Decimal(row[1]), "cash": Decimal(row[2]), "note": row[3]}
+    row = database.execute_sql(f'SELECT "ts", "equity", "cash", "note", "id" FROM "equity" WHERE "ts" < '
+                               f'{database.param} ORDER BY "ts" DESC, "id" DESC LIMIT 1', [ts]).fetchone()
+    return _snapshot(row)
 
 
 def pnl(now_ns: int) -> dict[str, Any]:
@@ -266,18 +352,20 @@ def pnl(now_ns: int) -> dict[str, Any]:
     with database.atomic():
         found = positions()
         day = now_ns // DAY_NS
-        today = database.execute_sql(f'SELECT "realized", "fees", "fills" FROM "pnl_days" WHERE "day" = '
-                                     f'{database.param}', [day]).fetchall()
+        today = [(amount(r, "pnl_days", "realized", f"{day}/{sym}"), amount(f, "pnl_days", "fees", f"{day}/{sym}"), n)
+                 for r, f, n, sym in database.execute_sql(
+                     f'SELECT "realized", "fees", "fills", "symbol" FROM "pnl_days" WHERE "day" = {database.param}',
+                     [day]).fetchall()]
         latest, start = latest_equity(), equity_at(day * DAY_NS)
     realized = sum((p.realized for p in found), ZERO)
     fees = sum((p.fees for p in found), ZERO)
     unrealized = sum((p.unrealized() for p in found), ZERO)
     other: dict[str, Decimal] = {}
     for p in found:
-        for asset, amount in p.other_fees.items():
-            other[asset] = other.get(asset, ZERO) + amount
-    t_realized = sum((Decimal(r) for r, _, _ in today), ZERO)
-    t_fees = sum((Decimal(f) for _, f, _ in today), ZERO)
+        for asset, value in p.other_fees.items():
+            other[asset] = other.get(asset, ZERO) + value
+    t_realized = sum((r for r, _, _ in today), ZERO)
+    t_fees = sum((f for _, f, _ in today), ZERO)
     return {"realized": realized, "unrealized": unrealized, "fees": fees, "other_fees": other,
             "net_realized": realized - fees, "net": realized - fees + unrealized, "equity": latest,
             "today": {"day": datetime.fromtimestamp(day * 86_400, timezone.utc).date().isoformat(),
@@ -293,10 +381,12 @@ MAX_POINTS = 500
 
 
 def equity_series(start: int, end: int, interval: str = "auto") -> dict[str, Any]:
-    """Equity resampled over [start, end): the last snapshot of each `interval` bucket (buckets
-    aligned to the epoch), at most MAX_POINTS+1 points ("auto" picks the smallest interval that
-    fits; an interval that would make more than 20 × MAX_POINTS is coarsened the same way, and
-    `interval_s` says what was used); none for end ≤ start."""
+    """Equity resampled over [start, end) (`start` taken as 0 when before the epoch): the last
+    snapshot of each `interval` bucket (buckets aligned to the epoch), at most MAX_POINTS+1 points
+    ("auto" picks the smallest interval that fits; an asked interval that would make more than
+    20 × MAX_POINTS points is widened the same way: `interval_s` says what was used,
+    `interval_widened_from` the asked one, and `note` why); none for end ≤ start."""
+    start = max(start, 0)
     span_s = max(end - start, 0) / 1e9
     asked = None if interval == "auto" else INTERVALS_S[interval]
     step = asked
@@ -304,20 +394,26 @@ def equity_series(start: int, end: int, interval: str = "auto") -> dict[str, Any
         step = next((v for v in INTERVALS_S.values() if span_s / v <= MAX_POINTS), None)
         if step is None:
             step = math.ceil(span_s / MAX_POINTS / 86_400) * 86_400
+    widened = asked if asked is not None and step != asked else None
+    note = None if widened is None else (
+        f"interval {interval} would make {math.ceil(span_s / asked):,} points over this range (at most "
+        f"{MAX_POINTS * 20:,} are served at an asked interval): widened to {step} s, at most {MAX_POINTS} points")
     bucket_ns = step * 1_000_000_000
     # SQLite takes the bare columns from the row holding MAX(ts): each bucket's last snapshot
     # (SQLite's rule; PostgreSQL has no such rule: DISTINCT ON, the newest by (ts, id) of each bucket)
     p = database.param
     if _server():
-        sql = (f'SELECT DISTINCT ON ("ts" / {p}) "ts", "equity", "cash" FROM "equity" WHERE "ts" >= {p} '
+        sql = (f'SELECT DISTINCT ON ("ts" / {p}) "ts", "equity", "cash", "id" FROM "equity" WHERE "ts" >= {p} '
                f'AND "ts" < {p} ORDER BY "ts" / {p}, "ts" DESC, "id" DESC')
         rows = database.execute_sql(sql, (bucket_ns, start, end, bucket_ns)).fetchall()
     else:
-        sql = (f'SELECT MAX("ts"), "equity", "cash" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} '
+        sql = (f'SELECT MAX("ts"), "equity", "cash", "id" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p} '
                f'GROUP BY "ts" / {p} ORDER BY 1')
         rows = database.execute_sql(sql, (start, end, bucket_ns)).fetchall()
-    return {"interval_s": step, "requested_interval_s": asked, "from": start, "to": end,
-            "points": [{"ts": ts, "equity": Decimal(eq), "cash": Decimal(cash)} for ts, eq, cash in rows]}
+    return {"interval_s": step, "requested_interval_s": asked, "interval_widened_from": widened, "note": note,
+            "from": start, "to": end,
+            "points": [{"ts": ts, "equity": amount(eq, "equity", "equity", rid),
+                        "cash": amount(cash, "equity", "cash", rid)} for ts, eq, cash, rid in rows]}
 
 
 def risk_events(limit: int = 50) -> list[dict]:
@@ -339,35 +435,107 @@ def _ratio(a, b) -> float | None:
     return float(a) / float(b) if b else None
 
 
+# /stats' fields the window [from, to) applies to, and those that are over every fill whatever
+# the window (the answer's `window` says so). A round trip's closing and its P&L depend on the
+# position when the window opens, which only a fold of every earlier fill gives (qf report does
+# that: seconds on 1M fills); the broker keeps the trips' tallies for all time (`positions`).
+STATS_WINDOWED = ("fills", "maker_share", "maker_notional_share", "notional", "fees", "slippage", "equity")
+STATS_ALL_TIME = ("round_trips", "wins", "losses", "win_rate", "profit_factor", "gross_win", "gross_loss")
+_FILL_STATS = ('SELECT "fill_id", "symbol", "price", "qty", "fee", "fee_asset", "liquidity", "slippage_arrival" '
+               'FROM "fills" WHERE "ts" >= {p} AND "ts" < {p}')
+
+
+def _window_fills(start: int, end: int) -> dict[str, Any]:
+    """The fill figures of the fills with ts in [start, end), read over the (ts, fill_id) index:
+    O(fills in the window), exact (Decimal)."""
+    fills = maker = slip_n = 0
+    notional = maker_notional = slip_sum = slip_cost = ZERO
+    fees: dict[str, Decimal] = {}
+    quotes: dict[str, str] = {}
+    if end > start:
+        for batch in _batches(_FILL_STATS.format(p=database.param), (start, end)):
+            for fill_id, symbol, price, qty, fee, fee_asset, liquidity, slip in batch:
+                q = amount(qty, "fills", "qty", fill_id)
+                value = amount(price, "fills", "price", fill_id) * q
+                f = amount(fee, "fills", "fee", fill_id)
+                fills += 1
+                notional += value
+                if liquidity == "MAKER":
+                    maker += 1
+                    maker_notional += value
+                if slip is not None:
+                    sl = amount(slip, "fills", "slippage_arrival", fill_id)
+                    slip_n += 1
+                    slip_sum += sl
+                    slip_cost += sl * q
+                if f:
+                    quote = quotes.get(symbol)
+                    if quote is None:
+                        quote = quotes[symbol] = Position(symbol).quote
+                    asset = quote if not fee_asset or fee_asset == quote or not quote else fee_asset
+                    fees[asset] = fees.get(asset, ZERO) + f
+    return {"fills": fills, "maker": maker, "notional": notional, "maker_notional": maker_notional,
+            "fees": fees, "slip_n": slip_n, "slip_sum": slip_sum, "slip_cost": slip_cost}
+
+
+def _covers(table: str, lo: int, hi: int) -> bool:
+    """Whether [lo, hi) holds every row of `table` by ts (an empty table: yes)."""
+    # two subqueries: SQLite answers a lone MIN or MAX from the index's end, both at once by a scan
+    first, last = database.execute_sql(f'SELECT (SELECT MIN("ts") FROM "{table}"), '
+                                       f'(SELECT MAX("ts") FROM "{table}")').fetchone()
+    return first is None or (lo <= first and last < hi)
+
+
+def _all_time_fills(found: list[Position], rows: list[tuple]) -> dict[str, Any]:
+    """The same figures as `_window_fills` over every fill, from the `positions` rows."""
+    def total(i: int, column: str) -> Decimal:
+        return sum((amount(r[i], "positions", column, r[0]) for r in rows), ZERO)
+    fees: dict[str, Decimal] = {}
+    for pos in found:
+        for asset, value in pos.fees_by_asset().items():
+            fees[asset] = fees.get(asset, ZERO) + value
+    return {"fills": sum(r[1] for r in rows), "maker": sum(r[6] for r in rows), "notional": total(7, "notional"),
+            "maker_notional": total(8, "maker_notional"), "fees": fees, "slip_n": sum(r[9] for r in rows),
+            "slip_sum": total(10, "slip_sum"), "slip_cost": total(11, "slip_cost")}
+
+
 def stats(start: int | None = None, end: int | None = None) -> dict[str, Any]:
-    """Round trips (win rate, profit factor), fills (maker share, slippage) from the positions'
-    tallies; Sharpe (hourly equity closes, annualised by √8760) and max drawdown from the equity
-    snapshots in [start, end), both in SQL over the equity index."""
-    cols = (PositionRow.fills, PositionRow.trips, PositionRow.wins, PositionRow.gross_win, PositionRow.gross_loss,
-            PositionRow.maker_fills, PositionRow.notional, PositionRow.maker_notional, PositionRow.slip_n,
-            PositionRow.slip_sum, PositionRow.slip_cost)
+    """Fill figures (count, maker share, notional, fees by asset, slippage) and the equity curve's
+    (Sharpe from hourly closes, annualised by √8760; max drawdown) over [start, end) — without
+    either, over everything, from the positions' tallies and the all-time curve; with one, over
+    the fills and snapshots in the window, each read over its ts index. Round trips (win rate,
+    profit factor) are always all time: `window` lists which fields the window applies to."""
+    cols = (PositionRow.symbol, PositionRow.fills, PositionRow.trips, PositionRow.wins, PositionRow.gross_win,
+            PositionRow.gross_loss, PositionRow.maker_fills, PositionRow.notional, PositionRow.maker_notional,
+            PositionRow.slip_n, PositionRow.slip_sum, PositionRow.slip_cost)
+    windowed = start is not None or end is not None
+    lo, hi = start if start is not None else 0, end if end is not None else 2**63 - 1
     with database.atomic():
         rows = list(PositionRow.select(*cols).tuples())
-        curve = _equity_curve(start, end)
-    fills = sum(r[0] for r in rows)
-    trips = sum(r[1] for r in rows)
-    wins = sum(r[2] for r in rows)
-    gross_win = sum((Decimal(r[3]) for r in rows), ZERO)
-    gross_loss = sum((Decimal(r[4]) for r in rows), ZERO)
-    maker = sum(r[5] for r in rows)
-    notional = sum((Decimal(r[6]) for r in rows), ZERO)
-    maker_notional = sum((Decimal(r[7]) for r in rows), ZERO)
-    slip_n = sum(r[8] for r in rows)
-    slip_sum = sum((Decimal(r[9]) for r in rows), ZERO)
-    slip_cost = sum((Decimal(r[10]) for r in rows), ZERO)
+        # a window that holds every fill (or every snapshot) is answered from the all-time figures:
+        # the same numbers, without reading each row (MIN/MAX: two index lookups)
+        every_fill = not windowed or _covers("fills", lo, hi)
+        f = _all_time_fills(positions(), rows) if every_fill else _window_fills(lo, hi)
+        if hi <= lo:
+            curve = _curve_figures([], None, None)
+        else:
+            curve = _equity_curve(None, None) if not windowed or _covers("equity", lo, hi) else _equity_curve(lo, hi)
+    trips = sum(r[2] for r in rows)
+    wins = sum(r[3] for r in rows)
+    gross_win = sum((amount(r[4], "positions", "gross_win", r[0]) for r in rows), ZERO)
+    gross_loss = sum((amount(r[5], "positions", "gross_loss", r[0]) for r in rows), ZERO)
     losses = trips - wins  # a trip of exactly zero counts as a trip, not a win
-    return {"fills": fills, "round_trips": trips, "wins": wins, "losses": losses,
+    notional, slip_n, slip_cost = f["notional"], f["slip_n"], f["slip_cost"]
+    return {"fills": f["fills"], "round_trips": trips, "wins": wins, "losses": losses,
             "win_rate": _ratio(wins, trips), "profit_factor": _ratio(gross_win, -gross_loss),
-            "gross_win": gross_win, "gross_loss": gross_loss, "maker_share": _ratio(maker, fills),
-            "maker_notional_share": _ratio(maker_notional, notional), "notional": notional,
-            "slippage": {"fills": slip_n, "mean_per_unit": (slip_sum / slip_n) if slip_n else None,
+            "gross_win": gross_win, "gross_loss": gross_loss, "maker_share": _ratio(f["maker"], f["fills"]),
+            "maker_notional_share": _ratio(f["maker_notional"], notional), "notional": notional,
+            "fees": dict(sorted(f["fees"].items())),
+            "slippage": {"fills": slip_n, "mean_per_unit": (f["slip_sum"] / slip_n) if slip_n else None,
                          "cost": slip_cost, "cost_bps": _ratio(slip_cost * 10_000, notional)},
-            "equity": curve}
+            "equity": curve,
+            "window": {"from": start, "to": end, "applies_to": list(STATS_WINDOWED),
+                       "all_time": list(STATS_ALL_TIME)}}
 
 
 HOUR_NS = 3600 * 1_000_000_000
@@ -386,16 +554,23 @@ def _equity_curve(start: int | None, end: int | None) -> dict[str, Any]:
         return _ALL_TIME.figures()
     lo, hi = start if start is not None else 0, end if end is not None else 2**63 - 1
     p = database.param
-    closes = [float(eq) for (eq,) in database.execute_sql(
-        'SELECT "equity" FROM (SELECT "ts", "equity", ROW_NUMBER() OVER (PARTITION BY "ts" / '
+    closes = _closes(database.execute_sql(
+        'SELECT "equity", "id" FROM (SELECT "ts", "equity", "id", ROW_NUMBER() OVER (PARTITION BY "ts" / '
         f'{p} ORDER BY "ts" DESC, "id" DESC) AS "n" FROM "equity" WHERE "ts" >= {p} AND "ts" < {p}) AS "h" '
-        'WHERE "n" = 1 ORDER BY "ts"', (HOUR_NS, lo, hi)).fetchall()]
+        'WHERE "n" = 1 ORDER BY "ts"', (HOUR_NS, lo, hi)).fetchall())
     real = _real()
     dd = database.execute_sql(
         f'SELECT MAX("peak" - "eq"), MAX(("peak" - "eq") / "peak") FROM (SELECT CAST("equity" AS {real}) AS "eq", '
         f'MAX(CAST("equity" AS {real})) OVER (ORDER BY "ts", "id" ROWS UNBOUNDED PRECEDING) AS "peak" '
         f'FROM "equity" WHERE "ts" >= {p} AND "ts" < {p}) AS "d" WHERE "peak" > 0', (lo, hi)).fetchone()
     return _curve_figures(closes, dd[0] if dd else None, dd[1] if dd else None)
+
+
+def _closes(rows) -> list[float]:
+    """The hourly closes' equity texts ((text, id) pairs) as floats; NotAnAmount for a damaged one."""
+    rows = list(rows)
+    check_amounts([r[0] for r in rows], "equity", "equity", [r[1] for r in rows])
+    return [float(r[0]) for r in rows]
 
 
 def _curve_figures(closes: list[float], dd: float | None, dd_ratio: float | None) -> dict[str, Any]:
@@ -446,7 +621,7 @@ class AllTimeEquity:
         self.last: tuple | None = None  # ... and of the last
         self.last_id, self.min_id = 0, None  # the largest and the smallest id folded in
         self.newest: tuple | None = None  # (id, ts, equity text) of the largest id: the last written
-        self.closes: list[list] = []  # [hour, equity text] per hour: its newest row's
+        self.closes: list[list] = []  # [hour, equity text, id] per hour: its newest row's
         self.peak = self.dd = self.dd_ratio = None
 
     def _still_valid(self) -> bool:
@@ -486,9 +661,9 @@ class AllTimeEquity:
                 rid, ts, text, eq = row
                 hour = _hour(ts)
                 if closes and closes[-1][0] == hour:
-                    closes[-1][1] = text  # in (ts, id) order: the hour's newest so far
+                    closes[-1][1:] = text, rid  # in (ts, id) order: the hour's newest so far
                 else:
-                    closes.append([hour, text])
+                    closes.append([hour, text, rid])
                 if rid > self.last_id:
                     self.last_id, self.newest = rid, (rid, ts, text)
                 if self.min_id is None or rid < self.min_id:
@@ -506,7 +681,7 @@ class AllTimeEquity:
         if row is not None:
             self.last = (row[0], row[1], row[2])
         self.peak, self.dd, self.dd_ratio = peak, dd, ratio
-        return _curve_figures([float(c[1]) for c in closes], dd, ratio)
+        return _curve_figures(_closes((c[1], c[2]) for c in closes), dd, ratio)
 
 
 _ALL_TIME = AllTimeEquity()
