@@ -255,3 +255,20 @@ def all_up(stack, but: tuple[str, ...] = ()) -> None:
     kept = [c for c in stack.children if c.name not in but]
     assert all(c.running for c in kept), {c.name: list(c.tail)[-5:] for c in kept}
     assert not any(c.restarts for c in kept)
+
+
+def capture_head(after_snapshot: int = 3000) -> list[bytes]:
+    """The shipped spot capture's lines up to `after_snapshot` records past its snapshot: the
+    start of a short capture that tests then damage (tests/services/*/test_*damaged*.py)."""
+    import gzip
+    lines = gzip.open(SPOT_CAPTURE, "rb").read().splitlines(keepends=True)
+    return lines[:_snapshot_index(lines) + after_snapshot]
+
+
+def depth_line(lines: list[bytes], after: int = 50) -> int:
+    """Index in `lines` of the first depth event `after` records past the snapshot."""
+    return next(i for i in range(_snapshot_index(lines) + after, len(lines)) if b"depthUpdate" in lines[i])
+
+
+def _snapshot_index(lines: list[bytes]) -> int:
+    return next(i for i, line in enumerate(lines) if b'"k":"snapshot"' in line)

@@ -12,26 +12,16 @@ import orjson
 import pytest
 
 from services.marketdata.capture import build_book
-from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ
+from tests.conftest import ROOT, capture_head, clean_environ, depth_line
 
 HEAD = 3000  # records kept after the capture's snapshot: ~30 s, enough for the strategy to trade
 
 
-def head_lines() -> list[bytes]:
-    lines = gzip.open(SPOT_CAPTURE, "rb").read().splitlines(keepends=True)
-    snap = next(i for i, line in enumerate(lines) if b'"k":"snapshot"' in line)
-    return lines[:snap + HEAD]
-
-
-def depth_line(lines: list[bytes], after: int = 50) -> int:
-    """Index of the first depth event `after` records past the snapshot."""
-    snap = next(i for i, line in enumerate(lines) if b'"k":"snapshot"' in line)
-    return next(i for i in range(snap + after, len(lines)) if b"depthUpdate" in lines[i])
 
 
 def with_bad_level(path, side: str, level: list) -> int:
     """The head of the capture with `level` added to one depth event's `side`; returns its line number."""
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines)
     rec = orjson.loads(lines[i])
     rec["m"]["data"][side].insert(0, level)
@@ -55,7 +45,7 @@ def backtest_json(capture, db) -> tuple[subprocess.CompletedProcess, dict | None
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("clean")
-    (d / "head.jsonl").write_bytes(b"".join(head_lines()))
+    (d / "head.jsonl").write_bytes(b"".join(capture_head(HEAD)))
     proc, summary = backtest_json(d / "head.jsonl", d / "x.db")
     assert proc.returncode == 0, proc.stderr
     assert summary["bad_events"] == 0 and summary["time_backwards"] == 0 and summary["skipped_messages"] == 0
@@ -104,7 +94,7 @@ def test_the_text_summary_lists_the_bad_message_and_what_it_cost(tmp_path):
 def test_a_bad_message_repaired_by_a_later_snapshot_says_how_much_was_skipped(tmp_path):
     """The book lost at a bad event comes back at the next snapshot: the summary says where it was
     lost, how many messages came meanwhile and the update id it resynced at; still exit 3."""
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines)
     clean_prefix = tmp_path / "prefix.jsonl"
     j = depth_line(lines, after=400)  # a later depth event: a snapshot of the true book right after it
@@ -130,7 +120,7 @@ def test_a_bad_message_repaired_by_a_later_snapshot_says_how_much_was_skipped(tm
 
 
 def test_a_bad_trade_is_named_and_counted_without_losing_the_book(tmp_path, clean):
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = next(k for k in range(depth_line(lines), len(lines)) if b"@trade" in lines[k])
     rec = orjson.loads(lines[i])
     rec["m"]["data"].update(p="NaN", q="-1")
@@ -147,7 +137,7 @@ def test_a_bad_trade_is_named_and_counted_without_losing_the_book(tmp_path, clea
 
 def test_receive_times_going_backwards_all_along_are_refused(tmp_path):
     out = []
-    for j, line in enumerate(head_lines()):
+    for j, line in enumerate(capture_head(HEAD)):
         rec = orjson.loads(line)
         rec["t"] = 2_000_000_000_000_000_000 - j * 1_000_000
         out.append(orjson.dumps(rec) + b"\n")
@@ -162,7 +152,7 @@ def test_receive_times_going_backwards_all_along_are_refused(tmp_path):
 
 
 def test_a_receive_time_going_back_once_is_named_and_counted(tmp_path):
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines, after=100)
     rec, before = orjson.loads(lines[i]), orjson.loads(lines[i - 1])
     rec["t"] = before["t"] - 5_000_000  # 5 ms before the record above it

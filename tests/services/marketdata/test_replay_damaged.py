@@ -13,24 +13,15 @@ import pytest
 
 from services.marketdata.feeds import ReplayFeed
 from services.marketdata.records import WsMessage
-from tests.conftest import ROOT, SPOT_CAPTURE, clean_environ, tcp_env
+from tests.conftest import ROOT, capture_head, clean_environ, depth_line, tcp_env
 
 HEAD = 3000  # records kept after the capture's snapshot
 
 
-def head_lines() -> list[bytes]:
-    lines = gzip.open(SPOT_CAPTURE, "rb").read().splitlines(keepends=True)
-    snap = next(i for i, line in enumerate(lines) if b'"k":"snapshot"' in line)
-    return lines[:snap + HEAD]
-
-
-def depth_line(lines: list[bytes], after: int = 50) -> int:
-    snap = next(i for i, line in enumerate(lines) if b'"k":"snapshot"' in line)
-    return next(i for i in range(snap + after, len(lines)) if b"depthUpdate" in lines[i])
 
 
 def nan_capture(path) -> int:
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines)
     rec = orjson.loads(lines[i])
     rec["m"]["data"]["b"].insert(0, ["61000.00000000", "NaN"])
@@ -54,7 +45,7 @@ def final_line(proc) -> str:
 
 def test_a_clean_head_replays_clean(tmp_path):
     capture = tmp_path / "head.jsonl"
-    capture.write_bytes(b"".join(head_lines()))
+    capture.write_bytes(b"".join(capture_head(HEAD)))
     proc = replay(tmp_path, capture)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -82,11 +73,11 @@ def test_a_bad_depth_event_is_named_by_file_and_line_and_the_replay_exits_3(tmp_
 def test_a_capture_of_another_symbol_is_no_book_exit_2(tmp_path):
     capture = tmp_path / "eth.jsonl"
     capture.write_bytes(b"".join(line.replace(b"BTCUSDT", b"ETHUSDT").replace(b"btcusdt", b"ethusdt")
-                                 for line in head_lines()))
+                                 for line in capture_head(HEAD)))
     proc = replay(tmp_path, capture)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("qf replay: no book for BTCUSDT: not one event of it in the capture "
-                                   f"({len(head_lines()):,} messages of other symbols ignored)")
+                                   f"({len(capture_head(HEAD)):,} messages of other symbols ignored)")
 
 
 @pytest.mark.parametrize("case", ["directory", "empty", "empty gz", "missing", "backwards"])
@@ -105,7 +96,7 @@ def test_what_is_no_capture_is_refused_before_replaying(tmp_path, case):
         path, words = tmp_path / "nothing.jsonl", "no such file"
     else:
         out = []
-        for j, line in enumerate(head_lines()):
+        for j, line in enumerate(capture_head(HEAD)):
             rec = orjson.loads(line)
             rec["t"] = 2_000_000_000_000_000_000 - j * 1_000_000
             out.append(orjson.dumps(rec) + b"\n")
@@ -123,7 +114,7 @@ def test_what_is_no_capture_is_refused_before_replaying(tmp_path, case):
 
 
 def test_a_receive_time_going_back_once_is_named_counted_and_exit_3(tmp_path):
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines, after=100)
     rec, before = orjson.loads(lines[i]), orjson.loads(lines[i - 1])
     rec["t"] = before["t"] - 5_000_000
@@ -143,7 +134,7 @@ def test_a_receive_time_going_back_once_is_named_counted_and_exit_3(tmp_path):
 def test_the_feed_says_where_each_record_was_read(tmp_path):
     """ReplayFeed.where() is the FILE:LINE of the record it handed out last, across files played
     one after another (a+b) and blank lines."""
-    lines = head_lines()
+    lines = capture_head(HEAD)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
     a.write_bytes(b"".join(lines[:20]) + b"\n")  # a blank line at the end of a
     b.write_bytes(gzip.compress(b"".join(lines[20:40])))
@@ -158,7 +149,7 @@ def test_the_feed_says_where_each_record_was_read(tmp_path):
 
 def test_a_gap_nothing_repairs_is_named_and_exit_3(tmp_path):
     """One depth event left out: the book is lost at the gap and the capture has no later snapshot."""
-    lines = head_lines()
+    lines = capture_head(HEAD)
     i = depth_line(lines, after=100)
     capture = tmp_path / "gap.jsonl"
     capture.write_bytes(b"".join(lines[:i] + lines[i + 1:]))
